@@ -1,0 +1,200 @@
+"""The node's HTTP API: /status, /health, /ready and /metrics, served by the supervisor.
+
+This module owns the routes, the response bodies and status codes, the error handling (JSON 404,
+405 with Allow, JSON 500 that never stops the server, request size limits) and starting/stopping
+the listener.
+
+It runs on the supervisor's event loop and must answer while children are busy or restarting, so
+handlers must not block, do I/O or await anything slow: each one calls the synchronous
+``status_source`` (the supervisor's shared-memory board read) exactly once and renders that
+snapshot. It must not change node state or hold state of its own; it only reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
+from prometheus_client.exposition import choose_encoder
+
+from butterfly.api.metrics import make_registry
+from butterfly.states import NodeState
+from butterfly.status import NodeStatus
+
+__all__ = ["ApiBindError", "ApiServer", "MAX_BODY_BYTES", "make_app", "start_api"]
+
+log = logging.getLogger(__name__)
+
+StatusSource = Callable[[], NodeStatus]
+
+# No endpoint takes a body; anything bigger than a stray form is refused before it is read.
+MAX_BODY_BYTES = 1024
+# How long close() waits for in-flight requests: a slow client must not hold up node shutdown.
+SHUTDOWN_TIMEOUT_S = 2.0
+# How long the server drains an unread request body before closing: short, as we never read bodies.
+LINGERING_TIME_S = 2.0
+# Responses describe a live node; a cached copy is a wrong answer.
+_NO_STORE = {"Cache-Control": "no-store"}
+_json_encoder = msgspec.json.Encoder()
+
+
+class ApiBindError(RuntimeError):
+    """The API could not listen on the configured address (in use, no permission, bad host)."""
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    merged = dict(_NO_STORE)
+    if headers:
+        merged.update(headers)
+    return web.Response(
+        body=_json_encoder.encode(body), status=status, content_type="application/json", headers=merged
+    )
+
+
+def _unhealthy_reason(status: NodeStatus) -> str:
+    """Why the supervisor judged the node unhealthy, in one line for the operator.
+
+    ``status.healthy`` is the supervisor's verdict; this only explains it from the same snapshot.
+    """
+    reasons: list[str] = []
+    if status.state == NodeState.FAILED.name:
+        reasons.append("state FAILED")
+    if status.last_error:
+        reasons.append(status.last_error)
+    for child in status.children:
+        if not child.alive:
+            detail = f" ({child.last_exit})" if child.last_exit else ""
+            reasons.append(f"child {child.name} down{detail}")
+    return "; ".join(reasons) or "unhealthy"
+
+
+class _Handlers:
+    def __init__(self, status_source: StatusSource) -> None:
+        self._source = status_source
+        self._registry = make_registry(status_source)
+
+    async def status(self, request: web.Request) -> web.Response:
+        # msgspec encodes struct fields in declaration order: the seed's six fields come first.
+        return _json(self._source())
+
+    async def health(self, request: web.Request) -> web.Response:
+        status = self._source()
+        body: dict[str, Any] = {
+            "status": "ok" if status.healthy else "unhealthy",
+            "state": status.state,
+            "phase": status.phase,
+            "uptime_seconds": status.uptime_seconds,
+        }
+        if status.healthy:
+            return _json(body)
+        body["reason"] = _unhealthy_reason(status)
+        body["last_error"] = status.last_error
+        body["children_down"] = [c.name for c in status.children if not c.alive]
+        return _json(body, status=503)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        status = self._source()
+        body: dict[str, Any] = {"ready": status.may_serve, "state": status.state, "phase": status.phase}
+        if status.may_serve:
+            return _json(body)
+        body["waiting_reason"] = status.waiting_reason
+        return _json(body, status=503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        try:
+            encoder, content_type = choose_encoder(request.headers.get(hdrs.ACCEPT, ""))
+        except (TypeError, ValueError):
+            # prometheus_client raises on a malformed version= parameter; a bad Accept header from a
+            # client is not a server error, so answer in the classic text format every scraper reads.
+            encoder, content_type = choose_encoder("")
+        payload = encoder(self._registry)
+        headers = dict(_NO_STORE)
+        headers[hdrs.CONTENT_TYPE] = content_type
+        return web.Response(body=payload, headers=headers)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Size limits, JSON errors, and a last line of defence so one bad request never kills the API."""
+    if request.body_exists:
+        length = request.content_length
+        if length is None:
+            # Chunked upload: we would have to read it to know its size, and no endpoint wants it.
+            resp = _json({"error": "request bodies are not accepted"}, status=411)
+            resp.force_close()
+            return resp
+        if length > MAX_BODY_BYTES:
+            resp = _json({"error": f"request body over {MAX_BODY_BYTES} bytes"}, status=413)
+            resp.force_close()
+            return resp
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        # aiohttp raises these for unknown paths (404) and wrong methods (405, carrying Allow);
+        # re-render them as JSON, keeping their status and headers.
+        headers = {
+            k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+        }
+        return _json({"error": exc.reason, "path": request.path}, status=exc.status, headers=headers)
+    except Exception:
+        log.exception("HTTP API handler failed: %s %s", request.method, request.path)
+        return _json({"error": "internal error"}, status=500)
+
+
+def make_app(status_source: StatusSource) -> web.Application:
+    """The API application; ``status_source`` must be cheap and synchronous (a board read)."""
+    app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY_BYTES)
+    handlers = _Handlers(status_source)
+    # add_get also registers HEAD; aiohttp then answers other methods with 405 and Allow: GET,HEAD.
+    app.router.add_get("/status", handlers.status)
+    app.router.add_get("/health", handlers.health)
+    app.router.add_get("/ready", handlers.ready)
+    app.router.add_get("/metrics", handlers.metrics)
+    return app
+
+
+class ApiServer:
+    """A listening API; ``port`` is the bound port (useful when started with port 0)."""
+
+    def __init__(self, runner: web.AppRunner, host: str) -> None:
+        self._runner = runner
+        self.host = host
+        self.addresses: list[Any] = list(runner.addresses)
+        self.port: int = int(self.addresses[0][1])
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def start_api(app: web.Application, host: str, port: int, *, access_log: bool = False) -> ApiServer:
+    """Listen on ``host:port`` and serve ``app``; raises ApiBindError naming the address on failure.
+
+    Access logging is off by default: Prometheus and health probes would flood the journal.
+    """
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=logging.getLogger("butterfly.api.access") if access_log else None,
+        shutdown_timeout=SHUTDOWN_TIMEOUT_S,
+        lingering_time=LINGERING_TIME_S,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ApiBindError(
+            f"cannot listen for the HTTP API on {_format_address(host, port)}: {exc.strerror or exc}"
+        ) from exc
+    server = ApiServer(runner, host)
+    log.info("HTTP API listening on %s", _format_address(host, server.port))
+    return server

@@ -1,0 +1,81 @@
+"""`butterfly-node`: parse flags, load and validate the config, run the supervisor.
+
+Exit status: 0 after an orderly stop, 1 when the node failed, 78 (EX_CONFIG) for a bad config or
+flag, so systemd's RestartPreventExitStatus=78 stops a restart loop on a typo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from butterfly import __version__
+from butterfly.config import EX_CONFIG, Config, ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="butterfly-node",
+        description="Run one Butterfly node: discover peers, elect a coordinator, load this node's "
+        "layers, validate them cluster-wide, then serve.",
+    )
+    p.add_argument("--config", required=True, metavar="FILE", help="the node's TOML config file")
+    p.add_argument("--role", choices=["coordinator", "worker"], help="override [node] role")
+    p.add_argument("--seed-nodes", metavar="HOST:PORT,...", help="override [cluster] seed_nodes")
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the config, print the effective config and exit"
+    )
+    p.add_argument("--version", action="version", version=f"butterfly-node {__version__}")
+    return p
+
+
+def effective_config(args: argparse.Namespace) -> Config:
+    config = load_config(args.config)
+    seeds = None
+    if args.seed_nodes is not None:
+        seeds = [s.strip() for s in args.seed_nodes.split(",") if s.strip()]
+    if args.role is not None or seeds is not None:
+        config = config.with_overrides(role=args.role, seed_nodes=seeds)
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        # argparse exits 2 on a bad flag; a bad flag is a configuration error to systemd.
+        return EX_CONFIG if e.code == 2 else int(e.code or 0)
+    try:
+        config = effective_config(args)
+    except ConfigError as e:
+        print(f"butterfly-node: {e}", file=sys.stderr)
+        return EX_CONFIG
+    if args.check_config:
+        sys.stdout.write(config.to_toml())
+        return 0
+
+    from butterfly.logs import setup_logging
+    from butterfly.supervisor.main import Supervisor
+
+    logs = setup_logging(
+        config.logging.level,
+        config.node.id,
+        str(config.logging.file) if config.logging.file else None,
+        config.logging.format,
+    )
+    try:
+        import uvloop
+
+        return uvloop.run(Supervisor(config, Path(args.config).resolve().parent, logs).run())
+    except Exception:
+        logging.getLogger("butterfly.supervisor").exception("supervisor crashed")
+        return 1
+    finally:
+        logs.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

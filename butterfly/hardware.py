@@ -1,0 +1,54 @@
+"""What this machine offers: CPU cores, RAM and GPUs. Detected once at cold start, cheaply.
+
+GPUs are found through CuPy when the optional `gpu` extra is installed; without it the node runs the
+CPU path and says so. This module must not allocate GPU memory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+
+
+class GpuInfo(msgspec.Struct, frozen=True):
+    index: int
+    name: str
+    memory_bytes: int
+
+
+class Hardware(msgspec.Struct, frozen=True):
+    cpu_count: int
+    memory_bytes: int
+    gpus: list[GpuInfo]
+
+
+def _meminfo_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def detect_gpus() -> list[GpuInfo]:
+    try:
+        import cupy
+    except Exception:  # not installed, or a broken CUDA install: both mean the CPU path
+        return []
+    gpus = []
+    try:
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            props = cupy.cuda.runtime.getDeviceProperties(i)
+            name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+            gpus.append(GpuInfo(i, name, int(props["totalGlobalMem"])))
+    except Exception:
+        return []
+    return gpus
+
+
+def detect() -> Hardware:
+    return Hardware(cpu_count=os.cpu_count() or 1, memory_bytes=_meminfo_total(), gpus=detect_gpus())

@@ -1,0 +1,245 @@
+"""Messages between the supervisor and its children, and the framing that carries them.
+
+Each child gets one end of a Unix stream socketpair. Frames are a 4-byte big-endian length and a
+msgpack body (msgspec tagged Structs, never pickle), capped at MAX_FRAME bytes. Commands flow from the
+supervisor to a child, reports flow back. The shared-memory board carries progress; this channel
+carries only the decisions and results that must not be lost.
+
+This module must not import the supervisor or any child: both sides import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import msgspec
+
+MAX_FRAME = 64 * 1024 * 1024
+_LEN = struct.Struct(">I")
+
+
+class ChannelClosed(Exception):
+    """The other end of the channel went away (process exit or crash)."""
+
+
+class FrameError(Exception):
+    """A frame was malformed or too large; the channel cannot be trusted any more."""
+
+
+# ---- supervisor -> child -------------------------------------------------------------------------
+
+
+class Init(msgspec.Struct, tag=True, frozen=True):
+    """First frame to every child: the effective config (TOML) and the board to write to."""
+
+    config_toml: str
+    config_base_dir: str
+    board_name: str
+    arena_name: str
+
+
+class Shutdown(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class StartCluster(msgspec.Struct, tag=True, frozen=True):
+    """Join (or form) the cluster; the child reports progress, plans and the serving gate."""
+
+
+class LocalValidated(msgspec.Struct, tag=True, frozen=True):
+    """This node loaded and re-hashed its assignment: its Merkle leaves go to the coordinator."""
+
+    epoch: int
+    term: int
+    start: int
+    stop: int
+    leaves: list[bytes]
+    root: bytes
+
+
+class LoadAssignment(msgspec.Struct, tag=True, frozen=True):
+    epoch: int
+    term: int
+    start: int
+    stop: int
+
+
+class ValidateArena(msgspec.Struct, tag=True, frozen=True):
+    epoch: int
+    loaded: Loaded
+
+
+# ---- child -> supervisor -------------------------------------------------------------------------
+
+
+class ClusterProgress(msgspec.Struct, tag=True, frozen=True):
+    """The cluster child's view moved: phase is 'discovery', 'election' or 'assignment'."""
+
+    phase: str
+    waiting_reason: str = ""
+
+
+class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
+    """A committed plan gives this node blocks [start, stop) at (epoch, term)."""
+
+    epoch: int
+    term: int
+    start: int
+    stop: int
+    num_blocks: int
+
+
+class ClusterOperational(msgspec.Struct, tag=True, frozen=True):
+    """The coordinator committed 'operational at epoch E': the node may serve."""
+
+    epoch: int
+    term: int
+
+
+class TensorPlacement(msgspec.Struct, frozen=True, array_like=True):
+    name: str
+    unit: int
+    arena_offset: int
+    length: int
+
+
+class ChunkDigest(msgspec.Struct, frozen=True, array_like=True):
+    arena_offset: int
+    length: int
+    xxh3: int
+
+
+class Loaded(msgspec.Struct, tag=True, frozen=True):
+    """The loader filled the arena for (epoch, range); digests are the xxh3 of each chunk as read."""
+
+    epoch: int
+    start: int
+    stop: int
+    arena_name: str
+    arena_bytes: int
+    tensors: list[TensorPlacement]
+    chunks: list[ChunkDigest]
+    step_seconds: dict[str, float]
+
+
+class Validated(msgspec.Struct, tag=True, frozen=True):
+    epoch: int
+    leaves: list[bytes]
+    unit_names: list[str]
+    root: bytes
+    bytes_hashed: int
+
+
+class Failed(msgspec.Struct, tag=True, frozen=True):
+    """A child could not do what it was asked; `fatal` means retrying cannot help (bad model, config)."""
+
+    what: str
+    reason: str
+    fatal: bool = False
+
+
+Command = Init | Shutdown | StartCluster | LocalValidated | LoadAssignment | ValidateArena
+Report = ClusterProgress | PlanAssigned | ClusterOperational | Loaded | Validated | Failed
+
+_enc = msgspec.msgpack.Encoder()
+_cmd_dec = msgspec.msgpack.Decoder(Command)
+_rep_dec = msgspec.msgpack.Decoder(Report)
+
+
+def encode(msg: Command | Report) -> bytes:
+    body = _enc.encode(msg)
+    if len(body) > MAX_FRAME:
+        raise FrameError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME}-byte limit")
+    return _LEN.pack(len(body)) + body
+
+
+def decode_command(body: bytes) -> Command:
+    try:
+        return _cmd_dec.decode(body)
+    except msgspec.DecodeError as e:
+        raise FrameError(f"bad command frame: {e}") from e
+
+
+def decode_report(body: bytes) -> Report:
+    try:
+        return _rep_dec.decode(body)
+    except msgspec.DecodeError as e:
+        raise FrameError(f"bad report frame: {e}") from e
+
+
+def _check_len(n: int) -> int:
+    if n > MAX_FRAME:
+        raise FrameError(f"peer announced a {n}-byte frame; the limit is {MAX_FRAME}")
+    return n
+
+
+class SyncChannel:
+    """The child's end: blocking send/recv on a socket (recv from one reader thread only)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(True)
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.sock.recv_into(view[got:], n - got)
+            if k == 0:
+                raise ChannelClosed("supervisor closed the channel")
+            got += k
+        return bytes(buf)
+
+    def recv(self) -> Command:
+        (n,) = _LEN.unpack(self._recv_exact(_LEN.size))
+        return decode_command(self._recv_exact(_check_len(n)))
+
+    def send(self, msg: Report) -> None:
+        try:
+            self.sock.sendall(encode(msg))
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ChannelClosed("supervisor closed the channel") from e
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class AsyncChannel:
+    """One end of a channel on the event loop: the supervisor's end of each child's channel, or the
+    cluster child's end of its own (that child runs asyncio)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, sock: socket.socket) -> AsyncChannel:
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=MAX_FRAME + 8)
+        return cls(reader, writer)
+
+    async def _recv_body(self) -> bytes:
+        try:
+            head = await self.reader.readexactly(_LEN.size)
+            (n,) = _LEN.unpack(head)
+            return await self.reader.readexactly(_check_len(n))
+        except (asyncio.IncompleteReadError, ConnectionResetError) as e:
+            raise ChannelClosed("the other end closed the channel") from e
+
+    async def recv_report(self) -> Report:
+        return decode_report(await self._recv_body())
+
+    async def recv_command(self) -> Command:
+        return decode_command(await self._recv_body())
+
+    async def send(self, msg: Command | Report) -> None:
+        try:
+            self.writer.write(encode(msg))
+            await self.writer.drain()
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ChannelClosed("the other end closed the channel") from e
+
+    def close(self) -> None:
+        self.writer.close()

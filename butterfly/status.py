@@ -1,0 +1,50 @@
+"""The node's status as the HTTP API, metrics and butterfly-admin see it.
+
+The supervisor builds one ``NodeStatus`` from a consistent board snapshot; every reader (the
+/status body, /metrics, the systemd STATUS= line) is rendered from that one value so they cannot
+disagree. This module holds data only.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ChildStatus(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    pid: int | None
+    alive: bool
+    heartbeat_age_seconds: float | None
+    restarts: int
+    last_exit: str = ""
+
+
+class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
+    # The seed's fields, in the seed's order.
+    state: str
+    phase: str
+    progress_percent: float
+    eta_seconds: int | None
+    cluster_size: int
+    coordinator: str | None
+    # What an operator needs beyond them.
+    node_id: str
+    role: str
+    version: str
+    term: int
+    epoch: int
+    quorum_size: int
+    cluster_operational_nodes: int
+    load_step: str
+    bytes_done: int
+    bytes_total: int
+    model_bytes_downloaded_total: int
+    rate_bytes_per_second: float
+    model_root: str | None
+    phase_durations: dict[str, float]
+    uptime_seconds: float
+    may_serve: bool
+    healthy: bool
+    last_error: str | None
+    waiting_reason: str | None
+    children: list[ChildStatus]

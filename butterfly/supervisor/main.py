@@ -1,0 +1,475 @@
+"""The supervisor: the node's main process.
+
+It owns the node's state and phase (the board's node section), the HTTP API, systemd notification,
+signals and the children. Everything it reacts to arrives as one event stream: reports and exits from
+the children, and flags set by signal handlers. Each reaction is logged in one line.
+
+Decisions (why):
+- Phases follow the cluster child's reports until this node has a plan; then the loader and the
+  validator move it through loading_weights and validation; the cluster's committed "operational"
+  entry is the only thing that makes it OPERATIONAL (no premature serving).
+- A dead child is restarted with backoff, at most `restart_limit` times within `restart_window_s`,
+  and the node falls back to the earliest phase whose work died with it (cluster -> discovery,
+  loader -> loading_weights, validator -> re-run validation). Past the budget the node is FAILED,
+  visibly, and keeps answering /status.
+- A child whose heartbeat is older than heartbeat_timeout_s counts as hung: it is killed, which
+  turns it into a dead child. systemd's watchdog is fed only while every child is healthy.
+
+This module must not do blocking I/O on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+from butterfly.api.http import ApiServer, make_app, start_api
+from butterfly.board import Board, NodeSection
+from butterfly.board.shm import remove_stale_segments, unlink_segment
+from butterfly.config import Config
+from butterfly.hardware import detect
+from butterfly.ipc import (
+    ClusterOperational,
+    ClusterProgress,
+    Failed,
+    Init,
+    LoadAssignment,
+    Loaded,
+    LocalValidated,
+    PlanAssigned,
+    Report,
+    Shutdown,
+    StartCluster,
+    ValidateArena,
+    Validated,
+)
+from butterfly.logs import LogControl
+from butterfly.notify import Notifier
+from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
+from butterfly.status import ChildStatus, NodeStatus
+from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
+from butterfly.supervisor.statusview import build_status, status_line
+
+log = logging.getLogger("butterfly.supervisor")
+
+# How often the health loop looks at children, feeds the watchdog and refreshes STATUS=.
+HEALTH_INTERVAL_S = 0.5
+# A load that keeps making progress asks systemd for this much more start-up time each time.
+EXTEND_TIMEOUT_S = 30.0
+# Fatal errors from the loader/validator are retried this many times before the node fails.
+PHASE_RETRIES = 1
+
+
+def segment_names(node_id: str) -> tuple[str, str]:
+    base = f"butterfly-{node_id}-{os.getpid()}"
+    return f"{base}-board", f"{base}-arena"
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_base_dir: Path, logs: LogControl | None = None) -> None:
+        self.config = config
+        self.logs = logs
+        self.base_dir = config_base_dir
+        self.node_id = config.node.id
+        self.board_name, self.arena_name = segment_names(self.node_id)
+        self.board: Board | None = None
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.children = {k: ChildHandle(k, self.events) for k in KINDS}
+        self.notifier = Notifier()
+        self.api: ApiServer | None = None
+        self.stop_requested = asyncio.Event()
+        self.reopen_logs_requested = False
+        self.phase = Phase.COLD_START
+        self.operational = False
+        self.plan: PlanAssigned | None = None
+        self.loaded: Loaded | None = None
+        self.phase_failures = 0
+        self.ready_notified = False
+        self.last_load_bytes = -1
+        self.exit_code = 0
+
+    # ---- board ---------------------------------------------------------------------------------
+
+    def _board(self) -> Board:
+        assert self.board is not None
+        return self.board
+
+    def _node(self) -> NodeSection:
+        return self._board().read(NodeSection)
+
+    def status(self) -> NodeStatus:
+        snap = self._board().snapshot()
+        now = time.monotonic_ns()
+        beats = {
+            "cluster": snap.cluster.heartbeat_mono_ns,
+            "loader": snap.loader.heartbeat_mono_ns,
+            "validator": snap.validator.heartbeat_mono_ns,
+        }
+        children = [
+            ChildStatus(
+                name=k,
+                pid=h.pid,
+                alive=h.alive,
+                heartbeat_age_seconds=round((now - beats[k]) / 1e9, 3) if beats[k] else None,
+                restarts=h.restarts,
+                last_exit=h.last_exit,
+            )
+            for k, h in self.children.items()
+        ]
+        return build_status(snap, self.config.node.role, children, self.config.supervisor.heartbeat_timeout_s)
+
+    def _term(self) -> int:
+        return self._board().snapshot().cluster.term if self.board else 0
+
+    def set_phase(self, new: Phase, reason: str = "") -> None:
+        old = self.phase
+        if new == old:
+            return
+        if not phase_transition_allowed(old, new):
+            raise IllegalTransition(f"phase {old.label} -> {new.label}")
+        if new < Phase.READY:
+            self.operational = False
+        node = self._node()
+        now = time.monotonic_ns()
+        took = (now - node.phase_started_mono_ns) / 1e9
+        durations = list(node.phase_durations)
+        durations[old] = took
+        old_state, new_state = state_for(old, self.operational), state_for(new, False)
+        self.phase = new
+        self._board().update(
+            NodeSection,
+            phase=int(new),
+            state=int(new_state),
+            phase_started_mono_ns=now,
+            phase_durations=tuple(durations),
+        )
+        term = self._term()
+        states = f"{old_state.name} -> {new_state.name}" if old_state != new_state else old_state.name
+        log.info(
+            "phase %s -> %s, state %s, term %d, %s took %.3fs%s",
+            old.label,
+            new.label,
+            states,
+            term,
+            old.label,
+            took,
+            f" ({reason})" if reason else "",
+            extra={
+                "fields": {
+                    "PHASE": new.label,
+                    "PREV_PHASE": old.label,
+                    "STATE": new_state.name,
+                    "TERM": term,
+                    "DURATION_S": round(took, 6),
+                }
+            },
+        )
+
+    def advance_to(self, target: Phase, reason: str = "") -> None:
+        """Walk forward one phase at a time (each logged), or fall back directly."""
+        if target < self.phase:
+            self.set_phase(target, reason)
+        while self.phase < target:
+            self.set_phase(Phase(self.phase + 1), reason)
+
+    def set_operational(self) -> None:
+        self.operational = True
+        self._board().update(NodeSection, state=int(NodeState.OPERATIONAL), operational=1)
+        log.info(
+            "state READY -> OPERATIONAL, term %d: serving",
+            self._term(),
+            extra={"fields": {"STATE": "OPERATIONAL", "PHASE": self.phase.label, "TERM": self._term()}},
+        )
+
+    def fail(self, source: str, reason: str) -> None:
+        if self.phase is Phase.FAILED:
+            return
+        self._board().update(NodeSection, last_error=reason[:250], error_source=source)
+        self.set_phase(Phase.FAILED, reason)
+        log.error("node failed (%s): %s", source, reason, extra={"fields": {"ERROR_SOURCE": source}})
+        self.notifier.status(f"FAILED: {reason}")
+        self.exit_code = 1
+
+    # ---- children ------------------------------------------------------------------------------
+
+    def _init(self) -> Init:
+        return Init(self.config.to_toml(), str(self.base_dir), self.board_name, self.arena_name)
+
+    async def _start_children(self) -> None:
+        for handle in self.children.values():
+            await handle.spawn(self._init())
+
+    async def on_exit(self, ev: ChildExited) -> None:
+        handle = self.children[ev.kind]
+        if ev.generation != handle.generation:
+            return
+        handle.last_exit = ev.describe()
+        if self.stop_requested.is_set():
+            return
+        deaths = handle.record_death(self.config.supervisor.restart_window_s)
+        log.error(
+            "%s child pid %s %s (%d in the last %.0fs)",
+            ev.kind,
+            handle.pid,
+            ev.describe(),
+            deaths,
+            self.config.supervisor.restart_window_s,
+            extra={"fields": {"CHILD": ev.kind, "EXIT": ev.describe()}},
+        )
+        if self.phase is Phase.FAILED:
+            return
+        if deaths > self.config.supervisor.restart_limit:
+            self.fail(
+                ev.kind,
+                f"{ev.kind} child {ev.describe()} {deaths} times within "
+                f"{self.config.supervisor.restart_window_s:.0f}s",
+            )
+            return
+        await asyncio.sleep(self.config.supervisor.restart_backoff_s * (2 ** (deaths - 1)))
+        if self.stop_requested.is_set():
+            return
+        handle.restarts += 1
+        self._board().update(NodeSection, child_restarts=sum(h.restarts for h in self.children.values()))
+        await handle.spawn(self._init())
+        await self._resume_after_restart(ev.kind)
+
+    async def _resume_after_restart(self, kind: str) -> None:
+        if kind == "cluster":
+            # Cluster knowledge died with it: rejoin. A plan equal to what is loaded skips the load.
+            self.plan = None
+            if self.phase > Phase.DISCOVERY:
+                self.advance_to(Phase.DISCOVERY, "cluster child restarted")
+            await self.children["cluster"].send(StartCluster())
+        elif kind == "loader":
+            self.loaded = None
+            if self.phase >= Phase.LOADING_WEIGHTS and self.plan is not None:
+                self.advance_to(Phase.LOADING_WEIGHTS, "loader child restarted")
+                await self._load(self.plan)
+        elif kind == "validator" and self.phase is Phase.VALIDATION and self.loaded is not None:
+            await self.children["validator"].send(ValidateArena(self.loaded.epoch, self.loaded))
+
+    async def _load(self, plan: PlanAssigned) -> None:
+        await self.children["loader"].send(LoadAssignment(plan.epoch, plan.term, plan.start, plan.stop))
+
+    # ---- reports -------------------------------------------------------------------------------
+
+    async def on_report(self, ev: ChildReport) -> None:
+        if ev.generation != self.children[ev.kind].generation or self.phase is Phase.FAILED:
+            return
+        r: Report = ev.report
+        if isinstance(r, ClusterProgress):
+            target = Phase[r.phase.upper()]
+            if self.plan is None and target >= Phase.DISCOVERY:
+                self.advance_to(target, r.waiting_reason)
+            if r.waiting_reason:
+                log.warning("waiting: %s", r.waiting_reason, extra={"fields": {"PHASE": self.phase.label}})
+        elif isinstance(r, PlanAssigned):
+            await self.on_plan(r)
+        elif isinstance(r, Loaded):
+            if self.plan is None or r.epoch != self.plan.epoch:
+                log.info("dropping load result for stale epoch %d", r.epoch)
+                return
+            self.loaded = r
+            steps = ", ".join(f"{k} {v:.3f}s" for k, v in r.step_seconds.items())
+            log.info("loaded blocks %d-%d: %d bytes (%s)", r.start, r.stop - 1, r.arena_bytes, steps)
+            self.advance_to(Phase.VALIDATION)
+            await self.children["validator"].send(ValidateArena(r.epoch, r))
+        elif isinstance(r, Validated):
+            await self.on_validated(r)
+        elif isinstance(r, ClusterOperational):
+            if self.phase is Phase.READY and self.plan is not None and r.epoch == self.plan.epoch:
+                self.set_operational()
+        elif isinstance(r, Failed):
+            await self.on_failed(ev.kind, r)
+
+    async def on_plan(self, plan: PlanAssigned) -> None:
+        self.plan = plan
+        self.phase_failures = 0
+        self.advance_to(Phase.ASSIGNMENT) if self.phase < Phase.ASSIGNMENT else None
+        if self.phase > Phase.ASSIGNMENT:
+            self.advance_to(Phase.ASSIGNMENT, f"new plan epoch {plan.epoch}")
+        log.info(
+            "assigned blocks %d-%d of %d at epoch %d, term %d",
+            plan.start,
+            plan.stop - 1,
+            plan.num_blocks,
+            plan.epoch,
+            plan.term,
+            extra={"fields": {"EPOCH": plan.epoch, "TERM": plan.term}},
+        )
+        self.advance_to(Phase.LOADING_WEIGHTS)
+        if self.loaded is not None and (self.loaded.start, self.loaded.stop) == (plan.start, plan.stop):
+            # Same blocks still in the arena (a cluster-child restart): re-validate them, no reload.
+            self.loaded = Loaded(
+                plan.epoch,
+                self.loaded.start,
+                self.loaded.stop,
+                self.loaded.arena_name,
+                self.loaded.arena_bytes,
+                self.loaded.tensors,
+                self.loaded.chunks,
+                {},
+            )
+            self.advance_to(Phase.VALIDATION)
+            await self.children["validator"].send(ValidateArena(plan.epoch, self.loaded))
+            return
+        self.loaded = None
+        await self._load(plan)
+
+    async def on_validated(self, r: Validated) -> None:
+        if self.plan is None or self.loaded is None or r.epoch != self.plan.epoch:
+            return
+        log.info(
+            "validated %d bytes, merkle root %s",
+            r.bytes_hashed,
+            r.root.hex(),
+            extra={"fields": {"MERKLE_ROOT": r.root.hex()}},
+        )
+        self.advance_to(Phase.READY)
+        if not self.ready_notified:
+            self.ready_notified = True
+            self.notifier.ready()
+        await self.children["cluster"].send(
+            LocalValidated(r.epoch, self.plan.term, self.plan.start, self.plan.stop, r.leaves, r.root)
+        )
+
+    async def on_failed(self, kind: str, r: Failed) -> None:
+        log.error(
+            "%s reports %s failed: %s",
+            kind,
+            r.what,
+            r.reason,
+            extra={"fields": {"CHILD": kind, "ERROR_SOURCE": r.what}},
+        )
+        self._board().update(NodeSection, last_error=r.reason[:250], error_source=r.what)
+        self.phase_failures += 1
+        if r.fatal or self.phase_failures > PHASE_RETRIES or self.plan is None:
+            self.fail(r.what, r.reason)
+            return
+        # A validation mismatch or a transient load error: reload the assignment from the source.
+        self.loaded = None
+        self.advance_to(Phase.LOADING_WEIGHTS, f"retrying after: {r.reason}")
+        await asyncio.sleep(self.config.supervisor.restart_backoff_s)
+        await self._load(self.plan)
+
+    # ---- health, watchdog, systemd ------------------------------------------------------------
+
+    async def health_loop(self) -> None:
+        interval = min(HEALTH_INTERVAL_S, self.notifier.watchdog_interval() or HEALTH_INTERVAL_S)
+        last_text = ""
+        while True:
+            await asyncio.sleep(interval)
+            if self.reopen_logs_requested:
+                self.reopen_logs_requested = False
+                self.on_reopen_logs()
+            st = self.status()
+            for c in st.children:
+                age = c.heartbeat_age_seconds
+                if c.alive and age is not None and age > self.config.supervisor.heartbeat_timeout_s:
+                    log.error("%s child pid %s missed heartbeats for %.1fs: killing it", c.name, c.pid, age)
+                    self.children[c.name].kill()
+            self._board().update(NodeSection, watchdog_ok=int(st.healthy))
+            if st.healthy:
+                self.notifier.watchdog()
+            text = status_line(st)
+            if text != last_text:
+                self.notifier.status(text)
+                last_text = text
+            if self.phase is Phase.LOADING_WEIGHTS and st.bytes_done != self.last_load_bytes:
+                self.last_load_bytes = st.bytes_done
+                self.notifier.extend_timeout(int(EXTEND_TIMEOUT_S * 1e6))
+
+    def on_reopen_logs(self) -> None:
+        if self.logs is not None:
+            self.logs.reopen()
+            log.info("log file reopened (SIGHUP)")
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Handlers only set flags; the loop acts on them.
+        loop.add_signal_handler(signal.SIGTERM, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGINT, self.stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: setattr(self, "reopen_logs_requested", True))
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        for name in remove_stale_segments(self.node_id):
+            log.warning("removed stale shared memory %s left by a previous run", name)
+        self.board = Board.create(self.board_name, self.node_id)
+        now = time.monotonic_ns()
+        self.board.update(
+            NodeSection,
+            state=int(NodeState.COLD),
+            phase=int(Phase.COLD_START),
+            started_mono_ns=now,
+            phase_started_mono_ns=now,
+        )
+        log.info(
+            "node %s starting: state COLD, phase cold_start",
+            self.node_id,
+            extra={"fields": {"PHASE": "cold_start", "STATE": "COLD", "TERM": 0}},
+        )
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            hw = await asyncio.to_thread(detect)
+            log.info(
+                "hardware: %d CPUs, %.1f GiB RAM, %s",
+                hw.cpu_count,
+                hw.memory_bytes / 2**30,
+                ", ".join(f"{g.name} ({g.memory_bytes / 2**30:.0f} GiB)" for g in hw.gpus) or "no GPU",
+            )
+            if self.config.node.gpu == "required" and not hw.gpus:
+                self.fail("cold_start", 'node.gpu = "required" but no GPU was found')
+            host, port = self.config.api.listen
+            self.api = await start_api(make_app(self.status), host, port)
+            if self.phase is not Phase.FAILED:
+                await self._start_children()
+                self.advance_to(Phase.DISCOVERY)
+                await self.children["cluster"].send(StartCluster())
+            tasks.append(asyncio.create_task(self.health_loop()))
+            await self._event_loop()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self.shutdown()
+        return self.exit_code
+
+    async def _event_loop(self) -> None:
+        stop = asyncio.create_task(self.stop_requested.wait())
+        try:
+            while not self.stop_requested.is_set():
+                get = asyncio.create_task(self.events.get())
+                done, _ = await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    break
+                ev = get.result()
+                if isinstance(ev, ChildExited):
+                    # Restarts sleep (backoff); run them beside the loop so reports keep flowing.
+                    asyncio.create_task(self.on_exit(ev))
+                else:
+                    await self.on_report(ev)
+        finally:
+            stop.cancel()
+
+    async def shutdown(self) -> None:
+        self.stop_requested.set()
+        self.notifier.stopping()
+        log.info("stopping: children first, then the API and shared memory")
+        timeout = self.config.supervisor.stop_timeout_s
+        await asyncio.gather(*(h.stop(Shutdown(), timeout) for h in self.children.values()))
+        if self.api is not None:
+            with contextlib.suppress(Exception):
+                await self.api.close()
+        if self.board is not None:
+            self.board.close()
+        unlink_segment(self.board_name)
+        unlink_segment(self.arena_name)
+        log.info("stopped", extra={"fields": {"PHASE": self.phase.label}})

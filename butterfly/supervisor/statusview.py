@@ -1,0 +1,95 @@
+"""Turns one consistent board snapshot (plus the supervisor's child handles) into a NodeStatus.
+
+Pure function of its inputs, so /status, /metrics and systemd's STATUS= line always agree.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from butterfly import __version__
+from butterfly.board import BoardSnapshot
+from butterfly.states import LoadStep, NodeState, Phase
+from butterfly.status import ChildStatus, NodeStatus
+
+
+def _progress(snap: BoardSnapshot, phase: Phase) -> tuple[float, int | None]:
+    ld, va = snap.loader, snap.validator
+    if phase is Phase.LOADING_WEIGHTS and ld.bytes_total:
+        pct = 100.0 * ld.bytes_done / ld.bytes_total
+        eta = None
+        if ld.rate_bps > 0 and ld.bytes_done < ld.bytes_total:
+            eta = int((ld.bytes_total - ld.bytes_done) / ld.rate_bps + 0.999)
+        elif ld.bytes_done >= ld.bytes_total:
+            eta = 0
+        return round(pct, 1), eta
+    if phase is Phase.VALIDATION and va.bytes_total:
+        return round(100.0 * va.bytes_hashed / va.bytes_total, 1), None
+    if phase is Phase.READY:
+        return 100.0, 0
+    return 0.0, None
+
+
+def build_status(
+    snap: BoardSnapshot,
+    role: str,
+    children: Sequence[ChildStatus],
+    heartbeat_timeout_s: float,
+) -> NodeStatus:
+    node, cl, ld = snap.node, snap.cluster, snap.loader
+    phase = Phase(node.phase)
+    state = NodeState(node.state)
+    pct, eta = _progress(snap, phase)
+    now = time.monotonic_ns()
+    durations = {Phase(i).label: d for i, d in enumerate(node.phase_durations) if d >= 0 and i < len(Phase)}
+    if state in (NodeState.READY, NodeState.OPERATIONAL) and durations:
+        durations["total"] = sum(durations.values())
+    healthy = state is not NodeState.FAILED and all(
+        c.alive and c.heartbeat_age_seconds is not None and c.heartbeat_age_seconds < heartbeat_timeout_s
+        for c in children
+    )
+    return NodeStatus(
+        state=state.name,
+        phase=phase.label,
+        progress_percent=pct,
+        eta_seconds=eta,
+        cluster_size=cl.cluster_size,
+        coordinator=cl.coordinator or None,
+        node_id=snap.header.node_id,
+        role=role,
+        version=__version__,
+        term=cl.term,
+        epoch=cl.epoch,
+        quorum_size=cl.quorum_size,
+        cluster_operational_nodes=cl.operational_nodes,
+        load_step=LoadStep(ld.step).label,
+        bytes_done=ld.bytes_done,
+        bytes_total=ld.bytes_total,
+        model_bytes_downloaded_total=ld.bytes_downloaded_total,
+        rate_bytes_per_second=round(ld.rate_bps, 1),
+        model_root=cl.model_root or None,
+        phase_durations=durations,
+        uptime_seconds=round((now - node.started_mono_ns) / 1e9, 3),
+        may_serve=state is NodeState.OPERATIONAL,
+        healthy=healthy,
+        last_error=node.last_error or None,
+        waiting_reason=cl.waiting_reason or None,
+        children=list(children),
+    )
+
+
+def status_line(s: NodeStatus) -> str:
+    """The one-line STATUS= text systemd shows in `systemctl status`."""
+    text = f"{s.state} {s.phase}"
+    if s.phase == "loading_weights":
+        text += f"/{s.load_step} {s.progress_percent:.1f}%"
+        if s.eta_seconds is not None:
+            text += f" ETA {s.eta_seconds}s"
+    elif s.phase == "validation":
+        text += f" {s.progress_percent:.1f}%"
+    if s.waiting_reason:
+        text += f" ({s.waiting_reason})"
+    if s.last_error:
+        text += f": {s.last_error}"
+    return text

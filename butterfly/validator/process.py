@@ -1,0 +1,153 @@
+"""The validator child: independently re-hashes what the loader put in the arena.
+
+It reads the arena (never the model files), so it checks the bytes the node will actually serve:
+- every chunk's xxh3 must equal the digest the loader computed as the chunk landed (catches any
+  byte changed in the arena after it was read);
+- every layer unit gets a BLAKE3 digest over its tensors in name order; those digests are this
+  node's Merkle leaves, and their root is what the cluster compares against the manifest root.
+Hashing releases the GIL in blake3 and xxhash, and the leaves are hashed on several threads.
+
+This module must not write to the arena or talk to peers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
+import xxhash
+
+from butterfly.board import ValidatorSection
+from butterfly.board.shm import attach_segment
+from butterfly.ipc import Failed, Shutdown, SyncChannel, ValidateArena, Validated
+from butterfly.merkle import leaf_hash, merkle_root
+from butterfly.supervisor.childproc import (
+    HEARTBEAT_S,
+    ChildContext,
+    CommandInbox,
+    bootstrap,
+    child_socket,
+    hold_if_requested,
+)
+
+log = logging.getLogger("butterfly.validator")
+
+
+class ValidationError(Exception):
+    pass
+
+
+def unit_digests(buf: memoryview, cmd: ValidateArena, threads: int) -> tuple[list[int], list[bytes]]:
+    """BLAKE3 of each layer unit: its tensors' bytes in tensor-name order, each prefixed by its name
+    and length so that moving bytes between tensors changes the digest."""
+    by_unit: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
+    for t in cmd.loaded.tensors:
+        by_unit[t.unit].append((t.name, t.arena_offset, t.length))
+    units = sorted(by_unit)
+
+    def digest(unit: int) -> bytes:
+        h = blake3.blake3()
+        for name, off, length in sorted(by_unit[unit]):
+            h.update(name.encode() + b"\0" + length.to_bytes(8, "little"))
+            h.update(buf[off : off + length])
+        return h.digest()
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        return units, list(pool.map(digest, units))
+
+
+def check_chunks(buf: memoryview, cmd: ValidateArena) -> None:
+    for c in cmd.loaded.chunks:
+        got = xxhash.xxh3_64_intdigest(buf[c.arena_offset : c.arena_offset + c.length])
+        if got != c.xxh3:
+            owner = next(
+                (
+                    t
+                    for t in cmd.loaded.tensors
+                    if t.arena_offset <= c.arena_offset < t.arena_offset + t.length
+                ),
+                None,
+            )
+            where = (
+                f"tensor {owner.name} at byte {c.arena_offset - owner.arena_offset}" if owner else "padding"
+            )
+            raise ValidationError(
+                f"arena bytes changed after loading: chunk at arena offset {c.arena_offset} ({where}) "
+                f"has xxh3 {got:016x}, the loader read {c.xxh3:016x}"
+            )
+
+
+def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
+    loaded = cmd.loaded
+
+    def beat() -> None:
+        ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
+
+    hold_if_requested("validation", beat)
+    total = sum(t.length for t in loaded.tensors)
+    ctx.board.update(
+        ValidatorSection, bytes_hashed=0, bytes_total=total, heartbeat_mono_ns=time.monotonic_ns()
+    )
+    seg = attach_segment(loaded.arena_name, writable=False)
+    try:
+        buf = memoryview(seg.buf)
+        try:
+            check_chunks(buf, cmd)
+            units, digests = unit_digests(buf, cmd, threads=os.cpu_count() or 1)
+        finally:
+            del buf
+    finally:
+        seg.close()
+    leaves = [leaf_hash(d) for d in digests]
+    root = merkle_root(leaves)
+    ctx.board.update(
+        ValidatorSection,
+        bytes_hashed=total,
+        leaves_root=root.hex(),
+        heartbeat_mono_ns=time.monotonic_ns(),
+    )
+    return Validated(
+        epoch=cmd.epoch,
+        leaves=leaves,
+        unit_names=[str(u) for u in units],
+        root=root,
+        bytes_hashed=total,
+    )
+
+
+def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
+    while True:
+        cmd = inbox.get(timeout=HEARTBEAT_S)
+        ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
+        if cmd is None:
+            continue
+        if isinstance(cmd, Shutdown):
+            return
+        if isinstance(cmd, ValidateArena):
+            try:
+                chan.send(validate(ctx, cmd))
+            except (ValidationError, OSError, ValueError) as e:
+                log.error("validation of epoch %d failed: %s", cmd.epoch, e)
+                ctx.board.update(ValidatorSection, mismatches=ctx.board.read(ValidatorSection).mismatches + 1)
+                chan.send(Failed("validate", str(e)))
+        else:
+            log.warning("validator ignores %s", type(cmd).__name__)
+
+
+def main() -> None:
+    ctx, chan = bootstrap("validator", child_socket())
+    ctx.board.update(ValidatorSection, pid=os.getpid(), heartbeat_mono_ns=time.monotonic_ns())
+    inbox = CommandInbox(chan)
+    try:
+        serve(ctx, chan, inbox)
+    finally:
+        ctx.board.close()
+        ctx.logs.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Starts real butterfly-node processes for tests and watches them through their HTTP API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    path: Path,
+    model_dir: Path,
+    *,
+    node_id: str,
+    api_port: int,
+    quorum: int = 1,
+    role: str = "coordinator",
+    extra: str = "",
+) -> Path:
+    path.write_text(
+        f"""
+[cluster]
+cluster_name = "test"
+discovery_method = "static"
+seed_nodes = []
+quorum_size = {quorum}
+
+[model]
+source_type = "filesystem"
+source_path = "{model_dir}"
+
+[node]
+id = "{node_id}"
+role = "{role}"
+bind_address = "127.0.0.1:{free_port()}"
+state_dir = "{path.parent / "state"}"
+cache_dir = "{path.parent / "cache"}"
+
+[api]
+listen = "127.0.0.1:{api_port}"
+
+[loader]
+chunk_bytes = 65536
+
+[supervisor]
+restart_backoff_s = 0.1
+stop_timeout_s = 6.0
+heartbeat_timeout_s = 3.0
+{extra}
+"""
+    )
+    return path
+
+
+class Node:
+    def __init__(
+        self, config: Path, api_port: int, *, env: dict[str, str] | None = None, args: list[str] | None = None
+    ) -> None:
+        self.config = config
+        self.api_port = api_port
+        self.log_path = config.parent / f"{config.stem}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        full_env = dict(os.environ)
+        full_env.pop("JOURNAL_STREAM", None)
+        full_env.pop("NOTIFY_SOCKET", None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "butterfly.cli.node", "--config", str(config), *(args or [])],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            cwd=REPO,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            code, body = self.get("/status")
+        except (urllib.error.URLError, OSError):
+            return None
+        return json.loads(body) if code == 200 else None
+
+    def wait_for(self, pred: Any, timeout: float = 30.0, what: str = "condition") -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"node exited with {self.proc.returncode} waiting for {what}:\n{self.log()}"
+                )
+            last = self.status()
+            if last is not None and pred(last):
+                return last
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; last status {last}\n{self.log()[-4000:]}")
+
+    def wait_state(self, state: str, timeout: float = 30.0) -> dict[str, Any]:
+        return self.wait_for(lambda s: s["state"] == state, timeout, f"state {state}")
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"node did not stop within {timeout}s\n{self.log()[-4000:]}") from None
+        finally:
+            self._log.close()
+        return rc
+
+
+def segments_of(node_id: str) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"butterfly-{node_id}-*"))
+
+
+def pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        # A zombie still answers kill(0); it is gone for our purposes.
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    continue
+        except OSError:
+            continue
+        alive.append(pid)
+    return alive

@@ -1,0 +1,311 @@
+"""End-to-end: real butterfly-node processes (supervisor + cluster, loader, validator children)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.nodeharness import Node, free_port, pids_alive, segments_of, write_config
+
+SEED_PHASES = ["cold_start", "discovery", "election", "assignment", "loading_weights", "validation", "ready"]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, model_dir: Path):  # type: ignore[no-untyped-def]
+    started: list[Node] = []
+
+    def make(
+        name: str = "n1",
+        *,
+        env: dict[str, str] | None = None,
+        extra: str = "",
+        quorum: int = 1,
+        model: Path | None = None,
+        args: list[str] | None = None,
+    ) -> Node:
+        port = free_port()
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        node_id = f"t{os.getpid()}-{name}-{port}"
+        cfg = write_config(
+            d / "node.toml", model or model_dir, node_id=node_id, api_port=port, quorum=quorum, extra=extra
+        )
+        node = Node(cfg, port, env=env, args=args)
+        node.node_id = node_id  # type: ignore[attr-defined]
+        started.append(node)
+        return node
+
+    yield make
+    for n in started:
+        if n.proc.poll() is None:
+            n.stop(signal.SIGKILL)
+        for seg in segments_of(n.node_id):  # type: ignore[attr-defined]
+            Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+def phase_lines(log: str) -> list[tuple[str, str]]:
+    return re.findall(r"phase (\w+) -> (\w+), state", log)
+
+
+def child_pids(status: dict) -> list[int]:  # type: ignore[type-arg]
+    return [c["pid"] for c in status["children"] if c["pid"]]
+
+
+def test_single_node_goes_through_every_phase_and_stops_clean(node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = node_factory()
+    seen_states = []
+    deadline = time.monotonic() + 60
+    st = None
+    while time.monotonic() < deadline:
+        st = node.status()
+        if st and (not seen_states or seen_states[-1] != st["state"]):
+            seen_states.append(st["state"])
+        if st and st["state"] == "OPERATIONAL":
+            break
+        time.sleep(0.01)
+    assert st and st["state"] == "OPERATIONAL", node.log()
+    log = node.log()
+    transitions = phase_lines(log)
+    assert [a for a, _ in transitions] == SEED_PHASES[:-1], transitions
+    assert [b for _, b in transitions] == SEED_PHASES[1:], transitions
+    assert "state READY -> OPERATIONAL" in log
+    # Each transition is logged once with node id, term and the phase's duration.
+    assert len(re.findall(r"phase loading_weights -> validation", log)) == 1
+    assert re.search(
+        r"phase validation -> ready, state LOADING -> READY, term 1, validation took [0-9.]+s", log
+    )
+    # States only ever move forward in this run.
+    order = ["COLD", "JOINING", "LOADING", "READY", "OPERATIONAL"]
+    assert [order.index(s) for s in seen_states] == sorted(order.index(s) for s in seen_states)
+
+    assert st["phase"] == "ready" and st["progress_percent"] == 100.0
+    assert st["cluster_size"] == 1 and st["coordinator"] == node.node_id and st["term"] == 1
+    assert st["model_root"] and len(st["model_root"]) == 64
+    assert st["bytes_done"] == st["bytes_total"] > 0
+    assert set(st["phase_durations"]) >= set(SEED_PHASES[:-1]) | {"total"}
+    assert node.get("/ready")[0] == 200
+    assert node.get("/health")[0] == 200
+    code, metrics = node.get("/metrics")
+    text = metrics.decode()
+    assert 'node_state{state="OPERATIONAL"} 1.0' in text
+    assert re.search(r"^model_bytes_downloaded_total ([0-9.e+]+)$", text, re.M)
+    assert 'init_duration_seconds{phase="total"}' in text
+
+    pids = child_pids(st)
+    assert len(pids) == 3 and len(set(pids)) == 3
+    t0 = time.monotonic()
+    assert node.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 10
+    assert pids_alive(pids) == []
+    assert segments_of(node.node_id) == []
+
+
+def test_progress_is_live_while_loading_and_not_ready_before_validation(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-loading_weights").touch()
+    node = node_factory(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    st = node.wait_for(lambda s: s["phase"] == "loading_weights" and s["bytes_done"] > 0, what="mid-load")
+    assert st["state"] == "LOADING"
+    assert 0 < st["progress_percent"] < 100
+    assert st["load_step"] == "download"
+    assert st["bytes_total"] > st["bytes_done"]
+    code, _ = node.get("/ready")
+    assert code == 503
+    (hold / "hold-loading_weights").unlink()
+    node.wait_state("OPERATIONAL")
+    assert node.stop() == 0
+
+
+@pytest.mark.parametrize(
+    "phase", ["discovery", "election", "assignment", "loading_weights", "validation", "ready"]
+)
+@pytest.mark.parametrize("child", ["cluster", "loader", "validator"])
+def test_child_sigkilled_in_any_phase_is_restarted_and_node_recovers(
+    node_factory, tmp_path, phase, child
+) -> None:  # type: ignore[no-untyped-def]
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    if phase != "ready":
+        (hold / f"hold-{phase}").touch()
+    node = node_factory(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    if phase == "ready":
+        st = node.wait_state("OPERATIONAL")
+    else:
+        st = node.wait_for(lambda s: s["phase"] == phase, what=f"phase {phase}")
+    victim = next(c for c in st["children"] if c["name"] == child)
+    os.kill(victim["pid"], signal.SIGKILL)
+    st = node.wait_for(
+        lambda s: next(c for c in s["children"] if c["name"] == child)["restarts"] == 1,
+        what=f"{child} restarted",
+    )
+    (hold / f"hold-{phase}").unlink(missing_ok=True)
+    st = node.wait_state("OPERATIONAL")
+    restarted = next(c for c in st["children"] if c["name"] == child)
+    assert restarted["pid"] != victim["pid"]
+    assert restarted["last_exit"] == "killed by SIGKILL"
+    assert f"{child} child pid {victim['pid']} killed by SIGKILL" in node.log()
+    assert node.get("/ready")[0] == 200
+    assert node.stop() == 0
+    assert segments_of(node.node_id) == []
+
+
+def test_sigterm_during_loading_stops_everything_within_bound(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-loading_weights").touch()
+    node = node_factory(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    st = node.wait_for(lambda s: s["phase"] == "loading_weights", what="loading")
+    pids = child_pids(st)
+    t0 = time.monotonic()
+    assert node.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 8
+    assert pids_alive(pids) == []
+    assert segments_of(node.node_id) == []
+    assert "stopped" in node.log()
+
+
+def test_sigkilled_supervisor_leaves_no_children_and_next_start_removes_its_segments(
+    node_factory, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-loading_weights").touch()
+    node = node_factory(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    st = node.wait_for(lambda s: s["phase"] == "loading_weights", what="loading")
+    pids = child_pids(st)
+    old_pid = node.proc.pid
+    node.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_alive(pids) == [], "children must die with the supervisor"
+    stale = segments_of(node.node_id)
+    assert any(f"-{old_pid}-board" in s for s in stale), stale
+
+    (hold / "hold-loading_weights").unlink()
+    again = Node(node.config, node.api_port)
+    try:
+        again.wait_state("OPERATIONAL")
+        assert not any(f"-{old_pid}-" in s for s in segments_of(node.node_id))
+        assert "removed stale shared memory" in again.log()
+    finally:
+        assert again.stop() == 0
+
+
+def test_child_dying_past_restart_budget_fails_visibly(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-loading_weights").touch()
+    node = node_factory(
+        env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)}, extra="restart_limit = 1\nrestart_window_s = 60\n"
+    )
+    for restarts in (0, 1):
+        st = node.wait_for(
+            lambda s, r=restarts: (
+                (c := next(c for c in s["children"] if c["name"] == "loader"))["restarts"] == r
+                and c["alive"]
+                and s["phase"] == "loading_weights"
+            ),
+            what=f"loader with {restarts} restarts",
+        )
+        os.kill(next(c for c in st["children"] if c["name"] == "loader")["pid"], signal.SIGKILL)
+    st = node.wait_state("FAILED")
+    assert "loader child killed by SIGKILL 2 times" in st["last_error"]
+    assert node.get("/health")[0] == 503
+    assert node.get("/ready")[0] == 503
+    assert "node failed (loader)" in node.log()
+    assert node.stop() == 1
+
+
+def test_hung_child_is_detected_by_heartbeat_and_replaced(node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = node_factory()
+    st = node.wait_state("OPERATIONAL")
+    victim = next(c for c in st["children"] if c["name"] == "validator")
+    os.kill(victim["pid"], signal.SIGSTOP)
+    node.wait_for(lambda s: not s["healthy"], what="unhealthy", timeout=10)
+    assert node.get("/health")[0] == 503
+    st = node.wait_for(
+        lambda s: (
+            s["healthy"] and next(c for c in s["children"] if c["name"] == "validator")["restarts"] == 1
+        ),
+        what="validator replaced",
+        timeout=20,
+    )
+    assert f"validator child pid {victim['pid']} missed heartbeats" in node.log()
+    assert node.stop() == 0
+
+
+def test_quorum_above_one_waits_visibly_in_discovery(node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = node_factory(quorum=3)
+    st = node.wait_for(lambda s: s["waiting_reason"] is not None, what="waiting reason")
+    assert st["state"] == "JOINING" and st["phase"] == "discovery"
+    assert "2 more node" in st["waiting_reason"]
+    assert node.get("/ready")[0] == 503
+    assert node.stop() == 0
+
+
+def test_corrupt_model_fails_visibly_with_the_file_named(node_factory, tmp_path, model_dir) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    bad = tmp_path / "badmodel"
+    shutil.copytree(model_dir, bad)
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    node = node_factory(model=bad)
+    st = node.wait_state("FAILED")
+    assert shard.name in st["last_error"]
+    assert node.get("/health")[0] == 503
+    assert node.stop() == 1
+
+
+def test_bad_config_exits_78_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[cluster]\nquorum_size = 0\n[model]\nsource_type = "filesystem"\nsource_path = "/x"\n')
+    r = subprocess.run(
+        [sys.executable, "-m", "butterfly.cli.node", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78
+    assert "cluster.quorum_size" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "butterfly.cli.node", "--config", str(cfg), "--bogus"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 78
+
+
+def test_check_config_prints_effective_config_with_flag_overrides(tmp_path: Path, model_dir: Path) -> None:
+    cfg = write_config(tmp_path / "n.toml", model_dir, node_id="cc", api_port=free_port(), role="worker")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "butterfly.cli.node",
+            "--config",
+            str(cfg),
+            "--check-config",
+            "--role",
+            "coordinator",
+            "--seed-nodes",
+            "10.0.0.1:7000,10.0.0.2:7000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert 'role = "coordinator"' in r.stdout
+    assert '"10.0.0.1:7000"' in r.stdout and '"10.0.0.2:7000"' in r.stdout
