@@ -226,7 +226,9 @@ def test_child_dying_past_restart_budget_fails_visibly(node_factory, tmp_path) -
 
 
 def test_hung_child_is_detected_by_heartbeat_and_replaced(node_factory) -> None:  # type: ignore[no-untyped-def]
-    node = node_factory()
+    # Children take a second to start: the replacement must be judged from its own spawn, not from
+    # the hung child's last beat (a regression: replacements were killed before their first beat).
+    node = node_factory(env={"BUTTERFLY_TEST_START_DELAY_S": "1.0"})
     st = node.wait_state("OPERATIONAL")
     victim = next(c for c in st["children"] if c["name"] == "validator")
     os.kill(victim["pid"], signal.SIGSTOP)
@@ -240,6 +242,10 @@ def test_hung_child_is_detected_by_heartbeat_and_replaced(node_factory) -> None:
         timeout=20,
     )
     assert f"validator child pid {victim['pid']} missed heartbeats" in node.log()
+    time.sleep(2.0)
+    st = node.status()
+    assert st is not None and st["healthy"]
+    assert next(c for c in st["children"] if c["name"] == "validator")["restarts"] == 1
     assert node.stop() == 0
 
 

@@ -36,6 +36,7 @@ CHILD_FD_ENV = "BUTTERFLY_CHILD_FD"
 SUPERVISOR_PID_ENV = "BUTTERFLY_SUPERVISOR_PID"
 # How often an idle child proves its main thread is alive on the board.
 HEARTBEAT_S = 0.25
+START_DELAY_ENV = "BUTTERFLY_TEST_START_DELAY_S"
 
 
 def die_with_parent() -> None:
@@ -83,6 +84,8 @@ def bootstrap(kind: str, sock: socket.socket) -> tuple[ChildContext, SyncChannel
         str(config.logging.file) if config.logging.file else None,
         config.logging.format,
     )
+    # Fault injection for tests: a child slow to start (a loaded machine) must not look hung.
+    time.sleep(float(os.environ.get(START_DELAY_ENV, "0") or 0))
     board = Board.attach(first.board_name)
     log = logging.getLogger(f"butterfly.{kind}")
     return ChildContext(kind, config, board, first, log, logs), chan

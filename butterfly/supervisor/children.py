@@ -61,6 +61,9 @@ class ChildHandle:
         self.proc: asyncio.subprocess.Process | None = None
         self.chan: AsyncChannel | None = None
         self.generation = 0
+        # A fresh child has not beaten yet: its heartbeat age counts from its spawn, not from the
+        # last beat of the process it replaced.
+        self.spawned_mono_ns = 0
         self.restarts = 0
         self.last_exit = ""
         self._deaths: collections.deque[float] = collections.deque()
@@ -94,6 +97,7 @@ class ChildHandle:
         finally:
             child.close()
         self.generation += 1
+        self.spawned_mono_ns = time.monotonic_ns()
         self.chan = await AsyncChannel.open(parent)
         log.info(
             "started %s child pid %d",

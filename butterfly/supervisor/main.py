@@ -115,7 +115,9 @@ class Supervisor:
                 name=k,
                 pid=h.pid,
                 alive=h.alive,
-                heartbeat_age_seconds=round((now - beats[k]) / 1e9, 3) if beats[k] else None,
+                heartbeat_age_seconds=round((now - max(beats[k], h.spawned_mono_ns)) / 1e9, 3)
+                if h.spawned_mono_ns
+                else None,
                 restarts=h.restarts,
                 last_exit=h.last_exit,
             )
