@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--url", default="http://127.0.0.1:8080")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
+
+    from butterfly.cli import admin_weights
+
+    admin_weights.register(sub)
     return p
 
 

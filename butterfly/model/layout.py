@@ -2,10 +2,12 @@
 
 Owns: grouping a Hugging Face checkpoint's tensors (Llama, Mistral, Qwen2 naming) into ordered units —
 ``embed``, ``layers.0`` .. ``layers.{L-1}``, ``head`` — with absolute file offsets; checking that the
-checkpoint directory is consistent (config.json, the shard index, every shard header); and answering
+checkpoint is consistent (config.json, the shard index, every shard header), read through any
+``Source`` (a directory, an S3 prefix) with small ranged reads of the headers only; and answering
 "which tensors does a node holding blocks [start, stop) need".
 
-Must not: read tensor data, hash anything (the manifest does), decide who holds which blocks (the
+Must not: read tensor data (only config.json, the index, and each shard's 8-byte length and header),
+hash anything (the manifest does), decide who holds which blocks (the
 planner does), or silently drop or guess about a tensor it does not recognise: an unknown name, a
 missing block or an index that disagrees with a header is a ``ModelFormatError``.
 """
@@ -20,12 +22,15 @@ from pathlib import Path
 from typing import Literal
 
 from butterfly.model.safetensors import (
+    MAX_HEADER_BYTES,
     PICKLE_SUFFIXES,
     ModelFormatError,
     SafetensorsHeader,
-    read_header,
+    looks_like_pickle,
+    parse_header_bytes,
     refuse_pickle,
 )
+from butterfly.sources import FilesystemSource, Source, SourceError, SourceNotFound
 
 __all__ = [
     "CONFIG_FILE",
@@ -36,6 +41,7 @@ __all__ = [
     "ModelLayout",
     "TensorEntry",
     "load_layout",
+    "load_layout_from_source",
 ]
 
 CONFIG_FILE = "config.json"
@@ -43,6 +49,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # config.json and the index are small; a cap keeps a hostile directory from making us read gigabytes.
 MAX_JSON_BYTES = 64 * 1024 * 1024
+# Probed when a source has neither the index nor model.safetensors, to name a pickle checkpoint.
+_PICKLE_NAMES = ("pytorch_model.bin.index.json", "pytorch_model.bin", "model.pt", "consolidated.00.pth")
 
 UnitKind = Literal["embed", "block", "head"]
 
@@ -128,9 +136,13 @@ class LayerRange:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """A checked checkpoint: ordered units (embed, blocks 0..L-1, head) and the files they live in."""
+    """A checked checkpoint: ordered units (embed, blocks 0..L-1, head) and the files they live in.
 
-    root: Path
+    ``root`` is the model directory (a ``Path``) for a filesystem source, else the source's description
+    (an ``s3://bucket/prefix`` string).
+    """
+
+    root: Path | str
     model_config: dict[str, object]
     files: dict[str, int]
     units: tuple[LayerUnit, ...]
@@ -197,20 +209,32 @@ def _listed(names: list[str]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _read_json_object(path: Path, what: str) -> dict[str, object]:
+def _where(source: Source, file: str) -> str:
+    """How messages name ``file`` of ``source``: the path for a directory, the URL for S3."""
+    return f"{source.description.rstrip('/')}/{file}"
+
+
+def _exists(source: Source, file: str) -> bool:
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-    except OSError as exc:
-        raise ModelFormatError(str(path), f"cannot read {what}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise ModelFormatError(str(path), f"{what} is larger than {MAX_JSON_BYTES} bytes")
+        source.size(file)
+    except SourceNotFound:
+        return False
+    return True
+
+
+def _read_json_object(source: Source, file: str, what: str) -> dict[str, object]:
+    """``file`` parsed as a JSON object. A missing file is ``SourceNotFound``; the caller words it."""
+    where = _where(source, file)
+    # Size first, so an oversized file gets the same message from every source.
+    if source.size(file) > MAX_JSON_BYTES:
+        raise ModelFormatError(where, f"{what} is larger than {MAX_JSON_BYTES} bytes")
+    raw = source.read_small(file, MAX_JSON_BYTES)
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ModelFormatError(str(path), f"{what} is not valid UTF-8 JSON: {exc}") from None
+        raise ModelFormatError(where, f"{what} is not valid UTF-8 JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise ModelFormatError(str(path), f"{what} must be a JSON object")
+        raise ModelFormatError(where, f"{what} must be a JSON object")
     return value
 
 
@@ -221,21 +245,20 @@ def _num_hidden_layers(config: dict[str, object], source: str) -> int:
     return value
 
 
-def _shard_files(model_dir: Path) -> dict[str, str] | None:
+def _shard_files(source: Source) -> dict[str, str] | None:
     """``tensor -> file`` from the index, or None when the model is a single model.safetensors."""
-    index_path = model_dir / INDEX_FILE
-    if not index_path.exists():
+    where = _where(source, INDEX_FILE)
+    try:
+        index = _read_json_object(source, INDEX_FILE, "shard index")
+    except SourceNotFound:
         return None
-    if not index_path.is_file():
-        raise ModelFormatError(str(index_path), "shard index is not a regular file")
-    index = _read_json_object(index_path, "shard index")
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise ModelFormatError(str(index_path), "weight_map must be a non-empty object of tensor -> file")
+        raise ModelFormatError(where, "weight_map must be a non-empty object of tensor -> file")
     for tensor, file in weight_map.items():
         if not isinstance(file, str) or not _SHARD_NAME.fullmatch(file):
             raise ModelFormatError(
-                str(index_path),
+                where,
                 f"weight_map[{tensor!r}] = {file!r} is not a plain *.safetensors file name in the model dir",
             )
     return {str(k): str(v) for k, v in weight_map.items()}
@@ -256,23 +279,53 @@ def _refuse_unusable_dir(model_dir: Path) -> ModelFormatError:
     return ModelFormatError(str(model_dir), f"no weights: neither {INDEX_FILE} nor {SINGLE_FILE} exists")
 
 
-def _read_headers(model_dir: Path, weight_map: dict[str, str] | None) -> dict[str, SafetensorsHeader]:
+def _refuse_unusable_source(source: Source) -> ModelFormatError:
+    # A source cannot be listed (an S3 prefix may hold millions of keys), so probe the usual names of
+    # pickle checkpoints to give the clearer refusal when one is there.
+    for name in _PICKLE_NAMES:
+        if _exists(source, name):
+            return ModelFormatError(_where(source, name), refuse_pickle(Path(name)).detail)
+    return ModelFormatError(source.description, f"no weights: neither {INDEX_FILE} nor {SINGLE_FILE} exists")
+
+
+def _read_exact(source: Source, file: str, offset: int, length: int) -> bytes:
+    buf = bytearray(length)
+    source.read_into(file, offset, memoryview(buf))
+    return bytes(buf)
+
+
+def _read_header(source: Source, file: str, index_where: str) -> SafetensorsHeader:
+    """A shard's header from two ranged reads: its 8-byte length, then exactly that many bytes."""
+    where = _where(source, file)
+    try:
+        size = source.size(file)
+    except SourceNotFound:
+        raise ModelFormatError(index_where, f"shard {file!r} listed in weight_map is missing") from None
+    prefix = _read_exact(source, file, 0, min(8, size))
+    header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+    if not 2 <= header_len <= min(MAX_HEADER_BYTES, size - 8):
+        # parse_header_bytes words every bad length exactly as read_header would; a pickle is named
+        # as such only after the bytes failed as safetensors (a valid length can look like one).
+        try:
+            parse_header_bytes(prefix, size, where)
+        except ModelFormatError:
+            if looks_like_pickle(prefix):
+                raise ModelFormatError(where, refuse_pickle(Path(file)).detail) from None
+            raise
+        raise ModelFormatError(where, f"header length {header_len} is not usable")
+    return parse_header_bytes(prefix + _read_exact(source, file, 8, header_len), size, where)
+
+
+def _read_headers(source: Source, weight_map: dict[str, str] | None) -> dict[str, SafetensorsHeader]:
     files = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
-    headers: dict[str, SafetensorsHeader] = {}
-    for name in files:
-        path = model_dir / name
-        if not path.is_file():
-            raise ModelFormatError(
-                str(model_dir / INDEX_FILE), f"shard {name!r} listed in weight_map is missing"
-            )
-        headers[name] = read_header(path)
-    return headers
+    index_where = _where(source, INDEX_FILE)
+    return {name: _read_header(source, name, index_where) for name in files}
 
 
 def _check_index_matches(
-    model_dir: Path, weight_map: dict[str, str], headers: dict[str, SafetensorsHeader]
+    index_where: str, weight_map: dict[str, str], headers: dict[str, SafetensorsHeader]
 ) -> None:
-    source = str(model_dir / INDEX_FILE)
+    source = index_where
     seen: dict[str, str] = {}
     for file, header in headers.items():
         for t in header.tensors:
@@ -399,39 +452,64 @@ def _unit(index: int, name: str, kind: UnitKind, block: int, located: list[_Loca
 
 
 def load_layout(model_dir: Path) -> ModelLayout:
-    """Read and check ``model_dir`` (config.json plus safetensors shards) and build its layer map."""
+    """Read and check ``model_dir`` (config.json plus safetensors shards) and build its layer map.
+
+    The filesystem form of ``load_layout_from_source``: a directory can be listed, so a model without
+    an index or model.safetensors gets the more specific refusal, and any read failure is a
+    ``ModelFormatError`` naming the path (what callers of this function have always caught).
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelFormatError(str(model_dir), "model directory does not exist or is not a directory")
-    source = str(model_dir)
-    weight_map = _shard_files(model_dir)
-    if weight_map is None and not (model_dir / SINGLE_FILE).is_file():
+    if not (model_dir / INDEX_FILE).exists() and not (model_dir / SINGLE_FILE).is_file():
         raise _refuse_unusable_dir(model_dir)
-    config_path = model_dir / CONFIG_FILE
-    if not config_path.is_file():
-        raise ModelFormatError(source, f"{CONFIG_FILE} is missing")
-    config = _read_json_object(config_path, CONFIG_FILE)
-    num_blocks = _num_hidden_layers(config, str(config_path))
+    source = FilesystemSource(model_dir)
+    try:
+        return load_layout_from_source(source)
+    except SourceError as exc:
+        raise ModelFormatError(str(model_dir), str(exc)) from None
+    finally:
+        source.close()
+
+
+def load_layout_from_source(source: Source) -> ModelLayout:
+    """Read and check the checkpoint ``source`` holds and build its layer map.
+
+    Reads config.json and the shard index whole (each capped at ``MAX_JSON_BYTES``) and, per shard,
+    its size, its 8-byte header length and the header itself: never a byte of tensor data. A malformed
+    or inconsistent checkpoint is a ``ModelFormatError``; a failing store is a ``SourceError`` (which
+    a caller may retry), except a missing file, which is a ``ModelFormatError`` saying which.
+    """
+    desc = source.description
+    weight_map = _shard_files(source)
+    if weight_map is None and not _exists(source, SINGLE_FILE):
+        raise _refuse_unusable_source(source)
+    config_where = _where(source, CONFIG_FILE)
+    try:
+        config = _read_json_object(source, CONFIG_FILE, CONFIG_FILE)
+    except SourceNotFound:
+        raise ModelFormatError(desc, f"{CONFIG_FILE} is missing") from None
+    num_blocks = _num_hidden_layers(config, config_where)
     tie = config.get("tie_word_embeddings", False)
     if not isinstance(tie, bool):
-        raise ModelFormatError(str(config_path), f"tie_word_embeddings must be true or false, got {tie!r}")
+        raise ModelFormatError(config_where, f"tie_word_embeddings must be true or false, got {tie!r}")
 
-    headers = _read_headers(model_dir, weight_map)
+    headers = _read_headers(source, weight_map)
     if weight_map is not None:
-        _check_index_matches(model_dir, weight_map, headers)
-    embed, blocks, head = _group(_locate(headers), source)
+        _check_index_matches(_where(source, INDEX_FILE), weight_map, headers)
+    embed, blocks, head = _group(_locate(headers), desc)
     if not embed:
-        raise ModelFormatError(source, "model.embed_tokens.weight is missing")
+        raise ModelFormatError(desc, "model.embed_tokens.weight is missing")
     head_names = {t.name for t in head}
     if _FINAL_NORM not in head_names:
-        raise ModelFormatError(source, f"{_FINAL_NORM} (the final norm) is missing")
-    _check_blocks(blocks, num_blocks, source)
+        raise ModelFormatError(desc, f"{_FINAL_NORM} (the final norm) is missing")
+    _check_blocks(blocks, num_blocks, desc)
 
     units = [_unit(0, "embed", "embed", -1, embed)]
     units += [_unit(1 + b, f"layers.{b}", "block", b, blocks[b]) for b in range(num_blocks)]
     units.append(_unit(1 + num_blocks, "head", "head", -1, head))
     return ModelLayout(
-        root=model_dir,
+        root=source.root if isinstance(source, FilesystemSource) else desc,
         model_config=config,
         files={name: h.file_size for name, h in headers.items()},
         units=tuple(units),

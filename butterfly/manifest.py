@@ -1,0 +1,856 @@
+"""The model manifest: what every byte of one model version must be, and the Merkle root that names it.
+
+Owns:
+
+* the ONE definition of a layer unit's digest, used by the manifest builder and by the validator
+  (which re-hashes the arena): ``tensor_digest`` is plain BLAKE3 of a tensor's bytes, and
+  ``unit_digest`` is BLAKE3 over the unit's tensors in name order, each contributing
+  ``name (UTF-8) || 0x00 || length (8 bytes, little endian) || tensor_digest (32 bytes)``. Hashing
+  tensor digests rather than the concatenated bytes lets the builder read each file once in offset
+  order (real checkpoints do not store a unit's tensors in name order, nor in one file), lets the
+  validator hash tensors in parallel, and lets a reader check that every unit digest in a manifest
+  follows from its tensor digests without the weights. Tensor names cannot hold 0x00 (safetensors
+  names with control characters are refused) and the other two fields are fixed-width, so the
+  encoding is unambiguous: moving bytes between tensors, or renaming one, changes the digest.
+* the manifest format (``Manifest``, JSON on disk as ``butterfly-manifest.json`` beside the model),
+  building it from a model directory (or any ``butterfly.sources.Source``) in one sequential pass
+  per file, hashing file, tensors and chunks from the same bytes, encoding it in one canonical
+  form, and reading it back as hostile input: caps, types, every tensor inside its file, files exactly
+  covered, units as the layout rules say, unit digests recomputed from tensor digests and the root
+  recomputed from the unit digests. A manifest that fails any check is a ``ManifestError``.
+* checking a model's bytes against a manifest over any ``Source`` (``verify_source``; ``verify_dir``
+  for a directory: file BLAKE3 plus chunk xxh3s, which name the tensor and offset), range proofs
+  for the units a block range maps to, and the layer map rebuilt from a manifest alone
+  (``layout_from_manifest``, the S3 case).
+
+The leaves are ``merkle.leaf_hash(unit_digest)`` in unit order (embed, layers.0 .. layers.L-1, head)
+and ``merkle_root`` is their RFC 6962 root. That root does not bind the number of leaves, so the
+manifest records ``num_units`` beside it, and verifiers must take the tree size from the manifest.
+The root names the weights (names, lengths and bytes); dtype, shape and config.json are bound by the
+manifest (``config_blake3``, tensor records), not by the root.
+
+Must not: know where the bytes of a node live (arena, GPU), talk to peers, decide who holds which
+blocks, or write anything but the manifest file itself (atomically).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import blake3
+import msgspec
+import xxhash
+
+from butterfly import merkle
+
+# _check_blocks, _group, _Located and _unit: the grouping rules are the layout module's, and a manifest
+# must group tensors exactly as load_layout does, so it calls the same code rather than restating the
+# rules. They are private to layout.py today; a public "layout from located tensors" there is better.
+from butterfly.model.layout import (
+    CONFIG_FILE,
+    MAX_JSON_BYTES,
+    LayerRange,
+    LayerUnit,
+    ModelLayout,
+    TensorEntry,
+    _check_blocks,
+    _group,
+    _Located,
+    _unit,
+    load_layout,
+    load_layout_from_source,
+)
+from butterfly.model.safetensors import DTYPE_SIZES, MAX_NDIM, ModelFormatError
+from butterfly.sources import FilesystemSource, Source, SourceError
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "FORMAT_VERSION",
+    "MANIFEST_FILE",
+    "BuildStats",
+    "FileRecord",
+    "Manifest",
+    "ManifestError",
+    "Problem",
+    "RangeProof",
+    "TensorRecord",
+    "UnitRecord",
+    "build_manifest",
+    "build_manifest_from_source",
+    "decode_manifest",
+    "encode_manifest",
+    "layout_from_manifest",
+    "range_proof_for_blocks",
+    "read_manifest",
+    "tensor_digest",
+    "unit_digest",
+    "unit_digest_of_buffers",
+    "unit_range_for_blocks",
+    "verify_blocks",
+    "verify_dir",
+    "verify_source",
+    "write_manifest",
+]
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "butterfly-manifest.json"
+DEFAULT_CHUNK_BYTES = 8 << 20
+# Same bounds as [loader] chunk_bytes: the loader compares its chunks with these digests.
+MIN_CHUNK_BYTES = 64 << 10
+MAX_CHUNK_BYTES = 256 << 20
+# Caps for hostile input. 256 MiB of JSON holds ~12M chunk digests: 100 TB of weights at 8 MiB chunks.
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_TENSORS = 1_000_000
+MAX_FILES = 100_000
+MAX_NAME_CHARS = 1024
+# Bytes travel as int64/off_t downstream (pread, numpy, C).
+_MAX_SIZE = 2**63 - 1
+# Below this, blake3's thread pool costs more than it saves.
+_PARALLEL_HASH_BYTES = 1 << 20
+
+Buffer = bytes | bytearray | memoryview
+UnitKind = Literal["embed", "block", "head"]
+
+_Hex32 = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}\Z")]
+_Size = Annotated[int, msgspec.Meta(ge=0, le=_MAX_SIZE)]
+# msgspec bounds stop at int64, so _check_tensors checks the upper end (2**64 - 1).
+_U64 = Annotated[int, msgspec.Meta(ge=0)]
+_Index = Annotated[int, msgspec.Meta(ge=0, le=MAX_TENSORS)]
+# A shard name with no path separator: verify opens files by these names under the model dir.
+_FileName = Annotated[
+    str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*\.safetensors\Z", max_length=255)
+]
+_TensorName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]+\Z", max_length=MAX_NAME_CHARS)]
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed, inconsistent or tampered with; the message says where and how."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"{source}: {detail}")
+        self.source = source
+        self.detail = detail
+
+
+class FileRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One weight file: its size and the BLAKE3 of all its bytes (``b3sum`` prints the same)."""
+
+    size: _Size
+    blake3: _Hex32
+
+
+class TensorRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One tensor: ``length`` bytes at absolute ``offset`` of ``file``, and its digests.
+
+    ``chunks[i]`` is the xxh3_64 of tensor bytes ``[i * chunk_bytes, (i + 1) * chunk_bytes)`` (the
+    last one shorter): chunks are per tensor, starting at the tensor's first byte, so a loader that
+    streams a tensor chunk by chunk compares each as it lands.
+    """
+
+    name: _TensorName
+    file: _FileName
+    offset: _Size
+    length: _Size
+    dtype: str
+    shape: Annotated[tuple[_Size, ...], msgspec.Meta(max_length=MAX_NDIM)]
+    unit: _Index
+    blake3: _Hex32
+    chunks: tuple[_U64, ...]
+
+
+class UnitRecord(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A layer unit (embed, one block, head) and its digest, the data of its Merkle leaf."""
+
+    name: str
+    kind: UnitKind
+    block: Annotated[int, msgspec.Meta(ge=-1, le=MAX_TENSORS)]
+    digest: _Hex32
+
+
+class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A model version. Build with ``build_manifest``; read with ``read_manifest`` (which checks it)."""
+
+    format: int
+    merkle_root: _Hex32
+    num_units: _Index
+    chunk_bytes: int
+    config_blake3: _Hex32
+    model_config: dict[str, object]
+    files: Annotated[dict[_FileName, FileRecord], msgspec.Meta(max_length=MAX_FILES)]
+    units: Annotated[tuple[UnitRecord, ...], msgspec.Meta(max_length=MAX_TENSORS)]
+    tensors: Annotated[tuple[TensorRecord, ...], msgspec.Meta(max_length=MAX_TENSORS)]
+
+    @property
+    def total_bytes(self) -> int:
+        """Tensor bytes of the whole model, each tensor once (headers excluded)."""
+        return sum(t.length for t in self.tensors)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_units - 2
+
+    def root_bytes(self) -> bytes:
+        return bytes.fromhex(self.merkle_root)
+
+
+class _FormatProbe(msgspec.Struct):
+    # Read first, alone, so a manifest of another format gets "format N", not a field-by-field error.
+    format: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# Digests
+# ---------------------------------------------------------------------------------------------------
+
+
+def _hasher(nbytes: int) -> blake3.blake3:
+    return blake3.blake3(max_threads=blake3.blake3.AUTO if nbytes >= _PARALLEL_HASH_BYTES else 1)
+
+
+def tensor_digest(data: Buffer) -> bytes:
+    """BLAKE3 of a tensor's bytes (multi-threaded for large tensors); any C-contiguous buffer."""
+    view = memoryview(data).cast("B")  # blake3 takes bytes only, not e.g. a float16 array's items
+    return _hasher(view.nbytes).update(view).digest()
+
+
+def unit_digest(tensors: Iterable[tuple[str, int, bytes]]) -> bytes:
+    """Digest of a unit from its tensors' ``(name, length, tensor_digest)``, given in any order.
+
+    "Name order" is Python's str order (code points), which is also the UTF-8 byte order.
+    """
+    h = blake3.blake3()
+    previous: str | None = None
+    for name, length, digest in sorted(tensors):
+        if name == previous:
+            raise ValueError(f"tensor {name!r} appears twice in one unit")
+        if "\0" in name:
+            raise ValueError(f"tensor name {name!r} holds NUL, the separator of the digest's encoding")
+        if len(digest) != merkle.HASH_SIZE or not 0 <= length <= _MAX_SIZE:
+            raise ValueError(f"tensor {name!r}: bad length {length} or digest of {len(digest)} bytes")
+        h.update(name.encode("utf-8") + b"\0" + length.to_bytes(8, "little") + bytes(digest))
+        previous = name
+    return h.digest()
+
+
+def unit_digest_of_buffers(tensors: Iterable[tuple[str, Buffer]]) -> bytes:
+    """Digest of a unit from its tensors' ``(name, bytes)``: what the validator computes on the arena."""
+    return unit_digest((name, memoryview(data).nbytes, tensor_digest(data)) for name, data in tensors)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources and the hashing pass
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A tensor's place in its file, as the hashing pass needs it."""
+
+    name: str
+    offset: int
+    length: int
+
+
+@dataclass
+class _Scan:
+    file_digest: bytes | None
+    tensor_digests: dict[str, bytes]
+    chunks: dict[str, list[int]]
+
+
+def _scan_file(
+    src: Source,
+    file: str,
+    size: int,
+    spans: Sequence[_Span],
+    chunk_bytes: int,
+    buf: memoryview,
+    *,
+    file_digest: bool,
+    tensor_digests: bool,
+) -> _Scan:
+    """Read ``file`` once, front to back, in chunks; hash the file, each tensor and each chunk.
+
+    ``spans`` are sorted by offset and back to back (safetensors leaves no gaps); the bytes before the
+    first one are the header, hashed only into the file digest.
+    """
+    fh = _hasher(size) if file_digest else None
+    header_end = spans[0].offset if spans else size
+    if fh is not None:
+        for off in range(0, header_end, chunk_bytes):
+            view = buf[: min(chunk_bytes, header_end - off)]
+            src.read_into(file, off, view)
+            fh.update(view)
+    scan = _Scan(None, {}, {})
+    for t in spans:
+        th = _hasher(t.length) if tensor_digests else None
+        chunks: list[int] = []
+        for off in range(0, t.length, chunk_bytes):
+            view = buf[: min(chunk_bytes, t.length - off)]
+            src.read_into(file, t.offset + off, view)
+            if fh is not None:
+                fh.update(view)
+            if th is not None:
+                th.update(view)
+            chunks.append(xxhash.xxh3_64_intdigest(view))
+        scan.chunks[t.name] = chunks
+        if th is not None:
+            scan.tensor_digests[t.name] = th.digest()
+    if fh is not None:
+        scan.file_digest = fh.digest()
+    return scan
+
+
+def _check_chunk_bytes(chunk_bytes: int) -> None:
+    if (
+        not isinstance(chunk_bytes, int)
+        or isinstance(chunk_bytes, bool)
+        or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES
+        or chunk_bytes & (chunk_bytes - 1)
+    ):
+        raise ValueError(
+            f"chunk_bytes must be a power of two from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES}, "
+            f"got {chunk_bytes!r}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildStats:
+    """What a build read: bytes of every weight file and the seconds it took."""
+
+    bytes_read: int
+    seconds: float
+
+
+def build_manifest(
+    model_dir: Path,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    on_file: Callable[[str, int], None] | None = None,
+) -> tuple[Manifest, BuildStats]:
+    """Hash every weight file of ``model_dir`` (one sequential pass each) and build its manifest.
+
+    ``on_file(name, size)`` is called after each file, for progress. Raises ``ModelFormatError`` for a
+    checkpoint load_layout refuses, ``SourceError`` when a file cannot be read whole, and
+    ``ManifestError`` if the result would not pass ``decode_manifest`` (e.g. config.json holding
+    NaN, which JSON cannot carry).
+    """
+    _check_chunk_bytes(chunk_bytes)
+    started = time.monotonic()
+    # load_layout, not load_layout_from_source: a directory can be listed, which words refusals better.
+    layout = load_layout(Path(model_dir))
+    src = FilesystemSource(Path(model_dir))
+    try:
+        return _build(src, layout, chunk_bytes, on_file, started)
+    finally:
+        src.close()
+
+
+def build_manifest_from_source(
+    src: Source,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    on_file: Callable[[str, int], None] | None = None,
+) -> tuple[Manifest, BuildStats]:
+    """``build_manifest`` over any source (an S3 prefix, ...); the caller closes ``src``."""
+    _check_chunk_bytes(chunk_bytes)
+    started = time.monotonic()
+    return _build(src, load_layout_from_source(src), chunk_bytes, on_file, started)
+
+
+def _build(
+    src: Source,
+    layout: ModelLayout,
+    chunk_bytes: int,
+    on_file: Callable[[str, int], None] | None,
+    started: float,
+) -> tuple[Manifest, BuildStats]:
+    where = f"{src.description.rstrip('/')}/{CONFIG_FILE}"
+    config_raw = src.read_small(CONFIG_FILE, MAX_JSON_BYTES)
+    try:
+        config_now = json.loads(config_raw)
+    except ValueError:
+        config_now = None
+    if config_now != layout.model_config:
+        raise ManifestError(where, "changed while the manifest was being built")
+
+    by_file: dict[str, list[TensorEntry]] = {name: [] for name in layout.files}
+    for unit in layout.units:
+        for t in unit.tensors:
+            by_file[t.file].append(t)
+    buf = memoryview(bytearray(chunk_bytes))
+    files: dict[str, FileRecord] = {}
+    tensor_b3: dict[str, bytes] = {}
+    chunks: dict[str, list[int]] = {}
+    for name in sorted(layout.files):
+        size = layout.files[name]
+        spans = [_Span(t.name, t.offset, t.length) for t in sorted(by_file[name], key=lambda t: t.offset)]
+        scan = _scan_file(src, name, size, spans, chunk_bytes, buf, file_digest=True, tensor_digests=True)
+        assert scan.file_digest is not None
+        files[name] = FileRecord(size, scan.file_digest.hex())
+        tensor_b3.update(scan.tensor_digests)
+        chunks.update(scan.chunks)
+        if on_file is not None:
+            on_file(name, size)
+
+    units: list[UnitRecord] = []
+    tensors: list[TensorRecord] = []
+    for unit in layout.units:
+        units.append(
+            UnitRecord(
+                unit.name,
+                unit.kind,
+                unit.block,
+                unit_digest((t.name, t.length, tensor_b3[t.name]) for t in unit.tensors).hex(),
+            )
+        )
+        tensors += [
+            TensorRecord(
+                t.name,
+                t.file,
+                t.offset,
+                t.length,
+                t.dtype,
+                t.shape,
+                t.unit,
+                tensor_b3[t.name].hex(),
+                tuple(chunks[t.name]),
+            )
+            for t in unit.tensors
+        ]
+    root = merkle.merkle_root([merkle.leaf_hash(bytes.fromhex(u.digest)) for u in units])
+    manifest = Manifest(
+        format=FORMAT_VERSION,
+        merkle_root=root.hex(),
+        num_units=len(units),
+        chunk_bytes=chunk_bytes,
+        config_blake3=blake3.blake3(config_raw).hexdigest(),
+        model_config=layout.model_config,
+        files=files,
+        units=tuple(units),
+        tensors=tuple(tensors),
+    )
+    # What we write must read back: the reader's checks double as the builder's self-check.
+    back = decode_manifest(encode_manifest(manifest), f"{src.description.rstrip('/')}/{MANIFEST_FILE}")
+    if back != manifest:
+        raise ManifestError(where, "holds values JSON cannot carry faithfully (NaN or Infinity?)")
+    return manifest, BuildStats(sum(layout.files.values()), time.monotonic() - started)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding, reading, writing
+# ---------------------------------------------------------------------------------------------------
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    """The canonical bytes of ``manifest``: compact JSON, fields in declaration order, newline-ended."""
+    return msgspec.json.encode(manifest) + b"\n"
+
+
+def decode_manifest(raw: bytes, source: str = "<manifest>") -> Manifest:
+    """Parse and check a manifest; any problem is a ``ManifestError`` naming what is wrong."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(source, f"is {len(raw)} bytes, more than the {MAX_MANIFEST_BYTES}-byte limit")
+    try:
+        fmt = msgspec.json.decode(raw, type=_FormatProbe).format
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise ManifestError(source, f"is not a butterfly manifest: {e}") from None
+    if fmt != FORMAT_VERSION:
+        raise ManifestError(source, f"has format {fmt}; this build reads format {FORMAT_VERSION}")
+    try:
+        manifest = msgspec.json.decode(raw, type=Manifest)
+    except (msgspec.DecodeError, RecursionError) as e:
+        raise ManifestError(source, f"is malformed: {e}") from None
+    # One manifest, one encoding: this refuses duplicate JSON keys (msgspec keeps the last one
+    # silently, so two readers could disagree) and hand edits, and makes the file's bytes a name too.
+    if encode_manifest(manifest) != raw:
+        raise ManifestError(
+            source,
+            "is not in canonical form (duplicate keys, reordered fields or edited by hand); "
+            "rebuild it with `butterfly-admin manifest build`",
+        )
+    _check(manifest, source)
+    return manifest
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read and check the manifest at ``path``."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise ManifestError(str(path), f"cannot read: {e.strerror or e}") from None
+    return decode_manifest(raw, str(path))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or unlink in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(manifest: Manifest, path: Path) -> int:
+    """Write ``manifest`` to ``path`` atomically (temp file, fsync, rename, fsync dir); return its size."""
+    path = Path(path)
+    data = encode_manifest(manifest)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return len(data)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checks on read
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check(m: Manifest, source: str) -> None:
+    try:
+        _check_chunk_bytes(m.chunk_bytes)
+    except ValueError as e:
+        raise ManifestError(source, str(e)) from None
+    _check_tensors(m, source)
+    _check_files_covered(m, source)
+    try:
+        layout = layout_from_manifest(m, source)
+    except ModelFormatError as e:
+        raise ManifestError(source, f"tensors do not form a model: {e.detail}") from None
+    _check_units(m, layout, source)
+    _check_digests(m, source)
+
+
+def _check_tensors(m: Manifest, source: str) -> None:
+    seen: set[str] = set()
+    for t in m.tensors:
+        where = f"tensor {t.name!r}"
+        if t.name in seen:
+            raise ManifestError(source, f"{where} is listed twice")
+        seen.add(t.name)
+        if t.file not in m.files:
+            raise ManifestError(source, f"{where} is in file {t.file!r}, which is not in files")
+        if t.dtype not in DTYPE_SIZES:
+            raise ManifestError(source, f"{where} has unknown dtype {t.dtype!r}")
+        if DTYPE_SIZES[t.dtype] * math.prod(t.shape) != t.length:
+            raise ManifestError(source, f"{where}: {t.dtype} x {list(t.shape)} is not {t.length} bytes")
+        if t.unit >= m.num_units:
+            raise ManifestError(source, f"{where} is in unit {t.unit}, but num_units is {m.num_units}")
+        if any(c >> 64 for c in t.chunks):
+            raise ManifestError(source, f"{where} has a chunk digest wider than 64 bits")
+        expected = -(-t.length // m.chunk_bytes)
+        if len(t.chunks) != expected:
+            raise ManifestError(
+                source,
+                f"{where} has {len(t.chunks)} chunk digests; {t.length} bytes in {m.chunk_bytes}-byte "
+                f"chunks need {expected}",
+            )
+
+
+def _check_files_covered(m: Manifest, source: str) -> None:
+    # Tensors must tile each file from the end of its header to its last byte, as safetensors does:
+    # then every byte is covered by a chunk digest, and no two tensors alias the same bytes.
+    by_file: dict[str, list[TensorRecord]] = {name: [] for name in m.files}
+    for t in m.tensors:
+        by_file[t.file].append(t)
+    for name, tensors in by_file.items():
+        size = m.files[name].size
+        if not tensors:
+            raise ManifestError(source, f"file {name!r} holds no tensor")
+        tensors.sort(key=lambda t: (t.offset, t.length))
+        # 8-byte header length plus at least "{}".
+        if tensors[0].offset < 10:
+            raise ManifestError(source, f"tensor {tensors[0].name!r} starts inside the header of {name!r}")
+        for a, b in zip(tensors, tensors[1:], strict=False):
+            if a.offset + a.length != b.offset:
+                how = "overlaps" if a.offset + a.length > b.offset else "leaves a gap before"
+                raise ManifestError(
+                    source,
+                    f"in {name!r}, tensor {a.name!r} [{a.offset}, {a.offset + a.length}) {how} "
+                    f"tensor {b.name!r} at {b.offset}",
+                )
+        end = tensors[-1].offset + tensors[-1].length
+        if end != size:
+            raise ManifestError(source, f"tensors of {name!r} end at byte {end} but the file is {size} bytes")
+
+
+def _check_units(m: Manifest, layout: ModelLayout, source: str) -> None:
+    if m.num_units != len(m.units):
+        raise ManifestError(source, f"num_units is {m.num_units} but {len(m.units)} units are listed")
+    if len(m.units) != len(layout.units):
+        raise ManifestError(
+            source,
+            f"{len(m.units)} units are listed; num_hidden_layers={layout.num_blocks} makes "
+            f"{len(layout.units)} (embed, the blocks, head)",
+        )
+    for rec, unit in zip(m.units, layout.units, strict=True):
+        if (rec.name, rec.kind, rec.block) != (unit.name, unit.kind, unit.block):
+            raise ManifestError(
+                source,
+                f"unit {unit.index} is listed as {rec.name!r} ({rec.kind}, block {rec.block}); "
+                f"its tensors make it {unit.name!r}",
+            )
+    expected = [(t.name, t.unit) for u in layout.units for t in u.tensors]
+    listed = [(t.name, t.unit) for t in m.tensors]
+    if listed != expected:
+        bad = next(i for i, (a, b) in enumerate(zip(listed, expected, strict=True)) if a != b)
+        raise ManifestError(
+            source,
+            f"tensor {bad} is listed as {listed[bad][0]!r} in unit {listed[bad][1]}; in unit order "
+            f"(then file, offset) it must be {expected[bad][0]!r} in unit {expected[bad][1]}",
+        )
+
+
+def _check_digests(m: Manifest, source: str) -> None:
+    by_unit: list[list[tuple[str, int, bytes]]] = [[] for _ in m.units]
+    for t in m.tensors:
+        by_unit[t.unit].append((t.name, t.length, bytes.fromhex(t.blake3)))
+    for rec, members in zip(m.units, by_unit, strict=True):
+        if unit_digest(members).hex() != rec.digest:
+            raise ManifestError(
+                source, f"unit {rec.name!r}: digest {rec.digest} does not follow from its tensors' digests"
+            )
+    root = merkle.merkle_root([merkle.leaf_hash(bytes.fromhex(u.digest)) for u in m.units])
+    if root.hex() != m.merkle_root:
+        raise ManifestError(
+            source, f"merkle_root {m.merkle_root} is not the root of its units' digests ({root.hex()})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The layer map from a manifest
+# ---------------------------------------------------------------------------------------------------
+
+
+def layout_from_manifest(manifest: Manifest, root: Path | str) -> ModelLayout:
+    """The layer map ``load_layout`` would give, built from the manifest alone (no file reads).
+
+    ``root`` becomes ``ModelLayout.root``: the model directory, or a remote source's description
+    (``s3://bucket/prefix``) as ``load_layout_from_source`` records it.
+
+    Raises ``ModelFormatError`` when the manifest's tensors break the layout rules; ``read_manifest``
+    has already refused such a manifest, so this only fires on one built by hand in memory.
+    """
+    source = f"{root} (manifest)"
+    config = manifest.model_config
+    num_blocks = config.get("num_hidden_layers")
+    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
+        raise ModelFormatError(source, f"num_hidden_layers must be a positive integer, got {num_blocks!r}")
+    tie = config.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise ModelFormatError(source, f"tie_word_embeddings must be true or false, got {tie!r}")
+    located = [
+        _Located(t.name, t.file, t.offset, t.length, t.dtype, tuple(t.shape)) for t in manifest.tensors
+    ]
+    embed, blocks, head = _group(located, source)
+    head_names = {t.name for t in head}
+    if not embed or "model.norm.weight" not in head_names:
+        raise ModelFormatError(source, "model.embed_tokens.weight or model.norm.weight is missing")
+    _check_blocks(blocks, num_blocks, source)
+    units: list[LayerUnit] = [_unit(0, "embed", "embed", -1, embed)]
+    units += [_unit(1 + b, f"layers.{b}", "block", b, blocks[b]) for b in range(num_blocks)]
+    units.append(_unit(1 + num_blocks, "head", "head", -1, head))
+    return ModelLayout(
+        root=root,
+        model_config=config,
+        files={name: f.size for name, f in manifest.files.items()},
+        units=tuple(units),
+        num_blocks=num_blocks,
+        tied_embeddings=tie or "lm_head.weight" not in head_names,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Proofs
+# ---------------------------------------------------------------------------------------------------
+
+
+class RangeProof(msgspec.Struct, frozen=True):
+    """Proof that units ``[start, stop)`` belong to the tree: ``merkle.range_proof``'s hashes."""
+
+    start: int
+    stop: int
+    hashes: tuple[bytes, ...]
+
+
+def unit_range_for_blocks(num_blocks: int, blocks: LayerRange) -> tuple[int, int]:
+    """Units ``[start, stop)`` a node holding ``blocks`` is responsible for.
+
+    Block b is unit b + 1; the node with block 0 also runs the embeddings (unit 0) and the one with
+    the last block the head (the last unit), so the range is always contiguous. With tied embeddings
+    the last node also keeps a copy of unit 0; that unit is proven by the first node's range.
+    """
+    if blocks.stop > num_blocks:
+        raise ValueError(f"layer range {blocks} is beyond the model's {num_blocks} blocks")
+    start = 0 if blocks.start == 0 else blocks.start + 1
+    stop = num_blocks + 2 if blocks.stop == num_blocks else blocks.stop + 1
+    return start, stop
+
+
+def range_proof_for_blocks(manifest: Manifest, blocks: LayerRange) -> RangeProof:
+    """The compact Merkle proof for the units of ``blocks``, from the manifest's unit digests."""
+    start, stop = unit_range_for_blocks(manifest.num_blocks, blocks)
+    leaves = [merkle.leaf_hash(bytes.fromhex(u.digest)) for u in manifest.units]
+    return RangeProof(start, stop, tuple(merkle.range_proof(leaves, start, stop)))
+
+
+def verify_blocks(
+    manifest: Manifest, blocks: LayerRange, unit_digests: Sequence[bytes], proof: RangeProof
+) -> bool:
+    """True iff ``unit_digests`` (a peer's, for ``blocks``) belong to the manifest's tree.
+
+    Root and tree size come from the verifier's own manifest, never from the peer; the leaf prefix is
+    applied here. Never raises on what a peer sent.
+    """
+    try:
+        start, stop = unit_range_for_blocks(manifest.num_blocks, blocks)
+    except ValueError:
+        return False
+    if (proof.start, proof.stop) != (start, stop) or len(unit_digests) != stop - start:
+        return False
+    if not all(isinstance(d, bytes) and len(d) == merkle.HASH_SIZE for d in unit_digests):
+        return False
+    leaves = [merkle.leaf_hash(d) for d in unit_digests]
+    return merkle.verify_range(leaves, start, manifest.num_units, proof.hashes, manifest.root_bytes())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verifying bytes against a manifest
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One way the bytes differ from the manifest. ``offset`` is an absolute file offset."""
+
+    file: str
+    detail: str
+    tensor: str | None = None
+    offset: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.detail}"
+
+
+def _compare_chunks(m: Manifest, file: str, t: TensorRecord, got: list[int]) -> Problem | None:
+    bad = [i for i, (a, b) in enumerate(zip(got, t.chunks, strict=True)) if a != b]
+    if not bad:
+        return None
+    first = bad[0]
+    rel = first * m.chunk_bytes
+    n = min(m.chunk_bytes, t.length - rel)
+    return Problem(
+        file,
+        f"tensor {t.name!r}: chunk at tensor offset {rel} (file offset {t.offset + rel}, {n} bytes) "
+        f"has xxh3 {got[first]:016x}, the manifest says {t.chunks[first]:016x}; "
+        f"{len(bad)} of {len(t.chunks)} chunks differ",
+        t.name,
+        t.offset + rel,
+    )
+
+
+def _verify_file(
+    m: Manifest, src: Source, name: str, tensors: list[TensorRecord], buf: memoryview
+) -> list[Problem]:
+    """Problems of one file; ``tensors`` are its tensors sorted by offset."""
+    record = m.files[name]
+    try:
+        size = src.size(name)
+    except (SourceError, OSError) as e:
+        return [Problem(name, f"missing or unreadable: {e}")]
+    problems: list[Problem] = []
+    if size != record.size:
+        problems.append(Problem(name, f"is {size} bytes, the manifest says {record.size}"))
+        cut = [t for t in tensors if t.offset + t.length > size]
+        for t in cut[:8]:
+            problems.append(
+                Problem(
+                    name,
+                    f"tensor {t.name!r} [{t.offset}, {t.offset + t.length}) lies past the end of the file",
+                    t.name,
+                    t.offset,
+                )
+            )
+        if len(cut) > 8:
+            problems.append(Problem(name, f"and {len(cut) - 8} more tensors past the end of the file"))
+        tensors = [t for t in tensors if t.offset + t.length <= size]
+    spans = [_Span(t.name, t.offset, t.length) for t in tensors]
+    whole = size == record.size
+    try:
+        scan = _scan_file(src, name, size, spans, m.chunk_bytes, buf, file_digest=whole, tensor_digests=False)
+    except (SourceError, OSError) as e:
+        return [*problems, Problem(name, f"read failed: {e}")]
+    for t in tensors:
+        p = _compare_chunks(m, name, t, scan.chunks[t.name])
+        if p is not None:
+            problems.append(p)
+    if whole and scan.file_digest is not None and scan.file_digest.hex() != record.blake3 and not problems:
+        # Every chunk matched, so the difference is in the header (or, adversarially, an xxh3
+        # collision: the BLAKE3 file digest is what makes this check sound).
+        problems.append(
+            Problem(name, f"BLAKE3 {scan.file_digest.hex()} differs from the manifest's {record.blake3}")
+        )
+    return problems
+
+
+def verify_source(
+    manifest: Manifest, src: Source, *, on_file: Callable[[str, int], None] | None = None
+) -> list[Problem]:
+    """Check every weight file and config.json of ``src`` against ``manifest``; [] means all match.
+
+    Each file is read once, front to back; a differing chunk is reported once per tensor, naming the
+    tensor, the chunk's tensor and file offsets and how many of its chunks differ.
+    """
+    problems: list[Problem] = []
+    buf = memoryview(bytearray(manifest.chunk_bytes))
+    by_file: dict[str, list[TensorRecord]] = {name: [] for name in manifest.files}
+    for t in manifest.tensors:
+        by_file[t.file].append(t)
+    for name in sorted(manifest.files):
+        problems += _verify_file(manifest, src, name, sorted(by_file[name], key=lambda t: t.offset), buf)
+        if on_file is not None:
+            on_file(name, manifest.files[name].size)
+    try:
+        raw = src.read_small(CONFIG_FILE, MAX_JSON_BYTES)
+    except (SourceError, OSError) as e:
+        problems.append(Problem(CONFIG_FILE, f"missing or unreadable: {e}"))
+    else:
+        digest = blake3.blake3(raw).hexdigest()
+        if digest != manifest.config_blake3:
+            problems.append(
+                Problem(CONFIG_FILE, f"BLAKE3 {digest} differs from the manifest's {manifest.config_blake3}")
+            )
+    return problems
+
+
+def verify_dir(
+    manifest: Manifest, model_dir: Path, *, on_file: Callable[[str, int], None] | None = None
+) -> list[Problem]:
+    """``verify_source`` over a local model directory."""
+    src = FilesystemSource(Path(model_dir))
+    try:
+        return verify_source(manifest, src, on_file=on_file)
+    finally:
+        src.close()
