@@ -19,6 +19,15 @@ if not os.environ.get("BUTTERFLY_NO_EXT"):
                 include_dirs=["csrc"],
                 extra_compile_args=["-O2"],
             ),
+            Extension(
+                "butterfly._native.streamer",
+                ["csrc/streamer.pyx"],
+                include_dirs=["csrc"],
+                # Inline the vendored xxhash.h (csrc/third_party/xxhash, BSD-2) into this module only.
+                define_macros=[("XXH_INLINE_ALL", None)],
+                extra_compile_args=["-O3", "-pthread"],
+                extra_link_args=["-pthread"],
+            ),
         ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
     )
