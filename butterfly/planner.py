@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -66,6 +65,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+
+from butterfly.model.layout import LayerRange
 
 _MAX_EXACT = 1 << 53  # byte counts are compared as floats after division; keep them exact
 
@@ -75,45 +76,6 @@ IntArray = npt.NDArray[np.int64]
 
 class PlanError(Exception):
     """No plan fits the nodes; the message says what was needed and what was available."""
-
-
-@dataclass(frozen=True)
-class LayerRange:
-    """Half-open range [start, stop) of transformer block indices; ``str`` is the seed's "0-26".
-
-    Same fields and behaviour as ``butterfly.model.layout.LayerRange``, which will replace it.
-    """
-
-    start: int
-    stop: int
-
-    def __post_init__(self) -> None:
-        for value in (self.start, self.stop):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"LayerRange bounds must be int, got {value!r}")
-        if not 0 <= self.start < self.stop:
-            raise ValueError(f"layer range [{self.start}, {self.stop}) must be non-empty and start at >= 0")
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __contains__(self, block: object) -> bool:
-        return isinstance(block, int) and self.start <= block < self.stop
-
-    def __str__(self) -> str:
-        return f"{self.start}-{self.stop - 1}"
-
-    @classmethod
-    def parse(cls, text: str) -> LayerRange:
-        """Inverse of ``str``: "27-53" -> LayerRange(27, 54); a single block "5" -> LayerRange(5, 6)."""
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", text)
-        if m is None:
-            raise ValueError(f"layer range {text!r} is not of the form FIRST-LAST")
-        first = int(m.group(1))
-        last = int(m.group(2)) if m.group(2) is not None else first
-        if last < first:
-            raise ValueError(f"layer range {text!r} ends before it starts")
-        return cls(first, last + 1)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
-"""The cluster child: membership, coordinator election, the plan and the serving gate.
+"""The cluster child: transport, discovery, Raft and the coordinator, speaking to the supervisor.
 
-This build forms single-node clusters (quorum_size = 1): the node discovers itself, becomes the
-coordinator at term 1, plans all blocks onto itself with the planner, and commits "operational"
-once its own validated Merkle root arrives. Multi-node formation (authenticated transport,
-discovery providers, Raft) replaces `SoloCluster` behind the same reports to the supervisor; until
-then a quorum above 1 waits visibly in discovery with the reason on the board, never pretends.
+It owns this node's part in the cluster: it dials the peers discovery finds over the authenticated
+transport, runs the Raft driver (bootstrap, election, the replicated plan and serving gate), and
+turns what the log commits into reports for the supervisor (ClusterProgress, PlanAssigned,
+ClusterOperational). A locally validated assignment goes to the coordinator as unit digests with a
+Merkle range proof computed from this node's own copy of the manifest.
 
-It runs on asyncio with uvloop, like the networked version will. It must not touch the arena.
+It runs on asyncio with uvloop. It must not touch the arena.
 """
 
 from __future__ import annotations
@@ -15,9 +15,15 @@ import asyncio
 import logging
 import os
 import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 from butterfly.board import ClusterSection
+from butterfly.cache import WeightCache
+from butterfly.cluster.coordinator import ModelInfo
+from butterfly.cluster.driver import ClusterDriver, Progress
+from butterfly.cluster.messages import NodeReport, PlanEntry
+from butterfly.config import Config, HostPort
 from butterfly.hardware import detect
 from butterfly.ipc import (
     AsyncChannel,
@@ -30,125 +36,175 @@ from butterfly.ipc import (
     Shutdown,
     StartCluster,
 )
-from butterfly.model.layout import ModelFormatError, load_layout
-from butterfly.planner import ModelSizes, NodeCapacity, PlanError, plan_partition
-from butterfly.supervisor.childproc import (
-    HEARTBEAT_S,
-    ChildContext,
-    bootstrap,
-    child_socket,
-    hold_if_requested_async,
-)
+from butterfly.manifest import Manifest, layout_from_manifest, range_proof_for_blocks, unit_range_for_blocks
+from butterfly.model.layout import LayerRange
+from butterfly.modelsource import load_manifest
+from butterfly.net.transport import Incoming, Transport, transport_from_config
+from butterfly.planner import ModelSizes
+from butterfly.supervisor.childproc import HEARTBEAT_S, ChildContext, bootstrap, child_socket
 
 log = logging.getLogger("butterfly.cluster")
 
 
-class SoloCluster:
+class NetAdapter:
+    """The transport as the driver's PeerNet."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.t = transport
+
+    def send(self, peer: str, channel: str, payload: bytes) -> None:
+        self.t.send(peer, channel, payload)
+
+    def peers(self) -> set[str]:
+        return set(self.t.peers())
+
+    async def recv(self) -> tuple[str, str, bytes]:
+        m: Incoming = await self.t.recv()
+        return m.peer_id, m.channel, m.payload
+
+
+class SupervisorEvents:
     def __init__(self, ctx: ChildContext, chan: AsyncChannel) -> None:
         self.ctx = ctx
         self.chan = chan
-        self.term = 0
-        self.epoch = 0
-        self.plan: PlanAssigned | None = None
 
-    async def start(self) -> None:
-        cfg = self.ctx.config
-        node_id = cfg.node.id
-        await self.chan.send(ClusterProgress("discovery"))
-        await hold_if_requested_async("discovery", self.beat)
-        if cfg.cluster.quorum_size > 1:
-            reason = (
-                f"waiting for {cfg.cluster.quorum_size - 1} more node(s): this build forms single-node "
-                "clusters only (quorum_size = 1)"
-            )
-            self.ctx.board.update(
-                ClusterSection, cluster_size=1, quorum_size=cfg.cluster.quorum_size, waiting_reason=reason
-            )
-            await self.chan.send(ClusterProgress("discovery", reason))
-            return
-        self.ctx.board.update(ClusterSection, cluster_size=1, quorum_size=1, waiting_reason="")
+    async def progress(self, p: Progress) -> None:
+        await self.chan.send(ClusterProgress(p.phase, p.waiting_reason))
 
-        await self.chan.send(ClusterProgress("election"))
-        await hold_if_requested_async("election", self.beat)
-        if cfg.node.role != "coordinator":
-            reason = "no coordinator: this node's role is worker, which never stands for election"
-            self.ctx.board.update(ClusterSection, waiting_reason=reason)
-            await self.chan.send(ClusterProgress("election", reason))
-            return
-        self.term += 1
-        self.ctx.board.update(ClusterSection, term=self.term, coordinator=node_id, is_coordinator=1)
-        log.info(
-            "%s became coordinator at term %d",
-            node_id,
-            self.term,
-            extra={"fields": {"TERM": self.term, "ROLE": "coordinator"}},
+    async def plan(self, plan: PlanEntry, term: int) -> None:
+        mine = plan.range_of(self.ctx.config.node.id)
+        assert mine is not None
+        await self.chan.send(PlanAssigned(plan.epoch, term, mine.start, mine.stop, plan.num_blocks))
+
+    async def operational(self, epoch: int, term: int) -> None:
+        await self.chan.send(ClusterOperational(epoch, term))
+
+    async def validation_rejected(self, epoch: int, reason: str) -> None:
+        await self.chan.send(Failed("validation", f"coordinator rejected epoch {epoch}: {reason}"))
+
+    def board(self, **fields: Any) -> None:
+        self.ctx.board.update(ClusterSection, **fields)
+
+
+def model_info(m: Manifest) -> ModelInfo:
+    layout = layout_from_manifest(m, "<manifest>")
+    sizes = ModelSizes(
+        block_bytes=tuple(layout.block_sizes()),
+        embed_bytes=layout.embed_bytes,
+        head_bytes=layout.head_bytes,
+        tied_embeddings=layout.tied_embeddings,
+    )
+    return ModelInfo(m.merkle_root, m.num_units, sizes)
+
+
+def cached_blocks(config: Config, m: Manifest) -> tuple[int, ...]:
+    """Blocks whose every tensor is already in the local cache (the planner prefers keeping them)."""
+    cache = WeightCache(config.node.cache_dir)
+    layout = layout_from_manifest(m, "<manifest>")
+    digests = {t.name: t.blake3 for t in m.tensors}
+    out = []
+    for unit in layout.units:
+        if unit.kind == "block" and all(cache.lookup(digests[t.name], t.length) for t in unit.tensors):
+            out.append(unit.block)
+    return tuple(out)
+
+
+class ClusterChild:
+    def __init__(self, ctx: ChildContext, chan: AsyncChannel) -> None:
+        self.ctx = ctx
+        self.chan = chan
+        self.config = ctx.config
+        self.manifest: Manifest | None = None
+        self.cached: tuple[int, ...] = ()
+        hw = detect()
+        self.memory = sum(g.memory_bytes for g in hw.gpus) or hw.memory_bytes
+        self.throughput = float(max(1, len(hw.gpus)))
+        self.transport = transport_from_config(self.config)
+        self.driver = ClusterDriver(
+            node_id=self.config.node.id,
+            cluster_name=self.config.cluster.cluster_name,
+            role=self.config.node.role,
+            quorum_size=self.config.cluster.quorum_size,
+            state_dir=self.config.node.state_dir,
+            net=NetAdapter(self.transport),
+            events=SupervisorEvents(ctx, chan),
+            local_report=self.report,
+            load_model=self.load_model,
+            reserve_bytes=self.config.node.memory_reserve_bytes,
         )
 
-        await self.chan.send(ClusterProgress("assignment"))
-        await hold_if_requested_async("assignment", self.beat)
+    def report(self) -> NodeReport:
+        return NodeReport(
+            node_id=self.config.node.id,
+            cluster_name=self.config.cluster.cluster_name,
+            role=self.config.node.role,
+            memory_bytes=self.memory,
+            throughput=self.throughput,
+            cached_blocks=self.cached,
+        )
+
+    async def manifest_once(self) -> Manifest:
+        if self.manifest is None:
+            self.manifest = await asyncio.to_thread(load_manifest, self.config)
+            self.cached = await asyncio.to_thread(cached_blocks, self.config, self.manifest)
+            log.info(
+                "model version %s: %d units, %d blocks cached locally",
+                self.manifest.merkle_root,
+                self.manifest.num_units,
+                len(self.cached),
+            )
+        return self.manifest
+
+    async def load_model(self) -> ModelInfo:
+        return model_info(await self.manifest_once())
+
+    async def discovery_loop(self) -> None:
+        from butterfly.discovery import make_provider
+
+        provider = make_provider(self.config)
         try:
-            layout = await asyncio.to_thread(load_layout, Path(cfg.model.source_path))
-            hw = detect()
-            memory = sum(g.memory_bytes for g in hw.gpus) or hw.memory_bytes
-            caps = [NodeCapacity(node_id=node_id, memory_bytes=memory, throughput=1.0)]
-            sizes = ModelSizes(
-                block_bytes=tuple(layout.block_sizes()),
-                embed_bytes=layout.embed_bytes,
-                head_bytes=layout.head_bytes,
-                tied_embeddings=layout.tied_embeddings,
-            )
-            plan = plan_partition(
-                caps, sizes, epoch=self.epoch + 1, reserve_bytes=cfg.node.memory_reserve_bytes
-            )
-        except (ModelFormatError, OSError) as e:
-            await self.chan.send(Failed("assignment", f"cannot read the model: {e}", fatal=True))
-            return
-        except PlanError as e:
-            self.ctx.board.update(ClusterSection, waiting_reason=str(e))
-            await self.chan.send(ClusterProgress("assignment", str(e)))
-            return
-        mine = plan.range_of(node_id)
-        if mine is None:
-            # One node and a feasible plan always include it; anything else is a planner bug.
-            await self.chan.send(
-                Failed("assignment", f"the plan leaves {node_id} without blocks", fatal=True)
-            )
-            return
-        self.epoch = plan.epoch
-        self.ctx.board.update(ClusterSection, epoch=self.epoch)
-        log.info(
-            "plan epoch %d: %s blocks %s",
-            self.epoch,
-            node_id,
-            mine,
-            extra={"fields": {"TERM": self.term, "EPOCH": self.epoch}},
-        )
-        self.plan = PlanAssigned(self.epoch, self.term, mine.start, mine.stop, layout.num_blocks)
-        await self.chan.send(self.plan)
-
-    def beat(self) -> None:
-        self.ctx.board.update(ClusterSection, heartbeat_mono_ns=time.monotonic_ns())
+            while True:
+                try:
+                    found = await provider.resolve()
+                    me = self.transport.advertise
+                    peers = {HostPort(p.host, p.port): p.node_id for p in found}
+                    self.transport.set_peers({a: n for a, n in peers.items() if a != me})
+                except Exception as e:
+                    self.ctx.board.update(ClusterSection, waiting_reason=f"discovery failed: {e}")
+                    log.warning("discovery failed: %s", e)
+                await asyncio.sleep(self.config.cluster.discovery_interval_s)
+        finally:
+            await provider.close()
 
     async def validated(self, msg: LocalValidated) -> None:
-        if self.plan is None or msg.epoch != self.epoch or msg.term != self.term:
-            log.warning(
-                "ignoring validation for epoch %d term %d (current epoch %d term %d)",
-                msg.epoch,
-                msg.term,
-                self.epoch,
-                self.term,
-            )
+        try:
+            m = await self.manifest_once()
+        except Exception as e:
+            await self.chan.send(Failed("validation", f"cannot read the manifest: {e}"))
             return
-        if (msg.start, msg.stop) != (0, self.plan.num_blocks):
-            await self.chan.send(
-                Failed("validation", f"validated range {msg.start}-{msg.stop - 1} does not cover the model")
-            )
+        blocks = LayerRange(msg.start, msg.stop)
+        first, last = unit_range_for_blocks(m.num_blocks, blocks)
+        have = dict(zip(msg.units, msg.unit_digests, strict=True))
+        # Our own manifest first: a mismatch here needs no coordinator to be declared.
+        for u, d in have.items():
+            if d.hex() != m.units[u].digest:
+                await self.chan.send(
+                    Failed("validation", f"unit {m.units[u].name} in the arena does not match the manifest")
+                )
+                return
+        missing = [u for u in range(first, last) if u not in have]
+        if missing:
+            await self.chan.send(Failed("validation", f"units {missing} of blocks {blocks} were not loaded"))
             return
-        self.ctx.board.update(ClusterSection, model_root=msg.root.hex(), operational_nodes=1)
-        log.info(
-            "operational at epoch %d", self.epoch, extra={"fields": {"TERM": self.term, "EPOCH": self.epoch}}
+        proof = range_proof_for_blocks(m, blocks)
+        await self.driver.local_validated(
+            msg.epoch,
+            msg.start,
+            msg.stop,
+            [have[u] for u in range(first, last)],
+            list(proof.hashes),
+            m.merkle_root,
         )
-        await self.chan.send(ClusterOperational(self.epoch, self.term))
 
 
 async def heartbeat(ctx: ChildContext) -> None:
@@ -158,23 +214,48 @@ async def heartbeat(ctx: ChildContext) -> None:
 
 
 async def run(ctx: ChildContext, chan: AsyncChannel) -> None:
-    cluster = SoloCluster(ctx, chan)
     beat = asyncio.create_task(heartbeat(ctx))
+    child = ClusterChild(ctx, chan)
+    ctx.board.update(ClusterSection, quorum_size=ctx.config.cluster.quorum_size)
+    tasks: list[asyncio.Task[None]] = []
     try:
         while True:
             cmd = await chan.recv_command()
             if isinstance(cmd, Shutdown):
                 return
-            if isinstance(cmd, StartCluster):
-                await cluster.start()
+            if isinstance(cmd, StartCluster) and not tasks:
+                await child.transport.start()
+                log.info(
+                    "cluster transport on %s (advertising %s)",
+                    child.transport.address,
+                    child.transport.advertise,
+                )
+                await chan.send(ClusterProgress("discovery"))
+                tasks = [asyncio.create_task(child.discovery_loop()), asyncio.create_task(child.driver.run())]
+                for t in tasks:
+                    t.add_done_callback(_crash_on_error(ctx))
             elif isinstance(cmd, LocalValidated):
-                await cluster.validated(cmd)
+                await child.validated(cmd)
             else:
                 log.warning("cluster ignores %s", type(cmd).__name__)
     except ChannelClosed:
         return
     finally:
         beat.cancel()
+        for t in tasks:
+            t.cancel()
+        await child.transport.close()
+
+
+def _crash_on_error(ctx: ChildContext) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("cluster task failed", exc_info=task.exception())
+            ctx.logs.flush()
+            # The supervisor restarts us; a half-working cluster child is worse than none.
+            os._exit(70)
+
+    return done
 
 
 def main() -> None:

@@ -1,0 +1,551 @@
+"""The cluster driver: runs Raft on asyncio, bootstraps, applies the log, and reports to the supervisor.
+
+One task owns the RaftNode. Each Ready is saved with fsync BEFORE its messages go out (the core's
+contract), then committed entries are applied: plans and the serving gate. Time becomes ticks here
+(TICK_S). The coordinator's decisions (butterfly.cluster.coordinator) run every cycle while this node
+leads; followers only report, validate and obey committed entries.
+
+Bootstrap (the pledge rule in butterfly.raft's docstring): a coordinator-eligible node with no Raft
+state that sees quorum_size eligible nodes, with a view stable for SETTLE_S, pledges (durably) to the
+quorum_size lowest ids and bootstraps once every member pledged to the same set. Workers and late nodes
+never bootstrap: they wait to be added as learners by the leader.
+
+This module must not touch the arena or decide plans itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from butterfly.cluster.coordinator import SETTLE_S, Coordinator, ModelInfo
+from butterfly.cluster.messages import (
+    NodeReport,
+    OperationalEntry,
+    PeerMessage,
+    PlanEntry,
+    Pledge,
+    ValidationReport,
+    ValidationVerdict,
+    decode_command,
+    decode_peer,
+    encode,
+)
+from butterfly.manifest import unit_range_for_blocks
+from butterfly.model.layout import LayerRange
+from butterfly.raft import (
+    EntryKind,
+    RaftConfig,
+    RaftNode,
+    RaftStorage,
+    Role,
+    bootstrap_state,
+    decode_message,
+    encode_message,
+)
+from butterfly.supervisor.childproc import held
+
+log = logging.getLogger("butterfly.cluster")
+
+TICK_S = 0.05
+ELECTION_TICKS = 10
+HEARTBEAT_TICKS = 2
+REPORT_INTERVAL_S = 0.3
+CYCLE_S = 0.1
+# A node that had a coordinator and lost it for this long stops serving and says so.
+LEADERLESS_S = 2.0
+
+RAFT = "raft"
+CLUSTER = "cluster"
+
+
+class PeerNet(Protocol):
+    """The authenticated transport as the driver needs it (butterfly.net implements it)."""
+
+    def send(self, peer: str, channel: str, payload: bytes) -> None: ...
+
+    def peers(self) -> set[str]: ...
+
+    async def recv(self) -> tuple[str, str, bytes]: ...
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the driver tells the supervisor (the cluster process maps it to ipc messages)."""
+
+    phase: str  # discovery | election | assignment
+    waiting_reason: str = ""
+
+
+class Events(Protocol):
+    async def progress(self, p: Progress) -> None: ...
+
+    async def plan(self, plan: PlanEntry, term: int) -> None: ...
+
+    async def operational(self, epoch: int, term: int) -> None: ...
+
+    async def validation_rejected(self, epoch: int, reason: str) -> None: ...
+
+    def board(self, **fields: object) -> None: ...
+
+
+class ClusterDriver:
+    def __init__(
+        self,
+        node_id: str,
+        cluster_name: str,
+        role: str,
+        quorum_size: int,
+        state_dir: Path,
+        net: PeerNet,
+        events: Events,
+        local_report: Callable[[], NodeReport],
+        load_model: Callable[[], Awaitable[ModelInfo]],
+        reserve_bytes: int,
+    ) -> None:
+        self.node_id = node_id
+        self.cluster_name = cluster_name
+        self.role = role
+        self.quorum_size = quorum_size
+        self.dir = state_dir / "raft"
+        self.net = net
+        self.events = events
+        self.local_report = local_report
+        self.load_model = load_model
+        self.coordinator = Coordinator(node_id, quorum_size, reserve_bytes)
+        self.reports: dict[str, tuple[NodeReport, float]] = {}
+        self.pledges: dict[str, tuple[str, ...]] = {}
+        self.storage: RaftStorage | None = None
+        self.raft: RaftNode | None = None
+        self.plan: PlanEntry | None = None
+        self.operational_epoch = 0
+        self.model: ModelInfo | None = None
+        self.model_error = ""
+        self.validated: ValidationReport | None = None
+        self.verdict: ValidationVerdict | None = None
+        self.reported_plan_epoch = 0
+        self.reported_operational = 0
+        self.last_leader_seen = time.monotonic()
+        self.last_progress: Progress | None = None
+        self.last_description = ""
+        self.campaign_pending = False
+        self._ready_lock = asyncio.Lock()
+        self._view: frozenset[str] = frozenset()
+        self._view_since = time.monotonic()
+
+    # ---- raft plumbing -------------------------------------------------------------------------
+
+    def _raft_config(self) -> RaftConfig:
+        return RaftConfig(
+            election_ticks=ELECTION_TICKS,
+            heartbeat_ticks=HEARTBEAT_TICKS,
+            can_campaign=self.role == "coordinator",
+        )
+
+    def open_storage(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.storage = RaftStorage.open(self.dir / "raft.log")
+        persisted = self.storage.load()
+        if self.storage.recovered_torn_bytes:
+            log.warning(
+                "dropped a torn last Raft record (%d bytes) left by a crash",
+                self.storage.recovered_torn_bytes,
+            )
+        self.raft = RaftNode(self.node_id, self._raft_config(), persisted, secrets.randbits(63))
+        if persisted is not None:
+            log.info(
+                "restarted from Raft state: term %d, %d entries, voters %s",
+                self.raft.term,
+                self.raft.last_index,
+                ",".join(self.raft.voters),
+            )
+
+    async def _process_ready(self) -> None:
+        # Saving awaits a thread; the tick, receive and cycle tasks all land here, and only one
+        # Ready may be outstanding at a time.
+        async with self._ready_lock:
+            await self._drain_ready()
+
+    async def _drain_ready(self) -> None:
+        raft, storage = self.raft, self.storage
+        assert raft is not None and storage is not None
+        while raft.has_ready():
+            rd = raft.ready()
+            # fsync before any message of this Ready leaves: the core's safety contract.
+            await asyncio.to_thread(storage.save_ready, rd)
+            for m in rd.messages:
+                self.net.send(m.dst, RAFT, encode_message(m))
+            for entry in rd.committed_entries:
+                if entry.kind is EntryKind.NORMAL and entry.data:
+                    await self._apply(entry.data)
+            for change in rd.role_changes:
+                self.events.board(is_coordinator=int(change.role is Role.LEADER))
+            raft.advance(rd)
+        self.events.board(term=raft.term, coordinator=raft.leader or "")
+
+    async def _apply(self, data: bytes) -> None:
+        try:
+            cmd = decode_command(data)
+        except Exception as e:  # a committed entry we cannot read is a bug or a newer version
+            log.error("cannot decode committed entry: %s", e)
+            return
+        if isinstance(cmd, PlanEntry):
+            if self.plan is None or cmd.epoch > self.plan.epoch:
+                self.plan = cmd
+                log.info(
+                    "applied plan epoch %d (term %d): %s",
+                    cmd.epoch,
+                    cmd.term,
+                    ", ".join(f"{a.node_id} {a.start}-{a.stop - 1}" for a in cmd.assignments),
+                    extra={"fields": {"EPOCH": cmd.epoch, "TERM": cmd.term}},
+                )
+                self.events.board(epoch=cmd.epoch, model_root=cmd.manifest_root)
+        elif isinstance(cmd, OperationalEntry):
+            # Fenced: only the current plan's epoch can open the gate.
+            if self.plan is not None and cmd.epoch == self.plan.epoch:
+                self.operational_epoch = cmd.epoch
+                log.info(
+                    "applied operational at epoch %d (term %d)",
+                    cmd.epoch,
+                    cmd.term,
+                    extra={"fields": {"EPOCH": cmd.epoch, "TERM": cmd.term}},
+                )
+
+    # ---- bootstrap -----------------------------------------------------------------------------
+
+    def _pledge_path(self) -> Path:
+        return self.dir / "pledge.json"
+
+    def _stored_pledge(self) -> tuple[str, ...] | None:
+        try:
+            data = json.loads(self._pledge_path().read_text())
+            return tuple(str(v) for v in data["voters"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise RuntimeError(f"corrupt bootstrap pledge {self._pledge_path()}: {e}") from e
+
+    def _store_pledge(self, voters: tuple[str, ...]) -> None:
+        tmp = self._pledge_path().with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"voters": list(voters)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._pledge_path())
+        dfd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    async def _try_bootstrap(self, now: float) -> str:
+        """One bootstrap step; returns what it waits for ('' once Raft has state)."""
+        raft = self.raft
+        assert raft is not None
+        if raft.last_index > 0:
+            return ""
+        if self.role != "coordinator":
+            return "waiting to be added to the cluster by its coordinator (role worker never bootstraps)"
+        alive = self.coordinator.alive(self.reports, now)
+        if any(r.cluster_id for r in alive.values()):
+            return "a bootstrapped cluster exists: waiting to be added as a learner"
+        eligible = frozenset(n for n, r in alive.items() if r.role == "coordinator") | {self.node_id}
+        if eligible != self._view:
+            self._view, self._view_since = eligible, now
+        pledge = self._stored_pledge()
+        if pledge is None:
+            if len(eligible) < self.quorum_size:
+                return f"found {len(eligible)} of quorum_size {self.quorum_size} coordinator-eligible nodes"
+            if now - self._view_since < SETTLE_S and self.quorum_size > 1:
+                return "discovery view settling"
+            voters = tuple(sorted(eligible)[: self.quorum_size])
+            if self.node_id not in voters:
+                return f"not among the bootstrap voters {','.join(voters)}: waiting to join as a learner"
+            await asyncio.to_thread(self._store_pledge, voters)
+            log.info("pledged to bootstrap voters %s", ",".join(voters))
+            pledge = voters
+        self.pledges[self.node_id] = pledge
+        for v in pledge:
+            if v != self.node_id:
+                self.net.send(v, CLUSTER, encode(Pledge(pledge)))
+        missing = [v for v in pledge if self.pledges.get(v) != pledge]
+        if missing:
+            return f"waiting for bootstrap pledges from {', '.join(missing)}"
+        cluster_id = f"{self.cluster_name}/{'+'.join(pledge)}"
+        state = bootstrap_state(list(pledge), cluster_id)
+        assert self.storage is not None
+        async with self._ready_lock:
+            if self.raft is not None and self.raft.last_index > 0:
+                return ""  # entries from an existing cluster arrived while we were pledging
+            await asyncio.to_thread(self.storage.save, state.hard_state, list(state.entries))
+            self.raft = RaftNode(self.node_id, self._raft_config(), state, secrets.randbits(63))
+        log.info("bootstrapped cluster %s with voters %s", cluster_id, ",".join(pledge))
+        # The lowest id campaigns at once: election costs one round trip, not a timeout.
+        self.campaign_pending = pledge[0] == self.node_id
+        return ""
+
+    # ---- peer messages -------------------------------------------------------------------------
+
+    async def _on_peer(self, peer: str, channel: str, payload: bytes) -> None:
+        raft = self.raft
+        assert raft is not None
+        if channel == RAFT:
+            try:
+                msg = decode_message(payload)
+            except Exception as e:
+                log.warning("dropping malformed Raft message from %s: %s", peer, e)
+                return
+            if msg.src != peer or msg.dst != self.node_id:
+                log.warning("dropping Raft message from %s claiming src=%s dst=%s", peer, msg.src, msg.dst)
+                return
+            report = self.reports.get(peer)
+            if (
+                report
+                and report[0].cluster_id
+                and raft.cluster_id
+                and report[0].cluster_id != raft.cluster_id
+            ):
+                log.warning("dropping Raft message from %s of another cluster %s", peer, report[0].cluster_id)
+                return
+            raft.step(msg)
+            await self._process_ready()
+            return
+        if channel != CLUSTER:
+            return
+        try:
+            pm: PeerMessage = decode_peer(payload)
+        except Exception as e:
+            log.warning("dropping malformed cluster message from %s: %s", peer, e)
+            return
+        if isinstance(pm, NodeReport):
+            if pm.node_id != peer:
+                log.warning("dropping report from %s claiming to be %s", peer, pm.node_id)
+            elif pm.cluster_name != self.cluster_name:
+                log.warning("ignoring %s of cluster %r (we are %r)", peer, pm.cluster_name, self.cluster_name)
+            else:
+                self.reports[peer] = (pm, time.monotonic())
+        elif isinstance(pm, Pledge):
+            self.pledges[peer] = pm.voters
+        elif isinstance(pm, ValidationReport):
+            if pm.node_id == peer and raft.role is Role.LEADER:
+                verdict = self.coordinator.on_validation(pm, self.plan)
+                self._log_verdict(verdict)
+                self.net.send(peer, CLUSTER, encode(verdict))
+        elif isinstance(pm, ValidationVerdict):
+            if raft.leader == peer and pm.node_id == self.node_id:
+                await self._on_verdict(pm)
+
+    def _log_verdict(self, v: ValidationVerdict) -> None:
+        if v.ok:
+            log.info("validation of %s at epoch %d accepted", v.node_id, v.epoch)
+        else:
+            log.warning("validation of %s at epoch %d rejected: %s", v.node_id, v.epoch, v.reason)
+
+    async def _on_verdict(self, v: ValidationVerdict) -> None:
+        if self.validated is None or v.epoch != self.validated.epoch:
+            return
+        self.verdict = v
+        if not v.ok:
+            self.validated = None
+            await self.events.validation_rejected(v.epoch, v.reason)
+
+    # ---- local validation ----------------------------------------------------------------------
+
+    async def local_validated(
+        self,
+        epoch: int,
+        start: int,
+        stop: int,
+        unit_digests: list[bytes],
+        proof: list[bytes],
+        manifest_root: str,
+    ) -> None:
+        if self.plan is None or epoch != self.plan.epoch:
+            log.info(
+                "ignoring local validation for epoch %d (plan epoch %s)",
+                epoch,
+                self.plan.epoch if self.plan else None,
+            )
+            return
+        first, _ = unit_range_for_blocks(self.plan.num_blocks, LayerRange(start, stop))
+        # A fresh local validation (a reload, a restarted child) must be accepted again before this
+        # node reports operational again.
+        self.reported_operational = 0
+        self.validated = ValidationReport(
+            epoch, self.node_id, start, stop, manifest_root, first, unit_digests, proof
+        )
+        self.verdict = None
+        await self._send_validation()
+
+    async def _send_validation(self) -> None:
+        raft = self.raft
+        if self.validated is None or raft is None or raft.leader is None:
+            return
+        if raft.leader == self.node_id:
+            verdict = self.coordinator.on_validation(self.validated, self.plan)
+            self._log_verdict(verdict)
+            await self._on_verdict(verdict)
+        else:
+            self.net.send(raft.leader, CLUSTER, encode(self.validated))
+
+    # ---- loops ---------------------------------------------------------------------------------
+
+    async def tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            assert self.raft is not None
+            if held("election") and self.raft.leader is None:
+                continue
+            self.raft.tick()
+            await self._process_ready()
+
+    async def recv_loop(self) -> None:
+        while True:
+            peer, channel, payload = await self.net.recv()
+            await self._on_peer(peer, channel, payload)
+
+    async def report_loop(self) -> None:
+        while True:
+            base = self.local_report()
+            raft = self.raft
+            report = NodeReport(
+                node_id=base.node_id,
+                cluster_name=base.cluster_name,
+                role=base.role,
+                memory_bytes=base.memory_bytes,
+                throughput=base.throughput,
+                cached_blocks=base.cached_blocks,
+                cluster_id=(raft.cluster_id or "") if raft else "",
+                validated_epoch=self.validated.epoch if self.validated else 0,
+            )
+            self.reports[self.node_id] = (report, time.monotonic())
+            payload = encode(report)
+            for peer in self.net.peers():
+                self.net.send(peer, CLUSTER, payload)
+            # Re-send an unanswered validation: the coordinator may have changed or missed it.
+            if self.validated is not None and self.verdict is None:
+                await self._send_validation()
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def cycle_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CYCLE_S)
+            await self.cycle(time.monotonic())
+
+    async def cycle(self, now: float) -> None:
+        raft = self.raft
+        assert raft is not None
+        alive = self.coordinator.alive(self.reports, now)
+        self.events.board(cluster_size=len(alive))
+        if raft.last_index == 0:
+            waiting = "held by a test" if held("discovery") else await self._try_bootstrap(now)
+            if waiting:
+                await self._progress(Progress("discovery", waiting))
+                return
+            raft = self.raft
+            assert raft is not None
+        if self.campaign_pending and raft.leader is None and not held("election"):
+            self.campaign_pending = False
+            raft.campaign()
+            await self._process_ready()
+        if raft.leader is not None:
+            self.last_leader_seen = now
+        if raft.role is Role.LEADER:
+            await self._lead(now)
+        await self._report_to_supervisor(now)
+
+    async def _lead(self, now: float) -> None:
+        raft = self.raft
+        assert raft is not None
+        if held("assignment"):
+            return
+        if self.model is None:
+            try:
+                self.model = await self.load_model()
+                self.model_error = ""
+            except Exception as e:
+                self.model_error = f"cannot load the model manifest: {e}"
+        members = set(raft.voters) | set(raft.learners)
+        res = self.coordinator.run_cycle(
+            now,
+            raft.term,
+            self.reports,
+            members,
+            self.plan,
+            self.operational_epoch,
+            self.model,
+            self.model_error,
+        )
+        for learner in res.learners:
+            raft.propose_add_learner(learner)
+            log.info("adding %s to the cluster as a learner", learner)
+        for p in res.proposals:
+            raft.propose(encode(p))
+        if res.description != self.last_description:
+            self.last_description = res.description
+            log.info("coordinator: %s", res.description, extra={"fields": {"TERM": raft.term}})
+        self.events.board(waiting_reason=res.waiting_reason)
+        await self._process_ready()
+
+    async def _report_to_supervisor(self, now: float) -> None:
+        raft = self.raft
+        assert raft is not None
+        plan = self.plan
+        if raft.leader is None:
+            if plan is None or now - self.last_leader_seen < LEADERLESS_S:
+                if plan is None:
+                    await self._progress(Progress("election"))
+                return
+            await self._progress(
+                Progress("election", f"no coordinator for {now - self.last_leader_seen:.1f}s")
+            )
+            self.reported_plan_epoch = 0
+            self.reported_operational = 0
+            return
+        if plan is None:
+            await self._progress(Progress("assignment", self.coordinator_waiting()))
+            return
+        mine = plan.range_of(self.node_id)
+        if mine is None:
+            await self._progress(
+                Progress("assignment", f"no layers assigned to this node in epoch {plan.epoch}")
+            )
+            return
+        if self.reported_plan_epoch != plan.epoch:
+            self.reported_plan_epoch = plan.epoch
+            self.last_progress = None
+            await self.events.plan(plan, raft.term)
+        if (
+            self.operational_epoch == plan.epoch
+            and self.reported_operational != plan.epoch
+            and self.verdict is not None
+            and self.verdict.ok
+            and self.verdict.epoch == plan.epoch
+        ):
+            self.reported_operational = plan.epoch
+            operational = sum(
+                1 for a in plan.assignments if a.node_id in self.coordinator.alive(self.reports, now)
+            )
+            self.events.board(operational_nodes=operational)
+            await self.events.operational(plan.epoch, raft.term)
+
+    def coordinator_waiting(self) -> str:
+        return "waiting for the coordinator's plan"
+
+    async def _progress(self, p: Progress) -> None:
+        if p != self.last_progress:
+            self.last_progress = p
+            self.events.board(waiting_reason=p.waiting_reason)
+            await self.events.progress(p)
+
+    async def run(self) -> None:
+        self.open_storage()
+        await asyncio.gather(self.tick_loop(), self.recv_loop(), self.report_loop(), self.cycle_loop())

@@ -1,0 +1,96 @@
+"""What Butterfly nodes say to each other besides Raft, and what the Raft log carries.
+
+Peer messages (the "cluster" channel of the transport):
+- ``NodeReport``: sent by every node to every peer every report interval; liveness and capabilities.
+- ``Pledge``: bootstrap pledge to a voter set (see butterfly.raft's package docstring).
+- ``ValidationReport`` / ``ValidationVerdict``: a node's Merkle leaves for its assignment, with a range
+  proof against the manifest root, and the coordinator's answer.
+Log entries (data of NORMAL Raft entries): ``PlanEntry`` and ``OperationalEntry``. Everything a node
+acts on about the cluster comes from a committed entry, fenced by the plan epoch and the term that
+proposed it.
+
+This module holds data shapes and their encoding only.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class NodeReport(msgspec.Struct, tag=True, frozen=True):
+    node_id: str
+    cluster_name: str
+    role: str
+    memory_bytes: int
+    throughput: float
+    cached_blocks: tuple[int, ...] = ()
+    cluster_id: str = ""
+    # The epoch this node last validated locally, or 0; helps a new coordinator skip waiting.
+    validated_epoch: int = 0
+
+
+class Pledge(msgspec.Struct, tag=True, frozen=True):
+    voters: tuple[str, ...]
+
+
+class ValidationReport(msgspec.Struct, tag=True, frozen=True):
+    epoch: int
+    node_id: str
+    start: int
+    stop: int
+    manifest_root: str
+    unit_start: int
+    unit_digests: list[bytes]
+    proof: list[bytes]
+
+
+class ValidationVerdict(msgspec.Struct, tag=True, frozen=True):
+    epoch: int
+    node_id: str
+    ok: bool
+    reason: str = ""
+
+
+PeerMessage = NodeReport | Pledge | ValidationReport | ValidationVerdict
+
+
+class Assignment(msgspec.Struct, frozen=True, array_like=True):
+    node_id: str
+    start: int
+    stop: int
+
+
+class PlanEntry(msgspec.Struct, tag=True, frozen=True):
+    epoch: int
+    term: int
+    manifest_root: str
+    num_units: int
+    num_blocks: int
+    assignments: tuple[Assignment, ...]
+
+    def range_of(self, node_id: str) -> Assignment | None:
+        return next((a for a in self.assignments if a.node_id == node_id), None)
+
+
+class OperationalEntry(msgspec.Struct, tag=True, frozen=True):
+    epoch: int
+    term: int
+
+
+LogCommand = PlanEntry | OperationalEntry
+
+_enc = msgspec.msgpack.Encoder()
+_peer_dec = msgspec.msgpack.Decoder(PeerMessage)
+_cmd_dec = msgspec.msgpack.Decoder(LogCommand)
+
+
+def encode(msg: PeerMessage | LogCommand) -> bytes:
+    return _enc.encode(msg)
+
+
+def decode_peer(data: bytes) -> PeerMessage:
+    return _peer_dec.decode(data)
+
+
+def decode_command(data: bytes) -> LogCommand:
+    return _cmd_dec.decode(data)

@@ -1,0 +1,154 @@
+"""Multi-node formation: real node processes on 127.0.0.1-7 forming one cluster."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from butterfly.manifest import MANIFEST_FILE
+from tests.clusterharness import Cluster
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path, model_dir: Path, secret_file: Path):  # type: ignore[no-untyped-def]
+    made: list[Cluster] = []
+
+    def make(n: int, quorum: int, **kw) -> Cluster:  # type: ignore[no-untyped-def]
+        c = Cluster(tmp_path, model_dir, secret_file, n, quorum=quorum, **kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.stop_all()
+
+
+def assert_formed(st: dict, model_dir: Path) -> None:  # type: ignore[type-arg]
+    root = json.loads((model_dir / MANIFEST_FILE).read_text())["merkle_root"]
+    coordinators = {s["coordinator"] for s in st.values()}
+    terms = {s["term"] for s in st.values()}
+    epochs = {s["epoch"] for s in st.values()}
+    assert len(coordinators) == 1 and None not in coordinators, coordinators
+    assert len(terms) == 1 and len(epochs) == 1, (terms, epochs)
+    assert {s["model_root"] for s in st.values()} == {root}
+    assert all(s["cluster_size"] == len(st) for s in st.values())
+    total = sum(s["bytes_total"] for s in st.values())
+    # Each node holds only its own blocks: together they hold the model about once, none holds it all.
+    assert all(s["bytes_total"] < total for s in st.values())
+
+
+def test_three_nodes_started_in_any_order_form_one_cluster(cluster_factory, model_dir) -> None:  # type: ignore[no-untyped-def]
+    c = cluster_factory(3, quorum=3)
+    c.start_all(order=[2, 0, 1])
+    st = c.wait_operational()
+    assert_formed(st, model_dir)
+    for node in c.nodes.values():
+        assert node.get("/ready")[0] == 200
+    # The coordinator's log explains its decisions.
+    coord = next(iter(st.values()))["coordinator"]
+    assert (
+        "coordinator: operational at epoch" in c.nodes[coord].log()
+        or "proposing operational" in c.nodes[coord].log()
+    )
+
+
+def test_no_node_serves_before_the_operational_entry(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    c = cluster_factory(3, quorum=3)
+    c.start(0)
+    c.start(1)
+    # Two of three: validated locally perhaps, but never OPERATIONAL without the third.
+    st = c.wait(
+        lambda st: all(s["state"] in ("JOINING",) and s["waiting_reason"] for s in st.values()),
+        what="waiting for the third node",
+    )
+    assert all(
+        "forming needs 3" in (s["waiting_reason"] or "")
+        or "coordinator" in (s["waiting_reason"] or "")
+        or "quorum_size" in (s["waiting_reason"] or "")
+        for s in st.values()
+    ), st
+    for node in c.nodes.values():
+        assert node.get("/ready")[0] == 503
+    c.start(2)
+    c.wait_operational()
+
+
+def test_a_node_with_the_wrong_secret_cannot_join(cluster_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from butterfly.net.auth import generate_secret
+
+    c = cluster_factory(3, quorum=3)
+    bad = tmp_path / "other.key"
+    generate_secret(bad)
+    c.start(0)
+    c.start(1)
+    c.secret = bad
+    intruder = c.start(2)
+    ids = c.ids
+    st = c.wait(
+        lambda st: (
+            st[ids[2]]["cluster_size"] == 1
+            and st[ids[0]]["cluster_size"] == 2
+            and st[ids[1]]["cluster_size"] == 2
+        ),
+        what="the two honest nodes see each other and not the intruder",
+    )
+    assert all(s["phase"] == "discovery" for s in st.values())
+    assert "refused" in c.nodes[ids[0]].log() or "refused" in intruder.log()
+
+
+def test_coordinator_sigkilled_during_loading_is_replaced_and_formation_completes(
+    cluster_factory, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-loading_weights").touch()
+    c = cluster_factory(3, quorum=3, env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    c.start_all()
+    st = c.wait(lambda st: all(s["phase"] == "loading_weights" for s in st.values()), what="all loading")
+    coord = next(iter(st.values()))["coordinator"]
+    old_term = next(iter(st.values()))["term"]
+    c.kill(coord)
+    (hold / "hold-loading_weights").unlink()
+    st = c.wait_operational(timeout=60)
+    assert len(st) == 2
+    assert_formed(st, Path(c.model))
+    new = next(iter(st.values()))
+    assert new["coordinator"] != coord and new["term"] > old_term
+    assert new["epoch"] >= 2  # re-planned for the survivors
+
+
+def test_worker_killed_during_loading_replans_for_the_survivors(cluster_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-loading_weights").touch()
+    c = cluster_factory(
+        4,
+        quorum=3,
+        env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)},
+        roles=["coordinator", "coordinator", "coordinator", "worker"],
+    )
+    c.start_all()
+    st = c.wait(
+        lambda st: len(st) == 4 and all(s["phase"] == "loading_weights" for s in st.values()),
+        what="all four loading",
+    )
+    c.kill(c.ids[3])
+    (hold / "hold-loading_weights").unlink()
+    st = c.wait_operational(timeout=60)
+    assert len(st) == 3
+    assert_formed(st, Path(c.model))
+
+
+def test_losing_quorum_waits_visibly(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    c = cluster_factory(3, quorum=3)
+    c.start_all()
+    c.wait_operational()
+    c.kill(c.ids[1], signal.SIGKILL)
+    c.kill(c.ids[2], signal.SIGKILL)
+    st = c.wait(lambda st: all(s["state"] == "JOINING" for s in st.values()), what="survivor stops serving")
+    (s,) = st.values()
+    assert s["waiting_reason"]
+    assert c.nodes[c.ids[0]].get("/ready")[0] == 503

@@ -1,0 +1,170 @@
+"""The coordinator's decisions: when to plan, re-plan, and open the serving gate."""
+
+from __future__ import annotations
+
+import os
+
+from butterfly import merkle
+from butterfly.cluster.coordinator import DEAD_AFTER_S, SETTLE_S, Coordinator, ModelInfo
+from butterfly.cluster.messages import NodeReport, OperationalEntry, PlanEntry, ValidationReport
+from butterfly.manifest import unit_range_for_blocks
+from butterfly.model.layout import LayerRange
+from butterfly.planner import ModelSizes
+
+BLOCKS = 6
+DIGESTS = [os.urandom(32) for _ in range(BLOCKS + 2)]
+LEAVES = [merkle.leaf_hash(d) for d in DIGESTS]
+ROOT = merkle.merkle_root(LEAVES).hex()
+MODEL = ModelInfo(ROOT, BLOCKS + 2, ModelSizes(block_bytes=(100,) * BLOCKS, embed_bytes=50, head_bytes=50))
+GiB = 2**30
+
+
+def report(node: str, role: str = "coordinator") -> NodeReport:
+    return NodeReport(node_id=node, cluster_name="c", role=role, memory_bytes=GiB, throughput=1.0)
+
+
+def reports(nodes: list[str], at: float) -> dict[str, tuple[NodeReport, float]]:
+    return {n: (report(n), at) for n in nodes}
+
+
+def cycle(c: Coordinator, now: float, reps, plan=None, operational=0, members=None):  # type: ignore[no-untyped-def]
+    return c.run_cycle(
+        now, 2, reps, members if members is not None else set(reps), plan, operational, MODEL, ""
+    )
+
+
+def valid_report(plan: PlanEntry, node: str, digests: list[bytes] = DIGESTS) -> ValidationReport:
+    a = plan.range_of(node)
+    assert a is not None
+    first, last = unit_range_for_blocks(plan.num_blocks, LayerRange(a.start, a.stop))
+    return ValidationReport(
+        plan.epoch,
+        node,
+        a.start,
+        a.stop,
+        plan.manifest_root,
+        first,
+        digests[first:last],
+        merkle.range_proof(LEAVES, first, last),
+    )
+
+
+def first_plan(c: Coordinator, nodes: list[str]) -> PlanEntry:
+    reps = reports(nodes, 10.0)
+    cycle(c, 10.0, reps)
+    res = cycle(c, 10.0 + SETTLE_S + 0.01, reps)
+    plans = [p for p in res.proposals if isinstance(p, PlanEntry)]
+    assert len(plans) == 1, res.description
+    return plans[0]
+
+
+def test_waits_visibly_below_quorum_and_plans_once_quorum_is_alive_and_settled() -> None:
+    c = Coordinator("a", quorum_size=3, reserve_bytes=0)
+    res = cycle(c, 1.0, reports(["a", "b"], 1.0))
+    assert res.proposals == [] and "only 2 node(s) alive; forming needs 3" in res.waiting_reason
+    reps = reports(["a", "b", "c"], 2.0)
+    assert cycle(c, 2.0, reps).proposals == []  # membership just changed: settle first
+    res = cycle(c, 2.0 + SETTLE_S + 0.01, reps)
+    (plan,) = res.proposals
+    assert isinstance(plan, PlanEntry) and plan.epoch == 1 and plan.manifest_root == ROOT
+    covered = sorted((a.start, a.stop) for a in plan.assignments)
+    assert covered[0][0] == 0 and covered[-1][1] == BLOCKS
+    assert all(x[1] == y[0] for x, y in zip(covered, covered[1:], strict=False))
+    assert {a.node_id for a in plan.assignments} == {"a", "b", "c"}
+
+
+def test_operational_is_proposed_once_only_after_every_range_is_proven() -> None:
+    c = Coordinator("a", quorum_size=3, reserve_bytes=0)
+    plan = first_plan(c, ["a", "b", "c"])
+    reps = reports(["a", "b", "c"], 20.0)
+    for i, node in enumerate(["a", "b", "c"]):
+        res = cycle(c, 20.0, reps, plan)
+        assert not any(isinstance(p, OperationalEntry) for p in res.proposals)
+        assert "waiting for validation" in res.description
+        assert c.on_validation(valid_report(plan, node), plan).ok, i
+    res = cycle(c, 20.0, reps, plan)
+    assert res.proposals == [OperationalEntry(plan.epoch, 2)]
+    assert cycle(c, 20.1, reps, plan).proposals == []
+
+
+def test_wrong_weights_range_or_epoch_are_rejected_with_reasons() -> None:
+    c = Coordinator("a", quorum_size=2, reserve_bytes=0)
+    plan = first_plan(c, ["a", "b"])
+    a = plan.range_of("b")
+    assert a is not None
+    tampered = list(DIGESTS)
+    tampered[a.start + 1] = bytes(32)  # unit of b's first block
+    v = c.on_validation(valid_report(plan, "b", tampered), plan)
+    assert not v.ok and "do not prove into the manifest root" in v.reason
+    good = valid_report(plan, "b")
+    import msgspec
+
+    stale = msgspec.structs.replace(good, epoch=plan.epoch + 1)
+    assert "epoch" in c.on_validation(stale, plan).reason
+    shifted = msgspec.structs.replace(good, start=good.start + 1)
+    assert "assigned" in c.on_validation(shifted, plan).reason
+    other_root = msgspec.structs.replace(good, manifest_root="00" * 32)
+    assert "manifest root" in c.on_validation(other_root, plan).reason
+    assert c.on_validation(good, None).reason == "no plan is committed"
+    assert "b" not in c.accepted.get(plan.epoch, set())
+
+
+def test_a_dead_planned_node_triggers_a_replan_for_the_survivors() -> None:
+    c = Coordinator("a", quorum_size=2, reserve_bytes=0)
+    plan = first_plan(c, ["a", "b", "c"])
+    later = 30.0
+    reps = {
+        "a": (report("a"), later),
+        "b": (report("b"), later),
+        "c": (report("c"), later - DEAD_AFTER_S - 1),
+    }
+    cycle(c, later, reps, plan)
+    res = cycle(
+        c,
+        later + SETTLE_S + 0.01,
+        {**reps, "a": (report("a"), later + 0.3), "b": (report("b"), later + 0.3)},
+        plan,
+    )
+    (new,) = [p for p in res.proposals if isinstance(p, PlanEntry)]
+    assert new.epoch == plan.epoch + 1
+    assert {a.node_id for a in new.assignments} == {"a", "b"}
+    assert "c dead" in res.description
+
+
+def test_below_quorum_after_deaths_waits_instead_of_replanning() -> None:
+    c = Coordinator("a", quorum_size=3, reserve_bytes=0)
+    plan = first_plan(c, ["a", "b", "c"])
+    reps = {"a": (report("a"), 50.0), "b": (report("b"), 10.0), "c": (report("c"), 10.0)}
+    res = cycle(c, 50.0 + SETTLE_S + 1, reps, plan)
+    assert res.proposals == [] and "only 1 node(s) alive; continuing needs 2" in res.waiting_reason
+
+
+def test_a_formed_cluster_carries_on_with_a_majority_of_quorum_size() -> None:
+    c = Coordinator("a", quorum_size=3, reserve_bytes=0)
+    plan = first_plan(c, ["a", "b", "c"])
+    reps = {"a": (report("a"), 50.0), "b": (report("b"), 50.0), "c": (report("c"), 10.0)}
+    cycle(c, 50.0, reps, plan)
+    res = cycle(c, 50.0 + SETTLE_S + 0.1, reps, plan)
+    (new,) = res.proposals
+    assert isinstance(new, PlanEntry) and {a.node_id for a in new.assignments} == {"a", "b"}
+
+
+def test_reporting_nodes_outside_the_log_are_added_as_learners_once() -> None:
+    c = Coordinator("a", quorum_size=1, reserve_bytes=0)
+    reps = reports(["a", "w1", "w2"], 5.0)
+    res = cycle(c, 5.0, reps, members={"a"})
+    assert res.learners == ["w1", "w2"]
+    assert cycle(c, 5.1, reps, members={"a"}).learners == []
+
+
+def test_a_model_that_does_not_fit_is_reported_and_nothing_is_planned() -> None:
+    c = Coordinator("a", quorum_size=1, reserve_bytes=0)
+    tiny = {
+        "a": (
+            NodeReport(node_id="a", cluster_name="c", role="coordinator", memory_bytes=10, throughput=1.0),
+            1.0,
+        )
+    }
+    c.run_cycle(1.0, 1, tiny, {"a"}, None, 0, MODEL, "")
+    res = c.run_cycle(1.0 + SETTLE_S + 0.1, 1, tiny, {"a"}, None, 0, MODEL, "")
+    assert res.proposals == [] and res.waiting_reason.startswith("cannot plan")
