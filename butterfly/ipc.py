@@ -49,14 +49,15 @@ class StartCluster(msgspec.Struct, tag=True, frozen=True):
 
 
 class LocalValidated(msgspec.Struct, tag=True, frozen=True):
-    """This node loaded and re-hashed its assignment: its Merkle leaves go to the coordinator."""
+    """This node loaded and re-hashed its assignment: its unit digests (the data of its Merkle
+    leaves, in unit order) go to the coordinator with a range proof."""
 
     epoch: int
     term: int
     start: int
     stop: int
-    leaves: list[bytes]
-    root: bytes
+    units: list[int]
+    unit_digests: list[bytes]
 
 
 class LoadAssignment(msgspec.Struct, tag=True, frozen=True):
@@ -64,6 +65,8 @@ class LoadAssignment(msgspec.Struct, tag=True, frozen=True):
     term: int
     start: int
     stop: int
+    # After a validation failure: skip the cache, drop its entries for these tensors, read the source.
+    refetch: bool = False
 
 
 class ValidateArena(msgspec.Struct, tag=True, frozen=True):
@@ -125,9 +128,11 @@ class Loaded(msgspec.Struct, tag=True, frozen=True):
 
 
 class Validated(msgspec.Struct, tag=True, frozen=True):
+    """Digests of the arena's layer units (ascending unit index) and the Merkle root over them."""
+
     epoch: int
-    leaves: list[bytes]
-    unit_names: list[str]
+    units: list[int]
+    unit_digests: list[bytes]
     root: bytes
     bytes_hashed: int
 

@@ -10,6 +10,12 @@ mkdir -p "$RUN"
 if [ ! -f "$RUN/model/config.json" ]; then
     .venv/bin/butterfly-admin make-test-model "$RUN/model" --layers 16 --hidden 512 --vocab 8192
 fi
+if [ ! -f "$RUN/model/butterfly-manifest.json" ]; then
+    .venv/bin/butterfly-admin manifest build "$RUN/model"
+fi
+if [ ! -f "$RUN/cluster.key" ]; then
+    .venv/bin/python -c 'import sys, pathlib; from butterfly.net.auth import generate_secret; generate_secret(pathlib.Path(sys.argv[1]))' "$RUN/cluster.key"
+fi
 cat > "$RUN/node.toml" <<TOML
 [cluster]
 cluster_name = "demo"
@@ -30,6 +36,9 @@ cache_dir = "$RUN/cache"
 
 [api]
 listen = "127.0.0.1:${BUTTERFLY_DEMO_API_PORT:-8080}"
+
+[security]
+secret_file = "$RUN/cluster.key"
 TOML
 echo "node config: $RUN/node.toml — try: curl -s localhost:${BUTTERFLY_DEMO_API_PORT:-8080}/status"
 exec .venv/bin/butterfly-node --config "$RUN/node.toml"

@@ -23,6 +23,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def secret_for(path: Path) -> Path:
+    """A cluster key beside the config (every node of a cluster must be given the same one)."""
+    from butterfly.net.auth import generate_secret
+
+    key = path.parent / "cluster.key"
+    if not key.exists():
+        generate_secret(key)
+    return key
+
+
 def write_config(
     path: Path,
     model_dir: Path,
@@ -32,13 +42,19 @@ def write_config(
     quorum: int = 1,
     role: str = "coordinator",
     extra: str = "",
+    secret: Path | None = None,
+    bind: str | None = None,
+    seeds: list[str] | None = None,
 ) -> Path:
+    key = secret or secret_for(path)
+    seed_list = ", ".join(f'"{s}"' for s in (seeds or []))
+    bind_address = bind or f"127.0.0.1:{free_port()}"
     path.write_text(
         f"""
 [cluster]
 cluster_name = "test"
 discovery_method = "static"
-seed_nodes = []
+seed_nodes = [{seed_list}]
 quorum_size = {quorum}
 
 [model]
@@ -48,12 +64,15 @@ source_path = "{model_dir}"
 [node]
 id = "{node_id}"
 role = "{role}"
-bind_address = "127.0.0.1:{free_port()}"
+bind_address = "{bind_address}"
 state_dir = "{path.parent / "state"}"
 cache_dir = "{path.parent / "cache"}"
 
 [api]
 listen = "127.0.0.1:{api_port}"
+
+[security]
+secret_file = "{key}"
 
 [loader]
 chunk_bytes = 65536

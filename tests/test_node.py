@@ -79,14 +79,14 @@ def test_single_node_goes_through_every_phase_and_stops_clean(node_factory) -> N
     # Each transition is logged once with node id, term and the phase's duration.
     assert len(re.findall(r"phase loading_weights -> validation", log)) == 1
     assert re.search(
-        r"phase validation -> ready, state LOADING -> READY, term 1, validation took [0-9.]+s", log
+        r"phase validation -> ready, state LOADING -> READY, term [0-9]+, validation took [0-9.]+s", log
     )
     # States only ever move forward in this run.
     order = ["COLD", "JOINING", "LOADING", "READY", "OPERATIONAL"]
     assert [order.index(s) for s in seen_states] == sorted(order.index(s) for s in seen_states)
 
     assert st["phase"] == "ready" and st["progress_percent"] == 100.0
-    assert st["cluster_size"] == 1 and st["coordinator"] == node.node_id and st["term"] == 1
+    assert st["cluster_size"] == 1 and st["coordinator"] == node.node_id and st["term"] >= 1
     assert st["model_root"] and len(st["model_root"]) == 64
     assert st["bytes_done"] == st["bytes_total"] > 0
     assert set(st["phase_durations"]) >= set(SEED_PHASES[:-1]) | {"total"}
@@ -253,7 +253,7 @@ def test_quorum_above_one_waits_visibly_in_discovery(node_factory) -> None:  # t
     node = node_factory(quorum=3)
     st = node.wait_for(lambda s: s["waiting_reason"] is not None, what="waiting reason")
     assert st["state"] == "JOINING" and st["phase"] == "discovery"
-    assert "2 more node" in st["waiting_reason"]
+    assert "found 1 of quorum_size 3" in st["waiting_reason"]
     assert node.get("/ready")[0] == 503
     assert node.stop() == 0
 

@@ -19,12 +19,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
-
-import xxhash
 
 from butterfly.board import LoaderSection
 from butterfly.board.shm import Segment, create_segment, unlink_segment
+from butterfly.cache import CacheError, WeightCache
 from butterfly.hardware import detect_gpus
 from butterfly.ipc import (
     ChunkDigest,
@@ -36,9 +34,18 @@ from butterfly.ipc import (
     SyncChannel,
     TensorPlacement,
 )
+from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 from butterfly.loader.warmup import WarmupError, decode, run_stage
-from butterfly.model.layout import LayerRange, ModelFormatError, ModelLayout, TensorEntry, load_layout
-from butterfly.sources import FilesystemSource, SourceError
+from butterfly.manifest import Manifest, layout_from_manifest
+from butterfly.model.layout import (
+    LayerRange,
+    ModelFormatError,
+    ModelLayout,
+    TensorEntry,
+    load_layout_from_source,
+)
+from butterfly.modelsource import NoManifest, load_manifest
+from butterfly.sources import FilesystemSource, Source, SourceError, open_source
 from butterfly.states import LoadStep
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
@@ -46,6 +53,7 @@ from butterfly.supervisor.childproc import (
     CommandInbox,
     bootstrap,
     child_socket,
+    held,
     hold_if_requested,
 )
 
@@ -87,9 +95,10 @@ class Progress:
     started: float = 0.0
     last_publish: float = 0.0
 
-    def add(self, n: int, inbox: CommandInbox) -> None:
+    def add(self, n: int, inbox: CommandInbox, downloaded: bool) -> None:
         self.done += n
-        self.downloaded_total += n
+        if downloaded:
+            self.downloaded_total += n
         now = time.monotonic()
         if now - self.last_publish >= PUBLISH_EVERY_S or self.done == self.total:
             self.last_publish = now
@@ -106,14 +115,173 @@ class Progress:
                 raise Interrupted(cmd)
 
 
+class Fetch:
+    """One load's download step: cached tensors from the local cache, the rest from the source, every
+    chunk compared inline with the manifest's xxh3 when there is one. A cache entry whose bytes do not
+    match is quarantined and its tensor read from the source instead; the cache is never trusted."""
+
+    def __init__(
+        self,
+        loader: Loader,
+        source: Source,
+        manifest: Manifest | None,
+        tensors: list[TensorEntry],
+        placements: list[TensorPlacement],
+        total: int,
+        refetch: bool,
+    ) -> None:
+        self.loader = loader
+        self.source = source
+        self.manifest = manifest
+        self.records = {t.name: t for t in manifest.tensors} if manifest else {}
+        self.jobs = {
+            t.name: ReadJob(t.file, t.offset, t.length, p.arena_offset, t.name)
+            for t, p in zip(tensors, placements, strict=True)
+        }
+        self.cache = WeightCache(loader.ctx.config.node.cache_dir) if manifest else None
+        self.refetch = refetch
+        self.chunk_bytes = manifest.chunk_bytes if manifest else loader.ctx.config.loader.chunk_bytes
+        self.progress = Progress(
+            loader.ctx, total, downloaded_total=loader.downloaded_total, started=time.monotonic()
+        )
+        self.results: dict[str, list[ChunkResult]] = {}
+        self.fetched: list[str] = []
+        self.from_cache = 0
+        self.from_source = 0
+
+    def _expected(self, names: list[str]) -> list[list[int]] | None:
+        if not self.records:
+            return None
+        return [list(self.records[n].chunks) for n in names]
+
+    def _stream(self, names: list[str], reader: FdTable | Source, downloaded: bool) -> None:
+        if not names:
+            return
+        jobs = [self.jobs[n] for n in names]
+        conc = self.loader.ctx.config.loader.concurrency
+
+        def progress(n: int) -> None:
+            self.progress.add(n, self.loader.inbox, downloaded)
+
+        if held("loading_weights") and len(names) > 1:
+            # Test hook: stop half-way through this node's tensors until the hold file goes away.
+            half = len(names) // 2
+            self._stream(names[:half], reader, downloaded)
+            hold_if_requested("loading_weights", self.loader._beat)
+            self._stream(names[half:], reader, downloaded)
+            return
+
+        results = stream_into(
+            jobs,
+            self.loader.arena_buf(),
+            reader,
+            chunk_bytes=self.chunk_bytes,
+            concurrency=conc,
+            expected=self._expected(names),
+            progress=progress,
+        )
+        for r in results:
+            self.results.setdefault(r.chunk.tensor, []).append(r)
+
+    def _from_cache(self, names: list[str]) -> list[str]:
+        """Streams what the cache holds; returns the names it could not serve."""
+        assert self.cache is not None
+        hits = {}
+        for n in names:
+            rec = self.records[n]
+            if self.refetch:
+                self.cache.remove(rec.blake3)
+            elif self.cache.lookup(rec.blake3, rec.length):
+                hits[n] = rec.blake3
+        missing = [n for n in names if n not in hits]
+        while hits:
+            try:
+                self._stream_cached(hits)
+                self.from_cache += len(hits)
+                break
+            except ChunkMismatch as e:
+                bad = e.chunk.tensor
+                self.cache.quarantine(
+                    hits.pop(bad), f"chunk {e.chunk.index} of {bad} does not match the manifest"
+                )
+                missing.append(bad)
+        return missing
+
+    def _stream_cached(self, hits: dict[str, str]) -> None:
+        """Streams cache entries (file key "cache/<digest>") into the tensors' arena ranges."""
+        assert self.cache is not None
+        source_jobs = {n: self.jobs[n] for n in hits}
+        fds: dict[str, int] = {}
+        done_before = self.progress.done
+        try:
+            for n, digest in hits.items():
+                key = f"cache/{digest}"
+                fds[key] = self.cache.open_for_read(digest)
+                self.jobs[n] = ReadJob(key, 0, source_jobs[n].length, source_jobs[n].arena_offset, n)
+            self._stream(list(hits), fds, downloaded=False)
+        except ChunkMismatch:
+            # Everything of this pass is read again (rare: a corrupt cache entry).
+            for n in hits:
+                self.results.pop(n, None)
+            self.progress.done = done_before
+            raise
+        finally:
+            self.jobs.update(source_jobs)
+            for fd in fds.values():
+                os.close(fd)
+
+    def run(self) -> list[ChunkDigest]:
+        names = list(self.jobs)
+        if self.cache is not None:
+            names = self._from_cache(names)
+        if names:
+            if isinstance(self.source, FilesystemSource):
+                with open_files(self.source.root, {self.jobs[n].file for n in names}) as fds:
+                    self._stream(names, fds, downloaded=True)
+            else:
+                self._stream(names, self.source, downloaded=True)
+            self.fetched = names
+            self.from_source = len(names)
+        self.loader.downloaded_total = self.progress.downloaded_total
+        return [
+            ChunkDigest(r.chunk.arena_offset, r.chunk.length, r.xxh3)
+            for n in self.jobs
+            for r in sorted(self.results[n], key=lambda r: r.chunk.index)
+        ]
+
+    def fill_cache(self) -> None:
+        """Store what came from the source (already checked chunk by chunk) into the cache; the cache
+        re-hashes with BLAKE3 before it stores anything."""
+        if self.cache is None:
+            return
+        buf = self.loader.arena_buf()
+        try:
+            for n in self.fetched:
+                job, rec = self.jobs[n], self.records[n]
+                try:
+                    self.cache.store_from_buffer(
+                        rec.blake3, buf[job.arena_offset : job.arena_offset + job.length]
+                    )
+                except (CacheError, OSError) as e:
+                    log.warning("could not cache %s: %s", n, e)
+        finally:
+            del buf
+
+
 class Loader:
     def __init__(self, ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
         self.ctx = ctx
         self.chan = chan
         self.inbox = inbox
         self.arena: Segment | None = None
+        self.manifest: Manifest | None = None
+        self.no_manifest_logged = False
         self.downloaded_total = 0
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
+
+    def arena_buf(self) -> memoryview:
+        assert self.arena is not None
+        return memoryview(self.arena.buf)
 
     def _beat(self) -> None:
         self.ctx.board.update(LoaderSection, heartbeat_mono_ns=time.monotonic_ns())
@@ -124,11 +292,15 @@ class Loader:
         log.info("load step %s", step.label, extra={"fields": {"LOAD_STEP": step.label}})
         return time.monotonic()
 
-    def _source(self) -> FilesystemSource:
-        model = self.ctx.config.model
-        if model.source_type != "filesystem":
-            raise LoadFailed(f"model.source_type {model.source_type!r} is not supported by this build", True)
-        return FilesystemSource(Path(model.source_path))
+    def _manifest(self) -> Manifest | None:
+        """The model's manifest, read once per process; None (said once) when the model has none."""
+        if self.manifest is None and not self.no_manifest_logged:
+            try:
+                self.manifest = load_manifest(self.ctx.config)
+            except NoManifest as e:
+                self.no_manifest_logged = True
+                log.warning("%s: chunks will be hashed but not verified against a model version", e)
+        return self.manifest
 
     def _drop_arena(self) -> None:
         if self.arena is not None:
@@ -138,9 +310,16 @@ class Loader:
 
     def load(self, cmd: LoadAssignment) -> Loaded:
         steps: dict[str, float] = {}
-        source = self._source()
         try:
-            layout = load_layout(source.model_dir())
+            source = open_source(self.ctx.config)
+        except (SourceError, ValueError) as e:
+            raise LoadFailed(f"cannot open the model source: {e}", False) from e
+        try:
+            manifest = self._manifest()
+            if manifest is not None:
+                layout = layout_from_manifest(manifest, source.description)
+            else:
+                layout = load_layout_from_source(source)
             rng = LayerRange(cmd.start, cmd.stop)
             if cmd.stop > layout.num_blocks:
                 raise LoadFailed(f"assignment {rng} is past the model's {layout.num_blocks} blocks", True)
@@ -156,14 +335,25 @@ class Loader:
                 layer_stop=cmd.stop,
             )
             self._drop_arena()
-            self.arena = create_segment(self.ctx.init.arena_name, arena_bytes)
+            # Pre-faulted: first-touch page faults during the stream cost several times the copy.
+            self.arena = create_segment(self.ctx.init.arena_name, arena_bytes, prefault=True)
 
             t0 = self._step(LoadStep.DOWNLOAD)
-            chunks = self._download(source, tensors, placements, total)
+            fetch = Fetch(self, source, manifest, tensors, placements, total, refetch=cmd.refetch)
+            chunks = fetch.run()
             steps["download"] = time.monotonic() - t0
 
             t0 = self._step(LoadStep.VERIFY)
-            log.info("no manifest configured: chunk digests are recorded for validation, not compared")
+            if manifest is not None:
+                log.info(
+                    "%d chunks matched model version %s inline; %d tensors from cache, %d from %s",
+                    len(chunks),
+                    manifest.merkle_root[:16],
+                    fetch.from_cache,
+                    fetch.from_source,
+                    source.description,
+                )
+                fetch.fill_cache()
             steps["verify"] = time.monotonic() - t0
 
             for step in (LoadStep.UPLOAD, LoadStep.COMPILE):
@@ -177,7 +367,7 @@ class Loader:
             steps["warmup"] = time.monotonic() - t0
         except (ModelFormatError, ValueError) as e:
             raise LoadFailed(str(e), True) from e
-        except SourceError as e:
+        except (SourceError, ChunkMismatch) as e:
             raise LoadFailed(str(e), False) from e
         finally:
             source.close()
@@ -192,33 +382,6 @@ class Loader:
             chunks=chunks,
             step_seconds=steps,
         )
-
-    def _download(
-        self,
-        source: FilesystemSource,
-        tensors: list[TensorEntry],
-        placements: list[TensorPlacement],
-        total: int,
-    ) -> list[ChunkDigest]:
-        assert self.arena is not None
-        chunk = self.ctx.config.loader.chunk_bytes
-        buf = memoryview(self.arena.buf)
-        progress = Progress(self.ctx, total, downloaded_total=self.downloaded_total, started=time.monotonic())
-        chunks: list[ChunkDigest] = []
-        try:
-            for i, (t, p) in enumerate(zip(tensors, placements, strict=True)):
-                if i == len(tensors) // 2:
-                    hold_if_requested("loading_weights", self._beat)
-                for off in range(0, t.length, chunk):
-                    n = min(chunk, t.length - off)
-                    view = buf[p.arena_offset + off : p.arena_offset + off + n]
-                    source.read_into(t.file, t.offset + off, view)
-                    chunks.append(ChunkDigest(p.arena_offset + off, n, xxhash.xxh3_64_intdigest(view)))
-                    progress.add(n, self.inbox)
-        finally:
-            self.downloaded_total = progress.downloaded_total
-            del buf
-        return chunks
 
     def _warmup(
         self,

@@ -136,6 +136,11 @@ def _hold_path(phase: str) -> Path | None:
     return Path(d) / f"hold-{phase}" if d else None
 
 
+def held(phase: str) -> bool:
+    path = _hold_path(phase)
+    return path is not None and path.exists()
+
+
 def hold_if_requested(phase: str, beat: Callable[[], None]) -> None:
     path = _hold_path(phase)
     while path is not None and path.exists():

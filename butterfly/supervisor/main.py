@@ -255,8 +255,10 @@ class Supervisor:
         elif kind == "validator" and self.phase is Phase.VALIDATION and self.loaded is not None:
             await self.children["validator"].send(ValidateArena(self.loaded.epoch, self.loaded))
 
-    async def _load(self, plan: PlanAssigned) -> None:
-        await self.children["loader"].send(LoadAssignment(plan.epoch, plan.term, plan.start, plan.stop))
+    async def _load(self, plan: PlanAssigned, refetch: bool = False) -> None:
+        await self.children["loader"].send(
+            LoadAssignment(plan.epoch, plan.term, plan.start, plan.stop, refetch=refetch)
+        )
 
     # ---- reports -------------------------------------------------------------------------------
 
@@ -267,6 +269,11 @@ class Supervisor:
         if isinstance(r, ClusterProgress):
             target = Phase[r.phase.upper()]
             if self.plan is None and target >= Phase.DISCOVERY:
+                self.advance_to(target, r.waiting_reason)
+            elif self.plan is not None and r.waiting_reason and target <= Phase.ASSIGNMENT:
+                # Lost the coordinator, or the new plan leaves this node out: stop serving and wait.
+                # What is loaded stays in the arena; a plan for the same blocks only re-validates.
+                self.plan = None
                 self.advance_to(target, r.waiting_reason)
             if r.waiting_reason:
                 log.warning("waiting: %s", r.waiting_reason, extra={"fields": {"PHASE": self.phase.label}})
@@ -337,7 +344,7 @@ class Supervisor:
             self.ready_notified = True
             self.notifier.ready()
         await self.children["cluster"].send(
-            LocalValidated(r.epoch, self.plan.term, self.plan.start, self.plan.stop, r.leaves, r.root)
+            LocalValidated(r.epoch, self.plan.term, self.plan.start, self.plan.stop, r.units, r.unit_digests)
         )
 
     async def on_failed(self, kind: str, r: Failed) -> None:
@@ -353,11 +360,12 @@ class Supervisor:
         if r.fatal or self.phase_failures > PHASE_RETRIES or self.plan is None:
             self.fail(r.what, r.reason)
             return
-        # A validation mismatch or a transient load error: reload the assignment from the source.
+        # A validation mismatch or a transient load error: reload the assignment from the source,
+        # bypassing (and clearing) cached copies of its tensors.
         self.loaded = None
         self.advance_to(Phase.LOADING_WEIGHTS, f"retrying after: {r.reason}")
         await asyncio.sleep(self.config.supervisor.restart_backoff_s)
-        await self._load(self.plan)
+        await self._load(self.plan, refetch=True)
 
     # ---- health, watchdog, systemd ------------------------------------------------------------
 

@@ -18,12 +18,12 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
-import blake3
 import xxhash
 
 from butterfly.board import ValidatorSection
 from butterfly.board.shm import attach_segment
 from butterfly.ipc import Failed, Shutdown, SyncChannel, ValidateArena, Validated
+from butterfly.manifest import unit_digest_of_buffers
 from butterfly.merkle import leaf_hash, merkle_root
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
@@ -42,19 +42,14 @@ class ValidationError(Exception):
 
 
 def unit_digests(buf: memoryview, cmd: ValidateArena, threads: int) -> tuple[list[int], list[bytes]]:
-    """BLAKE3 of each layer unit: its tensors' bytes in tensor-name order, each prefixed by its name
-    and length so that moving bytes between tensors changes the digest."""
+    """Digest of each layer unit (butterfly.manifest.unit_digest, the manifest's own definition)."""
     by_unit: dict[int, list[tuple[str, int, int]]] = defaultdict(list)
     for t in cmd.loaded.tensors:
         by_unit[t.unit].append((t.name, t.arena_offset, t.length))
     units = sorted(by_unit)
 
     def digest(unit: int) -> bytes:
-        h = blake3.blake3()
-        for name, off, length in sorted(by_unit[unit]):
-            h.update(name.encode() + b"\0" + length.to_bytes(8, "little"))
-            h.update(buf[off : off + length])
-        return h.digest()
+        return unit_digest_of_buffers((name, buf[off : off + length]) for name, off, length in by_unit[unit])
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         return units, list(pool.map(digest, units))
@@ -102,8 +97,7 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
             del buf
     finally:
         seg.close()
-    leaves = [leaf_hash(d) for d in digests]
-    root = merkle_root(leaves)
+    root = merkle_root([leaf_hash(d) for d in digests])
     ctx.board.update(
         ValidatorSection,
         bytes_hashed=total,
@@ -112,8 +106,8 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
     )
     return Validated(
         epoch=cmd.epoch,
-        leaves=leaves,
-        unit_names=[str(u) for u in units],
+        units=units,
+        unit_digests=digests,
         root=root,
         bytes_hashed=total,
     )
