@@ -8,7 +8,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.nodeharness import Node, free_port, write_config
+from tests.nodeharness import Node, free_port, segments_of, write_config
 
 
 class Listener:
@@ -110,5 +110,8 @@ def test_watchdog_is_withheld_while_a_child_is_hung(tmp_path: Path, model_dir: P
         late = [t for t, m in listener.messages if m == "WATCHDOG=1" and t > stalled_from + 0.1]
         assert late == [], "WATCHDOG=1 must stop while a child is unhealthy"
     finally:
-        node.stop(signal.SIGKILL) if node.proc.poll() is None else None
+        if node.proc.poll() is None:
+            node.stop(signal.SIGKILL)
         listener.close()
+        for seg in segments_of("notify-hang"):
+            Path("/dev/shm", seg).unlink(missing_ok=True)
