@@ -56,13 +56,18 @@ class SrvRecord:
 
 
 def _free_port() -> int:
-    # UDP and TCP both: dnsmasq listens on both for the same port.
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        port = int(udp.getsockname()[1])
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", port))
-    return port
+    """A port free for both UDP and TCP on 127.0.0.1: dnsmasq listens on both."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = int(udp.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue  # free for UDP, taken for TCP: draw another
+        return port
+    raise RuntimeError("no port free for both UDP and TCP on 127.0.0.1")
 
 
 class Dnsmasq:

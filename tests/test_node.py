@@ -249,6 +249,22 @@ def test_hung_child_is_detected_by_heartbeat_and_replaced(node_factory) -> None:
     assert node.stop() == 0
 
 
+def test_a_whole_node_stall_is_not_mistaken_for_hung_children(node_factory) -> None:  # type: ignore[no-untyped-def]
+    node = node_factory()
+    st = node.wait_state("OPERATIONAL")
+    pids = [node.proc.pid, *child_pids(st)]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    time.sleep(4.5)  # longer than heartbeat_timeout_s (3 s) for every process of the node at once
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(3.0)
+    st = node.wait_state("OPERATIONAL")
+    assert [c["restarts"] for c in st["children"]] == [0, 0, 0], st["children"]
+    assert "supervisor loop ran" in node.log()
+    assert node.stop() == 0
+
+
 def test_quorum_above_one_waits_visibly_in_discovery(node_factory) -> None:  # type: ignore[no-untyped-def]
     node = node_factory(quorum=3)
     st = node.wait_for(lambda s: s["waiting_reason"] is not None, what="waiting reason")

@@ -123,9 +123,9 @@ class Coordinator:
         # survivors) while a majority of quorum_size is alive, as Raft itself does.
         need = self.quorum_size if plan is None else self.quorum_size // 2 + 1
         if len(alive) < need:
+            doing = "forming" if plan is None else "continuing"
             res.waiting_reason = (
-                f"only {len(alive)} node(s) alive; {'forming' if plan is None else 'continuing'} needs {need} "
-                f"(quorum_size {self.quorum_size})"
+                f"only {len(alive)} node(s) alive; {doing} needs {need} (quorum_size {self.quorum_size})"
             )
             res.description = f"waiting: {res.waiting_reason}"
             return res

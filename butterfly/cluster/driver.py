@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from butterfly.cluster.coordinator import SETTLE_S, Coordinator, ModelInfo
+from butterfly.cluster.coordinator import DEAD_AFTER_S, SETTLE_S, Coordinator, ModelInfo
 from butterfly.cluster.messages import (
     NodeReport,
     OperationalEntry,
@@ -137,6 +137,7 @@ class ClusterDriver:
         self.last_progress: Progress | None = None
         self.last_description = ""
         self.campaign_pending = False
+        self.judge_after = 0.0
         self._ready_lock = asyncio.Lock()
         self._view: frozenset[str] = frozenset()
         self._view_since = time.monotonic()
@@ -436,9 +437,19 @@ class ClusterDriver:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def cycle_loop(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(CYCLE_S)
-            await self.cycle(time.monotonic())
+            now = time.monotonic()
+            if now - last - CYCLE_S > DEAD_AFTER_S / 2:
+                # This process was not scheduled: peers' reports only look old. Let them refresh
+                # before judging anyone dead.
+                self.judge_after = now + DEAD_AFTER_S
+                log.warning(
+                    "cluster loop ran %.1fs late: not judging peers for %.1fs", now - last, DEAD_AFTER_S
+                )
+            last = now
+            await self.cycle(now)
 
     async def cycle(self, now: float) -> None:
         raft = self.raft
@@ -465,7 +476,7 @@ class ClusterDriver:
     async def _lead(self, now: float) -> None:
         raft = self.raft
         assert raft is not None
-        if held("assignment"):
+        if held("assignment") or now < self.judge_after:
             return
         if self.model is None:
             try:

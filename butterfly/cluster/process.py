@@ -159,11 +159,21 @@ class ClusterChild:
         return model_info(await self.manifest_once())
 
     async def discovery_loop(self) -> None:
-        from butterfly.discovery import make_provider
+        from butterfly.discovery import LocalNode, make_provider
 
         provider = make_provider(self.config)
+        cluster_id = ""
         try:
+            # Registries (Consul) list us; static and DNS providers do nothing here.
+            await provider.register(
+                LocalNode(self.config.node.id, self.transport.advertise, self.config.node.role)
+            )
             while True:
+                raft = self.driver.raft
+                if raft is not None and raft.cluster_id and raft.cluster_id != cluster_id:
+                    # From now on the transport refuses peers of another bootstrap outright.
+                    cluster_id = raft.cluster_id
+                    self.transport.set_cluster_id(cluster_id)
                 try:
                     found = await provider.resolve()
                     me = self.transport.advertise
@@ -174,6 +184,7 @@ class ClusterChild:
                     log.warning("discovery failed: %s", e)
                 await asyncio.sleep(self.config.cluster.discovery_interval_s)
         finally:
+            await provider.deregister()
             await provider.close()
 
     async def validated(self, msg: LocalValidated) -> None:

@@ -223,3 +223,14 @@ class FrameStream:
     def close(self) -> None:
         if not self.writer.is_closing():
             self.writer.close()
+
+    async def aclose(self, timeout_s: float = 1.0) -> None:
+        """Close and wait until the socket is released; a peer that stops reading cannot hold it: after
+        ``timeout_s`` the unsent bytes are discarded."""
+        self.close()
+        try:
+            await asyncio.wait_for(self.writer.wait_closed(), timeout_s)
+        except asyncio.TimeoutError:
+            self.writer.transport.abort()
+        except (OSError, ConnectionError):
+            pass  # the connection was already broken; it is released all the same

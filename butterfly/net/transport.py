@@ -9,6 +9,8 @@ or to the bounded ``inbox``.
 
 Who keeps which connection, in order:
 
+* a peer of another ``cluster_name``, or bootstrapped into another Raft cluster id
+  (``set_cluster_id``): refused on both sides;
 * a peer claiming *this* node's id: our own listener (same incarnation) is quietly dropped and never
   dialed again; another process is a duplicate node id, refused on both sides with an error line;
 * a peer id already connected from another advertised address, through a live connection, by another
@@ -16,7 +18,10 @@ Who keeps which connection, in order:
 * the same id with a new incarnation at the same address: the peer restarted, the new connection
   replaces the old one;
 * two live connections between the same two processes (both dialed at once): both sides keep the one
-  dialed by the lower node id, so they always agree; with the same dialer, the older one stays.
+  dialed by the lower node id, so they always agree; with the same dialer, the older one stays. The
+  other is retired, not cut: each side says Goodbye on it and reads it until the peer's Goodbye, so no
+  message already written to it is lost (messages around the switch may arrive out of order, which
+  Raft tolerates).
 
 Limits that keep a hostile or broken peer from holding resources: handshake frames are capped at
 ``HANDSHAKE_MAX_FRAME`` and the whole handshake at ``handshake_timeout_s`` (a silent or trickling peer
@@ -717,7 +722,7 @@ class Transport:
             pass
         finally:
             self._open -= 1
-            stream.close()
+            await stream.aclose()
             if task is not None:
                 self._tasks.discard(task)
 
@@ -848,7 +853,7 @@ class Transport:
         finally:
             self._open -= 1
             if stream is not None:
-                stream.close()
+                await stream.aclose()
 
     # ---- a connection's life ---------------------------------------------------------------------
 

@@ -372,15 +372,25 @@ class Supervisor:
     async def health_loop(self) -> None:
         interval = min(HEALTH_INTERVAL_S, self.notifier.watchdog_interval() or HEALTH_INTERVAL_S)
         last_text = ""
+        timeout = self.config.supervisor.heartbeat_timeout_s
+        last = time.monotonic()
+        grace_until = 0.0
         while True:
             await asyncio.sleep(interval)
+            now = time.monotonic()
+            late, last = now - last - interval, now
+            if late > timeout / 2:
+                # We were not scheduled either (a stalled machine, a suspended VM): the children's
+                # silence says nothing about them. Give them a full timeout to beat again.
+                grace_until = now + timeout
+                log.warning("supervisor loop ran %.1fs late: not judging heartbeats for %.0fs", late, timeout)
             if self.reopen_logs_requested:
                 self.reopen_logs_requested = False
                 self.on_reopen_logs()
             st = self.status()
             for c in st.children:
                 age = c.heartbeat_age_seconds
-                if c.alive and age is not None and age > self.config.supervisor.heartbeat_timeout_s:
+                if now >= grace_until and c.alive and age is not None and age > timeout:
                     log.error("%s child pid %s missed heartbeats for %.1fs: killing it", c.name, c.pid, age)
                     self.children[c.name].kill()
             self._board().update(NodeSection, watchdog_ok=int(st.healthy))
