@@ -165,9 +165,11 @@ class ClusterChild:
         cluster_id = ""
         try:
             # Registries (Consul) list us; static and DNS providers do nothing here.
-            await provider.register(
-                LocalNode(self.config.node.id, self.transport.advertise, self.config.node.role)
-            )
+            me = LocalNode(self.config.node.id, self.transport.advertise, self.config.node.role)
+            try:
+                await provider.register(me)
+            except Exception as e:  # the registry may come later; resolve() keeps retrying
+                log.warning("could not register with discovery: %s", e)
             while True:
                 raft = self.driver.raft
                 if raft is not None and raft.cluster_id and raft.cluster_id != cluster_id:
