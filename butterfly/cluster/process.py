@@ -165,9 +165,9 @@ class ClusterChild:
         cluster_id = ""
         try:
             # Registries (Consul) list us; static and DNS providers do nothing here.
-            me = LocalNode(self.config.node.id, self.transport.advertise, self.config.node.role)
+            local = LocalNode(self.config.node.id, self.transport.advertise, self.config.node.role)
             try:
-                await provider.register(me)
+                await provider.register(local)
             except Exception as e:  # the registry may come later; resolve() keeps retrying
                 log.warning("could not register with discovery: %s", e)
             while True:
