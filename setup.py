@@ -4,10 +4,15 @@ Set BUTTERFLY_NO_EXT=1 to skip them (the plain-Python twins are then used).
 """
 
 import os
+import platform
 
 from setuptools import Extension, setup
 
 ext_modules = []
+# xxHash's run-time choice of AVX-512 / AVX2 / SSE2 exists for x86-64 only; elsewhere the portable build.
+XXH_DISPATCH = (
+    ["csrc/third_party/xxhash/xxh_x86dispatch.c"] if platform.machine().lower() in ("x86_64", "amd64") else []
+)
 if not os.environ.get("BUTTERFLY_NO_EXT"):
     from Cython.Build import cythonize
 
@@ -21,11 +26,12 @@ if not os.environ.get("BUTTERFLY_NO_EXT"):
             ),
             Extension(
                 "butterfly._native.streamer",
-                ["csrc/streamer.pyx"],
+                ["csrc/streamer.pyx", *XXH_DISPATCH],
                 include_dirs=["csrc"],
-                # Inline the vendored xxhash.h (csrc/third_party/xxhash, BSD-2) into this module only.
-                define_macros=[("XXH_INLINE_ALL", None)],
-                extra_compile_args=["-O3", "-pthread"],
+                define_macros=[("BF_XXH_DISPATCH", "1" if XXH_DISPATCH else "0")],
+                # Hidden: the vendored xxHash (csrc/third_party/xxhash, BSD-2) must not clash with another
+                # copy in the process (the xxhash package's).
+                extra_compile_args=["-O3", "-pthread", "-fvisibility=hidden"],
                 extra_link_args=["-pthread"],
             ),
         ],

@@ -23,13 +23,13 @@ from posix.types cimport sigset_t
 from posix.unistd cimport pread, sysconf, _SC_PAGESIZE
 
 from streamer_decls cimport (
-    XXH3_64bits,
     XXH3_64bits_digest,
     XXH3_64bits_reset,
-    XXH3_64bits_update,
     XXH3_INITSTATE,
     XXH3_state_t,
     bf_chunk,
+    bf_xxh3_64,
+    bf_xxh3_update,
     bf_stream,
     pthread_cond_destroy,
     pthread_cond_init,
@@ -123,7 +123,7 @@ cdef void _read_chunk(unsigned char *arena, bf_chunk *c, size_t sub_bytes) noexc
                 c.status = ST_SHORT
                 return
             piece_got += <size_t>r
-        XXH3_64bits_update(&state, dst + got, piece)
+        bf_xxh3_update(&state, dst + got, piece)
         got += piece
     c.got = got
     c.digest = XXH3_64bits_digest(&state)
@@ -390,7 +390,7 @@ def xxh3_64(data):
         # nogil: hashing a big buffer must not stall other threads. In bounds: view.len bytes from
         # view.buf, pinned by the export until the release below.
         with nogil:
-            h = XXH3_64bits(view.buf, <size_t>view.len)
+            h = bf_xxh3_64(view.buf, <size_t>view.len)
     finally:
         PyBuffer_Release(&view)
     return h

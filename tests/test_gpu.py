@@ -176,6 +176,9 @@ def test_a_corrupted_device_byte_is_named() -> None:
             for s in up.streams:
                 s.synchronize()
             up.buffers[placements[0].name][12345] ^= 1
+            import cupy as cp
+
+            cp.cuda.Stream.null.synchronize()  # the flip ran on the default stream
             with pytest.raises(gpu.GpuVerifyError, match="up_proj.weight"):
                 up.finish(placements)
     finally:

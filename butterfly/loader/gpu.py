@@ -248,14 +248,13 @@ def checksum_device(words_u8: cupy.ndarray, stream: cupy.cuda.Stream | None = No
     uint64 device array (read it after the stream synchronizes)."""
     cp = _cupy()
     n_words = words_u8.size // 4
-    out = cp.zeros(1, dtype=cp.uint64)
     blocks = max(1, min((n_words + _BLOCK - 1) // _BLOCK, 4096))
     kernel = _checksum_kernel()
-    if stream is None:
+    # The accumulator is zeroed on the same stream as the kernel that adds into it: on another stream
+    # (a non-blocking one does not wait for the default stream) the zeroing could land after the sums.
+    with stream if stream is not None else contextlib.nullcontext():
+        out = cp.zeros(1, dtype=cp.uint64)
         kernel((blocks,), (_BLOCK,), (words_u8, np.uint64(n_words), out))
-    else:
-        with stream:
-            kernel((blocks,), (_BLOCK,), (words_u8, np.uint64(n_words), out))
     return out
 
 
@@ -300,6 +299,9 @@ class GpuUploader:
                     # The pad bytes are part of the checksum's last word: zero, as on the host.
                     buf[p.length :] = 0
                     self.buffers[p.name] = buf
+                # Those zeroing kernels ran on the default stream, which the non-blocking upload and
+                # checksum streams do not wait for.
+                cp.cuda.Stream.null.synchronize()
                 if register and self._host.size:
                     try:
                         # Page-locked in place, every chunk is one DMA straight from the arena.

@@ -275,6 +275,7 @@ class Loader:
         self.inbox = inbox
         self.arena: Segment | None = None
         self.manifest: Manifest | None = None
+        self.gpu_result: object | None = None
         self.no_manifest_logged = False
         self.downloaded_total = 0
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
@@ -356,15 +357,16 @@ class Loader:
                 fetch.fill_cache()
             steps["verify"] = time.monotonic() - t0
 
-            for step in (LoadStep.UPLOAD, LoadStep.COMPILE):
-                t0 = self._step(step)
-                if not self.gpus:
+            if self.gpus:
+                self._gpu_steps(tensors, placements, steps)
+            else:
+                for step in (LoadStep.UPLOAD, LoadStep.COMPILE):
+                    t0 = self._step(step)
                     log.info("no GPU: %s skipped, weights stay in the host arena", step.label)
-                steps[step.label] = time.monotonic() - t0
-
-            t0 = self._step(LoadStep.WARMUP)
-            self._warmup(layout, tensors, placements, rng)
-            steps["warmup"] = time.monotonic() - t0
+                    steps[step.label] = time.monotonic() - t0
+                t0 = self._step(LoadStep.WARMUP)
+                self._warmup(layout, tensors, placements, rng)
+                steps["warmup"] = time.monotonic() - t0
         except (ModelFormatError, ValueError) as e:
             raise LoadFailed(str(e), True) from e
         except (SourceError, ChunkMismatch) as e:
@@ -382,6 +384,29 @@ class Loader:
             chunks=chunks,
             step_seconds=steps,
         )
+
+    def _gpu_steps(
+        self, tensors: list[TensorEntry], placements: list[TensorPlacement], steps: dict[str, float]
+    ) -> None:
+        """Upload with a device-side checksum compared to the host's, compile, warm up on device 0."""
+        from butterfly.loader import gpu
+
+        try:
+            t0 = self._step(LoadStep.UPLOAD)
+            self.gpu_result = None  # free the previous assignment's device memory first
+            self.gpu_result = gpu.upload_and_verify(self.arena_buf(), placements, device=0)
+            steps["upload"] = time.monotonic() - t0
+            t0 = self._step(LoadStep.COMPILE)
+            gpu.compile_kernels(0)
+            steps["compile"] = time.monotonic() - t0
+            t0 = self._step(LoadStep.WARMUP)
+            stats = gpu.gpu_warmup(self.gpu_result, tensors)
+            steps["warmup"] = time.monotonic() - t0
+            log.info("GPU warmup ok: %s", stats)
+        except gpu.GpuVerifyError as e:
+            raise LoadFailed(f"GPU copy of the weights does not match the arena: {e}", False) from e
+        except Exception as e:  # CUDA errors surface as many types; all mean this load failed
+            raise LoadFailed(f"GPU upload failed: {type(e).__name__}: {e}", False) from e
 
     def _warmup(
         self,

@@ -65,8 +65,8 @@ FdTable = Mapping[str, int]
 
 # Bytes per pread inside a chunk in the Cython engine: small enough to stay in a core's L2 (2 MiB here)
 # until xxh3 reads it back, large enough that the syscall (~1-2 us) is a few percent of the copy.
-# bench/README.md has the sweep that chose it (128 KiB .. 2 MiB were within noise of each other, 1 MiB+
-# a little slower).
+# bench/README.md has the sweep that chose it (128-256 KiB best; from 1 MiB up the piece has left L2
+# before it is hashed, and the load is a third slower).
 SUB_BYTES = 256 << 10
 PROGRESS_INTERVAL_S = 0.05
 
