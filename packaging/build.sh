@@ -73,7 +73,7 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
         MANIFEST.in butterfly csrc \
         | xargs -0 -r cp --parents -t "$WORK/src" --
 else
-    tar -cf - --exclude=__pycache__ --exclude='*.so' --exclude='*.c' \
+    tar -cf - --exclude=__pycache__ --exclude='*.so' --exclude='csrc/board.c' --exclude='csrc/streamer.c' \
         pyproject.toml setup.py README.md butterfly csrc | tar -xf - -C "$WORK/src"
 fi
 "$TOOLS/bin/pip" wheel -q --no-deps --no-build-isolation -w "$WORK/wheels" "$WORK/src"
