@@ -34,12 +34,14 @@ class Cluster:
         self.api_ports = [free_port() for _ in range(n)]
         self.roles = roles or ["coordinator"] * n
         self.nodes: dict[str, Node] = {}
+        # Set to (srv_name, "127.0.0.1:port") to find peers through DNS SRV instead of seed lists.
+        self.dns: tuple[str, str] | None = None
 
     def config(self, i: int) -> Path:
         d = self.root / self.ids[i]
         d.mkdir(exist_ok=True)
         seeds = [a for j, a in enumerate(self.addrs) if j != i]
-        return write_config(
+        path = write_config(
             d / "node.toml",
             self.model,
             node_id=self.ids[i],
@@ -48,8 +50,17 @@ class Cluster:
             role=self.roles[i],
             secret=self.secret,
             bind=self.addrs[i],
-            seeds=seeds,
+            seeds=[] if self.dns else seeds,
         )
+        if self.dns:
+            name, server = self.dns
+            text = path.read_text().replace(
+                'discovery_method = "static"',
+                f'discovery_method = "dns"\ndns_srv_name = "{name}"\ndns_servers = ["{server}"]\n'
+                "discovery_interval_s = 0.5",
+            )
+            path.write_text(text)
+        return path
 
     def start(self, i: int) -> Node:
         node = Node(self.config(i), self.api_ports[i], env=self.env)

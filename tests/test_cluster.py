@@ -152,3 +152,26 @@ def test_losing_quorum_waits_visibly(cluster_factory) -> None:  # type: ignore[n
     (s,) = st.values()
     assert s["waiting_reason"]
     assert c.nodes[c.ids[0]].get("/ready")[0] == 503
+
+
+def test_nodes_find_each_other_through_dns_srv(cluster_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.dnsmasq import Dnsmasq, SrvRecord
+
+    c = cluster_factory(3, quorum=3)
+    (tmp_path / "dns").mkdir()
+    dns = Dnsmasq(tmp_path / "dns")
+    srv = "_butterfly._tcp.butterfly.test"
+    records, hosts = [], {}
+    for i, addr in enumerate(c.addrs):
+        host, port = addr.rsplit(":", 1)
+        records.append(SrvRecord(f"n{i}.butterfly.test", int(port)))
+        hosts[f"n{i}.butterfly.test"] = host
+    dns.start({srv: records}, host_records=hosts)
+    try:
+        c.dns = (srv, f"127.0.0.1:{dns.port}")
+        c.start_all()
+        st = c.wait_operational()
+        assert_formed(st, Path(c.model))
+    finally:
+        c.stop_all()
+        dns.stop()
