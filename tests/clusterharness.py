@@ -36,6 +36,8 @@ class Cluster:
         self.nodes: dict[str, Node] = {}
         # Set to (srv_name, "127.0.0.1:port") to find peers through DNS SRV instead of seed lists.
         self.dns: tuple[str, str] | None = None
+        # Per-node model directories (index -> dir), e.g. one node holding another model version.
+        self.models: dict[int, Path] = {}
 
     def config(self, i: int) -> Path:
         d = self.root / self.ids[i]
@@ -43,7 +45,7 @@ class Cluster:
         seeds = [a for j, a in enumerate(self.addrs) if j != i]
         path = write_config(
             d / "node.toml",
-            self.model,
+            self.models.get(i, self.model),
             node_id=self.ids[i],
             api_port=self.api_ports[i],
             quorum=self.quorum,

@@ -59,17 +59,14 @@ def test_no_node_serves_before_the_operational_entry(cluster_factory) -> None:  
     c = cluster_factory(3, quorum=3)
     c.start(0)
     c.start(1)
-    # Two of three: validated locally perhaps, but never OPERATIONAL without the third.
-    st = c.wait(
-        lambda st: all(s["state"] in ("JOINING",) and s["waiting_reason"] for s in st.values()),
-        what="waiting for the third node",
+    # Two of three cannot even bootstrap: nothing is loaded or served until the third arrives.
+    c.wait(
+        lambda st: all(
+            s["state"] == "JOINING" and "found 2 of quorum_size 3" in (s["waiting_reason"] or "")
+            for s in st.values()
+        ),
+        what="both nodes waiting for the third",
     )
-    assert all(
-        "forming needs 3" in (s["waiting_reason"] or "")
-        or "coordinator" in (s["waiting_reason"] or "")
-        or "quorum_size" in (s["waiting_reason"] or "")
-        for s in st.values()
-    ), st
     for node in c.nodes.values():
         assert node.get("/ready")[0] == 503
     c.start(2)
@@ -175,3 +172,28 @@ def test_nodes_find_each_other_through_dns_srv(cluster_factory, tmp_path) -> Non
     finally:
         c.stop_all()
         dns.stop()
+
+
+def test_a_node_holding_another_model_version_keeps_the_whole_cluster_from_serving(
+    cluster_factory, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    from butterfly.manifest import build_manifest, write_manifest
+    from butterfly.model.testmodel import make_test_model
+
+    # Same architecture and names, other bytes (another seed): its own manifest is self-consistent.
+    other = make_test_model(tmp_path / "other", layers=4, hidden=128, vocab=512, shards=2, seed=7)
+    manifest, _ = build_manifest(other, chunk_bytes=64 * 1024)
+    write_manifest(manifest, other / MANIFEST_FILE)
+    c = cluster_factory(3, quorum=3)
+    c.models[2] = other
+    c.start_all()
+    st = c.wait(
+        lambda st: st[c.ids[2]]["state"] == "FAILED" and all(s["phase"] != "discovery" for s in st.values()),
+        what="the odd node rejected",
+    )
+    assert "is not the plan's" in st[c.ids[2]]["last_error"]
+    assert all(s["state"] != "OPERATIONAL" for s in st.values())
+    for node in c.nodes.values():
+        assert node.get("/ready")[0] == 503
+    coord = st[c.ids[0]]["coordinator"]
+    assert f"validation of {c.ids[2]} at epoch" in c.nodes[coord].log()
