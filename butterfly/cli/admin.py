@@ -1,16 +1,13 @@
 """`butterfly-admin`: operator commands.
 
-Exit status: 0 success, 1 the command ran and found a problem (node not reachable, ...),
-2 usage error, 78 bad config.
+Exit status: 0 success, 1 the command ran and found a problem (node FAILED, a check failed, ...),
+2 usage error, 3 node unreachable, 4 ``watch`` timed out, 78 bad config (see ``admin_ops``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 
@@ -32,42 +29,6 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_status(url: str, timeout: float = 3.0) -> dict[str, object]:
-    with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as resp:
-        data = json.loads(resp.read())
-    if not isinstance(data, dict):
-        raise ValueError("the node's /status is not a JSON object")
-    return data
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    try:
-        st = fetch_status(args.url)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        print(f"butterfly-admin: cannot read {args.url}/status: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
-    for key in (
-        "node_id",
-        "state",
-        "phase",
-        "progress_percent",
-        "eta_seconds",
-        "cluster_size",
-        "coordinator",
-        "term",
-        "epoch",
-        "model_root",
-        "waiting_reason",
-        "last_error",
-    ):
-        if st.get(key) is not None:
-            print(f"{key:>18}: {st[key]}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="butterfly-admin", description="Operate a Butterfly node.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -83,13 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tie-embeddings", action="store_true")
     m.set_defaults(func=cmd_make_test_model)
 
-    s = sub.add_parser("status", help="show a node's /status")
-    s.add_argument("--url", default="http://127.0.0.1:8080")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(func=cmd_status)
+    from butterfly.cli import admin_ops, admin_weights
 
-    from butterfly.cli import admin_weights
-
+    admin_ops.register(sub)
     admin_weights.register(sub)
     return p
 
