@@ -29,7 +29,7 @@ for i in $(seq 1 "$N"); do
     for j in $(seq 1 "$N"); do
         [ "$j" = "$i" ] || seeds="$seeds\"127.0.0.$j:$PORT\", "
     done
-    dir="$RUN/node$i"
+    dir="$RUN/cluster$N/node$i"   # Raft state belongs to one cluster shape
     mkdir -p "$dir"
     cat > "$dir/node.toml" <<TOML
 [cluster]

@@ -184,7 +184,8 @@ def test_a_node_holding_another_model_version_keeps_the_whole_cluster_from_servi
     other = make_test_model(tmp_path / "other", layers=4, hidden=128, vocab=512, shards=2, seed=7)
     manifest, _ = build_manifest(other, chunk_bytes=64 * 1024)
     write_manifest(manifest, other / MANIFEST_FILE)
-    c = cluster_factory(3, quorum=3)
+    # The odd node is a worker, so the coordinator is always one holding the reference version.
+    c = cluster_factory(3, quorum=2, roles=["coordinator", "coordinator", "worker"])
     c.models[2] = other
     c.start_all()
     st = c.wait(

@@ -34,7 +34,7 @@ from butterfly.planner import ModelSizes, NodeCapacity, Plan, PlanError, plan_pa
 # A node silent for this long is dead to the coordinator (reports come every REPORT_INTERVAL_S).
 DEAD_AFTER_S = 1.5
 # Membership must be unchanged this long before a first plan, so nodes starting together share one.
-SETTLE_S = 0.3
+SETTLE_S = 0.2
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ log = logging.getLogger("butterfly.cluster")
 TICK_S = 0.05
 ELECTION_TICKS = 10
 HEARTBEAT_TICKS = 2
-REPORT_INTERVAL_S = 0.3
+REPORT_INTERVAL_S = 0.15
 CYCLE_S = 0.1
 # A node that had a coordinator and lost it for this long stops serving and says so.
 LEADERLESS_S = 2.0
@@ -136,7 +136,10 @@ class ClusterDriver:
         self.last_leader_seen = time.monotonic()
         self.last_progress: Progress | None = None
         self.last_description = ""
-        self.campaign_pending = False
+        # Until then (set at bootstrap for the lowest voter) campaign every cycle while no leader is
+        # known: voters that bootstrap a moment later ignore an early pre-vote, and waiting for the
+        # randomized timeout would cost 0.5-1 s. Pre-vote does not change the term, so this is safe.
+        self.campaign_until = 0.0
         self.judge_after = 0.0
         self._ready_lock = asyncio.Lock()
         self._view: frozenset[str] = frozenset()
@@ -247,6 +250,9 @@ class ClusterDriver:
         finally:
             os.close(dfd)
 
+    def _cluster_id(self, voters: tuple[str, ...]) -> str:
+        return f"{self.cluster_name}/{'+'.join(voters)}"
+
     async def _try_bootstrap(self, now: float) -> str:
         """One bootstrap step; returns what it waits for ('' once Raft has state)."""
         raft = self.raft
@@ -256,12 +262,15 @@ class ClusterDriver:
         if self.role != "coordinator":
             return "waiting to be added to the cluster by its coordinator (role worker never bootstraps)"
         alive = self.coordinator.alive(self.reports, now)
-        if any(r.cluster_id for r in alive.values()):
+        pledge = self._stored_pledge()
+        # A fellow voter that already bootstrapped our pledged set is no reason to stop: we finish our
+        # own bootstrap. Any other cluster id means a cluster we are not a voter of: join it.
+        ours = self._cluster_id(pledge) if pledge else None
+        if any(r.cluster_id and r.cluster_id != ours for r in alive.values()):
             return "a bootstrapped cluster exists: waiting to be added as a learner"
         eligible = frozenset(n for n, r in alive.items() if r.role == "coordinator") | {self.node_id}
         if eligible != self._view:
             self._view, self._view_since = eligible, now
-        pledge = self._stored_pledge()
         if pledge is None:
             if len(eligible) < self.quorum_size:
                 return f"found {len(eligible)} of quorum_size {self.quorum_size} coordinator-eligible nodes"
@@ -280,7 +289,7 @@ class ClusterDriver:
         missing = [v for v in pledge if self.pledges.get(v) != pledge]
         if missing:
             return f"waiting for bootstrap pledges from {', '.join(missing)}"
-        cluster_id = f"{self.cluster_name}/{'+'.join(pledge)}"
+        cluster_id = self._cluster_id(pledge)
         state = bootstrap_state(list(pledge), cluster_id)
         assert self.storage is not None
         async with self._ready_lock:
@@ -290,7 +299,8 @@ class ClusterDriver:
             self.raft = RaftNode(self.node_id, self._raft_config(), state, secrets.randbits(63))
         log.info("bootstrapped cluster %s with voters %s", cluster_id, ",".join(pledge))
         # The lowest id campaigns at once: election costs one round trip, not a timeout.
-        self.campaign_pending = pledge[0] == self.node_id
+        if pledge[0] == self.node_id:
+            self.campaign_until = now + ELECTION_TICKS * TICK_S
         return ""
 
     # ---- peer messages -------------------------------------------------------------------------
@@ -463,8 +473,12 @@ class ClusterDriver:
                 return
             raft = self.raft
             assert raft is not None
-        if self.campaign_pending and raft.leader is None and not held("election"):
-            self.campaign_pending = False
+        if (
+            now < self.campaign_until
+            and raft.leader is None
+            and raft.role in (Role.FOLLOWER, Role.PRE_CANDIDATE)
+            and not held("election")
+        ):
             raft.campaign()
             await self._process_ready()
         if raft.leader is not None:
