@@ -299,9 +299,9 @@ class Supervisor:
     async def on_plan(self, plan: PlanAssigned) -> None:
         self.plan = plan
         self.phase_failures = 0
-        self.advance_to(Phase.ASSIGNMENT) if self.phase < Phase.ASSIGNMENT else None
-        if self.phase > Phase.ASSIGNMENT:
-            self.advance_to(Phase.ASSIGNMENT, f"new plan epoch {plan.epoch}")
+        self.advance_to(
+            Phase.ASSIGNMENT, f"new plan epoch {plan.epoch}" if self.phase > Phase.ASSIGNMENT else ""
+        )
         log.info(
             "assigned blocks %d-%d of %d at epoch %d, term %d",
             plan.start,
