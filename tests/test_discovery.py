@@ -8,12 +8,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import uvloop
 
 from butterfly.config import HostPort, parse_config
 from butterfly.discovery import (
@@ -29,26 +28,11 @@ from butterfly.discovery.consul import ConsulProvider
 from butterfly.discovery.dns import DnsSrvProvider
 from butterfly.discovery.static import StaticProvider, system_lookup
 from butterfly.net import Transport, TransportLimits
+from tests.asynchelpers import run, wait_until
 from tests.dnsmasq import Dnsmasq, SrvRecord
 from tests.fakeconsul import FakeConsul, parse_duration
 
-T = TypeVar("T")
 SRV = "_butterfly._tcp.butterfly.test"
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return uvloop.run(bounded())
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def next_change(

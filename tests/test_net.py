@@ -17,13 +17,11 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import pytest
-import uvloop
 
 from butterfly.capabilities import (
     Capabilities,
@@ -54,8 +52,8 @@ from butterfly.net.frames import (
     decode_handshake,
     encode,
 )
+from tests.asynchelpers import run, wait_until
 
-T = TypeVar("T")
 SECRET = secrets.token_bytes(32)
 FAST = TransportLimits(
     handshake_timeout_s=1.0,
@@ -75,21 +73,6 @@ QUIET = TransportLimits(  # no pings: the proxy tests count frames
     backoff_max_s=0.3,
     log_interval_s=0.0,
 )
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return uvloop.run(bounded())
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def node(
