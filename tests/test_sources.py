@@ -79,7 +79,7 @@ def test_filesystem_source_ranges_equal_file_bytes(model: Path) -> None:
     rng = random.Random(7)
     try:
         assert isinstance(src, Source)
-        assert src.description == str(model) and src.model_dir() == model
+        assert src.description == str(model) and src.root == model
         for name in _shards(model):
             data = (model / name).read_bytes()
             assert src.size(name) == len(data)

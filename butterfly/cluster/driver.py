@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
+
 from butterfly.cluster.coordinator import DEAD_AFTER_S, SETTLE_S, Coordinator, ModelInfo
 from butterfly.cluster.messages import (
     NodeReport,
@@ -427,13 +429,8 @@ class ClusterDriver:
         while True:
             base = self.local_report()
             raft = self.raft
-            report = NodeReport(
-                node_id=base.node_id,
-                cluster_name=base.cluster_name,
-                role=base.role,
-                memory_bytes=base.memory_bytes,
-                throughput=base.throughput,
-                cached_blocks=base.cached_blocks,
+            report = msgspec.structs.replace(
+                base,
                 cluster_id=(raft.cluster_id or "") if raft else "",
                 validated_epoch=self.validated.epoch if self.validated else 0,
             )
@@ -536,7 +533,7 @@ class ClusterDriver:
             self.reported_operational = 0
             return
         if plan is None:
-            await self._progress(Progress("assignment", self.coordinator_waiting()))
+            await self._progress(Progress("assignment", "waiting for the coordinator's plan"))
             return
         mine = plan.range_of(self.node_id)
         if mine is None:
@@ -561,9 +558,6 @@ class ClusterDriver:
             )
             self.events.board(operational_nodes=operational)
             await self.events.operational(plan.epoch, raft.term)
-
-    def coordinator_waiting(self) -> str:
-        return "waiting for the coordinator's plan"
 
     async def _progress(self, p: Progress) -> None:
         if p != self.last_progress:

@@ -33,9 +33,6 @@ class FilesystemSource:
     def description(self) -> str:
         return str(self.root)
 
-    def model_dir(self) -> Path:
-        return self.root
-
     def _path(self, file: str) -> Path:
         check_file_name(file, str(self.root))
         return self.root / file
