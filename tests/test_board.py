@@ -312,7 +312,7 @@ def test_implementation_selection() -> None:
 def test_layout_sizes_and_alignment() -> None:
     payloads = {
         HeaderSection: 84,
-        NodeSection: 377,
+        NodeSection: 392,
         ClusterSection: 297,
         LoaderSection: 69,
         ValidatorSection: 96,
@@ -422,7 +422,8 @@ def test_every_field_round_trips_at_its_limits(board: Board, impl: SeqlockImpl) 
             last_error="e" * 256,
             error_source="loader",
             child_restarts=2**32 - 1,
-            operational=1,
+            serving_epoch=2**64 - 1,
+            heartbeat_mono_ns=5,
         ),
         ClusterSection(
             heartbeat_mono_ns=1,

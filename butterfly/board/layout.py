@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, TypeVar
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 # b"BFLY" as the first payload bytes of the header, read as a little-endian u32.
 MAGIC = int.from_bytes(b"BFLY", "little")
 SECTION_ALIGN = 64
@@ -90,7 +90,9 @@ class HeaderSection(Section):
 
 @dataclass(frozen=True)
 class NodeSection(Section):
-    """Writer: the supervisor. ``phase_durations[p]`` is seconds spent in phase p, -1.0 until done."""
+    """Writer: the supervisor. ``phase_durations[p]`` is seconds spent in phase p, -1.0 until done.
+    ``serving_epoch``: the epoch this node validated and was told is operational (0: none);
+    ``heartbeat_mono_ns``: the supervisor's own beat (butterfly.gate reads both)."""
 
     KEY: ClassVar[str] = "node"
     state: U8 = 0
@@ -103,7 +105,8 @@ class NodeSection(Section):
     last_error: Str256 = ""
     error_source: Str32 = ""
     child_restarts: U32 = 0
-    operational: U8 = 0
+    serving_epoch: U64 = 0
+    heartbeat_mono_ns: U64 = 0
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from butterfly.logs import LogControl
 from butterfly.notify import Notifier
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
 from butterfly.status import ChildStatus, NodeStatus
+from butterfly.supervisor.childproc import HEARTBEAT_S
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
 from butterfly.supervisor.statusview import build_status, status_line
 
@@ -123,7 +124,9 @@ class Supervisor:
             )
             for k, h in self.children.items()
         ]
-        return build_status(snap, self.config.node.role, children, self.config.supervisor.heartbeat_timeout_s)
+        return build_status(
+            snap, self.config.node.role, children, self.config.supervisor.heartbeat_timeout_s, now
+        )
 
     def _term(self) -> int:
         return self._board().snapshot().cluster.term if self.board else 0
@@ -147,6 +150,8 @@ class Supervisor:
             NodeSection,
             phase=int(new),
             state=int(new_state),
+            # Any phase change ends serving: the gate needs set_operational for the new epoch again.
+            serving_epoch=0,
             phase_started_mono_ns=now,
             phase_durations=tuple(durations),
         )
@@ -179,13 +184,23 @@ class Supervisor:
         while self.phase < target:
             self.set_phase(Phase(self.phase + 1), reason)
 
-    def set_operational(self) -> None:
+    def set_operational(self, epoch: int) -> None:
+        """The coordinator committed "operational at ``epoch``" and this node validated its range of
+        it: from now on butterfly.gate decides, moment by moment, whether the node serves."""
         self.operational = True
-        self._board().update(NodeSection, state=int(NodeState.OPERATIONAL), operational=1)
+        self._board().update(NodeSection, state=int(NodeState.OPERATIONAL), serving_epoch=epoch)
         log.info(
-            "state READY -> OPERATIONAL, term %d: serving",
+            "state READY -> OPERATIONAL at epoch %d, term %d",
+            epoch,
             self._term(),
-            extra={"fields": {"STATE": "OPERATIONAL", "PHASE": self.phase.label, "TERM": self._term()}},
+            extra={
+                "fields": {
+                    "STATE": "OPERATIONAL",
+                    "PHASE": self.phase.label,
+                    "TERM": self._term(),
+                    "EPOCH": epoch,
+                }
+            },
         )
 
     def fail(self, source: str, reason: str) -> None:
@@ -292,7 +307,7 @@ class Supervisor:
             await self.on_validated(r)
         elif isinstance(r, ClusterOperational):
             if self.phase is Phase.READY and self.plan is not None and r.epoch == self.plan.epoch:
-                self.set_operational()
+                self.set_operational(r.epoch)
         elif isinstance(r, Failed):
             await self.on_failed(ev.kind, r)
 
@@ -404,6 +419,12 @@ class Supervisor:
                 self.last_load_bytes = st.bytes_done
                 self.notifier.extend_timeout(int(EXTEND_TIMEOUT_S * 1e6))
 
+    async def beat_loop(self) -> None:
+        """The supervisor's own heartbeat: butterfly.gate stops serving when this loop stalls."""
+        while True:
+            self._board().update(NodeSection, heartbeat_mono_ns=time.monotonic_ns())
+            await asyncio.sleep(HEARTBEAT_S)
+
     def on_reopen_logs(self) -> None:
         if self.logs is not None:
             self.logs.reopen()
@@ -436,7 +457,7 @@ class Supervisor:
             self.node_id,
             extra={"fields": {"PHASE": "cold_start", "STATE": "COLD", "TERM": 0}},
         )
-        tasks: list[asyncio.Task[None]] = []
+        tasks: list[asyncio.Task[None]] = [asyncio.create_task(self.beat_loop())]
         try:
             hw = await asyncio.to_thread(detect)
             log.info(

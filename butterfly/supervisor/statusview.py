@@ -1,6 +1,6 @@
 """Turns one consistent board snapshot (plus the supervisor's child handles) into a NodeStatus.
 
-Pure function of its inputs, so /status, /metrics and systemd's STATUS= line always agree.
+Pure function of its inputs (and the clock), so /status, /metrics and systemd's STATUS= line always agree.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from butterfly import __version__
 from butterfly.board import BoardSnapshot
+from butterfly.gate import ServeVerdict, may_serve
 from butterfly.states import LoadStep, NodeState, Phase
 from butterfly.status import ChildStatus, NodeStatus
 
@@ -31,20 +32,31 @@ def _progress(snap: BoardSnapshot, phase: Phase) -> tuple[float, int | None]:
     return 0.0, None
 
 
+def _gate_reason(state: NodeState, verdict: ServeVerdict) -> str | None:
+    """Once validated, what keeps the node from serving is the gate's reason."""
+    return verdict.reason if state is NodeState.READY else None
+
+
 def build_status(
     snap: BoardSnapshot,
     role: str,
     children: Sequence[ChildStatus],
     heartbeat_timeout_s: float,
+    now: int | None = None,
 ) -> NodeStatus:
+    """``now``: the time.monotonic_ns() the caller judged the children by (read here if None)."""
     node, cl, ld = snap.node, snap.cluster, snap.loader
     phase = Phase(node.phase)
     state = NodeState(node.state)
     pct, eta = _progress(snap, phase)
-    now = time.monotonic_ns()
+    now = time.monotonic_ns() if now is None else now
     durations = {Phase(i).label: d for i, d in enumerate(node.phase_durations) if d >= 0 and i < len(Phase)}
     if state in (NodeState.READY, NodeState.OPERATIONAL) and durations:
         durations["total"] = sum(durations.values())
+    verdict = may_serve(snap, now)
+    if state is NodeState.OPERATIONAL and not verdict.ok:
+        # The node's state follows the gate: validated and committed, but not serving this moment.
+        state = NodeState.READY
     healthy = state is not NodeState.FAILED and all(
         c.alive and c.heartbeat_age_seconds is not None and c.heartbeat_age_seconds < heartbeat_timeout_s
         for c in children
@@ -71,10 +83,10 @@ def build_status(
         model_root=cl.model_root or None,
         phase_durations=durations,
         uptime_seconds=round((now - node.started_mono_ns) / 1e9, 3),
-        may_serve=state is NodeState.OPERATIONAL,
+        may_serve=verdict.ok,
         healthy=healthy,
         last_error=node.last_error or None,
-        waiting_reason=cl.waiting_reason or None,
+        waiting_reason=None if verdict.ok else (cl.waiting_reason or _gate_reason(state, verdict)),
         children=list(children),
     )
 

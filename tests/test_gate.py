@@ -1,0 +1,81 @@
+"""The serving gate: every way a snapshot can say "do not serve" is tried, one at a time."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from butterfly.board import BoardSnapshot, ClusterSection, HeaderSection, LoaderSection, NodeSection
+from butterfly.board.layout import ValidatorSection
+from butterfly.gate import STALE_AFTER_NS, may_serve
+from butterfly.states import NodeState, Phase
+from butterfly.supervisor.statusview import build_status
+
+NOW = 1_000 * 10**9
+EPOCH = 3
+
+
+def serving() -> BoardSnapshot:
+    """A node serving epoch 3, every process having just beaten."""
+    beat = NOW - 10**8
+    return BoardSnapshot(
+        header=HeaderSection(node_id="n1"),
+        node=NodeSection(
+            state=int(NodeState.OPERATIONAL),
+            phase=int(Phase.READY),
+            serving_epoch=EPOCH,
+            heartbeat_mono_ns=beat,
+            started_mono_ns=NOW - 10**10,
+        ),
+        cluster=ClusterSection(heartbeat_mono_ns=beat, epoch=EPOCH, term=2, coordinator="n1"),
+        loader=LoaderSection(heartbeat_mono_ns=beat),
+        validator=ValidatorSection(heartbeat_mono_ns=beat),
+    )
+
+
+def change(snap: BoardSnapshot, section: str, **fields: object) -> BoardSnapshot:
+    return dataclasses.replace(snap, **{section: dataclasses.replace(getattr(snap, section), **fields)})
+
+
+def test_a_serving_node_may_serve_its_epoch() -> None:
+    v = may_serve(serving(), NOW)
+    assert (v.ok, v.reason, v.epoch) == (True, "", EPOCH)
+
+
+@pytest.mark.parametrize(
+    ("section", "fields", "why"),
+    [
+        ("node", {"state": int(NodeState.READY)}, "state READY"),
+        ("node", {"state": int(NodeState.FAILED)}, "state FAILED"),
+        ("node", {"state": 99}, "unknown (99)"),
+        ("node", {"serving_epoch": 0}, "no validated operational epoch"),
+        ("cluster", {"epoch": EPOCH + 1}, "plan epoch 4 applied; this node validated epoch 3"),
+        ("node", {"heartbeat_mono_ns": 0}, "supervisor has not started"),
+        ("node", {"heartbeat_mono_ns": NOW - STALE_AFTER_NS - 1}, "supervisor silent for 1.0s"),
+        ("cluster", {"heartbeat_mono_ns": NOW - 5 * 10**9}, "cluster child silent for 5.0s"),
+        ("loader", {"heartbeat_mono_ns": NOW - 2 * 10**9}, "loader child silent for 2.0s"),
+        ("validator", {"heartbeat_mono_ns": 0}, "validator child has not started"),
+    ],
+)
+def test_each_fact_alone_stops_serving(section: str, fields: dict[str, object], why: str) -> None:
+    v = may_serve(change(serving(), section, **fields), NOW)
+    assert not v.ok and v.epoch == 0
+    assert why in v.reason
+
+
+def test_a_heartbeat_just_inside_the_bound_still_serves() -> None:
+    snap = change(serving(), "loader", heartbeat_mono_ns=NOW - STALE_AFTER_NS)
+    assert may_serve(snap, NOW).ok
+    # A beat written after the reader read its clock is fresh, not negative-aged garbage.
+    assert may_serve(change(serving(), "loader", heartbeat_mono_ns=NOW + 5), NOW).ok
+
+
+def test_status_follows_the_gate() -> None:
+    st = build_status(serving(), "coordinator", [], 10.0, NOW)
+    assert (st.state, st.may_serve, st.waiting_reason) == ("OPERATIONAL", True, None)
+    # Committed and validated, but a child went silent: READY, not serving, and it says why.
+    hung = change(serving(), "validator", heartbeat_mono_ns=1)
+    st = build_status(hung, "coordinator", [], 10.0, NOW)
+    assert (st.state, st.may_serve) == ("READY", False)
+    assert st.waiting_reason is not None and "validator child silent" in st.waiting_reason
