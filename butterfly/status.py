@@ -17,6 +17,8 @@ class ChildStatus(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_age_seconds: float | None
     restarts: int
     last_exit: str = ""
+    # Spawned but not beaten yet (importing, attaching): judged by the start-up bound, not heartbeats.
+    starting: bool = False
 
 
 class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):

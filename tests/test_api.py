@@ -286,6 +286,7 @@ def test_status_loading_matches_seed_example() -> None:
             "heartbeat_age_seconds": 0.25,
             "restarts": 2,
             "last_exit": "",
+            "starting": False,
         }
 
     with_server(FakeSource(loading()), body)

@@ -13,7 +13,10 @@ Decisions (why):
   loader -> loading_weights, validator -> re-run validation). Past the budget the node is FAILED,
   visibly, and keeps answering /status.
 - A child whose heartbeat is older than heartbeat_timeout_s counts as hung: it is killed, which
-  turns it into a dead child. systemd's watchdog is fed only while every child is healthy.
+  turns it into a dead child. A child that has not beaten once since its spawn is starting and gets
+  CHILD_START_TIMEOUT_S instead (a loaded machine can take longer than a heartbeat timeout to start
+  an interpreter). Serving stops much earlier, on a stale heartbeat (butterfly.gate). systemd's
+  watchdog is fed only while every child is healthy.
 
 This module must not do blocking I/O on the event loop.
 """
@@ -62,6 +65,9 @@ log = logging.getLogger("butterfly.supervisor")
 HEALTH_INTERVAL_S = 0.5
 # A load that keeps making progress asks systemd for this much more start-up time each time.
 EXTEND_TIMEOUT_S = 30.0
+# A child that has not beaten once since its spawn is still starting (interpreter start-up and imports
+# can take many seconds on a loaded machine); it is killed as hung only after this long.
+CHILD_START_TIMEOUT_S = 60.0
 # Fatal errors from the loader/validator are retried this many times before the node fails.
 PHASE_RETRIES = 1
 
@@ -121,6 +127,7 @@ class Supervisor:
                 else None,
                 restarts=h.restarts,
                 last_exit=h.last_exit,
+                starting=h.alive and beats[k] < h.spawned_mono_ns,
             )
             for k, h in self.children.items()
         ]
@@ -405,8 +412,10 @@ class Supervisor:
             st = self.status()
             for c in st.children:
                 age = c.heartbeat_age_seconds
-                if now >= grace_until and c.alive and age is not None and age > timeout:
-                    log.error("%s child pid %s missed heartbeats for %.1fs: killing it", c.name, c.pid, age)
+                limit = CHILD_START_TIMEOUT_S if c.starting else timeout
+                if now >= grace_until and c.alive and age is not None and age > limit:
+                    what = "did not start within" if c.starting else "missed heartbeats for"
+                    log.error("%s child pid %s %s %.1fs: killing it", c.name, c.pid, what, age)
                     self.children[c.name].kill()
             self._board().update(NodeSection, watchdog_ok=int(st.healthy))
             if st.healthy:

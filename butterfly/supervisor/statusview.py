@@ -58,7 +58,9 @@ def build_status(
         # The node's state follows the gate: validated and committed, but not serving this moment.
         state = NodeState.READY
     healthy = state is not NodeState.FAILED and all(
-        c.alive and c.heartbeat_age_seconds is not None and c.heartbeat_age_seconds < heartbeat_timeout_s
+        c.alive
+        and c.heartbeat_age_seconds is not None
+        and (c.starting or c.heartbeat_age_seconds < heartbeat_timeout_s)
         for c in children
     )
     return NodeStatus(
