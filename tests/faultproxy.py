@@ -3,9 +3,10 @@
 Owns: relaying requests from one client (keep-alive connections, as boto3 makes them) to the upstream
 server, one upstream connection per request; applying the scripted faults to matching requests in
 order (error statuses with an S3 XML body, delays before or part-way through a response, bodies cut
-short, flipped bytes, connection resets, a Range header dropped or stretched so the server answers
-with the wrong range); and a log of every request (method, path, Range, headers, status sent, fault,
-client connection) written as each request arrives, so a test that has its answer sees the entry.
+short or trickled at a set rate, flipped bytes, connection resets, a Range header dropped or stretched
+so the server answers with the wrong range); and a log of every request (method, path, Range,
+headers, status sent, fault, client connection) written as each request arrives, so a test that has
+its answer sees the entry.
 
 Must not: listen anywhere but 127.0.0.1, buffer more than one response at a time per connection, or
 change a response that no fault matched (beyond its Connection header, so the client may keep the
@@ -25,7 +26,7 @@ from typing import Literal
 
 __all__ = ["Fault", "FaultProxy", "Logged"]
 
-FaultKind = Literal["status", "delay", "truncate", "flip", "reset", "whole", "extend", "overlong"]
+FaultKind = Literal["status", "delay", "truncate", "flip", "reset", "whole", "extend", "overlong", "throttle"]
 _MAX_HEAD = 64 << 10
 _STATUS_TEXT = {
     400: "Bad Request",
@@ -51,7 +52,8 @@ class Fault:
     (default: the middle one); ``reset`` sends a TCP RST before the response or after ``after`` body
     bytes; ``whole`` drops the Range header (the server answers 200 with the whole object);
     ``extend`` asks upstream for one byte more than the client did (206 with a longer range);
-    ``overlong`` sends ``after`` (default 100) junk bytes after the body, past its Content-Length.
+    ``overlong`` sends ``after`` (default 100) junk bytes after the body, past its Content-Length;
+    ``throttle`` sends the body at ``rate_bps`` bytes per second (a slow link or a slow store).
     ``times=None``: every matching request, until the script is cleared.
     """
 
@@ -64,6 +66,7 @@ class Fault:
     method: str = "GET"
     path: str = ""
     range_start: int | None = None
+    rate_bps: float = 64 << 10
 
     def matches(self, method: str, path: str, range_header: str | None) -> bool:
         if method != self.method or self.path not in path:
@@ -252,6 +255,10 @@ class FaultProxy:
         if kind == "overlong":
             assert fault is not None
             body += b"J" * (fault.after if fault.after is not None else 100)
+        if kind == "throttle":
+            assert fault is not None
+            await _trickle(writer, body, fault.rate_bps)
+            return True
         if fault is None or kind in ("flip", "whole", "extend", "overlong") or fault.after is None:
             writer.write(body)
             await writer.drain()
@@ -347,6 +354,15 @@ def _error_response(status: int, code: str, req: _Request) -> bytes:
         "Connection: keep-alive\r\n\r\n"
     ).encode()
     return head + body
+
+
+async def _trickle(writer: asyncio.StreamWriter, body: bytes, rate_bps: float) -> None:
+    """Write ``body`` in small pieces, each after the time the rate allots it."""
+    piece = max(1, int(rate_bps / 20))
+    for at in range(0, len(body), piece):
+        await asyncio.sleep(min(piece, len(body) - at) / rate_bps)
+        writer.write(body[at : at + piece])
+        await writer.drain()
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

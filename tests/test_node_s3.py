@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.faultproxy import Fault, FaultProxy
 from tests.nodeharness import Node, free_port, segments_of, write_config
 from tests.s3harness import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3rver, upload_dir
 
 BUCKET = "models"
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+    "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 
 
 @pytest.fixture(scope="module")
@@ -21,24 +27,25 @@ def s3_with_model(model_dir: Path) -> Iterator[S3Server]:
         yield server
 
 
+def s3_config(tmp_path: Path, model_dir: Path, node_id: str, port: int, endpoint: str) -> Path:
+    """A node config whose model is the uploaded test model, read from ``endpoint``."""
+    cfg = write_config(tmp_path / "node.toml", model_dir, node_id=node_id, api_port=port)
+    text = cfg.read_text().replace(
+        'source_type = "filesystem"\nsource_path = "' + str(model_dir) + '"',
+        f'source_type = "s3"\nsource_path = "s3://{BUCKET}/llama"\n\n[model.s3]\n'
+        f'endpoint_url = "{endpoint}"\nregion = "{REGION}"\npath_style = true',
+    )
+    assert "s3://" in text
+    cfg.write_text(text)
+    return cfg
+
+
 def test_node_loads_only_from_s3_and_reaches_operational(
     s3_with_model: S3Server, tmp_path: Path, model_dir: Path
 ) -> None:
     port = free_port()
-    cfg = write_config(tmp_path / "node.toml", model_dir, node_id=f"s3-{os.getpid()}", api_port=port)
-    text = cfg.read_text().replace(
-        'source_type = "filesystem"\nsource_path = "' + str(model_dir) + '"',
-        f'source_type = "s3"\nsource_path = "s3://{BUCKET}/llama"\n\n[model.s3]\n'
-        f'endpoint_url = "{s3_with_model.endpoint}"\nregion = "{REGION}"\npath_style = true',
-    )
-    assert "s3://" in text
-    cfg.write_text(text)
-    env = {
-        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    node = Node(cfg, port, env=env)
+    cfg = s3_config(tmp_path, model_dir, f"s3-{os.getpid()}", port, s3_with_model.endpoint)
+    node = Node(cfg, port, env=S3_ENV)
     try:
         st = node.wait_state("OPERATIONAL", timeout=60)
         assert st["model_bytes_downloaded_total"] == st["bytes_total"] > 0
@@ -46,4 +53,34 @@ def test_node_loads_only_from_s3_and_reaches_operational(
     finally:
         assert node.stop() == 0
         for seg in segments_of(f"s3-{os.getpid()}"):
+            Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+def test_node_loading_through_a_source_slower_than_the_heartbeat_timeout_reaches_ready(
+    s3_with_model: S3Server, tmp_path: Path, model_dir: Path
+) -> None:
+    """Every range trickles in for longer than the heartbeat timeout, and the whole load takes several
+    timeouts: the loader must keep beating while it waits for bytes, or the supervisor kills it in a
+    loop until the node fails."""
+    timeout_s = 1.5
+    proxy = FaultProxy(int(s3_with_model.endpoint.rsplit(":", 1)[1])).start()
+    # 64 KiB chunks at 32 KiB/s: two seconds per range; the ~1.8 MB model takes ~14 s at 4 in flight.
+    proxy.inject(Fault("throttle", times=None, rate_bps=32 << 10))
+    node_id = f"slow-{os.getpid()}"
+    port = free_port()
+    cfg = s3_config(tmp_path, model_dir, node_id, port, proxy.endpoint)
+    cfg.write_text(cfg.read_text().replace("heartbeat_timeout_s = 3.0", f"heartbeat_timeout_s = {timeout_s}"))
+    node = Node(cfg, port, env=S3_ENV)
+    try:
+        st = node.wait_state("OPERATIONAL", timeout=120)
+        assert st["model_bytes_downloaded_total"] == st["bytes_total"] > 0
+        assert all(c["restarts"] == 0 for c in st["children"]), st["children"]
+        assert st["phase_durations"]["loading_weights"] > 3 * timeout_s
+        assert "missed heartbeats" not in node.log()
+        ranged = [e for e in proxy.log("GET") if e.range is not None]
+        assert ranged and all(e.fault == "throttle" for e in ranged)
+    finally:
+        assert node.stop() == 0
+        proxy.stop()
+        for seg in segments_of(node_id):
             Path("/dev/shm", seg).unlink(missing_ok=True)

@@ -352,6 +352,29 @@ def test_cancel_stops_claiming_new_chunks(data_dir: Path) -> None:
     assert len(calls) <= 2 + 3 + 3  # at most one more claim per thread between its chunk and the cancel
 
 
+def test_tick_is_called_while_a_slow_chunk_has_not_landed(data_dir: Path) -> None:
+    """A chunk that takes many intervals to arrive: tick keeps coming (the loader's heartbeat rides on
+    it), while progress waits for bytes that landed."""
+    source = FilesystemSource(data_dir)
+    ticks: list[float] = []
+    progress: list[int] = []
+
+    class Slow:
+        def read_into(self, file: str, offset: int, buf: memoryview) -> None:
+            time.sleep(0.3)
+            source.read_into(file, offset, buf)
+
+    try:
+        stream_into(
+            [ReadJob("a.bin", 0, 1024, 0, "t")], bytearray(1024), Slow(), chunk_bytes=1024,
+            tick=lambda: ticks.append(time.monotonic()), progress=progress.append, progress_interval_s=0.01,
+        )  # fmt: skip
+    finally:
+        source.close()
+    assert progress == [1024]
+    assert len(ticks) >= 5  # ~30 intervals passed; a loaded machine may run a few of them late
+
+
 def test_cancel_before_start_reads_nothing(impl: ImplName, files: dict[str, int]) -> None:
     cancel = threading.Event()
     cancel.set()

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 
 from butterfly.board import LoaderSection
-from butterfly.board.shm import Segment, create_segment, unlink_segment
+from butterfly.board.shm import Segment, unlink_segment
 from butterfly.cache import CacheError, WeightCache
 from butterfly.hardware import detect_gpus
 from butterfly.ipc import (
@@ -34,6 +34,7 @@ from butterfly.ipc import (
     SyncChannel,
     TensorPlacement,
 )
+from butterfly.loader.arena import ArenaError, allocate
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 from butterfly.loader.warmup import WarmupError, decode, run_stage
 from butterfly.manifest import Manifest, layout_from_manifest
@@ -55,6 +56,7 @@ from butterfly.supervisor.childproc import (
     child_socket,
     held,
     hold_if_requested,
+    run_beside,
 )
 
 ARENA_ALIGN = 64
@@ -99,8 +101,14 @@ class Progress:
         self.done += n
         if downloaded:
             self.downloaded_total += n
+        self.tick(inbox, force=self.done == self.total)
+
+    def tick(self, inbox: CommandInbox, force: bool = False) -> None:
+        """Publish progress and a heartbeat (at most every PUBLISH_EVERY_S), and look for a command that
+        interrupts the load. Called as chunks land and between them, so a chunk that takes longer than
+        the heartbeat timeout to trickle in from a slow source never silences the loader."""
         now = time.monotonic()
-        if now - self.last_publish >= PUBLISH_EVERY_S or self.done == self.total:
+        if now - self.last_publish >= PUBLISH_EVERY_S or force:
             self.last_publish = now
             elapsed = max(now - self.started, 1e-9)
             self.board_ctx.board.update(
@@ -163,6 +171,9 @@ class Fetch:
         def progress(n: int) -> None:
             self.progress.add(n, self.loader.inbox, downloaded)
 
+        def tick() -> None:
+            self.progress.tick(self.loader.inbox)
+
         if held("loading_weights") and len(names) > 1:
             # Test hook: stop half-way through this node's tensors until the hold file goes away.
             half = len(names) // 2
@@ -179,6 +190,7 @@ class Fetch:
             concurrency=conc,
             expected=self._expected(names),
             progress=progress,
+            tick=tick,
         )
         for r in results:
             self.results.setdefault(r.chunk.tensor, []).append(r)
@@ -257,6 +269,7 @@ class Fetch:
         buf = self.loader.arena_buf()
         try:
             for n in self.fetched:
+                self.loader._beat()
                 job, rec = self.jobs[n], self.records[n]
                 try:
                     self.cache.store_from_buffer(
@@ -303,6 +316,12 @@ class Loader:
                 log.warning("%s: chunks will be hashed but not verified against a model version", e)
         return self.manifest
 
+    def _layout(self, source: Source) -> tuple[Manifest | None, ModelLayout]:
+        manifest = self._manifest()
+        if manifest is not None:
+            return manifest, layout_from_manifest(manifest, source.description)
+        return None, load_layout_from_source(source)
+
     def _drop_arena(self) -> None:
         if self.arena is not None:
             self.arena.close()
@@ -312,15 +331,12 @@ class Loader:
     def load(self, cmd: LoadAssignment) -> Loaded:
         steps: dict[str, float] = {}
         try:
-            source = open_source(self.ctx.config)
+            source = run_beside(lambda: open_source(self.ctx.config), self._beat)
         except (SourceError, ValueError) as e:
             raise LoadFailed(f"cannot open the model source: {e}", False) from e
         try:
-            manifest = self._manifest()
-            if manifest is not None:
-                layout = layout_from_manifest(manifest, source.description)
-            else:
-                layout = load_layout_from_source(source)
+            # The manifest and the layout come from the source: from S3, a slow read of its own.
+            manifest, layout = run_beside(lambda: self._layout(source), self._beat)
             rng = LayerRange(cmd.start, cmd.stop)
             if cmd.stop > layout.num_blocks:
                 raise LoadFailed(f"assignment {rng} is past the model's {layout.num_blocks} blocks", True)
@@ -337,7 +353,7 @@ class Loader:
             )
             self._drop_arena()
             # Pre-faulted: first-touch page faults during the stream cost several times the copy.
-            self.arena = create_segment(self.ctx.init.arena_name, arena_bytes, prefault=True)
+            self.arena = allocate(self.ctx.init.arena_name, arena_bytes, self._beat)
 
             t0 = self._step(LoadStep.DOWNLOAD)
             fetch = Fetch(self, source, manifest, tensors, placements, total, refetch=cmd.refetch)
@@ -369,7 +385,7 @@ class Loader:
                 steps["warmup"] = time.monotonic() - t0
         except (ModelFormatError, ValueError) as e:
             raise LoadFailed(str(e), True) from e
-        except (SourceError, ChunkMismatch) as e:
+        except (SourceError, ChunkMismatch, ArenaError) as e:
             raise LoadFailed(str(e), False) from e
         finally:
             source.close()
@@ -394,13 +410,16 @@ class Loader:
         try:
             t0 = self._step(LoadStep.UPLOAD)
             self.gpu_result = None  # free the previous assignment's device memory first
-            self.gpu_result = gpu.upload_and_verify(self.arena_buf(), placements, device=0)
+            self.gpu_result = run_beside(
+                lambda: gpu.upload_and_verify(self.arena_buf(), placements, device=0), self._beat
+            )
             steps["upload"] = time.monotonic() - t0
             t0 = self._step(LoadStep.COMPILE)
-            gpu.compile_kernels(0)
+            run_beside(lambda: gpu.compile_kernels(0), self._beat)
             steps["compile"] = time.monotonic() - t0
             t0 = self._step(LoadStep.WARMUP)
-            stats = gpu.gpu_warmup(self.gpu_result, tensors)
+            result = self.gpu_result
+            stats = run_beside(lambda: gpu.gpu_warmup(result, tensors), self._beat)
             steps["warmup"] = time.monotonic() - t0
             log.info("GPU warmup ok: %s", stats)
         except gpu.GpuVerifyError as e:
@@ -416,18 +435,23 @@ class Loader:
         rng: LayerRange,
     ) -> None:
         assert self.arena is not None
-        buf = memoryview(self.arena.buf)
-        try:
+        views = [memoryview(self.arena.buf)]
+
+        def forward() -> dict[str, float]:
+            buf = views[0]
             weights = {
                 t.name: decode(buf[p.arena_offset : p.arena_offset + p.length], t.dtype, list(t.shape))
                 for t, p in zip(tensors, placements, strict=True)
             }
-            stats = run_stage(weights, layout.model_config, rng.start, rng.stop, layout.num_blocks)
+            return run_stage(weights, layout.model_config, rng.start, rng.stop, layout.num_blocks)
+
+        try:
+            # A forward pass over a big stage takes many heartbeat periods: beat beside it.
+            stats = run_beside(forward, self._beat)
         except WarmupError as e:
             raise LoadFailed(f"warmup of blocks {rng} failed: {e}", True) from e
         finally:
-            weights = {}
-            del buf
+            views.clear()
         log.info("warmup of blocks %s ok: %s", rng, stats)
 
     def serve(self) -> None:

@@ -509,6 +509,7 @@ def stream_into(
     on_chunk: Callable[[ChunkResult], None] | None = None,
     before_retry: Callable[[Chunk], None] | None = None,
     cancel: threading.Event | None = None,
+    tick: Callable[[], None] | None = None,
     progress_interval_s: float = PROGRESS_INTERVAL_S,
     impl: ImplName | None = None,
 ) -> list[ChunkResult]:
@@ -519,8 +520,10 @@ def stream_into(
     ``RangeReader`` (always the Python engine). ``expected[j][k]`` is the xxh3 chunk k of job j must
     have. ``progress(nbytes)`` gets the bytes of chunks that landed intact since its last call; the
     calls add up to the jobs' total exactly when the stream succeeds. ``on_chunk`` gets each landed
-    chunk (to start its upload, say), ``before_retry`` each chunk about to be re-read. All callbacks
-    run on this thread; an exception from one stops the stream and propagates.
+    chunk (to start its upload, say), ``before_retry`` each chunk about to be re-read. ``tick()`` is
+    called every ``progress_interval_s`` or sooner whether or not anything landed, so a caller can prove
+    it is alive (a heartbeat) while one slow chunk trickles in. All callbacks run on this thread; an
+    exception from one stops the stream and propagates.
 
     Raises ChunkMismatch, StreamReadError (short file, I/O error), the reader's own SourceError,
     StreamCancelled, or ValueError for jobs that overlap, leave the arena or disagree with ``expected``.
@@ -561,7 +564,7 @@ def stream_into(
             progress(nbytes)
 
     retry_hook = None if before_retry is None else (lambda i: before_retry(plan[i]))
-    cancelled = None if cancel is None else cancel.is_set
+    cancelled = _poller(cancel, tick)
     if fds is None:
         source = reader
         assert not isinstance(source, Mapping)
@@ -590,6 +593,18 @@ def stream_into(
     if len(out) != len(plan):  # an engine bug, never a user error: refuse to return a partial arena
         raise AssertionError(f"streamer engine reported {len(out)} of {len(plan)} chunks")
     return out
+
+
+def _poller(cancel: threading.Event | None, tick: Callable[[], None] | None) -> Callable[[], bool] | None:
+    """What the engines poll between waits (every interval or event): ``tick`` first, then ``cancel``."""
+    if tick is None:
+        return None if cancel is None else cancel.is_set
+
+    def poll() -> bool:
+        tick()
+        return cancel is not None and cancel.is_set()
+
+    return poll
 
 
 def _raise(failure: _FailureTuple, plan: Sequence[Chunk], expected: Sequence[int | None]) -> None:

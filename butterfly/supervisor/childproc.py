@@ -22,9 +22,11 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from butterfly.board import Board
 from butterfly.config import Config, parse_config
@@ -37,6 +39,8 @@ SUPERVISOR_PID_ENV = "BUTTERFLY_SUPERVISOR_PID"
 # How often an idle child proves its main thread is alive on the board.
 HEARTBEAT_S = 0.25
 START_DELAY_ENV = "BUTTERFLY_TEST_START_DELAY_S"
+
+T = TypeVar("T")
 
 
 def die_with_parent() -> None:
@@ -123,6 +127,41 @@ class CommandInbox:
 
     def pending(self) -> Command | None:
         return self.get(timeout=0) if not self._q.empty() else None
+
+
+def run_beside(fn: Callable[[], T], beat: Callable[[], None], interval_s: float = HEARTBEAT_S) -> T:
+    """Run ``fn`` on a helper thread while this (the main) thread calls ``beat`` every ``interval_s``;
+    return its result or raise its exception.
+
+    For a long step that cannot report progress itself (one big C call: a GPU upload, a kernel
+    compile, a forward pass): without it the main thread falls silent for the whole step and the
+    supervisor kills a child that is working. The beat then means "the main thread is alive and the
+    step's thread is still running"; a step stuck forever is a matter for its own timeouts.
+    ``fn`` should take what it needs from a holder the caller empties afterwards (not a closure over
+    a view of shared memory, which would outlive the step).
+    """
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # re-raised on the calling thread
+            # The step's frames may hold views of shared memory that the caller unmaps next: keep the
+            # traceback's lines, drop its locals.
+            traceback.clear_frames(e.__traceback__)
+            err.append(e)
+
+    t = threading.Thread(target=work, name="step", daemon=True)
+    t.start()
+    while True:
+        beat()
+        t.join(interval_s)
+        if not t.is_alive():
+            break
+    if err:
+        raise err[0]
+    return out[0]
 
 
 # Fault injection for tests: a child about to do a phase's work waits while the file

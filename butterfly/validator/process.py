@@ -32,6 +32,7 @@ from butterfly.supervisor.childproc import (
     bootstrap,
     child_socket,
     hold_if_requested,
+    run_beside,
 )
 
 log = logging.getLogger("butterfly.validator")
@@ -88,12 +89,17 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
     )
     seg = attach_segment(loaded.arena_name, writable=False)
     try:
-        buf = memoryview(seg.buf)
+        views = [memoryview(seg.buf)]
+
+        def hash_arena() -> tuple[list[int], list[bytes]]:
+            check_chunks(views[0], cmd)
+            return unit_digests(views[0], cmd, threads=os.cpu_count() or 1)
+
         try:
-            check_chunks(buf, cmd)
-            units, digests = unit_digests(buf, cmd, threads=os.cpu_count() or 1)
+            # Hashing gigabytes takes many heartbeat periods: beat beside it.
+            units, digests = run_beside(hash_arena, beat)
         finally:
-            del buf
+            views.clear()
     finally:
         seg.close()
     root = merkle_root([leaf_hash(d) for d in digests])

@@ -1,0 +1,95 @@
+"""The loader's arena (butterfly.loader.arena) and the heartbeat helper for long steps (run_beside)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from butterfly.board.shm import open_segment_count, unlink_segment
+from butterfly.loader import arena
+from butterfly.loader.arena import ArenaError, allocate
+from butterfly.supervisor.childproc import run_beside
+
+
+def _name() -> str:
+    return f"butterfly-test-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}-arena"
+
+
+def _resident_pages(buf: memoryview) -> int:
+    """Pages of ``buf`` mapped in this process, from /proc/self/smaps' Rss of its mapping."""
+    import ctypes
+
+    anchor = ctypes.c_char.from_buffer(buf)
+    try:
+        start = ctypes.addressof(anchor)
+    finally:
+        del anchor
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for k, line in enumerate(lines):
+        lo = line.split(" ", 1)[0].split("-")
+        if len(lo) == 2 and all(c in "0123456789abcdef" for c in lo[0] + lo[1]) and int(lo[0], 16) == start:
+            for field in lines[k + 1 :]:
+                if field.startswith("Rss:"):
+                    return int(field.split()[1]) * 1024 // os.sysconf("SC_PAGE_SIZE")
+    raise AssertionError("mapping not found in /proc/self/smaps")
+
+
+def test_allocate_faults_every_page_in_and_beats_between_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arena, "PIECE_BYTES", 1 << 20)
+    size = (8 << 20) + 4096
+    beats: list[int] = []
+    name = _name()
+    seg = allocate(name, size, lambda: beats.append(1), threads=2)
+    try:
+        unlink_segment(name)
+        with memoryview(seg.buf) as mv:
+            assert _resident_pages(mv) * os.sysconf("SC_PAGE_SIZE") >= size
+            assert mv[0] == 0 and mv[size - 1] == 0 and bytes(mv[4096:8192]) == bytes(4096)
+        assert beats
+    finally:
+        seg.close()
+    assert open_segment_count() == 0
+
+
+@pytest.mark.parametrize("err", [errno.EFAULT, errno.ENOMEM])
+def test_allocate_without_memory_is_an_arena_error_and_leaves_no_segment(
+    monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
+    """The kernel refusing pages (a full /dev/shm answers EFAULT) is a clear error before the load."""
+    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length: err)
+    name = _name()
+    with pytest.raises(ArenaError, match="cannot fault in 8192 bytes"):
+        allocate(name, 8192, lambda: None)
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert open_segment_count() == 0
+
+
+def test_allocate_falls_back_to_touching_on_an_old_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length: errno.EINVAL)
+    name = _name()
+    seg = allocate(name, 3 * 4096, lambda: None)
+    try:
+        unlink_segment(name)
+        with memoryview(seg.buf) as mv:
+            assert _resident_pages(mv) == 3 and bytes(mv) == bytes(3 * 4096)
+    finally:
+        seg.close()
+
+
+def test_run_beside_beats_until_the_step_ends_and_returns_its_result() -> None:
+    beats: list[float] = []
+    assert run_beside(lambda: time.sleep(0.3) or 42, lambda: beats.append(time.monotonic()), 0.02) == 42
+    assert len(beats) >= 3  # ~15 intervals; a loaded machine may run some late
+
+
+def test_run_beside_raises_the_steps_exception_on_the_calling_thread() -> None:
+    def step() -> None:
+        raise ValueError("bad weights")
+
+    with pytest.raises(ValueError, match="bad weights"):
+        run_beside(step, lambda: None, 0.01)
