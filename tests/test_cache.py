@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import blake3
@@ -297,3 +298,46 @@ def test_typed_buffers_are_stored_as_their_bytes(tmp_path: Path) -> None:
     cache = WeightCache(tmp_path)
     path = cache.store_from_buffer(digest, arr.data)
     assert path.read_bytes() == arr.tobytes() and cache.lookup(digest, arr.nbytes) == path
+
+
+def test_a_write_behind_killed_mid_write_leaves_only_whole_entries(tmp_path: Path) -> None:
+    """The loader's write-behind (butterfly.loader.writebehind) SIGKILLed while it stores tensors: what
+    is in the cache afterwards is whole and right, and the dead writer's temp file goes away."""
+    cache_dir = tmp_path / "c"
+    tensors, size = 8, 1 << 22
+    child = _python(
+        f"""
+        import os, time
+        from pathlib import Path
+        import blake3
+        from butterfly.cache import WeightCache
+        from butterfly.loader.writebehind import Pending, WriteBehind
+        fsync = os.fsync
+        def slow_fsync(fd):  # each store sits in its temp file a while: the kill lands mid-write
+            time.sleep(0.1)
+            fsync(fd)
+        os.fsync = slow_fsync
+        buf = bytearray(b"".join(bytes([k]) * {size} for k in range({tensors})))
+        def digest(k):
+            return blake3.blake3(buf[k * {size}:(k + 1) * {size}]).hexdigest()
+        items = [Pending(f"t{{k}}", digest(k), k * {size}, {size}) for k in range({tensors})]
+        w = WriteBehind(WeightCache(Path({str(cache_dir)!r})), lambda: memoryview(buf), items)
+        w.start()
+        time.sleep(600)
+        """
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            entries = list((cache_dir / "blake3").rglob("*")) if (cache_dir / "blake3").exists() else []
+            if sum(p.is_file() for p in entries) >= 2 and os.listdir(cache_dir / "tmp"):
+                break
+            time.sleep(0.005)
+        child.kill()
+    finally:
+        child.communicate(timeout=60)
+    cache = WeightCache(cache_dir)  # removes the dead writer's temp file
+    assert _tmp_files(cache) == []
+    stored = list(cache.entries())
+    assert 2 <= len(stored) < tensors
+    assert all(length == size and cache.verify(digest) for digest, length in stored)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,5 +83,58 @@ def test_node_loading_through_a_source_slower_than_the_heartbeat_timeout_reaches
     finally:
         assert node.stop() == 0
         proxy.stop()
+        for seg in segments_of(node_id):
+            Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64)
+
+
+def test_s3_cache_is_written_behind_ready_and_a_warm_restart_reads_nothing_from_s3(
+    s3_with_model: S3Server, tmp_path: Path, model_dir: Path
+) -> None:
+    """READY does not wait for the cache (it is held shut until the node is OPERATIONAL); once written
+    behind, a restart loads from it alone, and a corrupt entry is refetched from S3."""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "hold-cache_write").touch()
+    node_id = f"wb-{os.getpid()}"
+    port = free_port()
+    cfg = s3_config(tmp_path, model_dir, node_id, port, s3_with_model.endpoint)
+    cache = tmp_path / "cache"
+    node = Node(cfg, port, env={**S3_ENV, "BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    try:
+        first = node.wait_state("OPERATIONAL", timeout=60)
+        assert first["model_bytes_downloaded_total"] == first["bytes_total"] > 0
+        assert _entries(cache) == []
+        (hold / "hold-cache_write").unlink()
+        node.wait_for(lambda s: "behind the load" in node.log(), 60, "the write-behind to finish")
+        assert re.search(r"cached (\d+) tensors behind the load \(0 could not be\)", node.log())
+    finally:
+        assert node.stop() == 0
+    entries = _entries(cache)
+    assert entries
+    again = Node(cfg, port, env=S3_ENV)
+    try:
+        st = again.wait_state("OPERATIONAL", timeout=60)
+        assert st["model_bytes_downloaded_total"] == 0, "a warm restart must not read the source"
+        assert st["model_root"] == first["model_root"]
+        assert re.search(r"\d+ tensors from cache, 0 from", again.log())
+    finally:
+        assert again.stop() == 0
+
+    victim = max(entries, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    third = Node(cfg, port, env=S3_ENV)
+    try:
+        st = third.wait_state("OPERATIONAL", timeout=60)
+        assert 0 < st["model_bytes_downloaded_total"] < st["bytes_total"]
+        assert st["model_root"] == first["model_root"]
+        assert "does not match the manifest" in third.log()
+    finally:
+        assert third.stop() == 0
         for seg in segments_of(node_id):
             Path("/dev/shm", seg).unlink(missing_ok=True)

@@ -1,8 +1,9 @@
 """The loader child: fills the weight arena with exactly this node's tensors and gets them ready.
 
 For an assignment (epoch, blocks [start, stop)) it
-- download: reads each tensor's byte range from the source straight into the shared arena, in
-  chunks, hashing every chunk with xxh3 as it lands;
+- allocate: makes the arena and faults its pages in on every core (butterfly.loader.arena);
+- download: reads each tensor's byte range from the source (or, for a remote source, the local
+  cache) straight into the shared arena, in chunks, hashing every chunk with xxh3 as it lands;
 - verify:   compares those chunk digests with the model manifest when one exists;
 - upload / compile: on a GPU machine, host-to-device copies and kernel compile (weights issue);
   on the CPU path there is nothing to upload or compile, and the step says so;
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from butterfly.board import LoaderSection
 from butterfly.board.shm import Segment, unlink_segment
-from butterfly.cache import CacheError, WeightCache
+from butterfly.cache import WeightCache
 from butterfly.hardware import detect_gpus
 from butterfly.ipc import (
     ChunkDigest,
@@ -37,6 +38,7 @@ from butterfly.ipc import (
 from butterfly.loader.arena import ArenaError, allocate
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 from butterfly.loader.warmup import WarmupError, decode, run_stage
+from butterfly.loader.writebehind import Pending, WriteBehind
 from butterfly.manifest import Manifest, layout_from_manifest
 from butterfly.model.layout import (
     LayerRange,
@@ -126,7 +128,9 @@ class Progress:
 class Fetch:
     """One load's download step: cached tensors from the local cache, the rest from the source, every
     chunk compared inline with the manifest's xxh3 when there is one. A cache entry whose bytes do not
-    match is quarantined and its tensor read from the source instead; the cache is never trusted."""
+    match is quarantined and its tensor read from the source instead; the cache is never trusted.
+    Only a remote source goes through the cache (a local one is read in place), and what it gave is
+    written to the cache behind the load (butterfly.loader.writebehind), never before READY."""
 
     def __init__(
         self,
@@ -146,7 +150,9 @@ class Fetch:
             t.name: ReadJob(t.file, t.offset, t.length, p.arena_offset, t.name)
             for t, p in zip(tensors, placements, strict=True)
         }
-        self.cache = WeightCache(loader.ctx.config.node.cache_dir) if manifest else None
+        # A local filesystem source is read in place: the cache holds copies of remote sources only.
+        remote = not isinstance(source, FilesystemSource)
+        self.cache = WeightCache(loader.ctx.config.node.cache_dir) if manifest and remote else None
         self.refetch = refetch
         self.chunk_bytes = manifest.chunk_bytes if manifest else loader.ctx.config.loader.chunk_bytes
         self.progress = Progress(
@@ -261,24 +267,18 @@ class Fetch:
             for r in sorted(self.results[n], key=lambda r: r.chunk.index)
         ]
 
-    def fill_cache(self) -> None:
-        """Store what came from the source (already checked chunk by chunk) into the cache; the cache
-        re-hashes with BLAKE3 before it stores anything."""
-        if self.cache is None:
-            return
-        buf = self.loader.arena_buf()
-        try:
-            for n in self.fetched:
-                self.loader._beat()
-                job, rec = self.jobs[n], self.records[n]
-                try:
-                    self.cache.store_from_buffer(
-                        rec.blake3, buf[job.arena_offset : job.arena_offset + job.length]
-                    )
-                except (CacheError, OSError) as e:
-                    log.warning("could not cache %s: %s", n, e)
-        finally:
-            del buf
+    def write_behind(self) -> WriteBehind | None:
+        """Store what came from the remote source (already checked chunk by chunk) into the cache on a
+        background thread; the load is reported without waiting for it."""
+        if self.cache is None or not self.fetched:
+            return None
+        items = [
+            Pending(n, self.records[n].blake3, self.jobs[n].arena_offset, self.jobs[n].length)
+            for n in self.fetched
+        ]
+        writer = WriteBehind(self.cache, self.loader.arena_buf, items)
+        writer.start()
+        return writer
 
 
 class Loader:
@@ -291,6 +291,7 @@ class Loader:
         self.gpu_result: object | None = None
         self.no_manifest_logged = False
         self.downloaded_total = 0
+        self.writer: WriteBehind | None = None
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
 
     def arena_buf(self) -> memoryview:
@@ -323,6 +324,9 @@ class Loader:
         return None, load_layout_from_source(source)
 
     def _drop_arena(self) -> None:
+        if self.writer is not None:
+            self.writer.stop()  # it reads the arena
+            self.writer = None
         if self.arena is not None:
             self.arena.close()
             self.arena = None
@@ -353,7 +357,9 @@ class Loader:
             )
             self._drop_arena()
             # Pre-faulted: first-touch page faults during the stream cost several times the copy.
+            t0 = time.monotonic()
             self.arena = allocate(self.ctx.init.arena_name, arena_bytes, self._beat)
+            steps["allocate"] = time.monotonic() - t0
 
             t0 = self._step(LoadStep.DOWNLOAD)
             fetch = Fetch(self, source, manifest, tensors, placements, total, refetch=cmd.refetch)
@@ -370,7 +376,6 @@ class Loader:
                     fetch.from_source,
                     source.description,
                 )
-                fetch.fill_cache()
             steps["verify"] = time.monotonic() - t0
 
             if self.gpus:
@@ -390,6 +395,7 @@ class Loader:
         finally:
             source.close()
         self.ctx.board.update(LoaderSection, step=int(LoadStep.NONE), heartbeat_mono_ns=time.monotonic_ns())
+        self.writer = fetch.write_behind()
         return Loaded(
             epoch=cmd.epoch,
             start=cmd.start,
