@@ -1,7 +1,8 @@
 """The supervisor's handle on one child process: spawn, channel, exit, restart budget.
 
-A child is `python -m butterfly.<kind>.process` holding one end of a socketpair; the handle holds the
-other end as an AsyncChannel. Reports and the process exit are both turned into events on the
+A child runs `butterfly.<kind>.process` (forked by the fork server, or `python -m` as its plain twin:
+butterfly.supervisor.launcher) holding one end of a socketpair; the handle holds the other end as an
+AsyncChannel. Reports and the process exit are both turned into events on the
 supervisor's queue, so the supervisor reacts to everything in one place. The handle never decides
 what a death means for the node; it only counts restarts in a sliding window.
 
@@ -13,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import signal
 import socket
-import sys
 import time
 from dataclasses import dataclass
 
 from butterfly.ipc import AsyncChannel, ChannelClosed, Command, FrameError, Report
-from butterfly.supervisor.childproc import CHILD_FD_ENV, SUPERVISOR_PID_ENV
+from butterfly.supervisor.launcher import ChildProcess, Launcher
 
 log = logging.getLogger("butterfly.supervisor")
 
@@ -55,10 +54,11 @@ Event = ChildReport | ChildExited
 
 
 class ChildHandle:
-    def __init__(self, kind: str, events: asyncio.Queue[Event]) -> None:
+    def __init__(self, kind: str, events: asyncio.Queue[Event], launcher: Launcher) -> None:
         self.kind = kind
         self.events = events
-        self.proc: asyncio.subprocess.Process | None = None
+        self.launcher = launcher
+        self.proc: ChildProcess | None = None
         self.chan: AsyncChannel | None = None
         self.generation = 0
         # A fresh child has not beaten yet: its heartbeat age counts from its spawn, not from the
@@ -79,21 +79,8 @@ class ChildHandle:
 
     async def spawn(self, first: Command) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        # Only the supervisor talks to systemd (NotifyAccess=main).
-        for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            env.pop(key, None)
-        env[CHILD_FD_ENV] = str(child.fileno())
-        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                f"butterfly.{self.kind}.process",
-                pass_fds=(child.fileno(),),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            self.proc = await self.launcher.spawn(self.kind, child)
         finally:
             child.close()
         self.generation += 1
@@ -125,7 +112,7 @@ class ChildHandle:
                 return
             await self.events.put(ChildReport(self.kind, gen, report))
 
-    async def _wait(self, proc: asyncio.subprocess.Process, gen: int) -> None:
+    async def _wait(self, proc: ChildProcess, gen: int) -> None:
         rc = await proc.wait()
         await self.events.put(ChildExited(self.kind, gen, rc))
 

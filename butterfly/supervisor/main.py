@@ -57,6 +57,7 @@ from butterfly.states import IllegalTransition, NodeState, Phase, phase_transiti
 from butterfly.status import ChildStatus, NodeStatus
 from butterfly.supervisor.childproc import HEARTBEAT_S
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
+from butterfly.supervisor.launcher import Launcher
 from butterfly.supervisor.statusview import build_status, status_line
 
 log = logging.getLogger("butterfly.supervisor")
@@ -86,7 +87,8 @@ class Supervisor:
         self.board_name, self.arena_name = segment_names(self.node_id)
         self.board: Board | None = None
         self.events: asyncio.Queue[Event] = asyncio.Queue()
-        self.children = {k: ChildHandle(k, self.events) for k in KINDS}
+        self.launcher = Launcher()
+        self.children = {k: ChildHandle(k, self.events, self.launcher) for k in KINDS}
         self.notifier = Notifier()
         self.api: ApiServer | None = None
         self.stop_requested = asyncio.Event()
@@ -468,6 +470,8 @@ class Supervisor:
         )
         tasks: list[asyncio.Task[None]] = [asyncio.create_task(self.beat_loop())]
         try:
+            # First: the fork server imports the children's modules while we detect and open the API.
+            await self.launcher.start()
             hw = await asyncio.to_thread(detect)
             log.info(
                 "hardware: %d CPUs, %.1f GiB RAM, %s",
@@ -515,6 +519,7 @@ class Supervisor:
         log.info("stopping: children first, then the API and shared memory")
         timeout = self.config.supervisor.stop_timeout_s
         await asyncio.gather(*(h.stop(Shutdown(), timeout) for h in self.children.values()))
+        await self.launcher.close()
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.close()
