@@ -12,7 +12,7 @@ import pytest
 
 from butterfly.board.shm import open_segment_count, unlink_segment
 from butterfly.loader import arena
-from butterfly.loader.arena import ArenaError, allocate
+from butterfly.loader.arena import ArenaError, EarlyArena, allocate
 from butterfly.supervisor.childproc import run_beside
 
 
@@ -93,3 +93,43 @@ def test_run_beside_raises_the_steps_exception_on_the_calling_thread() -> None:
 
     with pytest.raises(ValueError, match="bad weights"):
         run_beside(step, lambda: None, 0.01)
+
+
+def test_an_early_arena_is_resized_to_the_plan_keeping_its_pages() -> None:
+    name = _name()
+    early = EarlyArena(name, lambda: 3 << 20, threads=2)
+    seg = early.take(2 << 20, lambda: None)
+    try:
+        assert seg is not None and seg.size == 2 << 20 == os.stat(f"/dev/shm/{name}").st_size
+        with memoryview(seg.buf) as mv:
+            mv[-1] = 7
+        seg.resize(5 << 20)  # a bigger plan: the kept page keeps its byte, the new ones are zero
+        with memoryview(seg.buf) as mv:
+            assert mv[(2 << 20) - 1] == 7 and bytes(mv[2 << 20 :]) == bytes(3 << 20)
+    finally:
+        if seg is not None:
+            seg.close()
+        unlink_segment(name)
+    assert open_segment_count() == 0
+
+
+def test_an_early_arena_grows_and_faults_in_its_new_tail() -> None:
+    name = _name()
+    seg = EarlyArena(name, lambda: 1 << 20).take(3 << 20, lambda: None)
+    try:
+        assert seg is not None
+        with memoryview(seg.buf) as mv:
+            assert _resident_pages(mv) * os.sysconf("SC_PAGE_SIZE") >= 3 << 20
+    finally:
+        if seg is not None:
+            seg.close()
+        unlink_segment(name)
+
+
+def test_an_early_arena_that_failed_or_had_no_size_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert EarlyArena(_name(), lambda: None).take(4096, lambda: None) is None
+    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length: errno.ENOMEM)
+    name = _name()
+    assert EarlyArena(name, lambda: 8192).take(4096, lambda: None) is None
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert open_segment_count() == 0

@@ -93,6 +93,15 @@ class Segment:
         self._mmap = None
         _open_segments -= 1
 
+    def resize(self, size: int) -> None:
+        """Change the segment's size and this mapping's together (ftruncate + mremap): pages kept keep
+        their contents and stay mapped; pages cut off are freed; new pages are zero and not faulted in.
+        Raises BufferError while a memoryview of the mapping is alive (mremap may move it)."""
+        if size <= 0:
+            raise ValueError(f"segment size must be positive, not {size}")
+        self.buf.resize(size)
+        self.size = size
+
     def __enter__(self) -> Segment:
         return self
 

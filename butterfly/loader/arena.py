@@ -17,6 +17,8 @@ import ctypes
 import errno
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
@@ -24,11 +26,12 @@ from butterfly.board.shm import Segment, create_segment, segment_path, unlink_se
 from butterfly.loader import streamer
 from butterfly.supervisor.childproc import HEARTBEAT_S
 
-__all__ = ["ArenaError", "allocate", "populate"]
+__all__ = ["ArenaError", "EarlyArena", "allocate", "populate"]
 
 log = logging.getLogger("butterfly.loader")
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+MADV_HUGEPAGE = 14
 # Bytes faulted per call: big enough that the call's overhead vanishes, small enough that the caller
 # beats often (~20-60 ms per piece at this machine's 1-3 GB/s fault rate) and the cores share the work
 # evenly. A multiple of 2 MiB, so a huge page is never split between two pieces.
@@ -50,12 +53,20 @@ def _populate_piece(addr: int, length: int) -> int:
     return ctypes.get_errno() or errno.EIO
 
 
-def populate(seg: Segment, beat: Callable[[], None], threads: int | None = None) -> str:
-    """Fault every page of ``seg`` in, writable, on ``threads`` threads (default: one per core), calling
-    ``beat`` on this thread every HEARTBEAT_S or sooner; returns how ("populate_write" or "touch")."""
+def populate(seg: Segment, beat: Callable[[], None], threads: int | None = None, start: int = 0) -> str:
+    """Fault every page of ``seg`` from byte ``start`` on in, writable, on ``threads`` threads (default:
+    one per core), calling ``beat`` on this thread every HEARTBEAT_S or sooner; returns how
+    ("populate_write" or "touch").
+
+    Huge pages are asked for first (MADV_HUGEPAGE): where the kernel gives them to shared memory
+    (``shmem_enabled=advise``, or the arena on a tmpfs mounted with ``huge=``), a 2 MiB fault replaces
+    512 small ones; elsewhere the advice is ignored."""
     threads = max(1, threads or len(os.sched_getaffinity(0)))
     size = seg.size
-    pieces = [(off, min(PIECE_BYTES, size - off)) for off in range(0, size, PIECE_BYTES)]
+    start -= start % PIECE_BYTES
+    pieces = [(off, min(PIECE_BYTES, size - off)) for off in range(start, size, PIECE_BYTES)]
+    with contextlib.suppress(OSError):
+        seg.buf.madvise(MADV_HUGEPAGE)
     anchor = ctypes.c_char.from_buffer(seg.buf)  # an export of the mapping: it cannot be unmapped meanwhile
     try:
         base = ctypes.addressof(anchor)
@@ -110,3 +121,63 @@ def allocate(name: str, size: int, beat: Callable[[], None], threads: int | None
         raise
     log.debug("arena %s: %d bytes faulted in (%s)", name, size, how)
     return seg
+
+
+class EarlyArena:
+    """An arena made before the plan, on a helper thread, while discovery and election run: the
+    manifest and this node's capacity give its likely size before the coordinator says which layers
+    are ours. ``take(size)`` then resizes it to the real size (mremap keeps the faulted pages; a
+    larger arena faults only its new tail), or returns None if it could not be made."""
+
+    def __init__(self, name: str, size: Callable[[], int | None], threads: int | None = None) -> None:
+        """Start making arena ``name`` of ``size()`` bytes (worked out on the helper thread too: it may
+        read the manifest from the source); ``size()`` None or 0 means "do not make one"."""
+        self.name = name
+        self.size = 0
+        self.seg: Segment | None = None
+        self.error: BaseException | str | None = None
+        self.seconds = 0.0
+        self._thread = threading.Thread(
+            target=self._make, args=(size, threads), name="early-arena", daemon=True
+        )
+        self._thread.start()
+
+    def _make(self, size: Callable[[], int | None], threads: int | None) -> None:
+        t0 = time.monotonic()
+        try:
+            self.size = size() or 0
+            if self.size <= 0:
+                self.error = "no size estimate"
+                return
+            self.seg = allocate(self.name, self.size, lambda: None, threads)
+        except BaseException as e:  # reported by take(); the load then allocates as usual
+            self.error = e
+        finally:
+            self.seconds = time.monotonic() - t0
+
+    def wait(self, beat: Callable[[], None]) -> None:
+        while self._thread.is_alive():
+            beat()
+            self._thread.join(HEARTBEAT_S)
+
+    def take(self, size: int, beat: Callable[[], None]) -> Segment | None:
+        """The arena resized to ``size`` and faulted in; None if the early one failed (logged)."""
+        self.wait(beat)
+        seg, self.seg = self.seg, None
+        if seg is None:
+            log.info("early arena of %d bytes was not made (%s): allocating now", self.size, self.error)
+            return None
+        old = seg.size
+        seg.resize(size)
+        if size > old:
+            populate(seg, beat, start=old)
+        log.info("arena made before the plan: %d bytes in %.3fs, resized to %d", old, self.seconds, size)
+        return seg
+
+    def discard(self, beat: Callable[[], None]) -> None:
+        self.wait(beat)
+        if self.seg is not None:
+            self.seg.close()
+            self.seg = None
+        with contextlib.suppress(OSError):
+            unlink_segment(self.name)

@@ -35,7 +35,7 @@ from butterfly.ipc import (
     SyncChannel,
     TensorPlacement,
 )
-from butterfly.loader.arena import ArenaError, allocate
+from butterfly.loader.arena import ArenaError, EarlyArena, allocate
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 from butterfly.loader.warmup import WarmupError, decode, run_stage
 from butterfly.loader.writebehind import Pending, WriteBehind
@@ -292,6 +292,7 @@ class Loader:
         self.no_manifest_logged = False
         self.downloaded_total = 0
         self.writer: WriteBehind | None = None
+        self.early: EarlyArena | None = None
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
 
     def arena_buf(self) -> memoryview:
@@ -317,6 +318,36 @@ class Loader:
                 log.warning("%s: chunks will be hashed but not verified against a model version", e)
         return self.manifest
 
+    def _early_size(self) -> int | None:
+        """What this node will most likely load, from the manifest and its share of the cluster: the
+        whole model for a one-voter cluster, else an even share of quorum_size nodes; never more than
+        the machine's memory less the reserve. None without a manifest."""
+        manifest = self._manifest()
+        if manifest is None:
+            return None
+        model = sum(t.length + ARENA_ALIGN for t in manifest.tensors)
+        share = -(-model // max(1, self.ctx.config.cluster.quorum_size))
+        cap = (
+            os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            - self.ctx.config.node.memory_reserve_bytes
+        )
+        return min(share, cap)
+
+    def start_early_arena(self) -> None:
+        """Make the arena while the cluster forms (the plan comes later): its faults are most of the
+        allocation's cost, and they need only its size."""
+        unlink_segment(self.ctx.init.arena_name)  # a dead predecessor's; readers keep their mappings
+        self.early = EarlyArena(self.ctx.init.arena_name, self._early_size)
+
+    def _new_arena(self, size: int) -> Segment:
+        early, self.early = self.early, None
+        if early is not None:
+            seg = early.take(size, self._beat)
+            if seg is not None:
+                return seg
+        self._drop_arena()
+        return allocate(self.ctx.init.arena_name, size, self._beat)
+
     def _layout(self, source: Source) -> tuple[Manifest | None, ModelLayout]:
         manifest = self._manifest()
         if manifest is not None:
@@ -339,6 +370,8 @@ class Loader:
         except (SourceError, ValueError) as e:
             raise LoadFailed(f"cannot open the model source: {e}", False) from e
         try:
+            if self.early is not None:
+                self.early.wait(self._beat)  # it reads the manifest too
             # The manifest and the layout come from the source: from S3, a slow read of its own.
             manifest, layout = run_beside(lambda: self._layout(source), self._beat)
             rng = LayerRange(cmd.start, cmd.stop)
@@ -355,10 +388,9 @@ class Loader:
                 layer_start=cmd.start,
                 layer_stop=cmd.stop,
             )
-            self._drop_arena()
             # Pre-faulted: first-touch page faults during the stream cost several times the copy.
             t0 = time.monotonic()
-            self.arena = allocate(self.ctx.init.arena_name, arena_bytes, self._beat)
+            self.arena = self._new_arena(arena_bytes)
             steps["allocate"] = time.monotonic() - t0
 
             t0 = self._step(LoadStep.DOWNLOAD)
@@ -469,6 +501,8 @@ class Loader:
             if cmd is None:
                 continue
             if isinstance(cmd, Shutdown):
+                if self.early is not None:
+                    self.early.discard(self._beat)
                 break
             if isinstance(cmd, LoadAssignment):
                 try:
@@ -490,7 +524,9 @@ def main() -> None:
     ctx.board.update(LoaderSection, pid=os.getpid(), heartbeat_mono_ns=time.monotonic_ns())
     inbox = CommandInbox(chan)
     try:
-        Loader(ctx, chan, inbox).serve()
+        loader = Loader(ctx, chan, inbox)
+        loader.start_early_arena()
+        loader.serve()
     finally:
         ctx.board.close()
         ctx.logs.close()
