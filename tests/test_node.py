@@ -343,3 +343,48 @@ def test_a_local_source_is_read_in_place_never_copied_into_the_cache(node_factor
     cache = node.config.parent / "cache"
     assert not [p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64]
     assert "0 tensors from cache" in node.log()
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(") ", 1)[1].split()[1])
+
+
+def test_children_come_from_the_fork_server_and_survive_its_death(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """Every child is forked by one fork server, itself the supervisor's child. SIGKILL it: its children
+    die with it (PR_SET_PDEATHSIG), the supervisor counts them dead, forks them again from a new server
+    and the node is OPERATIONAL again."""
+    node = node_factory("fork")
+    st = node.wait_state("OPERATIONAL")
+    pids = child_pids(st)
+    servers = {_ppid(p) for p in pids}
+    assert len(servers) == 1
+    server = servers.pop()
+    assert server != node.proc.pid and _ppid(server) == node.proc.pid
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pids_alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_alive(pids) == []
+    st = node.wait_for(
+        lambda s: (
+            s["state"] == "OPERATIONAL"
+            and all(c["alive"] and c["pid"] not in pids and c["restarts"] >= 1 for c in s["children"])
+        ),
+        60,
+        "children forked again and the node OPERATIONAL",
+    )
+    new = child_pids(st)
+    assert len({_ppid(p) for p in new} - {server}) == 1
+    assert "fork server pid" in node.log()
+    assert node.stop() == 0
+    assert pids_alive(new) == []
+
+
+def test_without_the_fork_server_children_are_fresh_interpreters(node_factory) -> None:  # type: ignore[no-untyped-def]
+    """The plain twin (BUTTERFLY_NO_FORKSERVER=1): the supervisor starts each child with python -m."""
+    node = node_factory("exec", env={"BUTTERFLY_NO_FORKSERVER": "1"})
+    st = node.wait_state("OPERATIONAL")
+    assert {_ppid(p) for p in child_pids(st)} == {node.proc.pid}
+    assert "fork server" not in node.log()
+    assert node.stop() == 0
