@@ -608,6 +608,9 @@ def node_round(suite: Suite, w: Workload) -> None:
         op = suite.result("e2e:node_op", "Butterfly node: process start -> OPERATIONAL", w.total, "s")
         op.seconds.append(run.operational_s)
     suite.node_runs.append(run)
+    if run.steps.get("warmup"):
+        # Unlabelled: not a row of the table, a figure for bench/ready_model.py (from --json).
+        suite.result("node_warmup_gbps", "", w.total).seconds.append(run.steps["warmup"])
 
 
 def combine(suite: Suite, key: str, label: str, parts: list[str]) -> None:
