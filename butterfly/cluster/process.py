@@ -274,7 +274,8 @@ def _crash_on_error(ctx: ChildContext) -> Callable[[asyncio.Task[None]], None]:
 def main() -> None:
     sock = child_socket()
     ctx, sync_chan = bootstrap("cluster", sock)
-    ctx.board.update(ClusterSection, pid=os.getpid(), heartbeat_mono_ns=time.monotonic_ns())
+    # No heartbeat yet: the supervisor gives a child until its serve loop's first beat to start.
+    ctx.board.update(ClusterSection, pid=os.getpid())
 
     async def amain() -> None:
         chan = await AsyncChannel.open(sync_chan.sock)

@@ -521,7 +521,8 @@ class Loader:
 def main() -> None:
     ctx, chan = bootstrap("loader", child_socket())
 
-    ctx.board.update(LoaderSection, pid=os.getpid(), heartbeat_mono_ns=time.monotonic_ns())
+    # No heartbeat yet: the supervisor gives a child until its serve loop's first beat to start.
+    ctx.board.update(LoaderSection, pid=os.getpid())
     inbox = CommandInbox(chan)
     try:
         loader = Loader(ctx, chan, inbox)

@@ -139,7 +139,8 @@ def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
 
 def main() -> None:
     ctx, chan = bootstrap("validator", child_socket())
-    ctx.board.update(ValidatorSection, pid=os.getpid(), heartbeat_mono_ns=time.monotonic_ns())
+    # No heartbeat yet: the supervisor gives a child until its serve loop's first beat to start.
+    ctx.board.update(ValidatorSection, pid=os.getpid())
     inbox = CommandInbox(chan)
     try:
         serve(ctx, chan, inbox)
