@@ -259,10 +259,12 @@ class Supervisor:
         await asyncio.sleep(self.config.supervisor.restart_backoff_s * (2 ** (deaths - 1)))
         if self.stop_requested.is_set():
             return
-        handle.restarts += 1
-        self._board().update(NodeSection, child_restarts=sum(h.restarts for h in self.children.values()))
         await handle.spawn(self._init())
         await self._resume_after_restart(ev.kind)
+        # Counted once the replacement runs and the node has fallen back to the phase it resumes from:
+        # /status never shows a restart whose child (pid) and phase are still the dead one's.
+        handle.restarts += 1
+        self._board().update(NodeSection, child_restarts=sum(h.restarts for h in self.children.values()))
 
     async def _resume_after_restart(self, kind: str) -> None:
         if kind == "cluster":
