@@ -33,6 +33,9 @@ from butterfly.supervisor.childproc import CHILD_FD_ENV, SUPERVISOR_PID_ENV
 log = logging.getLogger("butterfly.supervisor")
 
 NO_FORKSERVER_ENV = "BUTTERFLY_NO_FORKSERVER"
+# A fork server that has not forked a child this long after the request (stuck importing a module,
+# say) is killed and the child started as a fresh interpreter instead.
+SPAWN_TIMEOUT_S = 120.0
 
 
 class ChildProcess(Protocol):
@@ -141,7 +144,10 @@ class Launcher:
                     self._pending.append((kind, fut))
                     forkserver.send(self._ctl, {"kind": kind}, sock.fileno())
                     try:
-                        return await fut
+                        return await asyncio.wait_for(fut, SPAWN_TIMEOUT_S)
+                    except asyncio.TimeoutError:
+                        log.error("fork server did not start %s in %.0fs; killing it", kind, SPAWN_TIMEOUT_S)
+                        self._lost()
                     except ConnectionError as e:
                         log.warning("fork server lost while starting %s (%s); starting it fresh", kind, e)
         env = child_env()
