@@ -36,6 +36,8 @@ NO_FORKSERVER_ENV = "BUTTERFLY_NO_FORKSERVER"
 # A fork server that has not forked a child this long after the request (stuck importing a module,
 # say) is killed and the child started as a fresh interpreter instead.
 SPAWN_TIMEOUT_S = 120.0
+# A fork server lost this many times (crashing on a seccomp filter, say) is given up for good.
+MAX_SERVER_LOSSES = 3
 
 
 class ChildProcess(Protocol):
@@ -104,6 +106,7 @@ class Launcher:
         self._pending: collections.deque[tuple[str, asyncio.Future[ForkedChild]]] = collections.deque()
         self._children: dict[int, ForkedChild] = {}
         self._lock = asyncio.Lock()
+        self._losses = 0
 
     async def start(self) -> None:
         """Start the fork server now (it imports while the supervisor gets going); no-op for the twin."""
@@ -207,7 +210,12 @@ class Launcher:
             self._lost()
 
     def _lost(self) -> None:
-        """The server is gone: so are its children (PR_SET_PDEATHSIG); the next spawn starts a new one."""
+        """The server is gone: so are its children (PR_SET_PDEATHSIG); the next spawn starts a new one,
+        unless servers keep dying: then children start as fresh interpreters from now on."""
+        self._losses += 1
+        if self._losses >= MAX_SERVER_LOSSES and self.use_forkserver:
+            log.error("fork server lost %d times: children start as fresh interpreters", self._losses)
+            self.use_forkserver = False
         if self._ctl is not None:
             with contextlib.suppress(ValueError, RuntimeError):
                 asyncio.get_running_loop().remove_reader(self._ctl.fileno())
