@@ -102,16 +102,54 @@ class ClusterOperational(msgspec.Struct, tag=True, frozen=True):
 
 
 class TensorPlacement(msgspec.Struct, frozen=True, array_like=True):
+    """Where a tensor sits in the arena; ``blake3`` is the manifest's digest of its bytes (what the
+    validator compares with), empty when the model has no manifest."""
+
     name: str
     unit: int
     arena_offset: int
     length: int
+    blake3: bytes = b""
 
 
 class ChunkDigest(msgspec.Struct, frozen=True, array_like=True):
     arena_offset: int
     length: int
     xxh3: int
+
+
+class Mismatch(msgspec.Struct, frozen=True, kw_only=True):
+    """One tensor whose bytes in memory are not the model's (butterfly.validator.check finds them).
+
+    ``expected``/``found`` are its BLAKE3 (hex) when the manifest gave one; ``offset`` is the first
+    differing chunk's offset in the tensor and ``length`` that chunk's size, None when every chunk
+    matched the loader's digests and only the whole-tensor digest differs (a manifest whose chunk
+    digests were rewritten to match tampered bytes). ``chunk_expected``/``chunk_found`` are that
+    chunk's xxh3 (hex) as the loader checked it and as it is now.
+    """
+
+    tensor: str
+    unit: int
+    layer: str
+    arena_offset: int
+    expected: str
+    found: str
+    offset: int | None = None
+    length: int | None = None
+    chunk_expected: str = ""
+    chunk_found: str = ""
+    chunks_bad: int = 0
+
+    def __str__(self) -> str:
+        if self.offset is not None:
+            where = (
+                f" at byte {self.offset} ({self.length}-byte chunk: xxh3 expected {self.chunk_expected}, "
+                f"found {self.chunk_found}; {self.chunks_bad} chunk(s) differ)"
+            )
+        else:
+            where = " (every chunk matches the digests the loader checked; the whole-tensor digest does not)"
+        digest = f": BLAKE3 expected {self.expected}, found {self.found}" if self.expected else ""
+        return f"tensor {self.tensor} ({self.layer}, arena offset {self.arena_offset}){where}{digest}"
 
 
 class Loaded(msgspec.Struct, tag=True, frozen=True):

@@ -41,7 +41,7 @@ from butterfly.model.layout import LayerRange, load_layout
 from butterfly.model.safetensors import ModelFormatError, write_safetensors
 from butterfly.model.testmodel import make_test_model
 from butterfly.sources import Source, SourceError, SourceNotFound
-from butterfly.validator.process import unit_digests
+from butterfly.validator.check import digest_arena
 
 CHUNK = 64 << 10  # the smallest chunk size, so the embeddings (128 KiB) span two chunks
 LAYERS = 4
@@ -654,7 +654,8 @@ def test_validator_digests_equal_the_manifests(tmp_path: Path, tied: bool) -> No
     manifest = build_manifest(model, CHUNK)[0]
     for r in (LayerRange(0, 2), LayerRange(2, 4), LayerRange(0, 4)):
         arena, cmd = _arena_for(model, r)
-        units, digests = unit_digests(memoryview(arena), cmd, threads=2)
+        got = digest_arena(memoryview(arena), cmd.loaded.tensors, threads=2)
+        units, digests = got.units, got.unit_digests
         assert [d.hex() for d in digests] == [manifest.units[u].digest for u in units]
         start, stop = unit_range_for_blocks(LAYERS, r)
         held = dict(zip(units, digests, strict=True))
@@ -665,7 +666,7 @@ def test_validator_digests_equal_the_manifests(tmp_path: Path, tied: bool) -> No
         # A flipped arena byte changes exactly its unit's digest.
         p = cmd.loaded.tensors[-1]
         arena[p.arena_offset + p.length // 2] ^= 0x10
-        _, after = unit_digests(memoryview(arena), cmd, threads=2)
+        after = digest_arena(memoryview(arena), cmd.loaded.tensors, threads=2).unit_digests
         changed = [u for u, a, b in zip(units, digests, after, strict=True) if a != b]
         assert changed == [p.unit]
 

@@ -76,12 +76,14 @@ class LoadFailed(Exception):
         self.fatal = fatal
 
 
-def place(tensors: list[TensorEntry]) -> tuple[list[TensorPlacement], int]:
-    """Lay tensors out back to back in the arena, each aligned for vectorised reads."""
+def place(tensors: list[TensorEntry], manifest: Manifest | None = None) -> tuple[list[TensorPlacement], int]:
+    """Lay tensors out back to back in the arena, each aligned for vectorised reads, with the digest
+    the manifest gives each (what the validator compares the arena with)."""
+    digests = {t.name: bytes.fromhex(t.blake3) for t in manifest.tensors} if manifest else {}
     out, off = [], 0
     for t in tensors:
         off = (off + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
-        out.append(TensorPlacement(t.name, t.unit, off, t.length))
+        out.append(TensorPlacement(t.name, t.unit, off, t.length, digests.get(t.name, b"")))
         off += t.length
     return out, max(off, 1)
 
@@ -325,7 +327,7 @@ class Loader:
             if cmd.stop > layout.num_blocks:
                 raise LoadFailed(f"assignment {rng} is past the model's {layout.num_blocks} blocks", True)
             tensors = layout.tensors_for_blocks(rng)
-            placements, arena_bytes = place(tensors)
+            placements, arena_bytes = place(tensors, manifest)
             total = sum(t.length for t in tensors)
             self.ctx.board.update(
                 LoaderSection,

@@ -1,11 +1,17 @@
 """The validator child: independently re-hashes what the loader put in the arena.
 
-It reads the arena (never the model files), so it checks the bytes the node will actually serve:
-- every chunk's xxh3 must equal the digest the loader computed as the chunk landed (catches any
-  byte changed in the arena after it was read);
-- every layer unit gets a BLAKE3 digest over its tensors in name order; those digests are this
+It reads the arena (never the model files), so it checks the bytes the node will actually serve
+(``butterfly.validator.check`` holds the checks themselves):
+- every tensor's BLAKE3 must equal the manifest's digest; a tensor that differs is named with its
+  layer, the first differing chunk's offset, and the expected and found digests;
+- every layer unit gets a digest over its tensors (the manifest's definition); those digests are this
   node's Merkle leaves, and their root is what the cluster compares against the manifest root.
-Hashing releases the GIL in blake3 and xxhash, and the leaves are hashed on several threads.
+Hashing releases the GIL in blake3 and xxhash, and the tensors are hashed on several threads.
+
+Every command gets an answer: a mismatch is a ``Failed`` whose reason names the fault, and an error
+of the validator itself is reported as one (never a crash that the supervisor would restart into the
+same error until the node fails for the wrong reason). The arena is mapped for one check at a time,
+through a view released when the check ends (``Segment.view``).
 
 This module must not write to the arena or talk to peers.
 """
@@ -15,15 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
-
-import xxhash
 
 from butterfly.board import ValidatorSection
-from butterfly.board.shm import attach_segment
-from butterfly.hashing import Span, blake3_regions
+from butterfly.board.shm import Segment, attach_segment
 from butterfly.ipc import Failed, Shutdown, SyncChannel, ValidateArena, Validated
-from butterfly.manifest import unit_digest
 from butterfly.merkle import leaf_hash, merkle_root
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
@@ -33,50 +34,23 @@ from butterfly.supervisor.childproc import (
     child_socket,
     hold_if_requested,
 )
+from butterfly.validator.check import describe, digest_arena, mismatches
 
 log = logging.getLogger("butterfly.validator")
 
 
-class ValidationError(Exception):
-    pass
+def _close(seg: Segment) -> None:
+    try:
+        seg.close()
+    except BufferError:
+        # A view outlived its check (a bug): keep the mapping rather than lose the verdict over it.
+        log.error("validator: arena %s still has views after the check; left mapped", seg.name)
 
 
-def unit_digests(buf: memoryview, cmd: ValidateArena, threads: int) -> tuple[list[int], list[bytes]]:
-    """Digest of each layer unit (butterfly.manifest.unit_digest, the manifest's own definition): every
-    tensor's BLAKE3 on all cores at once (blake3_regions balances big and small tensors), then the
-    per-unit combination, which is cheap."""
-    tensors = cmd.loaded.tensors
-    digests = blake3_regions(buf, [[Span(t.arena_offset, t.length)] for t in tensors], threads=threads)
-    by_unit: dict[int, list[tuple[str, int, bytes]]] = defaultdict(list)
-    for t, d in zip(tensors, digests, strict=True):
-        by_unit[t.unit].append((t.name, t.length, d))
-    units = sorted(by_unit)
-    return units, [unit_digest(by_unit[u]) for u in units]
-
-
-def check_chunks(buf: memoryview, cmd: ValidateArena) -> None:
-    for c in cmd.loaded.chunks:
-        got = xxhash.xxh3_64_intdigest(buf[c.arena_offset : c.arena_offset + c.length])
-        if got != c.xxh3:
-            owner = next(
-                (
-                    t
-                    for t in cmd.loaded.tensors
-                    if t.arena_offset <= c.arena_offset < t.arena_offset + t.length
-                ),
-                None,
-            )
-            where = (
-                f"tensor {owner.name} at byte {c.arena_offset - owner.arena_offset}" if owner else "padding"
-            )
-            raise ValidationError(
-                f"arena bytes changed after loading: chunk at arena offset {c.arena_offset} ({where}) "
-                f"has xxh3 {got:016x}, the loader read {c.xxh3:016x}"
-            )
-
-
-def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
+def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
+    """The verdict on ``cmd.loaded``'s bytes: their digests, or a ``Failed`` naming what differs."""
     loaded = cmd.loaded
+    blocks = f"blocks {loaded.start}-{loaded.stop - 1}"
 
     def beat() -> None:
         ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
@@ -86,17 +60,27 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
     ctx.board.update(
         ValidatorSection, bytes_hashed=0, bytes_total=total, heartbeat_mono_ns=time.monotonic_ns()
     )
-    seg = attach_segment(loaded.arena_name, writable=False)
     try:
-        buf = memoryview(seg.buf)
-        try:
-            check_chunks(buf, cmd)
-            units, digests = unit_digests(buf, cmd, threads=os.cpu_count() or 1)
-        finally:
-            del buf
+        seg = attach_segment(loaded.arena_name, writable=False)
+    except FileNotFoundError:
+        return Failed("validate", f"the arena {loaded.arena_name} of {blocks} is gone (its loader exited)")
+    try:
+        end = max((t.arena_offset + t.length for t in loaded.tensors), default=0)
+        if seg.size < end:
+            return Failed(
+                "validate",
+                f"the arena {loaded.arena_name} is {seg.size} bytes; the tensors of {blocks} need {end}",
+            )
+        with seg.view() as buf:
+            digests = digest_arena(buf, loaded.tensors, threads=os.cpu_count() or 1)
+            bad = mismatches(buf, loaded.tensors, loaded.chunks, digests.tensor_digests)
     finally:
-        seg.close()
-    root = merkle_root([leaf_hash(d) for d in digests])
+        _close(seg)
+    if bad:
+        mine = ctx.board.read(ValidatorSection).mismatches
+        ctx.board.update(ValidatorSection, mismatches=mine + len(bad), heartbeat_mono_ns=time.monotonic_ns())
+        return Failed("validate", describe(bad, f"the weights in memory for {blocks} are not the model's"))
+    root = merkle_root([leaf_hash(d) for d in digests.unit_digests])
     ctx.board.update(
         ValidatorSection,
         bytes_hashed=total,
@@ -105,11 +89,23 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
     )
     return Validated(
         epoch=cmd.epoch,
-        units=units,
-        unit_digests=digests,
+        units=digests.units,
+        unit_digests=digests.unit_digests,
         root=root,
         bytes_hashed=total,
     )
+
+
+def answer(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
+    """``validate``, with an error of the validator itself turned into a report that says so."""
+    try:
+        result = validate(ctx, cmd)
+    except Exception as e:  # a bug or a broken environment, never a verdict on the weights
+        log.exception("validation of epoch %d could not run", cmd.epoch)
+        result = Failed("validate", f"the validator could not check the weights: {type(e).__name__}: {e}")
+    if isinstance(result, Failed):
+        log.error("validation of epoch %d failed: %s", cmd.epoch, result.reason)
+    return result
 
 
 def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
@@ -121,12 +117,7 @@ def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
         if isinstance(cmd, Shutdown):
             return
         if isinstance(cmd, ValidateArena):
-            try:
-                chan.send(validate(ctx, cmd))
-            except (ValidationError, OSError, ValueError) as e:
-                log.error("validation of epoch %d failed: %s", cmd.epoch, e)
-                ctx.board.update(ValidatorSection, mismatches=ctx.board.read(ValidatorSection).mismatches + 1)
-                chan.send(Failed("validate", str(e)))
+            chan.send(answer(ctx, cmd))
         else:
             log.warning("validator ignores %s", type(cmd).__name__)
 
