@@ -159,6 +159,9 @@ class BenchEvents:
     async def validation_rejected(self, epoch: int, reason: str) -> None:
         return None
 
+    async def waiting(self, reason: str) -> None:
+        return None
+
     def board(self, **fields: object) -> None:
         # _drain_ready ends every Ready with board(term=..., coordinator=...): the node's leader view.
         term, leader = fields.get("term"), fields.get("coordinator")

@@ -84,6 +84,12 @@ class ClusterProgress(msgspec.Struct, tag=True, frozen=True):
     waiting_reason: str = ""
 
 
+class Waiting(msgspec.Struct, tag=True, frozen=True):
+    """Why the cluster is not moving on, whole ('' once it is); the latest one replaces the last."""
+
+    reason: str
+
+
 class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
     """A committed plan gives this node blocks [start, stop) at (epoch, term)."""
 
@@ -184,7 +190,7 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
 
 
 Command = Init | Shutdown | StartCluster | LocalValidated | LoadAssignment | ValidateArena
-Report = ClusterProgress | PlanAssigned | ClusterOperational | Loaded | Validated | Failed
+Report = ClusterProgress | Waiting | PlanAssigned | ClusterOperational | Loaded | Validated | Failed
 
 _enc = msgspec.msgpack.Encoder()
 _cmd_dec = msgspec.msgpack.Decoder(Command)

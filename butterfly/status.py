@@ -7,7 +7,19 @@ disagree. This module holds data only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import msgspec
+
+
+@dataclass
+class Notes:
+    """The texts behind a node's status that must reach every reader whole: why it failed, why it
+    waits. The supervisor owns them (the board's fixed-size fields would cut them): children send
+    theirs over their channel, and /status, /metrics and STATUS= are all rendered from here."""
+
+    last_error: str = ""
+    waiting_reason: str = ""
 
 
 class ChildStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -96,6 +96,9 @@ class Events(Protocol):
 
     async def validation_rejected(self, epoch: int, reason: str) -> None: ...
 
+    async def waiting(self, reason: str) -> None:
+        """Why the cluster is not moving on, whole ('' when it is); called on every cycle."""
+
     def board(self, **fields: object) -> None: ...
 
 
@@ -514,7 +517,7 @@ class ClusterDriver:
         if res.description != self.last_description:
             self.last_description = res.description
             log.info("coordinator: %s", res.description, extra={"fields": {"TERM": raft.term}})
-        self.events.board(waiting_reason=res.waiting_reason)
+        await self.events.waiting(res.waiting_reason)
         await self._process_ready()
 
     async def _report_to_supervisor(self, now: float) -> None:
@@ -562,7 +565,7 @@ class ClusterDriver:
     async def _progress(self, p: Progress) -> None:
         if p != self.last_progress:
             self.last_progress = p
-            self.events.board(waiting_reason=p.waiting_reason)
+            await self.events.waiting(p.waiting_reason)
             await self.events.progress(p)
 
     async def run(self) -> None:

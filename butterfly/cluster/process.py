@@ -35,6 +35,7 @@ from butterfly.ipc import (
     PlanAssigned,
     Shutdown,
     StartCluster,
+    Waiting,
 )
 from butterfly.manifest import Manifest, layout_from_manifest, range_proof_for_blocks, unit_range_for_blocks
 from butterfly.model.layout import LayerRange
@@ -67,6 +68,7 @@ class SupervisorEvents:
     def __init__(self, ctx: ChildContext, chan: AsyncChannel) -> None:
         self.ctx = ctx
         self.chan = chan
+        self.last_waiting = ""
 
     async def progress(self, p: Progress) -> None:
         await self.chan.send(ClusterProgress(p.phase, p.waiting_reason))
@@ -81,6 +83,12 @@ class SupervisorEvents:
 
     async def validation_rejected(self, epoch: int, reason: str) -> None:
         await self.chan.send(Failed("validation", f"coordinator rejected epoch {epoch}: {reason}"))
+
+    async def waiting(self, reason: str) -> None:
+        # Sent on change only: the driver says it every cycle.
+        if reason != self.last_waiting:
+            self.last_waiting = reason
+            await self.chan.send(Waiting(reason))
 
     def board(self, **fields: Any) -> None:
         self.ctx.board.update(ClusterSection, **fields)
@@ -182,7 +190,7 @@ class ClusterChild:
                     peers = {HostPort(p.host, p.port): p.node_id for p in found}
                     self.transport.set_peers({a: n for a, n in peers.items() if a != me})
                 except Exception as e:
-                    self.ctx.board.update(ClusterSection, waiting_reason=f"discovery failed: {e}")
+                    await self.driver.events.waiting(f"discovery failed: {e}")
                     log.warning("discovery failed: %s", e)
                 await asyncio.sleep(self.config.cluster.discovery_interval_s)
         finally:

@@ -50,11 +50,12 @@ from butterfly.ipc import (
     StartCluster,
     ValidateArena,
     Validated,
+    Waiting,
 )
 from butterfly.logs import LogControl
 from butterfly.notify import Notifier
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
-from butterfly.status import ChildStatus, NodeStatus
+from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
 from butterfly.supervisor.statusview import build_status, status_line
@@ -96,6 +97,8 @@ class Supervisor:
         self.plan: PlanAssigned | None = None
         self.loaded: Loaded | None = None
         self.phase_failures = 0
+        # Reasons kept whole for /status (the board holds none: its fields are fixed-size).
+        self.notes = Notes()
         self.ready_notified = False
         self.last_load_bytes = -1
         self.exit_code = 0
@@ -132,7 +135,7 @@ class Supervisor:
             for k, h in self.children.items()
         ]
         return build_status(
-            snap, self.config.node.role, children, self.config.supervisor.heartbeat_timeout_s, now
+            snap, self.config.node.role, children, self.config.supervisor.heartbeat_timeout_s, now, self.notes
         )
 
     def _term(self) -> int:
@@ -213,7 +216,8 @@ class Supervisor:
     def fail(self, source: str, reason: str) -> None:
         if self.phase is Phase.FAILED:
             return
-        self._board().update(NodeSection, last_error=reason[:250], error_source=source)
+        self.notes.last_error = reason
+        self._board().update(NodeSection, error_source=source)
         self.set_phase(Phase.FAILED, reason)
         log.error("node failed (%s): %s", source, reason, extra={"fields": {"ERROR_SOURCE": source}})
         self.notifier.status(f"FAILED: {reason}")
@@ -299,6 +303,8 @@ class Supervisor:
                 self.advance_to(target, r.waiting_reason)
             if r.waiting_reason:
                 log.warning("waiting: %s", r.waiting_reason, extra={"fields": {"PHASE": self.phase.label}})
+        elif isinstance(r, Waiting):
+            self.notes.waiting_reason = r.reason
         elif isinstance(r, PlanAssigned):
             await self.on_plan(r)
         elif isinstance(r, Loaded):
@@ -377,7 +383,8 @@ class Supervisor:
             r.reason,
             extra={"fields": {"CHILD": kind, "ERROR_SOURCE": r.what}},
         )
-        self._board().update(NodeSection, last_error=r.reason[:250], error_source=r.what)
+        self.notes.last_error = r.reason
+        self._board().update(NodeSection, error_source=r.what)
         self.phase_failures += 1
         if r.fatal or self.phase_failures > PHASE_RETRIES or self.plan is None:
             self.fail(r.what, r.reason)

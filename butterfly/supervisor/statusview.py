@@ -1,4 +1,5 @@
-"""Turns one consistent board snapshot (plus the supervisor's child handles) into a NodeStatus.
+"""Turns one consistent board snapshot (plus the supervisor's child handles and the whole texts it
+keeps, ``Notes``) into a NodeStatus.
 
 Pure function of its inputs (and the clock), so /status, /metrics and systemd's STATUS= line always agree.
 """
@@ -12,7 +13,7 @@ from butterfly import __version__
 from butterfly.board import BoardSnapshot
 from butterfly.gate import ServeVerdict, may_serve
 from butterfly.states import LoadStep, NodeState, Phase
-from butterfly.status import ChildStatus, NodeStatus
+from butterfly.status import ChildStatus, NodeStatus, Notes
 
 
 def _progress(snap: BoardSnapshot, phase: Phase) -> tuple[float, int | None]:
@@ -43,8 +44,11 @@ def build_status(
     children: Sequence[ChildStatus],
     heartbeat_timeout_s: float,
     now: int | None = None,
+    notes: Notes | None = None,
 ) -> NodeStatus:
-    """``now``: the time.monotonic_ns() the caller judged the children by (read here if None)."""
+    """``now``: the time.monotonic_ns() the caller judged the children by (read here if None);
+    ``notes``: the supervisor's whole texts (none when None)."""
+    notes = notes if notes is not None else Notes()
     node, cl, ld = snap.node, snap.cluster, snap.loader
     phase = Phase(node.phase)
     state = NodeState(node.state)
@@ -87,8 +91,8 @@ def build_status(
         uptime_seconds=round((now - node.started_mono_ns) / 1e9, 3),
         may_serve=verdict.ok,
         healthy=healthy,
-        last_error=node.last_error or None,
-        waiting_reason=None if verdict.ok else (cl.waiting_reason or _gate_reason(state, verdict)),
+        last_error=notes.last_error or None,
+        waiting_reason=None if verdict.ok else (notes.waiting_reason or _gate_reason(state, verdict)),
         children=list(children),
     )
 
