@@ -476,9 +476,13 @@ def test_verify_names_tensor_and_chunk_of_a_flipped_byte(copy: Path, built: Mani
     t = next(t for t in built.tensors if t.name == EMBED)
     _flip(copy / t.file, t.offset + CHUNK + 5)  # in the embeddings' second chunk
     problems = verify_dir(built, copy)
-    assert len(problems) == 1
+    assert len(problems) == 2
     p = problems[0]
     assert (p.file, p.tensor, p.offset) == (t.file, EMBED, t.offset + CHUNK)
+    # The root recomputed from the bytes' tensor digests says what that means for the model version.
+    assert problems[1].file == "<merkle root>" and f"the manifest names {built.merkle_root}" in str(
+        problems[1]
+    )
     assert f"chunk at tensor offset {CHUNK} (file offset {t.offset + CHUNK}" in str(p)
     assert "1 of 2 chunks differ" in str(p)
 
@@ -570,7 +574,7 @@ def test_verify_over_any_source(model: Path, built: Manifest) -> None:
     data = bytearray(files[t.file])
     data[t.offset + 3] ^= 0xFF
     problems = verify_source(built, _MemorySource({**files, t.file: bytes(data)}))
-    assert [(p.tensor, p.offset) for p in problems] == [("lm_head.weight", t.offset)]
+    assert [(p.tensor, p.offset) for p in problems] == [("lm_head.weight", t.offset), (None, None)]
     failing = verify_source(built, _MemorySource(files, fail_at=(t.file, t.offset)))
     assert len(failing) == 1 and "injected failure" in str(failing[0])
 
