@@ -366,6 +366,19 @@ def _s3_url(value: str, key: str, ctx: _Context) -> str:
     return f"s3://{match.group(1)}/{prefix}"
 
 
+def _ed25519_public_key(value: object, key: str, ctx: _Context) -> str:
+    expected = "an Ed25519 public key in base64 (the line `butterfly-admin manifest keygen` prints)"
+    if not isinstance(value, str):
+        raise ctx.error(key, expected, _typed(value))
+    from butterfly.provenance import parse_public_key
+
+    try:
+        parse_public_key(value)
+    except ValueError as exc:
+        raise ctx.error(key, expected, f"{_literal(value)} ({exc})") from None
+    return value.strip()
+
+
 def _setting(check: _Check, default: Any = dataclasses.MISSING, *, derived: bool = False) -> Any:
     """Declare a key: its check, and its default (none = required, unless ``derived`` by a hook)."""
     metadata = {"check": check, "derived": derived}
@@ -437,6 +450,12 @@ class ModelConfig:
     """``s3://bucket/prefix`` for s3; a directory for filesystem (made absolute when loaded)."""
     manifest_path: str | None = _setting(_string("a path or an s3://bucket/key URL"), None)
     """Manifest naming the model version (``butterfly-admin manifest build``): a path or s3:// URL."""
+    expected_root: str | None = _setting(
+        _string("the 64 lowercase hex digits of a manifest's root", r"[0-9a-f]{64}"), None
+    )
+    """Model version this node accepts (``butterfly-admin manifest show`` prints it); unset: any."""
+    manifest_public_key: str | None = _setting(_ed25519_public_key, None)
+    """Ed25519 key (base64, ``butterfly-admin manifest keygen``) that must sign the manifest; unset: none."""
     s3: S3Config = _table(S3Config, defaulted=True)
     """``[model.s3]`` options; ignored for a filesystem source."""
 

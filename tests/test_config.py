@@ -257,6 +257,30 @@ BAD = {
         "true or false",
         'a string "yes"',
     ),
+    "expected root not hex": (
+        MODEL + 'expected_root = "' + "A" * 64 + '"\n',
+        "model.expected_root",
+        "the 64 lowercase hex digits of a manifest's root",
+        '"' + "A" * 64 + '"',
+    ),
+    "expected root too short": (
+        MODEL + 'expected_root = "abc"\n',
+        "model.expected_root",
+        "the 64 lowercase hex digits of a manifest's root",
+        '"abc"',
+    ),
+    "public key not base64": (
+        MODEL + 'manifest_public_key = "not a key!"\n',
+        "model.manifest_public_key",
+        "an Ed25519 public key in base64 (the line `butterfly-admin manifest keygen` prints)",
+        '"not a key!" (not base64)',
+    ),
+    "public key of the wrong length": (
+        MODEL + 'manifest_public_key = "AAAA"\n',
+        "model.manifest_public_key",
+        "an Ed25519 public key in base64 (the line `butterfly-admin manifest keygen` prints)",
+        '"AAAA" (3 bytes, an Ed25519 public key is 32)',
+    ),
     "node id characters": (
         MODEL + '[node]\nid = "node a"\n',
         "node.id",

@@ -742,6 +742,7 @@ class _Diagnosis:
     def manifest_present(self) -> Check:
         from butterfly.manifest import ManifestError
         from butterfly.modelsource import NoManifest, load_manifest
+        from butterfly.provenance import ManifestRefused
         from butterfly.sources import SourceError
 
         name = "manifest"
@@ -755,6 +756,12 @@ class _Diagnosis:
             manifest = load_manifest(self.config)
         except NoManifest as e:
             return _failed(name, str(e), hint)
+        except ManifestRefused as e:
+            return _failed(
+                name,
+                str(e),
+                "check the manifest with `butterfly-admin manifest show` and `manifest verify --config`",
+            )
         except (ManifestError, SourceError, OSError) as e:
             return _failed(name, f"cannot read the manifest: {e}", hint)
         except Exception as e:  # a malformed manifest may fail inside msgspec with its own error types
