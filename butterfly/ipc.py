@@ -60,6 +60,16 @@ class LocalValidated(msgspec.Struct, tag=True, frozen=True):
     unit_digests: list[bytes]
 
 
+class NodeFault(msgspec.Struct, tag=True, frozen=True):
+    """This node cannot serve blocks [start, stop) now, and why ('' once it can again): the cluster
+    child tells every peer. ``failed``: for good (the node is FAILED): it must not be planned for."""
+
+    reason: str
+    failed: bool = False
+    start: int = 0
+    stop: int = 0
+
+
 class LoadAssignment(msgspec.Struct, tag=True, frozen=True):
     epoch: int
     term: int
@@ -90,6 +100,22 @@ class Waiting(msgspec.Struct, tag=True, frozen=True):
     reason: str
 
 
+class PeerFault(msgspec.Struct, frozen=True, kw_only=True):
+    """A peer's fault as it reports it: why it cannot serve blocks [start, stop) (0, 0: none held)."""
+
+    node_id: str
+    reason: str
+    failed: bool
+    start: int
+    stop: int
+
+
+class PeerFaults(msgspec.Struct, tag=True, frozen=True):
+    """Every live peer that reports a fault, whole; the latest list replaces the last."""
+
+    faults: list[PeerFault]
+
+
 class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
     """A committed plan gives this node blocks [start, stop) at (epoch, term)."""
 
@@ -98,6 +124,13 @@ class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
     start: int
     stop: int
     num_blocks: int
+
+
+class RangeAccepted(msgspec.Struct, tag=True, frozen=True):
+    """The coordinator checked this node's unit digests for (epoch, its blocks) against the manifest
+    root and accepted them: its own range passed validation (what READY means)."""
+
+    epoch: int
 
 
 class ClusterOperational(msgspec.Struct, tag=True, frozen=True):
@@ -189,8 +222,18 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     fatal: bool = False
 
 
-Command = Init | Shutdown | StartCluster | LocalValidated | LoadAssignment | ValidateArena
-Report = ClusterProgress | Waiting | PlanAssigned | ClusterOperational | Loaded | Validated | Failed
+Command = Init | Shutdown | StartCluster | LocalValidated | NodeFault | LoadAssignment | ValidateArena
+Report = (
+    ClusterProgress
+    | Waiting
+    | PeerFaults
+    | PlanAssigned
+    | RangeAccepted
+    | ClusterOperational
+    | Loaded
+    | Validated
+    | Failed
+)
 
 _enc = msgspec.msgpack.Encoder()
 _cmd_dec = msgspec.msgpack.Decoder(Command)

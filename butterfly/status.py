@@ -7,9 +7,11 @@ disagree. This module holds data only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
+
+from butterfly.ipc import PeerFault
 
 
 @dataclass
@@ -20,6 +22,18 @@ class Notes:
 
     last_error: str = ""
     waiting_reason: str = ""
+    peer_faults: list[PeerFault] = field(default_factory=list)
+
+
+class PeerFaultStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A peer that cannot serve its layers: which, since when it failed for good or not, and why."""
+
+    node_id: str
+    layers: str | None
+    """Its blocks in the seed's inclusive form ("2-3"); None when it held none."""
+    failed: bool
+    """For good (the peer is FAILED and no longer planned for); false: retrying or repairing."""
+    reason: str
 
 
 class ChildStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,3 +76,4 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
     waiting_reason: str | None
     children: list[ChildStatus]
+    peer_faults: list[PeerFaultStatus] = []

@@ -6,6 +6,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from butterfly.loader.process import place
 from butterfly.manifest import MANIFEST_FILE, read_manifest
 from butterfly.model.layout import LayerRange, load_layout
 from tests.nodeharness import Node, free_port, segments_of, write_config
+from tests.tamper import copy_model, tamper_with_cheap_digests
 
 NodeFactory = Callable[..., Node]
 
@@ -30,12 +34,17 @@ def start_node(tmp_path: Path, model_dir: Path) -> Iterator[NodeFactory]:
         model: Path | None = None,
         env: dict[str, str] | None = None,
         extra: str = "",
+        model_extra: str = "",
     ) -> Node:
         port = free_port()
         d = tmp_path / name
         d.mkdir(exist_ok=True)
         node_id = f"ti{os.getpid()}-{name}-{port}"
         cfg = write_config(d / "node.toml", model or model_dir, node_id=node_id, api_port=port, extra=extra)
+        # These tests are not about hung children: on a machine shared by many test runs a child can
+        # take seconds to start, and must not be killed for it.
+        text = cfg.read_text().replace("heartbeat_timeout_s = 3.0", "heartbeat_timeout_s = 30.0")
+        cfg.write_text(text.replace("\n[node]\n", f"{model_extra}\n[node]\n", 1))
         node = Node(cfg, port, env=env)
         started.append((node, node_id))
         return node
@@ -46,6 +55,14 @@ def start_node(tmp_path: Path, model_dir: Path) -> Iterator[NodeFactory]:
             node.stop(signal.SIGKILL)
         for seg in segments_of(node_id):
             Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+def wait_until(pred: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 def arena_path(node: Node) -> Path:
@@ -92,3 +109,116 @@ def test_a_byte_flipped_in_the_arena_before_validation_is_named_then_reloaded(
     assert not re.search(r"validator child pid \d+ exited", log)
     assert node.get("/ready")[0] == 200
     assert node.stop() == 0
+
+
+class NotifyRecorder:
+    """A NOTIFY_SOCKET that records every datagram the node sends, with when it arrived."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.got: list[tuple[float, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.got.append((time.monotonic(), data))
+
+    def when(self, datagram: bytes) -> list[float]:
+        return [t for t, d in list(self.got) if datagram in d.split(b"\n")]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_ready_1_and_ready_200_wait_until_the_coordinator_accepted_the_range(
+    start_node: NodeFactory, tmp_path: Path
+) -> None:
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-proof").touch()
+    notify = NotifyRecorder(tmp_path / "notify.sock")
+    try:
+        node = start_node(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold), "NOTIFY_SOCKET": str(notify.path)})
+        wait_until(lambda: "validated 1837312 bytes locally" in node.log(), 60, "local validation")
+        # The arena is hashed; nothing has compared it with the manifest root yet. Give a premature
+        # READY=1 every chance to show.
+        time.sleep(0.5)
+        st = node.status()
+        assert st is not None and (st["state"], st["phase"]) == ("LOADING", "validation")
+        assert node.get("/ready")[0] == 503
+        assert notify.when(b"READY=1") == []
+        released = time.monotonic()
+        (hold / "hold-proof").unlink()
+        node.wait_state("OPERATIONAL")
+        assert node.get("/ready")[0] == 200
+        wait_until(lambda: notify.when(b"READY=1"), 10, "READY=1")
+        (ready,) = notify.when(b"READY=1")
+        assert ready > released
+        log = node.log()
+        assert log.index("validation of ") < log.index("phase validation -> ready")
+        assert node.stop() == 0
+    finally:
+        notify.close()
+
+
+def test_a_missing_manifest_fails_the_node_at_once_with_the_fix(
+    start_node: NodeFactory, model_dir: Path, tmp_path: Path
+) -> None:
+    bare = copy_model(model_dir, tmp_path / "bare")
+    (bare / MANIFEST_FILE).unlink()
+    node = start_node(model=bare)
+    st = node.wait_state("FAILED")
+    assert st["last_error"] == (
+        f"cannot use the model's manifest: no manifest at {bare}/{MANIFEST_FILE}: run "
+        "`butterfly-admin manifest build MODEL_DIR` and publish it beside the weights"
+    )
+    assert "node failed (manifest): cannot use the model's manifest: no manifest at" in node.log()
+    assert node.get("/ready")[0] == 503
+    assert node.stop() == 1
+
+
+def test_a_manifest_with_another_root_than_the_pinned_one_is_refused(
+    start_node: NodeFactory, model_dir: Path
+) -> None:
+    pinned = "0" * 64
+    node = start_node(model_extra=f'expected_root = "{pinned}"')
+    st = node.wait_state("FAILED")
+    root = read_manifest(model_dir / MANIFEST_FILE).merkle_root
+    assert f"names model version {root}, but [model] expected_root pins {pinned}" in st["last_error"]
+    assert st["bytes_done"] == 0  # refused before a byte of weights was read
+    assert node.stop() == 1
+
+
+def test_tampered_weights_with_matching_chunk_digests_never_reach_ready(
+    start_node: NodeFactory, model_dir: Path, tmp_path: Path
+) -> None:
+    bad = copy_model(model_dir, tmp_path / "bad")
+    victim = "model.layers.3.self_attn.o_proj.weight"
+    tamper_with_cheap_digests(bad, victim)
+    notify = NotifyRecorder(tmp_path / "notify.sock")
+    try:
+        node = start_node(model=bad, env={"NOTIFY_SOCKET": str(notify.path)})
+        st = node.wait_state("FAILED")
+        expected = next(t.blake3 for t in read_manifest(bad / MANIFEST_FILE).tensors if t.name == victim)
+        assert f"tensor {victim} (layer 3, arena offset " in st["last_error"]
+        assert "the whole-tensor digest does not" in st["last_error"]
+        assert f"BLAKE3 expected {expected}, found " in st["last_error"]
+        assert node.get("/ready")[0] == 503
+        assert node.stop() == 1
+        assert notify.when(b"READY=1") == []
+        assert any(d.startswith(b"STATUS=FAILED") for _, d in notify.got)
+    finally:
+        notify.close()

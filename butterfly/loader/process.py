@@ -3,7 +3,7 @@
 For an assignment (epoch, blocks [start, stop)) it
 - download: reads each tensor's byte range from the source straight into the shared arena, in
   chunks, hashing every chunk with xxh3 as it lands;
-- verify:   compares those chunk digests with the model manifest when one exists;
+- verify:   compares those chunk digests with the model manifest (required: no manifest, no load);
 - upload / compile: on a GPU machine, host-to-device copies and kernel compile (weights issue);
   on the CPU path there is nothing to upload or compile, and the step says so;
 - warmup:   one real forward pass of the stage on the loaded bytes.
@@ -36,15 +36,15 @@ from butterfly.ipc import (
 )
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 from butterfly.loader.warmup import WarmupError, decode, run_stage
-from butterfly.manifest import Manifest, layout_from_manifest
+from butterfly.manifest import Manifest, ManifestError, layout_from_manifest
 from butterfly.model.layout import (
     LayerRange,
     ModelFormatError,
     ModelLayout,
     TensorEntry,
-    load_layout_from_source,
 )
 from butterfly.modelsource import NoManifest, load_manifest
+from butterfly.provenance import ManifestRefused
 from butterfly.sources import FilesystemSource, Source, SourceError, open_source
 from butterfly.states import LoadStep
 from butterfly.supervisor.childproc import (
@@ -278,7 +278,6 @@ class Loader:
         self.arena: Segment | None = None
         self.manifest: Manifest | None = None
         self.gpu_result: object | None = None
-        self.no_manifest_logged = False
         self.downloaded_total = 0
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
 
@@ -295,14 +294,17 @@ class Loader:
         log.info("load step %s", step.label, extra={"fields": {"LOAD_STEP": step.label}})
         return time.monotonic()
 
-    def _manifest(self) -> Manifest | None:
-        """The model's manifest, read once per process; None (said once) when the model has none."""
-        if self.manifest is None and not self.no_manifest_logged:
+    def _manifest(self) -> Manifest:
+        """The model's manifest, read once per process and checked as the cluster child checks it (pins
+        included). No manifest, no load: every chunk is verified against it as it lands, and the
+        validator compares every tensor with its digest."""
+        if self.manifest is None:
             try:
                 self.manifest = load_manifest(self.ctx.config)
-            except NoManifest as e:
-                self.no_manifest_logged = True
-                log.warning("%s: chunks will be hashed but not verified against a model version", e)
+            except (NoManifest, ManifestError, ManifestRefused) as e:
+                raise LoadFailed(f"cannot use the model's manifest: {e}", True) from e
+            except SourceError as e:
+                raise LoadFailed(f"cannot read the model's manifest: {e}", False) from e
         return self.manifest
 
     def _drop_arena(self) -> None:
@@ -319,10 +321,7 @@ class Loader:
             raise LoadFailed(f"cannot open the model source: {e}", False) from e
         try:
             manifest = self._manifest()
-            if manifest is not None:
-                layout = layout_from_manifest(manifest, source.description)
-            else:
-                layout = load_layout_from_source(source)
+            layout = layout_from_manifest(manifest, source.description)
             rng = LayerRange(cmd.start, cmd.stop)
             if cmd.stop > layout.num_blocks:
                 raise LoadFailed(f"assignment {rng} is past the model's {layout.num_blocks} blocks", True)
@@ -347,16 +346,15 @@ class Loader:
             steps["download"] = time.monotonic() - t0
 
             t0 = self._step(LoadStep.VERIFY)
-            if manifest is not None:
-                log.info(
-                    "%d chunks matched model version %s inline; %d tensors from cache, %d from %s",
-                    len(chunks),
-                    manifest.merkle_root[:16],
-                    fetch.from_cache,
-                    fetch.from_source,
-                    source.description,
-                )
-                fetch.fill_cache()
+            log.info(
+                "%d chunks matched model version %s inline; %d tensors from cache, %d from %s",
+                len(chunks),
+                manifest.merkle_root[:16],
+                fetch.from_cache,
+                fetch.from_source,
+                source.description,
+            )
+            fetch.fill_cache()
             steps["verify"] = time.monotonic() - t0
 
             if self.gpus:

@@ -6,8 +6,10 @@ the children, and flags set by signal handlers. Each reaction is logged in one l
 
 Decisions (why):
 - Phases follow the cluster child's reports until this node has a plan; then the loader and the
-  validator move it through loading_weights and validation; the cluster's committed "operational"
-  entry is the only thing that makes it OPERATIONAL (no premature serving).
+  validator move it through loading_weights and validation. Validation ends when the coordinator
+  accepted this node's unit digests against the manifest root (RangeAccepted), not when they were
+  computed: only then is the node READY and systemd told READY=1. The cluster's committed
+  "operational" entry is the only thing that makes it OPERATIONAL (no premature serving).
 - A dead child is restarted with backoff, at most `restart_limit` times within `restart_window_s`,
   and the node falls back to the earliest phase whose work died with it (cluster -> discovery,
   loader -> loading_weights, validator -> re-run validation). Past the budget the node is FAILED,
@@ -29,6 +31,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 
 from butterfly.api.http import ApiServer, make_app, start_api
@@ -44,7 +47,10 @@ from butterfly.ipc import (
     LoadAssignment,
     Loaded,
     LocalValidated,
+    NodeFault,
+    PeerFaults,
     PlanAssigned,
+    RangeAccepted,
     Report,
     Shutdown,
     StartCluster,
@@ -102,6 +108,7 @@ class Supervisor:
         self.ready_notified = False
         self.last_load_bytes = -1
         self.exit_code = 0
+        self._background: set[asyncio.Task[object]] = set()
 
     # ---- board ---------------------------------------------------------------------------------
 
@@ -213,9 +220,22 @@ class Supervisor:
             },
         )
 
+    def _fault(self, reason: str, failed: bool = False) -> NodeFault:
+        held = self.plan or self.loaded
+        start, stop = (held.start, held.stop) if held is not None else (0, 0)
+        return NodeFault(reason, failed, start, stop)
+
+    def _in_background(self, coro: Coroutine[object, object, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def fail(self, source: str, reason: str) -> None:
         if self.phase is Phase.FAILED:
             return
+        # Peers must see it at once: the cluster child puts it on its reports, and the coordinator
+        # plans the others around this node.
+        self._in_background(self.children["cluster"].send(self._fault(reason, failed=True)))
         self.notes.last_error = reason
         self._board().update(NodeSection, error_source=source)
         self.set_phase(Phase.FAILED, reason)
@@ -289,9 +309,14 @@ class Supervisor:
     # ---- reports -------------------------------------------------------------------------------
 
     async def on_report(self, ev: ChildReport) -> None:
-        if ev.generation != self.children[ev.kind].generation or self.phase is Phase.FAILED:
+        if ev.generation != self.children[ev.kind].generation:
             return
         r: Report = ev.report
+        if isinstance(r, PeerFaults):
+            self.notes.peer_faults = r.faults
+            return
+        if self.phase is Phase.FAILED:
+            return
         if isinstance(r, ClusterProgress):
             target = Phase[r.phase.upper()]
             if self.plan is None and target >= Phase.DISCOVERY:
@@ -318,6 +343,8 @@ class Supervisor:
             await self.children["validator"].send(ValidateArena(r.epoch, r))
         elif isinstance(r, Validated):
             await self.on_validated(r)
+        elif isinstance(r, RangeAccepted):
+            await self.on_range_accepted(r)
         elif isinstance(r, ClusterOperational):
             if self.phase is Phase.READY and self.plan is not None and r.epoch == self.plan.epoch:
                 self.set_operational(r.epoch)
@@ -362,18 +389,26 @@ class Supervisor:
         if self.plan is None or self.loaded is None or r.epoch != self.plan.epoch:
             return
         log.info(
-            "validated %d bytes, merkle root %s",
+            "validated %d bytes locally, merkle root %s: proving blocks %d-%d to the coordinator",
             r.bytes_hashed,
             r.root.hex(),
+            self.plan.start,
+            self.plan.stop - 1,
             extra={"fields": {"MERKLE_ROOT": r.root.hex()}},
         )
+        await self.children["cluster"].send(
+            LocalValidated(r.epoch, self.plan.term, self.plan.start, self.plan.stop, r.units, r.unit_digests)
+        )
+
+    async def on_range_accepted(self, r: RangeAccepted) -> None:
+        """This node's range passed validation: READY, and the one READY=1 systemd gets."""
+        if self.phase is not Phase.VALIDATION or self.plan is None or r.epoch != self.plan.epoch:
+            return
+        await self.children["cluster"].send(self._fault(""))
         self.advance_to(Phase.READY)
         if not self.ready_notified:
             self.ready_notified = True
             self.notifier.ready()
-        await self.children["cluster"].send(
-            LocalValidated(r.epoch, self.plan.term, self.plan.start, self.plan.stop, r.units, r.unit_digests)
-        )
 
     async def on_failed(self, kind: str, r: Failed) -> None:
         log.error(
@@ -390,7 +425,8 @@ class Supervisor:
             self.fail(r.what, r.reason)
             return
         # A validation mismatch or a transient load error: reload the assignment from the source,
-        # bypassing (and clearing) cached copies of its tensors.
+        # bypassing (and clearing) cached copies of its tensors. Peers see why meanwhile.
+        await self.children["cluster"].send(self._fault(r.reason))
         self.loaded = None
         self.advance_to(Phase.LOADING_WEIGHTS, f"retrying after: {r.reason}")
         await asyncio.sleep(self.config.supervisor.restart_backoff_s)

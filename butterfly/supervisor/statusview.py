@@ -13,7 +13,7 @@ from butterfly import __version__
 from butterfly.board import BoardSnapshot
 from butterfly.gate import ServeVerdict, may_serve
 from butterfly.states import LoadStep, NodeState, Phase
-from butterfly.status import ChildStatus, NodeStatus, Notes
+from butterfly.status import ChildStatus, NodeStatus, Notes, PeerFaultStatus
 
 
 def _progress(snap: BoardSnapshot, phase: Phase) -> tuple[float, int | None]:
@@ -94,6 +94,15 @@ def build_status(
         last_error=notes.last_error or None,
         waiting_reason=None if verdict.ok else (notes.waiting_reason or _gate_reason(state, verdict)),
         children=list(children),
+        peer_faults=[
+            PeerFaultStatus(
+                node_id=f.node_id,
+                layers=f"{f.start}-{f.stop - 1}" if f.stop > f.start else None,
+                failed=f.failed,
+                reason=f.reason,
+            )
+            for f in notes.peer_faults
+        ],
     )
 
 
@@ -110,4 +119,7 @@ def status_line(s: NodeStatus) -> str:
         text += f" ({s.waiting_reason})"
     if s.last_error:
         text += f": {s.last_error}"
+    for f in s.peer_faults:
+        layers = f" (layers {f.layers})" if f.layers else ""
+        text += f"; peer {f.node_id}{layers} {'failed' if f.failed else 'cannot serve'}: {f.reason}"
     return text
