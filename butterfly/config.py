@@ -252,8 +252,10 @@ def _integer(minimum: int, maximum: int | None = None, *, power_of_two: bool = F
     return check
 
 
-def _number(minimum: float, *, inclusive: bool) -> _Check:
+def _number(minimum: float, *, inclusive: bool, maximum: float | None = None) -> _Check:
     expected = f"a number {'>=' if inclusive else '>'} {minimum:g}"
+    if maximum is not None:
+        expected = f"a number {'from' if inclusive else 'above'} {minimum:g} to {maximum:g}"
 
     def check(value: object, key: str, ctx: _Context) -> float:
         # TOML writes 10 and 10.0 differently; an operator means the same number by both.
@@ -261,6 +263,8 @@ def _number(minimum: float, *, inclusive: bool) -> _Check:
             raise ctx.error(key, expected, _typed(value))
         number = float(value)
         if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
+            raise ctx.error(key, expected, _literal(value))
+        if maximum is not None and number > maximum:
             raise ctx.error(key, expected, _literal(value))
         return number
 
@@ -517,6 +521,19 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class ValidatorConfig:
+    """``[validator]``: re-checking the weights in memory while the node holds them (scrubbing)."""
+
+    scrub: bool = _setting(_boolean, True)
+    """Re-hash this node's weights in memory in the background while it is READY or OPERATIONAL."""
+    scrub_interval_s: float = _setting(_number(0, inclusive=False), 600.0)
+    """A full pass at least this often, as far as ``scrub_cpu_percent`` allows (else a pass takes
+    longer, and the log says how long)."""
+    scrub_cpu_percent: float = _setting(_number(0, inclusive=False, maximum=100), 2.0)
+    """Most of one core scrubbing may use, in percent (above 0, at most 100)."""
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     """``[loader]``: how weights are streamed from the source."""
 
@@ -556,6 +573,7 @@ class Config:
     security: SecurityConfig = _table(SecurityConfig)
     loader: LoaderConfig = _table(LoaderConfig)
     supervisor: SupervisorConfig = _table(SupervisorConfig)
+    validator: ValidatorConfig = _table(ValidatorConfig)
     source: str = field(default="<string>", compare=False, repr=False)
     """Where this config was read from, for error messages; not part of its value."""
 

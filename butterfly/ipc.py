@@ -84,6 +84,25 @@ class ValidateArena(msgspec.Struct, tag=True, frozen=True):
     loaded: Loaded
 
 
+class StartScrub(msgspec.Struct, tag=True, frozen=True):
+    """Re-hash ``loaded``'s tensors in the background, pass after pass, until told otherwise."""
+
+    epoch: int
+    loaded: Loaded
+
+
+class StopScrub(msgspec.Struct, tag=True, frozen=True):
+    """Stop scrubbing and unmap the arena (the loader is about to replace it)."""
+
+
+class RepairTensors(msgspec.Struct, tag=True, frozen=True):
+    """Read these tensors of the current assignment again, from the cache or the source, verified,
+    into their places in the arena."""
+
+    epoch: int
+    tensors: list[str]
+
+
 # ---- child -> supervisor -------------------------------------------------------------------------
 
 
@@ -214,6 +233,23 @@ class Validated(msgspec.Struct, tag=True, frozen=True):
     bytes_hashed: int
 
 
+class ScrubMismatch(msgspec.Struct, tag=True, frozen=True):
+    """Scrubbing found weights in memory that are not the model's; ``reason`` says it whole."""
+
+    epoch: int
+    mismatches: list[Mismatch]
+    reason: str
+
+
+class Repaired(msgspec.Struct, tag=True, frozen=True):
+    """The loader read ``tensors`` again, each chunk checked against the manifest as it landed."""
+
+    epoch: int
+    tensors: list[str]
+    from_cache: int
+    from_source: int
+
+
 class Failed(msgspec.Struct, tag=True, frozen=True):
     """A child could not do what it was asked; `fatal` means retrying cannot help (bad model, config)."""
 
@@ -222,7 +258,18 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     fatal: bool = False
 
 
-Command = Init | Shutdown | StartCluster | LocalValidated | NodeFault | LoadAssignment | ValidateArena
+Command = (
+    Init
+    | Shutdown
+    | StartCluster
+    | LocalValidated
+    | NodeFault
+    | LoadAssignment
+    | RepairTensors
+    | ValidateArena
+    | StartScrub
+    | StopScrub
+)
 Report = (
     ClusterProgress
     | Waiting
@@ -232,6 +279,8 @@ Report = (
     | ClusterOperational
     | Loaded
     | Validated
+    | ScrubMismatch
+    | Repaired
     | Failed
 )
 

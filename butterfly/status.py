@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from butterfly.ipc import PeerFault
+from butterfly.ipc import Mismatch, PeerFault
 
 
 @dataclass
@@ -23,6 +23,25 @@ class Notes:
     last_error: str = ""
     waiting_reason: str = ""
     peer_faults: list[PeerFault] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    """The tensors of the last mismatch scrubbing found in memory (kept after the repair)."""
+
+
+class IntegrityStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The weights in memory: are they known bad, and what scrubbing has done so far."""
+
+    fault: bool
+    """A mismatch was found and no validation has passed since: the node must not serve."""
+    scrubbing: bool
+    scrub_passes: int
+    scrub_bytes: int
+    scrub_cpu_seconds: float
+    scrub_last_pass_seconds: float
+    mismatches: int
+    """Tensors found changed in memory since the node started (validation and scrubbing)."""
+    repairs: int
+    last_mismatch: list[Mismatch]
+    """Each tensor of the last mismatch scrubbing found: tensor, layer, offsets, digests."""
 
 
 class PeerFaultStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,3 +96,4 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     waiting_reason: str | None
     children: list[ChildStatus]
     peer_faults: list[PeerFaultStatus] = []
+    integrity: IntegrityStatus | None = None

@@ -312,10 +312,10 @@ def test_implementation_selection() -> None:
 def test_layout_sizes_and_alignment() -> None:
     payloads = {
         HeaderSection: 84,
-        NodeSection: 136,
+        NodeSection: 140,
         ClusterSection: 169,
         LoaderSection: 69,
-        ValidatorSection: 96,
+        ValidatorSection: 130,
     }
     offset = 0
     for cls in SECTION_TYPES:
@@ -325,7 +325,7 @@ def test_layout_sizes_and_alignment() -> None:
         assert lay.size % 64 == 0 and lay.size >= 8 + lay.payload_size
         assert [f.name for f in lay.fields] == [f.name for f in dataclasses.fields(cls)]
         offset += lay.size
-    assert BOARD_SIZE == offset == 768
+    assert BOARD_SIZE == offset == 832
 
 
 def test_adding_a_field_is_one_annotation() -> None:
@@ -423,6 +423,7 @@ def test_every_field_round_trips_at_its_limits(board: Board, impl: SeqlockImpl) 
             child_restarts=2**32 - 1,
             serving_epoch=2**64 - 1,
             heartbeat_mono_ns=5,
+            repairs=2**32 - 1,
         ),
         ClusterSection(
             heartbeat_mono_ns=1,
@@ -437,7 +438,7 @@ def test_every_field_round_trips_at_its_limits(board: Board, impl: SeqlockImpl) 
             model_root="ab" * 32,
         ),
         LoaderSection(1, 2, 3, 4, 5, 6, 7.5, 8, -(2**31), 2**31 - 1, 11),
-        ValidatorSection(1, 2, 3, 4, "root", 2**32 - 1),
+        ValidatorSection(1, 2, 3, 4, "root", 2**32 - 1, 1, 1, 2**64 - 1, 7, 0.25, 600.5),
     ]
     other = Board.attach(board.name, impl=impl)
     try:

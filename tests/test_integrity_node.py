@@ -11,7 +11,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import blake3
 import pytest
 
 from butterfly.ipc import TensorPlacement
@@ -222,3 +224,100 @@ def test_tampered_weights_with_matching_chunk_digests_never_reach_ready(
         assert any(d.startswith(b"STATUS=FAILED") for _, d in notify.got)
     finally:
         notify.close()
+
+
+# ---- scrubbing: a node that serves keeps checking its weights ----------------------------------
+
+FAST_SCRUB = "[validator]\nscrub_interval_s = 0.5\nscrub_cpu_percent = 50\n"
+
+
+def metric(node: Node, name: str) -> float:
+    text = node.get("/metrics")[1].decode()
+    m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+    assert m, f"no {name} in /metrics"
+    return float(m.group(1))
+
+
+def serving_and_scrubbed(node: Node) -> dict[str, Any]:
+    return node.wait_for(
+        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["scrub_passes"] >= 1, what="a scrub pass"
+    )
+
+
+def cache_entry(node: Node, digest: str) -> Path:
+    return node.config.parent / "cache" / "blake3" / digest[:2] / digest
+
+
+def test_a_byte_flipped_in_memory_while_serving_is_found_repaired_and_proven_again(
+    start_node: NodeFactory, model_dir: Path, tmp_path: Path
+) -> None:
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-repair").touch()
+    node = start_node(extra=FAST_SCRUB, env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    st = serving_and_scrubbed(node)
+    assert st["integrity"]["scrub_bytes"] >= st["bytes_total"] and st["integrity"]["scrubbing"]
+    victim = next(
+        p
+        for p in placements(model_dir, LayerRange(0, 4))
+        if p.name == "model.layers.2.self_attn.q_proj.weight"
+    )
+    flip(arena_path(node), victim.arena_offset + 5000)
+    # Not serving from the moment it is found, until it is proven again (the repair is held here).
+    down = node.wait_for(lambda s: s["state"] == "LOADING", what="serving stopped")
+    assert not down["may_serve"] and down["integrity"]["fault"]
+    assert node.get("/ready")[0] == 503
+    assert (
+        victim.name in down["last_error"] and f"BLAKE3 expected {victim.blake3.hex()}" in down["last_error"]
+    )
+    (hold / "hold-repair").unlink()
+    st = node.wait_for(
+        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["repairs"] == 1, what="repaired"
+    )
+    assert not st["integrity"]["fault"] and st["may_serve"]
+    (m,) = st["integrity"]["last_mismatch"]
+    assert (m["tensor"], m["layer"], m["offset"], m["arena_offset"]) == (
+        victim.name,
+        "layer 2",
+        0,
+        victim.arena_offset,
+    )
+    assert m["expected"] == victim.blake3.hex() and m["found"] != m["expected"]
+    found = "scrubbing found the weights in memory for blocks 0-3 changed: 1 tensor(s) differ: tensor"
+    assert f"{found} {victim.name}" in st["last_error"]
+    log = node.log()
+    assert "not serving until repaired: scrubbing found the weights in memory" in log
+    # From the cache (the first load filled it), verified on the way; then validated and proven.
+    assert f"repaired {victim.name} (1 from the cache, 0 from the source): validating again" in log
+    assert log.count("state READY -> OPERATIONAL") == 2
+    assert node.get("/ready")[0] == 200
+    assert metric(node, "weight_repairs_total") == 1
+    assert metric(node, "weight_mismatches_total") == 1
+    assert metric(node, "scrub_passes_total") >= 1 and metric(node, "scrub_bytes_total") > 0
+    assert node.stop() == 0
+
+
+def test_a_bad_cache_entry_met_during_a_repair_is_quarantined_and_the_source_read(
+    start_node: NodeFactory, model_dir: Path
+) -> None:
+    node = start_node(extra=FAST_SCRUB)
+    st = serving_and_scrubbed(node)
+    victim = next(
+        p for p in placements(model_dir, LayerRange(0, 4)) if p.name == "model.layers.0.mlp.down_proj.weight"
+    )
+    entry = cache_entry(node, victim.blake3.hex())
+    flip(entry, 70000)
+    flip(arena_path(node), victim.arena_offset + 70000)
+    st = node.wait_for(
+        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["repairs"] == 1, what="repaired"
+    )
+    log = node.log()
+    assert (
+        f"cache entry {victim.blake3.hex()} removed: chunk 1 of {victim.name} does not match the manifest"
+        in log
+    )
+    assert f"repaired {victim.name} (0 from the cache, 1 from the source)" in log
+    assert st["model_bytes_downloaded_total"] == st["bytes_total"] + victim.length
+    # What came from the source (checked chunk by chunk, then by the cache's own BLAKE3) is cached again.
+    assert blake3.blake3(entry.read_bytes()).digest() == victim.blake3
+    assert node.stop() == 0

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, TypeVar
 
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 # b"BFLY" as the first payload bytes of the header, read as a little-endian u32.
 MAGIC = int.from_bytes(b"BFLY", "little")
 SECTION_ALIGN = 64
@@ -107,6 +107,7 @@ class NodeSection(Section):
     child_restarts: U32 = 0
     serving_epoch: U64 = 0
     heartbeat_mono_ns: U64 = 0
+    repairs: U32 = 0
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,8 @@ class LoaderSection(Section):
 
 @dataclass(frozen=True)
 class ValidatorSection(Section):
-    """Writer: the validator child."""
+    """Writer: the validator child. ``fault`` is 1 from a mismatch found in memory (validation or
+    scrubbing) until a validation passes again: while it is set the node must not serve."""
 
     KEY: ClassVar[str] = "validator"
     heartbeat_mono_ns: U64 = 0
@@ -155,6 +157,12 @@ class ValidatorSection(Section):
     bytes_total: U64 = 0
     leaves_root: Str64 = ""
     mismatches: U32 = 0
+    fault: U8 = 0
+    scrubbing: U8 = 0
+    scrub_bytes: U64 = 0
+    scrub_passes: U64 = 0
+    scrub_cpu_s: F64 = 0.0
+    scrub_last_pass_s: F64 = 0.0
 
 
 # Board order. Appending a section (or a field) changes offsets: bump LAYOUT_VERSION.

@@ -30,6 +30,8 @@ from butterfly.ipc import (
     Failed,
     LoadAssignment,
     Loaded,
+    Repaired,
+    RepairTensors,
     Shutdown,
     SyncChannel,
     TensorPlacement,
@@ -278,6 +280,8 @@ class Loader:
         self.arena: Segment | None = None
         self.manifest: Manifest | None = None
         self.gpu_result: object | None = None
+        # What the arena holds since the last load: (epoch, its tensors, their placements).
+        self.held: tuple[int, list[TensorEntry], list[TensorPlacement]] | None = None
         self.downloaded_total = 0
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
 
@@ -337,6 +341,7 @@ class Loader:
                 layer_stop=cmd.stop,
             )
             self._drop_arena()
+            self.held = None
             # Pre-faulted: first-touch page faults during the stream cost several times the copy.
             self.arena = create_segment(self.ctx.init.arena_name, arena_bytes, prefault=True)
 
@@ -374,6 +379,7 @@ class Loader:
         finally:
             source.close()
         self.ctx.board.update(LoaderSection, step=int(LoadStep.NONE), heartbeat_mono_ns=time.monotonic_ns())
+        self.held = (cmd.epoch, tensors, placements)
         return Loaded(
             epoch=cmd.epoch,
             start=cmd.start,
@@ -384,6 +390,53 @@ class Loader:
             chunks=chunks,
             step_seconds=steps,
         )
+
+    def repair(self, cmd: RepairTensors) -> Repaired:
+        """Read ``cmd.tensors`` of the held assignment again into their places in the arena: from the
+        cache when it has them, else the source, every chunk checked against the manifest as it lands
+        (a cache entry that fails is quarantined and the source read instead)."""
+        if self.held is None or self.held[0] != cmd.epoch:
+            raise LoadFailed(f"nothing of epoch {cmd.epoch} is loaded to repair", False)
+        if self.gpus:
+            # Hook for issue 13: the GPU copy would need the repaired tensors uploaded again. Until
+            # then a failed repair makes the supervisor reload the whole assignment.
+            raise LoadFailed("repairing the weights on a GPU node is not supported yet: reloading", False)
+        hold_if_requested("repair", self._beat)  # test hook: a node caught not serving, mid-repair
+        _, tensors, placements = self.held
+        names = set(cmd.tensors)
+        picked = [(t, p) for t, p in zip(tensors, placements, strict=True) if t.name in names]
+        if len(picked) != len(names):
+            raise LoadFailed(
+                f"cannot repair tensors not loaded here: {sorted(names - {t.name for t, _ in picked})}", False
+            )
+        held_bytes = sum(t.length for t in tensors)
+        size = sum(t.length for t, _ in picked)
+        try:
+            source = open_source(self.ctx.config)
+        except (SourceError, ValueError) as e:
+            raise LoadFailed(f"cannot open the model source: {e}", False) from e
+        try:
+            manifest = self._manifest()
+            fetch = Fetch(
+                self, source, manifest, [t for t, _ in picked], [p for _, p in picked], held_bytes, False
+            )
+            # Progress reads as the whole held range, of which only these bytes are missing.
+            fetch.progress.done = held_bytes - size
+            fetch.run()
+            fetch.fill_cache()
+        except (SourceError, ChunkMismatch) as e:
+            raise LoadFailed(f"repair of {', '.join(sorted(names))} failed: {e}", False) from e
+        finally:
+            source.close()
+        log.info(
+            "repaired %s (%d bytes): %d tensor(s) from the cache, %d from %s",
+            ", ".join(sorted(names)),
+            size,
+            fetch.from_cache,
+            fetch.from_source,
+            source.description,
+        )
+        return Repaired(cmd.epoch, sorted(names), fetch.from_cache, fetch.from_source)
 
     def _gpu_steps(
         self, tensors: list[TensorEntry], placements: list[TensorPlacement], steps: dict[str, float]
@@ -449,6 +502,15 @@ class Loader:
                 except LoadFailed as e:
                     log.error("load of epoch %d failed: %s", cmd.epoch, e)
                     self.chan.send(Failed("load", str(e), fatal=e.fatal))
+            elif isinstance(cmd, RepairTensors):
+                try:
+                    self.chan.send(self.repair(cmd))
+                except Interrupted as i:
+                    log.info("repair of epoch %d interrupted by %s", cmd.epoch, i)
+                    next_cmd = i.cmd
+                except LoadFailed as e:
+                    log.error("repair of epoch %d failed: %s", cmd.epoch, e)
+                    self.chan.send(Failed("repair", str(e), fatal=e.fatal))
             else:
                 log.warning("loader ignores %s", type(cmd).__name__)
         self._drop_arena()

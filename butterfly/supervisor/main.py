@@ -10,6 +10,10 @@ Decisions (why):
   accepted this node's unit digests against the manifest root (RangeAccepted), not when they were
   computed: only then is the node READY and systemd told READY=1. The cluster's committed
   "operational" entry is the only thing that makes it OPERATIONAL (no premature serving).
+- While the node holds validated weights (READY, OPERATIONAL) the validator scrubs them. A mismatch
+  stops serving at once (back to loading_weights, where the node is repaired, not failed): the loader
+  reads the named tensors again (cache or source, verified), the validator re-validates, the
+  coordinator accepts the range again, and the node returns to OPERATIONAL.
 - A dead child is restarted with backoff, at most `restart_limit` times within `restart_window_s`,
   and the node falls back to the earliest phase whose work died with it (cluster -> discovery,
   loader -> loading_weights, validator -> re-run validation). Past the budget the node is FAILED,
@@ -51,9 +55,14 @@ from butterfly.ipc import (
     PeerFaults,
     PlanAssigned,
     RangeAccepted,
+    Repaired,
+    RepairTensors,
     Report,
+    ScrubMismatch,
     Shutdown,
     StartCluster,
+    StartScrub,
+    StopScrub,
     ValidateArena,
     Validated,
     Waiting,
@@ -300,8 +309,12 @@ class Supervisor:
                 await self._load(self.plan)
         elif kind == "validator" and self.phase is Phase.VALIDATION and self.loaded is not None:
             await self.children["validator"].send(ValidateArena(self.loaded.epoch, self.loaded))
+        elif kind == "validator" and self.phase is Phase.READY:
+            await self._start_scrub()
 
     async def _load(self, plan: PlanAssigned, refetch: bool = False) -> None:
+        # The validator lets go of the arena it scrubs before the loader replaces it.
+        await self.children["validator"].send(StopScrub())
         await self.children["loader"].send(
             LoadAssignment(plan.epoch, plan.term, plan.start, plan.stop, refetch=refetch)
         )
@@ -345,6 +358,10 @@ class Supervisor:
             await self.on_validated(r)
         elif isinstance(r, RangeAccepted):
             await self.on_range_accepted(r)
+        elif isinstance(r, ScrubMismatch):
+            await self.on_scrub_mismatch(r)
+        elif isinstance(r, Repaired):
+            await self.on_repaired(r)
         elif isinstance(r, ClusterOperational):
             if self.phase is Phase.READY and self.plan is not None and r.epoch == self.plan.epoch:
                 self.set_operational(r.epoch)
@@ -409,6 +426,48 @@ class Supervisor:
         if not self.ready_notified:
             self.ready_notified = True
             self.notifier.ready()
+        await self._start_scrub()
+
+    # ---- scrubbing and repair ----------------------------------------------------------------
+
+    async def _start_scrub(self) -> None:
+        if self.config.validator.scrub and self.loaded is not None:
+            await self.children["validator"].send(StartScrub(self.loaded.epoch, self.loaded))
+
+    async def on_scrub_mismatch(self, r: ScrubMismatch) -> None:
+        """Weights in memory changed: stop serving now, repair the tensors, prove the range again."""
+        if (
+            self.plan is None
+            or self.loaded is None
+            or r.epoch != self.loaded.epoch
+            or self.phase < Phase.READY
+        ):
+            return
+        self.notes.last_error = r.reason
+        self.notes.mismatches = r.mismatches
+        self._board().update(NodeSection, error_source="scrub")
+        log.error(
+            "weights in memory changed, not serving until repaired: %s",
+            r.reason,
+            extra={"fields": {"ERROR_SOURCE": "scrub", "TENSORS": ",".join(m.tensor for m in r.mismatches)}},
+        )
+        self.advance_to(Phase.LOADING_WEIGHTS, "repairing weights that changed in memory")
+        await self.children["cluster"].send(self._fault(f"repairing weights in memory: {r.reason}"))
+        await self.children["loader"].send(RepairTensors(r.epoch, [m.tensor for m in r.mismatches]))
+
+    async def on_repaired(self, r: Repaired) -> None:
+        if self.loaded is None or r.epoch != self.loaded.epoch or self.phase is not Phase.LOADING_WEIGHTS:
+            return
+        repairs = self._node().repairs + 1
+        self._board().update(NodeSection, repairs=repairs)
+        log.info(
+            "repaired %s (%d from the cache, %d from the source): validating again",
+            ", ".join(r.tensors),
+            r.from_cache,
+            r.from_source,
+        )
+        self.advance_to(Phase.VALIDATION)
+        await self.children["validator"].send(ValidateArena(self.loaded.epoch, self.loaded))
 
     async def on_failed(self, kind: str, r: Failed) -> None:
         log.error(

@@ -13,7 +13,7 @@ from butterfly import __version__
 from butterfly.board import BoardSnapshot
 from butterfly.gate import ServeVerdict, may_serve
 from butterfly.states import LoadStep, NodeState, Phase
-from butterfly.status import ChildStatus, NodeStatus, Notes, PeerFaultStatus
+from butterfly.status import ChildStatus, IntegrityStatus, NodeStatus, Notes, PeerFaultStatus
 
 
 def _progress(snap: BoardSnapshot, phase: Phase) -> tuple[float, int | None]:
@@ -49,7 +49,7 @@ def build_status(
     """``now``: the time.monotonic_ns() the caller judged the children by (read here if None);
     ``notes``: the supervisor's whole texts (none when None)."""
     notes = notes if notes is not None else Notes()
-    node, cl, ld = snap.node, snap.cluster, snap.loader
+    node, cl, ld, va = snap.node, snap.cluster, snap.loader, snap.validator
     phase = Phase(node.phase)
     state = NodeState(node.state)
     pct, eta = _progress(snap, phase)
@@ -103,6 +103,17 @@ def build_status(
             )
             for f in notes.peer_faults
         ],
+        integrity=IntegrityStatus(
+            fault=bool(va.fault),
+            scrubbing=bool(va.scrubbing),
+            scrub_passes=va.scrub_passes,
+            scrub_bytes=va.scrub_bytes,
+            scrub_cpu_seconds=round(va.scrub_cpu_s, 6),
+            scrub_last_pass_seconds=round(va.scrub_last_pass_s, 3),
+            mismatches=va.mismatches,
+            repairs=node.repairs,
+            last_mismatch=list(notes.mismatches),
+        ),
     )
 
 

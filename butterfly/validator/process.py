@@ -13,18 +13,33 @@ of the validator itself is reported as one (never a crash that the supervisor wo
 same error until the node fails for the wrong reason). The arena is mapped for one check at a time,
 through a view released when the check ends (``Segment.view``).
 
+Between commands, while the node holds validated weights (``StartScrub`` .. ``StopScrub``), it
+scrubs them (``butterfly.validator.scrub``): at the configured pace, a slice at a time, keeping the
+arena mapped. A mismatch sets the board's ``fault`` at once (a node with it set must not serve),
+then goes to the supervisor as ``ScrubMismatch``; ``fault`` clears when a validation passes again.
+
 This module must not write to the arena or talk to peers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 
 from butterfly.board import ValidatorSection
 from butterfly.board.shm import Segment, attach_segment
-from butterfly.ipc import Failed, Shutdown, SyncChannel, ValidateArena, Validated
+from butterfly.ipc import (
+    Failed,
+    ScrubMismatch,
+    Shutdown,
+    StartScrub,
+    StopScrub,
+    SyncChannel,
+    ValidateArena,
+    Validated,
+)
 from butterfly.merkle import leaf_hash, merkle_root
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
@@ -35,6 +50,7 @@ from butterfly.supervisor.childproc import (
     hold_if_requested,
 )
 from butterfly.validator.check import describe, digest_arena, mismatches
+from butterfly.validator.scrub import HostArena, Scrubber
 
 log = logging.getLogger("butterfly.validator")
 
@@ -78,11 +94,14 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
         _close(seg)
     if bad:
         mine = ctx.board.read(ValidatorSection).mismatches
-        ctx.board.update(ValidatorSection, mismatches=mine + len(bad), heartbeat_mono_ns=time.monotonic_ns())
+        ctx.board.update(
+            ValidatorSection, fault=1, mismatches=mine + len(bad), heartbeat_mono_ns=time.monotonic_ns()
+        )
         return Failed("validate", describe(bad, f"the weights in memory for {blocks} are not the model's"))
     root = merkle_root([leaf_hash(d) for d in digests.unit_digests])
     ctx.board.update(
         ValidatorSection,
+        fault=0,
         bytes_hashed=total,
         leaves_root=root.hex(),
         heartbeat_mono_ns=time.monotonic_ns(),
@@ -108,18 +127,136 @@ def answer(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
     return result
 
 
+class Scrub:
+    """A scrub of one validated assignment: the arena mapped read-only for as long as it runs."""
+
+    def __init__(self, ctx: ChildContext, cmd: StartScrub) -> None:
+        cfg = ctx.config.validator
+        self.ctx = ctx
+        self.epoch = cmd.epoch
+        self.blocks = f"blocks {cmd.loaded.start}-{cmd.loaded.stop - 1}"
+        self.seg = attach_segment(cmd.loaded.arena_name, writable=False)
+        self._views = contextlib.ExitStack()
+        try:
+            copy = HostArena(self._views.enter_context(self.seg.view()))
+            self.scrubber = Scrubber(
+                copy,
+                cmd.loaded.tensors,
+                cmd.loaded.chunks,
+                interval_s=cfg.scrub_interval_s,
+                cpu_percent=cfg.scrub_cpu_percent,
+            )
+        except BaseException:
+            self.close()
+            raise
+        # Counters on the board are the node's totals: a new scrub continues them.
+        self.base = ctx.board.read(ValidatorSection)
+        ctx.board.update(ValidatorSection, scrubbing=1)
+        log.info(
+            "scrubbing %s (%d bytes): a pass every %.0fs at most %.1f%% of one core",
+            self.blocks,
+            self.scrubber.total,
+            cfg.scrub_interval_s,
+            cfg.scrub_cpu_percent,
+        )
+
+    def step(self) -> ScrubMismatch | None:
+        s = self.scrubber
+        result = s.step()
+        b = self.base
+        self.ctx.board.update(
+            ValidatorSection,
+            scrub_bytes=b.scrub_bytes + s.bytes,
+            scrub_passes=b.scrub_passes + s.passes,
+            scrub_cpu_s=b.scrub_cpu_s + s.cpu_s,
+            scrub_last_pass_s=s.last_pass_s or b.scrub_last_pass_s,
+            heartbeat_mono_ns=time.monotonic_ns(),
+        )
+        if result.pass_done:
+            slow = s.last_pass_s > s.interval_s * 1.1
+            log.log(
+                logging.WARNING if slow else logging.DEBUG,
+                "scrub pass %d over %s took %.1fs%s",
+                b.scrub_passes + s.passes,
+                self.blocks,
+                s.last_pass_s,
+                f", longer than scrub_interval_s ({s.interval_s:.0f}s) at the CPU budget" if slow else "",
+            )
+        if result.mismatch is None:
+            return None
+        m = result.mismatch
+        # The flag first: whatever reads the board stops serving without waiting for the supervisor.
+        self.ctx.board.update(
+            ValidatorSection, fault=1, mismatches=self.ctx.board.read(ValidatorSection).mismatches + 1
+        )
+        reason = describe([m], f"scrubbing found the weights in memory for {self.blocks} changed")
+        log.error(
+            "%s",
+            reason,
+            extra={
+                "fields": {
+                    "TENSOR": m.tensor,
+                    "LAYER": m.layer,
+                    "OFFSET": m.offset if m.offset is not None else "",
+                    "EXPECTED": m.expected,
+                    "FOUND": m.found,
+                }
+            },
+        )
+        return ScrubMismatch(self.epoch, [m], reason)
+
+    def close(self) -> None:
+        self._views.close()
+        _close(self.seg)
+        self.ctx.board.update(ValidatorSection, scrubbing=0)
+
+
 def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
-    while True:
-        cmd = inbox.get(timeout=HEARTBEAT_S)
-        ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
-        if cmd is None:
-            continue
-        if isinstance(cmd, Shutdown):
-            return
-        if isinstance(cmd, ValidateArena):
-            chan.send(answer(ctx, cmd))
-        else:
-            log.warning("validator ignores %s", type(cmd).__name__)
+    scrub: Scrub | None = None
+
+    def stop() -> None:
+        nonlocal scrub
+        if scrub is not None:
+            scrub.close()
+            scrub = None
+
+    try:
+        while True:
+            wait = HEARTBEAT_S
+            if scrub is not None:
+                wait = min(wait, max(0.0, scrub.scrubber.due() - time.monotonic()))
+            cmd = inbox.get(timeout=wait)
+            ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
+            if isinstance(cmd, Shutdown):
+                return
+            if isinstance(cmd, ValidateArena):
+                stop()
+                chan.send(answer(ctx, cmd))
+            elif isinstance(cmd, StartScrub):
+                stop()
+                if ctx.config.validator.scrub:
+                    scrub = start_scrub(ctx, cmd)
+            elif isinstance(cmd, StopScrub):
+                stop()
+            elif cmd is not None:
+                log.warning("validator ignores %s", type(cmd).__name__)
+            if scrub is not None and time.monotonic() >= scrub.scrubber.due():
+                found = scrub.step()
+                if found is not None:
+                    stop()
+                    chan.send(found)
+    finally:
+        stop()
+
+
+def start_scrub(ctx: ChildContext, cmd: StartScrub) -> Scrub | None:
+    """A running scrub of ``cmd``'s arena, or None (logged) when it cannot start: the node keeps
+    serving what it validated, it is only not re-checked."""
+    try:
+        return Scrub(ctx, cmd)
+    except (OSError, ValueError) as e:
+        log.error("cannot scrub epoch %d: %s", cmd.epoch, e)
+        return None
 
 
 def main() -> None:
