@@ -14,7 +14,8 @@ beside them. Two optional pins close that:
 
 Owns: the key and signature formats (raw Ed25519 keys and signatures, base64 in text), generating
 a key pair, signing, and the one check every reader of a manifest runs (``check_pins``). Built on
-``cryptography``; nothing here is hand-rolled cryptography.
+``cryptography``, imported only where a key is used (every child process imports this module, most
+nodes configure no key); nothing here is hand-rolled cryptography.
 
 Must not: read files or sources (callers hand it bytes), or decide what a refusal does to the node.
 """
@@ -25,10 +26,10 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
     "SIGNATURE_SUFFIX",
@@ -56,6 +57,8 @@ class ManifestRefused(Exception):
 
 def parse_public_key(text: str) -> Ed25519PublicKey:
     """The key from its config form: base64 of the 32 raw bytes. ValueError says what is wrong."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
@@ -66,6 +69,8 @@ def parse_public_key(text: str) -> Ed25519PublicKey:
 
 
 def public_key_text(key: Ed25519PublicKey) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return base64.b64encode(raw).decode()
 
@@ -79,6 +84,9 @@ class KeyPair:
 
 
 def generate_key_pair() -> KeyPair:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -88,6 +96,9 @@ def generate_key_pair() -> KeyPair:
 
 def load_private_key(pem: bytes) -> Ed25519PrivateKey:
     """An Ed25519 private key from PEM; ValueError for anything else."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     try:
         key = serialization.load_pem_private_key(pem, password=None)
     except (ValueError, TypeError) as e:
@@ -134,6 +145,8 @@ def check_pins(
             f"{where} is not signed ({where}{SIGNATURE_SUFFIX} is missing) and [model] manifest_public_key "
             "requires a signature: sign it with `butterfly-admin manifest sign`"
         )
+    from cryptography.exceptions import InvalidSignature
+
     sig = _signature(signature_file)
     if sig is None:
         raise ManifestRefused(f"{where}{SIGNATURE_SUFFIX} is not an Ed25519 signature (base64 of 64 bytes)")

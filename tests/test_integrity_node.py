@@ -24,6 +24,8 @@ from tests.nodeharness import Node, free_port, segments_of, write_config
 from tests.tamper import copy_model, tamper_with_cheap_digests
 
 NodeFactory = Callable[..., Node]
+# Bounds on waits only protect against hangs: a machine shared by many test runs can be slow.
+WAIT_S = 120.0
 
 
 @pytest.fixture
@@ -93,13 +95,13 @@ def test_a_byte_flipped_in_the_arena_before_validation_is_named_then_reloaded(
     hold.mkdir()
     (hold / "hold-validation").touch()
     node = start_node(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
-    node.wait_for(lambda s: s["phase"] == "validation", what="validation")
+    node.wait_for(lambda s: s["phase"] == "validation", what="validation", timeout=WAIT_S)
     victim = next(
         p for p in placements(model_dir, LayerRange(0, 4)) if p.name.endswith("layers.1.mlp.down_proj.weight")
     )
     flip(arena_path(node), victim.arena_offset + 1000)
     (hold / "hold-validation").unlink()
-    st = node.wait_state("OPERATIONAL")
+    st = node.wait_state("OPERATIONAL", timeout=WAIT_S)
     reason = st["last_error"]
     assert f"tensor {victim.name} (layer 1, arena offset {victim.arena_offset}) at byte 0 " in reason
     assert f"BLAKE3 expected {victim.blake3.hex()}, found " in reason
@@ -154,7 +156,7 @@ def test_ready_1_and_ready_200_wait_until_the_coordinator_accepted_the_range(
     notify = NotifyRecorder(tmp_path / "notify.sock")
     try:
         node = start_node(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold), "NOTIFY_SOCKET": str(notify.path)})
-        wait_until(lambda: "validated 1837312 bytes locally" in node.log(), 60, "local validation")
+        wait_until(lambda: "validated 1837312 bytes locally" in node.log(), WAIT_S, "local validation")
         # The arena is hashed; nothing has compared it with the manifest root yet. Give a premature
         # READY=1 every chance to show.
         time.sleep(0.5)
@@ -164,7 +166,7 @@ def test_ready_1_and_ready_200_wait_until_the_coordinator_accepted_the_range(
         assert notify.when(b"READY=1") == []
         released = time.monotonic()
         (hold / "hold-proof").unlink()
-        node.wait_state("OPERATIONAL")
+        node.wait_state("OPERATIONAL", timeout=WAIT_S)
         assert node.get("/ready")[0] == 200
         wait_until(lambda: notify.when(b"READY=1"), 10, "READY=1")
         (ready,) = notify.when(b"READY=1")
@@ -182,7 +184,7 @@ def test_a_missing_manifest_fails_the_node_at_once_with_the_fix(
     bare = copy_model(model_dir, tmp_path / "bare")
     (bare / MANIFEST_FILE).unlink()
     node = start_node(model=bare)
-    st = node.wait_state("FAILED")
+    st = node.wait_state("FAILED", timeout=WAIT_S)
     assert st["last_error"] == (
         f"cannot use the model's manifest: no manifest at {bare}/{MANIFEST_FILE}: run "
         "`butterfly-admin manifest build MODEL_DIR` and publish it beside the weights"
@@ -197,7 +199,7 @@ def test_a_manifest_with_another_root_than_the_pinned_one_is_refused(
 ) -> None:
     pinned = "0" * 64
     node = start_node(model_extra=f'expected_root = "{pinned}"')
-    st = node.wait_state("FAILED")
+    st = node.wait_state("FAILED", timeout=WAIT_S)
     root = read_manifest(model_dir / MANIFEST_FILE).merkle_root
     assert f"names model version {root}, but [model] expected_root pins {pinned}" in st["last_error"]
     assert st["bytes_done"] == 0  # refused before a byte of weights was read
@@ -213,7 +215,7 @@ def test_tampered_weights_with_matching_chunk_digests_never_reach_ready(
     notify = NotifyRecorder(tmp_path / "notify.sock")
     try:
         node = start_node(model=bad, env={"NOTIFY_SOCKET": str(notify.path)})
-        st = node.wait_state("FAILED")
+        st = node.wait_state("FAILED", timeout=WAIT_S)
         expected = next(t.blake3 for t in read_manifest(bad / MANIFEST_FILE).tensors if t.name == victim)
         assert f"tensor {victim} (layer 3, arena offset " in st["last_error"]
         assert "the whole-tensor digest does not" in st["last_error"]
@@ -240,7 +242,9 @@ def metric(node: Node, name: str) -> float:
 
 def serving_and_scrubbed(node: Node) -> dict[str, Any]:
     return node.wait_for(
-        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["scrub_passes"] >= 1, what="a scrub pass"
+        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["scrub_passes"] >= 1,
+        what="a scrub pass",
+        timeout=WAIT_S,
     )
 
 
@@ -264,7 +268,7 @@ def test_a_byte_flipped_in_memory_while_serving_is_found_repaired_and_proven_aga
     )
     flip(arena_path(node), victim.arena_offset + 5000)
     # Not serving from the moment it is found, until it is proven again (the repair is held here).
-    down = node.wait_for(lambda s: s["state"] == "LOADING", what="serving stopped")
+    down = node.wait_for(lambda s: s["state"] == "LOADING", what="serving stopped", timeout=WAIT_S)
     assert not down["may_serve"] and down["integrity"]["fault"]
     assert node.get("/ready")[0] == 503
     assert (
@@ -272,7 +276,9 @@ def test_a_byte_flipped_in_memory_while_serving_is_found_repaired_and_proven_aga
     )
     (hold / "hold-repair").unlink()
     st = node.wait_for(
-        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["repairs"] == 1, what="repaired"
+        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["repairs"] == 1,
+        what="repaired",
+        timeout=WAIT_S,
     )
     assert not st["integrity"]["fault"] and st["may_serve"]
     (m,) = st["integrity"]["last_mismatch"]
@@ -309,7 +315,9 @@ def test_a_bad_cache_entry_met_during_a_repair_is_quarantined_and_the_source_rea
     flip(entry, 70000)
     flip(arena_path(node), victim.arena_offset + 70000)
     st = node.wait_for(
-        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["repairs"] == 1, what="repaired"
+        lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["repairs"] == 1,
+        what="repaired",
+        timeout=WAIT_S,
     )
     log = node.log()
     assert (
@@ -321,3 +329,29 @@ def test_a_bad_cache_entry_met_during_a_repair_is_quarantined_and_the_source_rea
     # What came from the source (checked chunk by chunk, then by the cache's own BLAKE3) is cached again.
     assert blake3.blake3(entry.read_bytes()).digest() == victim.blake3
     assert node.stop() == 0
+
+
+def test_a_byte_flipped_at_the_source_is_named_and_nothing_wrong_is_served(
+    start_node: NodeFactory, model_dir: Path, tmp_path: Path
+) -> None:
+    # Memory, cache and source all differ for one tensor: the repair finds no good copy, the reload
+    # that follows neither, and the node fails naming the source's bytes.
+    model = copy_model(model_dir, tmp_path / "m")
+    node = start_node(model=model, extra=FAST_SCRUB)
+    serving_and_scrubbed(node)
+    victim = next(p for p in placements(model, LayerRange(0, 4)) if p.name == "model.norm.weight")
+    record = next(t for t in read_manifest(model / MANIFEST_FILE).tensors if t.name == victim.name)
+    flip(model / record.file, record.offset + 3)
+    flip(cache_entry(node, victim.blake3.hex()), 3)
+    flip(arena_path(node), victim.arena_offset + 3)
+    st = node.wait_state("FAILED", timeout=WAIT_S)
+    end = record.offset + record.length
+    assert st["last_error"].startswith(
+        f"tensor {victim.name}: {record.file} bytes [{record.offset}, {end}) (chunk 0, arena offset "
+    )
+    assert "both reads agree, so the file is not the one the manifest describes" in st["last_error"]
+    log = node.log()
+    assert f"repair of epoch 1 failed: repair of {victim.name} failed: tensor {victim.name}" in log
+    assert f"cache entry {victim.blake3.hex()} removed" in log
+    assert not st["may_serve"] and node.get("/ready")[0] == 503
+    assert node.stop() == 1

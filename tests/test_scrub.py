@@ -23,17 +23,17 @@ class Clocks:
         self.now = 100.0
         self.cpu = 0.0
         self.cost = cost
-        self._reads = 0
+        self._started = False
 
     def wall(self) -> float:
         return self.now
 
     def thread(self) -> float:
-        # Read twice per step (before and after): the second read of a pair is `cost` later.
-        self._reads += 1
-        if self._reads % 2 == 0:
+        # Read once when the scrubber starts, then once at the end of each step: each step costs `cost`.
+        if self._started:
             self.cpu += self.cost
             self.now += self.cost
+        self._started = True
         return self.cpu
 
 

@@ -2,9 +2,10 @@
 
 Owns the order (tensors in arena order, a slice of ``SLICE_BYTES`` at a time, one BLAKE3 per tensor
 kept across slices), the pace and what a pass finds:
-- pace: two bounds, the later wins. The CPU bound keeps this thread's CPU time (``time.thread_time``,
-  measured around each step) at most ``cpu_percent`` of one core: after a step that cost ``c``
-  seconds the next waits ``c * (100 / cpu_percent - 1)``. The interval bound spreads a pass over
+- pace: two bounds, the later wins. The CPU bound keeps this thread's CPU time (``time.thread_time``
+  from the end of one step to the end of the next, so the loop around the steps is charged too) at
+  most ``cpu_percent`` of one core: after a step that cost ``c`` seconds the next waits
+  ``c * (100 / cpu_percent - 1)``. The interval bound spreads a pass over
   ``interval_s`` (no faster: a pass does not have to run back to back). When the CPU bound is the
   tighter one a pass takes longer than the interval; ``Scrubber.last_pass_s`` says by how much.
 - findings: a tensor whose BLAKE3 is not the manifest's is a ``Mismatch`` located by its chunks
@@ -120,6 +121,7 @@ class Scrubber:
         self._pass_start = clock()
         self._pass_bytes = 0
         self._due = self._pass_start
+        self._cpu_mark = cpu_clock()
 
     def due(self) -> float:
         """When the next step may run (``clock`` time); never before the pace allows."""
@@ -129,7 +131,6 @@ class Scrubber:
         """Hash the next slice; at a tensor's end compare it, at the last tensor's end end the pass."""
         if self.stopped or not self.tensors:
             return Step(0)
-        cpu0 = self.cpu_clock()
         t = self.tensors[self._index]
         n = min(SLICE_BYTES, t.length - self._offset)
         self.copy.update(self._hasher, t.arena_offset + self._offset, n)
@@ -147,7 +148,8 @@ class Scrubber:
             if self._index == len(self.tensors):
                 self._index = 0
                 pass_done = True
-        cost = self.cpu_clock() - cpu0
+        cpu = self.cpu_clock()
+        cost, self._cpu_mark = cpu - self._cpu_mark, cpu
         self.bytes += n
         self._pass_bytes += n
         self.cpu_s += cost
