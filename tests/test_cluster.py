@@ -194,6 +194,23 @@ def test_nodes_find_each_other_through_dns_srv(cluster_factory, tmp_path) -> Non
         dns.stop()
 
 
+def odd_one_out(cluster_factory, model: Path):  # type: ignore[no-untyped-def]
+    """Three nodes, the third a worker on ``model``; returns once it FAILED and the other two serve
+    without it. It is a worker so that the coordinator is always one holding the reference model."""
+    c = cluster_factory(3, quorum=2, roles=["coordinator", "coordinator", "worker"], heartbeat_timeout_s=30.0)
+    c.models[2] = model
+    c.start_all()
+    odd = c.ids[2]
+    st = c.wait(
+        lambda st: (
+            st[odd]["state"] == "FAILED"
+            and all(st[n]["state"] == "OPERATIONAL" and st[n]["peer_faults"] for n in c.ids[:2])
+        ),
+        what="the odd node failed, the others serving without it",
+    )
+    return c, odd, st
+
+
 def test_a_node_holding_another_model_version_fails_visibly_and_the_others_serve_around_it(
     cluster_factory, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -204,18 +221,7 @@ def test_a_node_holding_another_model_version_fails_visibly_and_the_others_serve
     other = make_test_model(tmp_path / "other", layers=4, hidden=128, vocab=512, shards=2, seed=7)
     manifest, _ = build_manifest(other, chunk_bytes=64 * 1024)
     write_manifest(manifest, other / MANIFEST_FILE)
-    # The odd node is a worker, so the coordinator is always one holding the reference version.
-    c = cluster_factory(3, quorum=2, roles=["coordinator", "coordinator", "worker"], heartbeat_timeout_s=30.0)
-    c.models[2] = other
-    c.start_all()
-    odd = c.ids[2]
-    st = c.wait(
-        lambda st: (
-            st[odd]["state"] == "FAILED"
-            and all(st[n]["state"] == "OPERATIONAL" and st[n]["peer_faults"] for n in c.ids[:2])
-        ),
-        what="the odd node failed, the others serving without it",
-    )
+    c, odd, st = odd_one_out(cluster_factory, other)
     root = json.loads((Path(c.model) / MANIFEST_FILE).read_text())["merkle_root"]
     assert f"this node's manifest names model version {manifest.merkle_root}" in st[odd]["last_error"]
     assert f"the cluster's plan (epoch 1) is for {root}" in st[odd]["last_error"]
@@ -240,17 +246,7 @@ def test_a_node_failing_validation_is_named_with_its_layers_and_planned_around(
         f"model.layers.{b}.mlp.up_proj.weight" for b in range(4)
     ]:
         tamper_with_cheap_digests(bad, name)
-    c = cluster_factory(3, quorum=2, roles=["coordinator", "coordinator", "worker"], heartbeat_timeout_s=30.0)
-    c.models[2] = bad
-    c.start_all()
-    odd = c.ids[2]
-    st = c.wait(
-        lambda st: (
-            st[odd]["state"] == "FAILED"
-            and all(st[n]["state"] == "OPERATIONAL" and st[n]["peer_faults"] for n in c.ids[:2])
-        ),
-        what="the tampered node failed, the others serving without it",
-    )
+    c, odd, st = odd_one_out(cluster_factory, bad)
     reason = st[odd]["last_error"]
     assert "are not the model's" in reason and "the whole-tensor digest does not" in reason
     for n in c.ids[:2]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,8 +18,8 @@ from butterfly.ipc import TensorPlacement
 from butterfly.loader.process import place
 from butterfly.manifest import MANIFEST_FILE, read_manifest
 from butterfly.model.layout import LayerRange, load_layout
-from tests.nodeharness import Node, free_port, segments_of, write_config
-from tests.tamper import copy_model, tamper_with_cheap_digests
+from tests.nodeharness import Node, NotifyListener, free_port, segments_of, write_config
+from tests.tamper import copy_model, flip_byte, tamper_with_cheap_digests
 
 NodeFactory = Callable[..., Node]
 # Bounds on waits only protect against hangs: a machine shared by many test runs can be slow.
@@ -80,14 +78,6 @@ def placements(model: Path, blocks: LayerRange) -> list[TensorPlacement]:
     return place(load_layout(model).tensors_for_blocks(blocks), manifest)[0]
 
 
-def flip(path: Path, at: int) -> None:
-    with open(path, "r+b") as f:
-        f.seek(at)
-        byte = f.read(1)[0]
-        f.seek(at)
-        f.write(bytes([byte ^ 0x20]))
-
-
 def test_a_byte_flipped_in_the_arena_before_validation_is_named_then_reloaded(
     start_node: NodeFactory, model_dir: Path, tmp_path: Path
 ) -> None:
@@ -99,7 +89,7 @@ def test_a_byte_flipped_in_the_arena_before_validation_is_named_then_reloaded(
     victim = next(
         p for p in placements(model_dir, LayerRange(0, 4)) if p.name.endswith("layers.1.mlp.down_proj.weight")
     )
-    flip(arena_path(node), victim.arena_offset + 1000)
+    flip_byte(arena_path(node), victim.arena_offset + 1000)
     (hold / "hold-validation").unlink()
     st = node.wait_state("OPERATIONAL", timeout=WAIT_S)
     reason = st["last_error"]
@@ -115,47 +105,17 @@ def test_a_byte_flipped_in_the_arena_before_validation_is_named_then_reloaded(
     assert node.stop() == 0
 
 
-class NotifyRecorder:
-    """A NOTIFY_SOCKET that records every datagram the node sends, with when it arrived."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.got: list[tuple[float, bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.got.append((time.monotonic(), data))
-
-    def when(self, datagram: bytes) -> list[float]:
-        return [t for t, d in list(self.got) if datagram in d.split(b"\n")]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-
-
 def test_ready_1_and_ready_200_wait_until_the_coordinator_accepted_the_range(
     start_node: NodeFactory, tmp_path: Path
 ) -> None:
     hold = tmp_path / "holds"
     hold.mkdir()
     (hold / "hold-proof").touch()
-    notify = NotifyRecorder(tmp_path / "notify.sock")
+    notify = NotifyListener(tmp_path / "notify.sock")
     try:
-        node = start_node(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold), "NOTIFY_SOCKET": str(notify.path)})
+        node = start_node(
+            env={"BUTTERFLY_TEST_HOLD_DIR": str(hold), "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        )
         wait_until(lambda: "validated 1837312 bytes locally" in node.log(), WAIT_S, "local validation")
         # The arena is hashed; nothing has compared it with the manifest root yet. Give a premature
         # READY=1 every chance to show.
@@ -163,13 +123,13 @@ def test_ready_1_and_ready_200_wait_until_the_coordinator_accepted_the_range(
         st = node.status()
         assert st is not None and (st["state"], st["phase"]) == ("LOADING", "validation")
         assert node.get("/ready")[0] == 503
-        assert notify.when(b"READY=1") == []
+        assert notify.times("READY=1") == []
         released = time.monotonic()
         (hold / "hold-proof").unlink()
         node.wait_state("OPERATIONAL", timeout=WAIT_S)
         assert node.get("/ready")[0] == 200
-        wait_until(lambda: notify.when(b"READY=1"), 10, "READY=1")
-        (ready,) = notify.when(b"READY=1")
+        wait_until(lambda: notify.times("READY=1"), 10, "READY=1")
+        (ready,) = notify.times("READY=1")
         assert ready > released
         log = node.log()
         assert log.index("validation of ") < log.index("phase validation -> ready")
@@ -212,9 +172,9 @@ def test_tampered_weights_with_matching_chunk_digests_never_reach_ready(
     bad = copy_model(model_dir, tmp_path / "bad")
     victim = "model.layers.3.self_attn.o_proj.weight"
     tamper_with_cheap_digests(bad, victim)
-    notify = NotifyRecorder(tmp_path / "notify.sock")
+    notify = NotifyListener(tmp_path / "notify.sock")
     try:
-        node = start_node(model=bad, env={"NOTIFY_SOCKET": str(notify.path)})
+        node = start_node(model=bad, env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
         st = node.wait_state("FAILED", timeout=WAIT_S)
         expected = next(t.blake3 for t in read_manifest(bad / MANIFEST_FILE).tensors if t.name == victim)
         assert f"tensor {victim} (layer 3, arena offset " in st["last_error"]
@@ -222,8 +182,8 @@ def test_tampered_weights_with_matching_chunk_digests_never_reach_ready(
         assert f"BLAKE3 expected {expected}, found " in st["last_error"]
         assert node.get("/ready")[0] == 503
         assert node.stop() == 1
-        assert notify.when(b"READY=1") == []
-        assert any(d.startswith(b"STATUS=FAILED") for _, d in notify.got)
+        assert notify.times("READY=1") == []
+        assert notify.lines("STATUS=FAILED")
     finally:
         notify.close()
 
@@ -266,7 +226,7 @@ def test_a_byte_flipped_in_memory_while_serving_is_found_repaired_and_proven_aga
         for p in placements(model_dir, LayerRange(0, 4))
         if p.name == "model.layers.2.self_attn.q_proj.weight"
     )
-    flip(arena_path(node), victim.arena_offset + 5000)
+    flip_byte(arena_path(node), victim.arena_offset + 5000)
     # Not serving from the moment it is found, until it is proven again (the repair is held here).
     down = node.wait_for(lambda s: s["state"] == "LOADING", what="serving stopped", timeout=WAIT_S)
     assert not down["may_serve"] and down["integrity"]["fault"]
@@ -312,8 +272,8 @@ def test_a_bad_cache_entry_met_during_a_repair_is_quarantined_and_the_source_rea
         p for p in placements(model_dir, LayerRange(0, 4)) if p.name == "model.layers.0.mlp.down_proj.weight"
     )
     entry = cache_entry(node, victim.blake3.hex())
-    flip(entry, 70000)
-    flip(arena_path(node), victim.arena_offset + 70000)
+    flip_byte(entry, 70000)
+    flip_byte(arena_path(node), victim.arena_offset + 70000)
     st = node.wait_for(
         lambda s: s["state"] == "OPERATIONAL" and s["integrity"]["repairs"] == 1,
         what="repaired",
@@ -341,9 +301,9 @@ def test_a_byte_flipped_at_the_source_is_named_and_nothing_wrong_is_served(
     serving_and_scrubbed(node)
     victim = next(p for p in placements(model, LayerRange(0, 4)) if p.name == "model.norm.weight")
     record = next(t for t in read_manifest(model / MANIFEST_FILE).tensors if t.name == victim.name)
-    flip(model / record.file, record.offset + 3)
-    flip(cache_entry(node, victim.blake3.hex()), 3)
-    flip(arena_path(node), victim.arena_offset + 3)
+    flip_byte(model / record.file, record.offset + 3)
+    flip_byte(cache_entry(node, victim.blake3.hex()), 3)
+    flip_byte(arena_path(node), victim.arena_offset + 3)
     st = node.wait_state("FAILED", timeout=WAIT_S)
     end = record.offset + record.length
     assert st["last_error"].startswith(

@@ -317,12 +317,15 @@ class Loader:
             self.arena = None
         unlink_segment(self.ctx.init.arena_name)
 
-    def load(self, cmd: LoadAssignment) -> Loaded:
-        steps: dict[str, float] = {}
+    def _source(self) -> Source:
         try:
-            source = open_source(self.ctx.config)
+            return open_source(self.ctx.config)
         except (SourceError, ValueError) as e:
             raise LoadFailed(f"cannot open the model source: {e}", False) from e
+
+    def load(self, cmd: LoadAssignment) -> Loaded:
+        steps: dict[str, float] = {}
+        source = self._source()
         try:
             manifest = self._manifest()
             layout = layout_from_manifest(manifest, source.description)
@@ -411,10 +414,7 @@ class Loader:
             )
         held_bytes = sum(t.length for t in tensors)
         size = sum(t.length for t, _ in picked)
-        try:
-            source = open_source(self.ctx.config)
-        except (SourceError, ValueError) as e:
-            raise LoadFailed(f"cannot open the model source: {e}", False) from e
+        source = self._source()
         try:
             manifest = self._manifest()
             fetch = Fetch(
@@ -493,24 +493,16 @@ class Loader:
                 continue
             if isinstance(cmd, Shutdown):
                 break
-            if isinstance(cmd, LoadAssignment):
+            if isinstance(cmd, LoadAssignment | RepairTensors):
+                what = "load" if isinstance(cmd, LoadAssignment) else "repair"
                 try:
-                    self.chan.send(self.load(cmd))
+                    self.chan.send(self.load(cmd) if isinstance(cmd, LoadAssignment) else self.repair(cmd))
                 except Interrupted as i:
-                    log.info("load of epoch %d interrupted by %s", cmd.epoch, i)
+                    log.info("%s of epoch %d interrupted by %s", what, cmd.epoch, i)
                     next_cmd = i.cmd
                 except LoadFailed as e:
-                    log.error("load of epoch %d failed: %s", cmd.epoch, e)
-                    self.chan.send(Failed("load", str(e), fatal=e.fatal))
-            elif isinstance(cmd, RepairTensors):
-                try:
-                    self.chan.send(self.repair(cmd))
-                except Interrupted as i:
-                    log.info("repair of epoch %d interrupted by %s", cmd.epoch, i)
-                    next_cmd = i.cmd
-                except LoadFailed as e:
-                    log.error("repair of epoch %d failed: %s", cmd.epoch, e)
-                    self.chan.send(Failed("repair", str(e), fatal=e.fatal))
+                    log.error("%s of epoch %d failed: %s", what, cmd.epoch, e)
+                    self.chan.send(Failed(what, str(e), fatal=e.fatal))
             else:
                 log.warning("loader ignores %s", type(cmd).__name__)
         self._drop_arena()
