@@ -37,7 +37,7 @@ from butterfly.ipc import (
     TensorPlacement,
 )
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
-from butterfly.loader.warmup import WarmupError, decode, run_stage
+from butterfly.loader.warmup import F32, WarmupError, decode, run_stage
 from butterfly.manifest import Manifest, ManifestError, layout_from_manifest
 from butterfly.model.layout import (
     LayerRange,
@@ -175,15 +175,19 @@ class Fetch:
             self._stream(names[half:], reader, downloaded)
             return
 
-        results = stream_into(
-            jobs,
-            self.loader.arena_buf(),
-            reader,
-            chunk_bytes=self.chunk_bytes,
-            concurrency=conc,
-            expected=self._expected(names),
-            progress=progress,
-        )
+        assert self.loader.arena is not None
+        # A view released on the way out, even when an error's traceback still names it: else the
+        # arena could not be unmapped for the next load while that error is being handled.
+        with self.loader.arena.view() as arena:
+            results = stream_into(
+                jobs,
+                arena,
+                reader,
+                chunk_bytes=self.chunk_bytes,
+                concurrency=conc,
+                expected=self._expected(names),
+                progress=progress,
+            )
         for r in results:
             self.results.setdefault(r.chunk.tensor, []).append(r)
 
@@ -258,18 +262,15 @@ class Fetch:
         re-hashes with BLAKE3 before it stores anything."""
         if self.cache is None:
             return
-        buf = self.loader.arena_buf()
-        try:
+        assert self.loader.arena is not None
+        with self.loader.arena.view() as buf:
             for n in self.fetched:
                 job, rec = self.jobs[n], self.records[n]
                 try:
-                    self.cache.store_from_buffer(
-                        rec.blake3, buf[job.arena_offset : job.arena_offset + job.length]
-                    )
+                    with buf[job.arena_offset : job.arena_offset + job.length] as tensor:
+                        self.cache.store_from_buffer(rec.blake3, tensor)
                 except (CacheError, OSError) as e:
                     log.warning("could not cache %s: %s", n, e)
-        finally:
-            del buf
 
 
 class Loader:
@@ -284,10 +285,6 @@ class Loader:
         self.held: tuple[int, list[TensorEntry], list[TensorPlacement]] | None = None
         self.downloaded_total = 0
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
-
-    def arena_buf(self) -> memoryview:
-        assert self.arena is not None
-        return memoryview(self.arena.buf)
 
     def _beat(self) -> None:
         self.ctx.board.update(LoaderSection, heartbeat_mono_ns=time.monotonic_ns())
@@ -313,7 +310,12 @@ class Loader:
 
     def _drop_arena(self) -> None:
         if self.arena is not None:
-            self.arena.close()
+            try:
+                self.arena.close()
+            except BufferError:
+                # A view still refers to it (an error's traceback being handled): the mapping goes
+                # with the view; the name goes now, so the next arena can be made.
+                log.warning("the previous arena still had views; it is unmapped when they are gone")
             self.arena = None
         unlink_segment(self.ctx.init.arena_name)
 
@@ -447,7 +449,9 @@ class Loader:
         try:
             t0 = self._step(LoadStep.UPLOAD)
             self.gpu_result = None  # free the previous assignment's device memory first
-            self.gpu_result = gpu.upload_and_verify(self.arena_buf(), placements, device=0)
+            assert self.arena is not None
+            with self.arena.view() as buf:
+                self.gpu_result = gpu.upload_and_verify(buf, placements, device=0)
             steps["upload"] = time.monotonic() - t0
             t0 = self._step(LoadStep.COMPILE)
             gpu.compile_kernels(0)
@@ -469,18 +473,23 @@ class Loader:
         rng: LayerRange,
     ) -> None:
         assert self.arena is not None
-        buf = memoryview(self.arena.buf)
-        try:
-            weights = {
-                t.name: decode(buf[p.arena_offset : p.arena_offset + p.length], t.dtype, list(t.shape))
-                for t, p in zip(tensors, placements, strict=True)
-            }
-            stats = run_stage(weights, layout.model_config, rng.start, rng.stop, layout.num_blocks)
-        except WarmupError as e:
-            raise LoadFailed(f"warmup of blocks {rng} failed: {e}", True) from e
-        finally:
-            weights = {}
-            del buf
+        weights: dict[str, F32] = {}
+        failed = ""
+        with self.arena.view() as buf:
+            try:
+                for t, p in zip(tensors, placements, strict=True):
+                    weights[t.name] = decode(
+                        buf[p.arena_offset : p.arena_offset + p.length], t.dtype, list(t.shape)
+                    )
+                stats = run_stage(weights, layout.model_config, rng.start, rng.stop, layout.num_blocks)
+            except WarmupError as e:
+                failed = str(e)
+            finally:
+                # The arrays are views of the arena: gone before the block ends, and the error is
+                # raised outside the except block, so no traceback keeps them (and the mapping) alive.
+                weights.clear()
+        if failed:
+            raise LoadFailed(f"warmup of blocks {rng} failed: {failed}", True)
         log.info("warmup of blocks %s ok: %s", rng, stats)
 
     def serve(self) -> None:
