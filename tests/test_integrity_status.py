@@ -6,12 +6,13 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from butterfly.api.metrics import render_families
-from butterfly.board import Board, ValidatorSection
+from butterfly.board import Board, ClusterSection, LoaderSection, ValidatorSection
 from butterfly.cli.admin_ops import _status_tables, make_console
 from butterfly.ipc import Mismatch, PeerFault
 from butterfly.states import NodeState, Phase
@@ -39,7 +40,7 @@ def test_reasons_reach_status_status_line_and_admin_whole(board: Board) -> None:
         waiting_reason="waiting: " + LONG,
         peer_faults=[PeerFault(node_id="n2", reason=LONG, failed=True, start=2, stop=4)],
     )
-    st = build_status(board.snapshot(), "coordinator", [], 10.0, notes)
+    st = build_status(board.snapshot(), "coordinator", [], 10.0, None, notes)
     assert st.last_error == LONG and st.waiting_reason == "waiting: " + LONG
     (fault,) = st.peer_faults
     assert (fault.node_id, fault.layers, fault.failed, fault.reason) == ("n2", "2-3", True, LONG)
@@ -61,14 +62,27 @@ def test_reasons_reach_status_status_line_and_admin_whole(board: Board) -> None:
 def test_a_fault_found_in_memory_stops_serving_before_the_supervisor_reacts(board: Board) -> None:
     from butterfly.board import NodeSection
 
-    board.update(NodeSection, state=int(NodeState.OPERATIONAL), phase=int(Phase.READY), repairs=2)
-    assert build_status(board.snapshot(), "worker", [], 10.0, Notes()).may_serve
+    now = time.monotonic_ns()
+    board.update(ClusterSection, heartbeat_mono_ns=now, epoch=1)
+    board.update(LoaderSection, heartbeat_mono_ns=now)
+    board.update(
+        NodeSection,
+        state=int(NodeState.OPERATIONAL),
+        phase=int(Phase.READY),
+        serving_epoch=1,
+        heartbeat_mono_ns=now,
+        repairs=2,
+    )
+    board.update(ValidatorSection, heartbeat_mono_ns=now)
+    assert build_status(board.snapshot(), "worker", [], 10.0, now, Notes()).may_serve
     board.update(ValidatorSection, fault=1, mismatches=3, scrub_passes=4, scrub_bytes=4096, scrub_cpu_s=0.5)
     mismatch = Mismatch(
         tensor="lm_head.weight", unit=5, layer="head", arena_offset=64, expected="aa" * 32, found="bb" * 32
     )
-    st = build_status(board.snapshot(), "worker", [], 10.0, Notes(mismatches=[mismatch]))
-    assert st.state == "OPERATIONAL" and not st.may_serve
+    st = build_status(board.snapshot(), "worker", [], 10.0, now, Notes(mismatches=[mismatch]))
+    # The gate says no at once (and the state shown follows it): the supervisor has not reacted yet.
+    assert not st.may_serve and st.state == "READY"
+    assert st.waiting_reason == "the validator found weights in memory that are not the model's"
     i = st.integrity
     assert i is not None and i.fault and i.last_mismatch == [mismatch]
     assert (i.mismatches, i.repairs, i.scrub_passes, i.scrub_bytes) == (3, 2, 4, 4096)
