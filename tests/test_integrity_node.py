@@ -149,7 +149,12 @@ def test_a_missing_manifest_fails_the_node_at_once_with_the_fix(
         f"cannot use the model's manifest: no manifest at {bare}/{MANIFEST_FILE}: run "
         "`butterfly-admin manifest build MODEL_DIR` and publish it beside the weights"
     )
-    assert "node failed (manifest): cannot use the model's manifest: no manifest at" in node.log()
+    # Logged through a queue: the line may land just after /status shows FAILED.
+    wait_until(
+        lambda: "node failed (manifest): cannot use the model's manifest: no manifest at" in node.log(),
+        WAIT_S,
+        "the log line",
+    )
     assert node.get("/ready")[0] == 503
     assert node.stop() == 1
 
