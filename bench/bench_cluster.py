@@ -71,6 +71,7 @@ from butterfly.cluster.driver import (  # noqa: E402
 from butterfly.cluster.messages import NodeReport, PlanEntry  # noqa: E402
 from butterfly.cluster.process import NetAdapter  # noqa: E402
 from butterfly.config import HostPort  # noqa: E402
+from butterfly.ipc import PeerFault  # noqa: E402
 from butterfly.net.auth import generate_secret, load_secret  # noqa: E402
 from butterfly.net.transport import Transport  # noqa: E402
 
@@ -157,6 +158,15 @@ class BenchEvents:
         return None
 
     async def validation_rejected(self, epoch: int, reason: str) -> None:
+        return None
+
+    async def waiting(self, reason: str) -> None:
+        return None
+
+    async def range_accepted(self, epoch: int) -> None:
+        return None
+
+    async def peer_faults(self, faults: list[PeerFault]) -> None:
         return None
 
     def board(self, **fields: object) -> None:

@@ -252,8 +252,10 @@ def _integer(minimum: int, maximum: int | None = None, *, power_of_two: bool = F
     return check
 
 
-def _number(minimum: float, *, inclusive: bool) -> _Check:
+def _number(minimum: float, *, inclusive: bool, maximum: float | None = None) -> _Check:
     expected = f"a number {'>=' if inclusive else '>'} {minimum:g}"
+    if maximum is not None:
+        expected = f"a number {'from' if inclusive else 'above'} {minimum:g} to {maximum:g}"
 
     def check(value: object, key: str, ctx: _Context) -> float:
         # TOML writes 10 and 10.0 differently; an operator means the same number by both.
@@ -261,6 +263,8 @@ def _number(minimum: float, *, inclusive: bool) -> _Check:
             raise ctx.error(key, expected, _typed(value))
         number = float(value)
         if not math.isfinite(number) or number < minimum or (number == minimum and not inclusive):
+            raise ctx.error(key, expected, _literal(value))
+        if maximum is not None and number > maximum:
             raise ctx.error(key, expected, _literal(value))
         return number
 
@@ -366,6 +370,19 @@ def _s3_url(value: str, key: str, ctx: _Context) -> str:
     return f"s3://{match.group(1)}/{prefix}"
 
 
+def _ed25519_public_key(value: object, key: str, ctx: _Context) -> str:
+    expected = "an Ed25519 public key in base64 (the line `butterfly-admin manifest keygen` prints)"
+    if not isinstance(value, str):
+        raise ctx.error(key, expected, _typed(value))
+    from butterfly.provenance import parse_public_key
+
+    try:
+        parse_public_key(value)
+    except ValueError as exc:
+        raise ctx.error(key, expected, f"{_literal(value)} ({exc})") from None
+    return value.strip()
+
+
 def _setting(check: _Check, default: Any = dataclasses.MISSING, *, derived: bool = False) -> Any:
     """Declare a key: its check, and its default (none = required, unless ``derived`` by a hook)."""
     metadata = {"check": check, "derived": derived}
@@ -437,6 +454,12 @@ class ModelConfig:
     """``s3://bucket/prefix`` for s3; a directory for filesystem (made absolute when loaded)."""
     manifest_path: str | None = _setting(_string("a path or an s3://bucket/key URL"), None)
     """Manifest naming the model version (``butterfly-admin manifest build``): a path or s3:// URL."""
+    expected_root: str | None = _setting(
+        _string("the 64 lowercase hex digits of a manifest's root", r"[0-9a-f]{64}"), None
+    )
+    """Model version this node accepts (``butterfly-admin manifest show`` prints it); unset: any."""
+    manifest_public_key: str | None = _setting(_ed25519_public_key, None)
+    """Ed25519 key (base64, ``butterfly-admin manifest keygen``) that must sign the manifest; unset: none."""
     s3: S3Config = _table(S3Config, defaulted=True)
     """``[model.s3]`` options; ignored for a filesystem source."""
 
@@ -498,6 +521,19 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True)
+class ValidatorConfig:
+    """``[validator]``: re-checking the weights in memory while the node holds them (scrubbing)."""
+
+    scrub: bool = _setting(_boolean, True)
+    """Re-hash this node's weights in memory in the background while it is READY or OPERATIONAL."""
+    scrub_interval_s: float = _setting(_number(0, inclusive=False), 600.0)
+    """A full pass at least this often, as far as ``scrub_cpu_percent`` allows (else a pass takes
+    longer, and the log says how long)."""
+    scrub_cpu_percent: float = _setting(_number(0, inclusive=False, maximum=100), 2.0)
+    """Most of one core scrubbing may use, in percent (above 0, at most 100)."""
+
+
+@dataclass(frozen=True)
 class LoaderConfig:
     """``[loader]``: how weights are streamed from the source."""
 
@@ -537,6 +573,7 @@ class Config:
     security: SecurityConfig = _table(SecurityConfig)
     loader: LoaderConfig = _table(LoaderConfig)
     supervisor: SupervisorConfig = _table(SupervisorConfig)
+    validator: ValidatorConfig = _table(ValidatorConfig)
     source: str = field(default="<string>", compare=False, repr=False)
     """Where this config was read from, for error messages; not part of its value."""
 

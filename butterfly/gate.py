@@ -12,10 +12,13 @@ A node may serve epoch E only while every one of these holds (the first that fai
    the moment it is applied, before anything is reloaded;
 3. the supervisor and every child beat their heartbeat within ``STALE_AFTER_NS``: a hung (SIGSTOPped,
    deadlocked) or dead process stops serving, long before the supervisor kills it;
+4. the validator has not found weights in memory that are not the model's (``validator.fault``, set
+   by scrubbing or a validation the moment it finds one, cleared when a validation passes again);
 
 Bounds (from the moment the fact changes to the moment this function says no):
 - a new plan applied on this node: immediately (check 2);
-- a hung or dead child or supervisor: ``STALE_AFTER_NS`` (1.0 s, four missed heartbeats).
+- a hung or dead child or supervisor: ``STALE_AFTER_NS`` (1.0 s, four missed heartbeats);
+- weights found changed in memory: immediately (check 4; scrubbing finds them within a pass).
 
 This module must not write the board, read a clock, or know how the values got there.
 """
@@ -75,4 +78,6 @@ def may_serve(snap: BoardSnapshot, now_mono_ns: int) -> ServeVerdict:
         why = _stale(name, beat, now_mono_ns)
         if why:
             return _no(why)
+    if snap.validator.fault:
+        return _no("the validator found weights in memory that are not the model's")
     return ServeVerdict(True, "", epoch)

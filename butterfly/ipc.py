@@ -60,6 +60,16 @@ class LocalValidated(msgspec.Struct, tag=True, frozen=True):
     unit_digests: list[bytes]
 
 
+class NodeFault(msgspec.Struct, tag=True, frozen=True):
+    """This node cannot serve blocks [start, stop) now, and why ('' once it can again): the cluster
+    child tells every peer. ``failed``: for good (the node is FAILED): it must not be planned for."""
+
+    reason: str
+    failed: bool = False
+    start: int = 0
+    stop: int = 0
+
+
 class LoadAssignment(msgspec.Struct, tag=True, frozen=True):
     epoch: int
     term: int
@@ -74,6 +84,25 @@ class ValidateArena(msgspec.Struct, tag=True, frozen=True):
     loaded: Loaded
 
 
+class StartScrub(msgspec.Struct, tag=True, frozen=True):
+    """Re-hash ``loaded``'s tensors in the background, pass after pass, until told otherwise."""
+
+    epoch: int
+    loaded: Loaded
+
+
+class StopScrub(msgspec.Struct, tag=True, frozen=True):
+    """Stop scrubbing and unmap the arena (the loader is about to replace it)."""
+
+
+class RepairTensors(msgspec.Struct, tag=True, frozen=True):
+    """Read these tensors of the current assignment again, from the cache or the source, verified,
+    into their places in the arena."""
+
+    epoch: int
+    tensors: list[str]
+
+
 # ---- child -> supervisor -------------------------------------------------------------------------
 
 
@@ -82,6 +111,28 @@ class ClusterProgress(msgspec.Struct, tag=True, frozen=True):
 
     phase: str
     waiting_reason: str = ""
+
+
+class Waiting(msgspec.Struct, tag=True, frozen=True):
+    """Why the cluster is not moving on, whole ('' once it is); the latest one replaces the last."""
+
+    reason: str
+
+
+class PeerFault(msgspec.Struct, frozen=True, kw_only=True):
+    """A peer's fault as it reports it: why it cannot serve blocks [start, stop) (0, 0: none held)."""
+
+    node_id: str
+    reason: str
+    failed: bool
+    start: int
+    stop: int
+
+
+class PeerFaults(msgspec.Struct, tag=True, frozen=True):
+    """Every live peer that reports a fault, whole; the latest list replaces the last."""
+
+    faults: list[PeerFault]
 
 
 class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
@@ -94,6 +145,13 @@ class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
     num_blocks: int
 
 
+class RangeAccepted(msgspec.Struct, tag=True, frozen=True):
+    """The coordinator checked this node's unit digests for (epoch, its blocks) against the manifest
+    root and accepted them: its own range passed validation (what READY means)."""
+
+    epoch: int
+
+
 class ClusterOperational(msgspec.Struct, tag=True, frozen=True):
     """The coordinator committed 'operational at epoch E': the node may serve."""
 
@@ -102,16 +160,54 @@ class ClusterOperational(msgspec.Struct, tag=True, frozen=True):
 
 
 class TensorPlacement(msgspec.Struct, frozen=True, array_like=True):
+    """Where a tensor sits in the arena; ``blake3`` is the manifest's digest of its bytes (what the
+    validator compares with), empty when the model has no manifest."""
+
     name: str
     unit: int
     arena_offset: int
     length: int
+    blake3: bytes = b""
 
 
 class ChunkDigest(msgspec.Struct, frozen=True, array_like=True):
     arena_offset: int
     length: int
     xxh3: int
+
+
+class Mismatch(msgspec.Struct, frozen=True, kw_only=True):
+    """One tensor whose bytes in memory are not the model's (butterfly.validator.check finds them).
+
+    ``expected``/``found`` are its BLAKE3 (hex) when the manifest gave one; ``offset`` is the first
+    differing chunk's offset in the tensor and ``length`` that chunk's size, None when every chunk
+    matched the loader's digests and only the whole-tensor digest differs (a manifest whose chunk
+    digests were rewritten to match tampered bytes). ``chunk_expected``/``chunk_found`` are that
+    chunk's xxh3 (hex) as the loader checked it and as it is now.
+    """
+
+    tensor: str
+    unit: int
+    layer: str
+    arena_offset: int
+    expected: str
+    found: str
+    offset: int | None = None
+    length: int | None = None
+    chunk_expected: str = ""
+    chunk_found: str = ""
+    chunks_bad: int = 0
+
+    def __str__(self) -> str:
+        if self.offset is not None:
+            where = (
+                f" at byte {self.offset} ({self.length}-byte chunk: xxh3 expected {self.chunk_expected}, "
+                f"found {self.chunk_found}; {self.chunks_bad} chunk(s) differ)"
+            )
+        else:
+            where = " (every chunk matches the digests the loader checked; the whole-tensor digest does not)"
+        digest = f": BLAKE3 expected {self.expected}, found {self.found}" if self.expected else ""
+        return f"tensor {self.tensor} ({self.layer}, arena offset {self.arena_offset}){where}{digest}"
 
 
 class Loaded(msgspec.Struct, tag=True, frozen=True):
@@ -137,6 +233,23 @@ class Validated(msgspec.Struct, tag=True, frozen=True):
     bytes_hashed: int
 
 
+class ScrubMismatch(msgspec.Struct, tag=True, frozen=True):
+    """Scrubbing found weights in memory that are not the model's; ``reason`` says it whole."""
+
+    epoch: int
+    mismatches: list[Mismatch]
+    reason: str
+
+
+class Repaired(msgspec.Struct, tag=True, frozen=True):
+    """The loader read ``tensors`` again, each chunk checked against the manifest as it landed."""
+
+    epoch: int
+    tensors: list[str]
+    from_cache: int
+    from_source: int
+
+
 class Failed(msgspec.Struct, tag=True, frozen=True):
     """A child could not do what it was asked; `fatal` means retrying cannot help (bad model, config)."""
 
@@ -145,8 +258,31 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
     fatal: bool = False
 
 
-Command = Init | Shutdown | StartCluster | LocalValidated | LoadAssignment | ValidateArena
-Report = ClusterProgress | PlanAssigned | ClusterOperational | Loaded | Validated | Failed
+Command = (
+    Init
+    | Shutdown
+    | StartCluster
+    | LocalValidated
+    | NodeFault
+    | LoadAssignment
+    | RepairTensors
+    | ValidateArena
+    | StartScrub
+    | StopScrub
+)
+Report = (
+    ClusterProgress
+    | Waiting
+    | PeerFaults
+    | PlanAssigned
+    | RangeAccepted
+    | ClusterOperational
+    | Loaded
+    | Validated
+    | ScrubMismatch
+    | Repaired
+    | Failed
+)
 
 _enc = msgspec.msgpack.Encoder()
 _cmd_dec = msgspec.msgpack.Decoder(Command)

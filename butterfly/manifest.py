@@ -84,6 +84,7 @@ __all__ = [
     "UnitRecord",
     "build_manifest",
     "build_manifest_from_source",
+    "bytes_root",
     "decode_manifest",
     "encode_manifest",
     "layout_from_manifest",
@@ -771,10 +772,29 @@ def _compare_chunks(m: Manifest, file: str, t: TensorRecord, got: list[int]) -> 
     )
 
 
+def _compare_tensor(file: str, t: TensorRecord, got: bytes) -> Problem | None:
+    if got.hex() == t.blake3:
+        return None
+    return Problem(
+        file,
+        f"tensor {t.name!r} [{t.offset}, {t.offset + t.length}): BLAKE3 {got.hex()} differs from the "
+        f"manifest's {t.blake3} although every chunk's xxh3 matches (the manifest's chunk digests do "
+        "not describe the bytes its tensor digests and Merkle root name)",
+        t.name,
+        t.offset,
+    )
+
+
 def _verify_file(
-    m: Manifest, src: Source, name: str, tensors: list[TensorRecord], buf: memoryview
+    m: Manifest,
+    src: Source,
+    name: str,
+    tensors: list[TensorRecord],
+    buf: memoryview,
+    found: dict[str, bytes],
 ) -> list[Problem]:
-    """Problems of one file; ``tensors`` are its tensors sorted by offset."""
+    """Problems of one file; ``tensors`` are its tensors sorted by offset. Each tensor read whole has
+    its BLAKE3 put in ``found``."""
     record = m.files[name]
     try:
         size = src.size(name)
@@ -799,11 +819,16 @@ def _verify_file(
     spans = [_Span(t.name, t.offset, t.length) for t in tensors]
     whole = size == record.size
     try:
-        scan = _scan_file(src, name, size, spans, m.chunk_bytes, buf, file_digest=whole, tensor_digests=False)
+        scan = _scan_file(src, name, size, spans, m.chunk_bytes, buf, file_digest=whole, tensor_digests=True)
     except (SourceError, OSError) as e:
         return [*problems, Problem(name, f"read failed: {e}")]
+    found.update(scan.tensor_digests)
     for t in tensors:
-        p = _compare_chunks(m, name, t, scan.chunks[t.name])
+        # A differing chunk names the offset; with every chunk matching, the tensor digest (which the
+        # Merkle root covers) still has to: chunk digests are only as good as the manifest's word.
+        p = _compare_chunks(m, name, t, scan.chunks[t.name]) or _compare_tensor(
+            name, t, scan.tensor_digests[t.name]
+        )
         if p is not None:
             problems.append(p)
     if whole and scan.file_digest is not None and scan.file_digest.hex() != record.blake3 and not problems:
@@ -815,23 +840,56 @@ def _verify_file(
     return problems
 
 
+def bytes_root(manifest: Manifest, tensor_digests: dict[str, bytes]) -> bytes | None:
+    """The Merkle root of the bytes read, recomputed from their tensor digests exactly as the manifest's
+    root is from its own (unit digests, leaves, RFC 6962 root); None if a tensor was not read whole."""
+    by_unit: list[list[tuple[str, int, bytes]]] = [[] for _ in manifest.units]
+    for t in manifest.tensors:
+        if t.name not in tensor_digests:
+            return None
+        by_unit[t.unit].append((t.name, t.length, tensor_digests[t.name]))
+    return merkle.merkle_root([merkle.leaf_hash(unit_digest(members)) for members in by_unit])
+
+
 def verify_source(
     manifest: Manifest, src: Source, *, on_file: Callable[[str, int], None] | None = None
 ) -> list[Problem]:
-    """Check every weight file and config.json of ``src`` against ``manifest``; [] means all match.
+    """Check ``src`` against ``manifest`` as a node does, and then some; [] means all match.
 
-    Each file is read once, front to back; a differing chunk is reported once per tensor, naming the
-    tensor, the chunk's tensor and file offsets and how many of its chunks differ.
+    What a node checks, in one pass per file, front to back: every file's size, every chunk's xxh3,
+    every tensor's BLAKE3, and the Merkle root recomputed from those tensor digests (the node proves
+    the same leaves to its coordinator); what only this can check: every file's BLAKE3 (headers
+    included) and the side files the manifest names (config.json). A differing chunk is reported once
+    per tensor, naming the tensor, the chunk's tensor and file offsets and how many of its chunks differ.
     """
     problems: list[Problem] = []
     buf = memoryview(bytearray(manifest.chunk_bytes))
     by_file: dict[str, list[TensorRecord]] = {name: [] for name in manifest.files}
     for t in manifest.tensors:
         by_file[t.file].append(t)
+    found: dict[str, bytes] = {}
     for name in sorted(manifest.files):
-        problems += _verify_file(manifest, src, name, sorted(by_file[name], key=lambda t: t.offset), buf)
+        problems += _verify_file(
+            manifest, src, name, sorted(by_file[name], key=lambda t: t.offset), buf, found
+        )
         if on_file is not None:
             on_file(name, manifest.files[name].size)
+    root = bytes_root(manifest, found)
+    if root is not None and root.hex() != manifest.merkle_root:
+        problems.append(
+            Problem(
+                "<merkle root>",
+                f"the bytes' tensor digests give root {root.hex()}, the manifest names "
+                f"{manifest.merkle_root}: they are not that model version",
+            )
+        )
+    problems += _verify_side_files(manifest, src)
+    return problems
+
+
+def _verify_side_files(manifest: Manifest, src: Source) -> list[Problem]:
+    """The files beside the weights that the manifest pins (today config.json): missing or different."""
+    problems: list[Problem] = []
     try:
         raw = src.read_small(CONFIG_FILE, MAX_JSON_BYTES)
     except (SourceError, OSError) as e:

@@ -7,7 +7,52 @@ disagree. This module holds data only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import msgspec
+
+from butterfly.ipc import Mismatch, PeerFault
+
+
+@dataclass
+class Notes:
+    """The texts behind a node's status that must reach every reader whole: why it failed, why it
+    waits. The supervisor owns them (the board's fixed-size fields would cut them): children send
+    theirs over their channel, and /status, /metrics and STATUS= are all rendered from here."""
+
+    last_error: str = ""
+    waiting_reason: str = ""
+    peer_faults: list[PeerFault] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    """The tensors of the last mismatch scrubbing found in memory (kept after the repair)."""
+
+
+class IntegrityStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """The weights in memory: are they known bad, and what scrubbing has done so far."""
+
+    fault: bool
+    """A mismatch was found and no validation has passed since: the node must not serve."""
+    scrubbing: bool
+    scrub_passes: int
+    scrub_bytes: int
+    scrub_cpu_seconds: float
+    scrub_last_pass_seconds: float
+    mismatches: int
+    """Tensors found changed in memory since the node started (validation and scrubbing)."""
+    repairs: int
+    last_mismatch: list[Mismatch]
+    """Each tensor of the last mismatch scrubbing found: tensor, layer, offsets, digests."""
+
+
+class PeerFaultStatus(msgspec.Struct, frozen=True, kw_only=True):
+    """A peer that cannot serve its layers: which, since when it failed for good or not, and why."""
+
+    node_id: str
+    layers: str | None
+    """Its blocks in the seed's inclusive form ("2-3"); None when it held none."""
+    failed: bool
+    """For good (the peer is FAILED and no longer planned for); false: retrying or repairing."""
+    reason: str
 
 
 class ChildStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,3 +95,5 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     last_error: str | None
     waiting_reason: str | None
     children: list[ChildStatus]
+    peer_faults: list[PeerFaultStatus] = []
+    integrity: IntegrityStatus | None = None

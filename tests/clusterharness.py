@@ -21,6 +21,7 @@ class Cluster:
         quorum: int,
         env: dict[str, str] | None = None,
         roles: list[str] | None = None,
+        heartbeat_timeout_s: float = 3.0,
     ) -> None:
         self.root = root
         self.model = model
@@ -33,6 +34,8 @@ class Cluster:
         self.addrs = [f"127.0.0.{i + 1}:{free_port()}" for i in range(n)]
         self.api_ports = [free_port() for _ in range(n)]
         self.roles = roles or ["coordinator"] * n
+        # Tests that are not about hung children raise it: a busy machine starts a child slowly.
+        self.heartbeat_timeout_s = heartbeat_timeout_s
         self.nodes: dict[str, Node] = {}
         # Set to (srv_name, "127.0.0.1:port") to find peers through DNS SRV instead of seed lists.
         self.dns: tuple[str, str] | None = None
@@ -53,6 +56,10 @@ class Cluster:
             secret=self.secret,
             bind=self.addrs[i],
             seeds=[] if self.dns else seeds,
+        )
+        text = path.read_text()
+        path.write_text(
+            text.replace("heartbeat_timeout_s = 3.0", f"heartbeat_timeout_s = {self.heartbeat_timeout_s}")
         )
         if self.dns:
             name, server = self.dns

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -181,3 +182,39 @@ def pids_alive(pids: list[int]) -> list[int]:
             continue
         alive.append(pid)
     return alive
+
+
+class NotifyListener:
+    """A NOTIFY_SOCKET that records every line of every datagram a node sends, with when it came."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            for line in data.decode().splitlines():
+                self.messages.append((time.monotonic(), line))
+
+    def close(self) -> None:
+        self._stop = True
+        self._t.join()
+        self.sock.close()
+
+    def lines(self, prefix: str) -> list[str]:
+        return [m for _, m in self.messages if m.startswith(prefix)]
+
+    def times(self, line: str) -> list[float]:
+        """When each datagram holding exactly ``line`` (e.g. "READY=1") arrived."""
+        return [t for t, m in list(self.messages) if m == line]

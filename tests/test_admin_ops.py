@@ -390,15 +390,16 @@ def test_diagnose_a_good_config_before_and_while_the_node_runs(
     assert checks["gpu"][0] in ("PASS", "SKIP")
     assert re.search(r"^\d PASS, 0 FAIL, \d SKIP$", r.stdout, re.MULTILINE), r.stdout
 
-    # The running node's own config: its ports are held by it, its cache holds the whole model.
+    # The running node's own config: its ports are held by it, its cache holds the whole model (once
+    # the loader has written it behind READY).
+    live.node.wait_for(lambda s: "behind the load" in live.node.log(), 60, "the cache written")
     r = admin("diagnose", "--config", str(live.config), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     by_name = {c["name"]: c for c in json.loads(r.stdout)["checks"]}
     assert by_name["api port"]["status"] == "PASS"
     assert f"answered by this node ({live.node_id}, OPERATIONAL)" in by_name["api port"]["message"]
     assert by_name["cluster port"]["message"].endswith(f"is held by this node ({live.node_id})")
-    # A filesystem source is read in place: running the node put nothing in the cache.
-    assert "needs 1.8 MiB more (0 B already cached)" in by_name["disk"]["message"]
+    assert "needs 0 B more (1.8 MiB already cached)" in by_name["disk"]["message"]
 
 
 def test_diagnose_reaches_a_running_seed(live: Live, tmp_path: Path, model_dir: Path) -> None:

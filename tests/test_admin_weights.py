@@ -16,6 +16,7 @@ from butterfly.cache import WeightCache
 from butterfly.cli.admin import main
 from butterfly.manifest import MANIFEST_FILE, read_manifest
 from butterfly.model.testmodel import make_test_model
+from tests.tamper import tamper_with_cheap_digests
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,6 +85,23 @@ def test_manifest_verify(model: Path) -> None:
     assert bad.returncode == 1
     assert f"{t.file}: tensor '{t.name}': chunk at tensor offset 0 (file offset {t.offset}" in bad.stdout
     assert "does NOT match" in bad.stderr
+
+
+def test_manifest_verify_catches_bytes_whose_chunk_and_file_digests_were_rewritten(model: Path) -> None:
+    # The tampered manifest reads back (its tensor digests, unit digests and root are the real
+    # model's), the loader's chunk checks and the file checks pass: only the per-tensor BLAKE3,
+    # which the Merkle root covers, tells.
+    assert main(["manifest", "build", str(model)]) == 0
+    name = "model.layers.2.mlp.gate_proj.weight"
+    tamper_with_cheap_digests(model, name)
+    manifest = read_manifest(model / MANIFEST_FILE)
+    bad = _admin("manifest", "verify", str(model))
+    assert bad.returncode == 1, bad.stdout
+    t = next(t for t in manifest.tensors if t.name == name)
+    assert f"{t.file}: tensor '{name}' [{t.offset}, {t.offset + t.length}): BLAKE3 " in bad.stdout
+    assert f"differs from the manifest's {t.blake3} although every chunk's xxh3 matches" in bad.stdout
+    assert f"the manifest names {manifest.merkle_root}" in bad.stdout
+    assert "does NOT match" in bad.stderr and "2 problems" in bad.stderr
 
 
 def test_manifest_verify_with_a_manifest_elsewhere(model: Path, tmp_path: Path) -> None:

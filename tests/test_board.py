@@ -312,10 +312,10 @@ def test_implementation_selection() -> None:
 def test_layout_sizes_and_alignment() -> None:
     payloads = {
         HeaderSection: 84,
-        NodeSection: 392,
-        ClusterSection: 297,
+        NodeSection: 140,
+        ClusterSection: 169,
         LoaderSection: 69,
-        ValidatorSection: 96,
+        ValidatorSection: 130,
     }
     offset = 0
     for cls in SECTION_TYPES:
@@ -325,7 +325,7 @@ def test_layout_sizes_and_alignment() -> None:
         assert lay.size % 64 == 0 and lay.size >= 8 + lay.payload_size
         assert [f.name for f in lay.fields] == [f.name for f in dataclasses.fields(cls)]
         offset += lay.size
-    assert BOARD_SIZE == offset == 1152
+    assert BOARD_SIZE == offset == 832
 
 
 def test_adding_a_field_is_one_annotation() -> None:
@@ -375,8 +375,8 @@ def test_encode_errors_name_the_field() -> None:
         node.encode(NodeSection(child_restarts=-1))
     with pytest.raises(ValueError, match="phase_durations"):
         node.encode(NodeSection(phase_durations=(1.0,)))
-    with pytest.raises(TypeError, match="last_error"):
-        node.encode(NodeSection(last_error=b"bytes"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="error_source"):
+        node.encode(NodeSection(error_source=b"bytes"))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="layer_start"):
         layout_of(LoaderSection).encode(LoaderSection(layer_start=2**31))
     with pytest.raises(TypeError, match="LoaderSection"):
@@ -419,11 +419,11 @@ def test_every_field_round_trips_at_its_limits(board: Board, impl: SeqlockImpl) 
             started_mono_ns=2**64 - 1,
             phase_started_mono_ns=123,
             phase_durations=(0.0, 1.5, -1.0, 1e300, -0.0, 2.25, 3.0, math.inf),
-            last_error="e" * 256,
-            error_source="loader",
+            error_source="l" * 32,
             child_restarts=2**32 - 1,
             serving_epoch=2**64 - 1,
             heartbeat_mono_ns=5,
+            repairs=2**32 - 1,
         ),
         ClusterSection(
             heartbeat_mono_ns=1,
@@ -436,10 +436,9 @@ def test_every_field_round_trips_at_its_limits(board: Board, impl: SeqlockImpl) 
             coordinator="node-c",
             is_coordinator=1,
             model_root="ab" * 32,
-            waiting_reason="waiting for quorum: 2 of 4",
         ),
         LoaderSection(1, 2, 3, 4, 5, 6, 7.5, 8, -(2**31), 2**31 - 1, 11),
-        ValidatorSection(1, 2, 3, 4, "root", 2**32 - 1),
+        ValidatorSection(1, 2, 3, 4, "root", 2**32 - 1, 1, 1, 2**64 - 1, 7, 0.25, 600.5),
     ]
     other = Board.attach(board.name, impl=impl)
     try:
@@ -452,7 +451,7 @@ def test_every_field_round_trips_at_its_limits(board: Board, impl: SeqlockImpl) 
 
 
 def test_strings_are_truncated_on_a_character_boundary(board: Board) -> None:
-    written = board.update(ClusterSection, coordinator="a" + "😀" * 20, waiting_reason="ok")
+    written = board.update(ClusterSection, coordinator="a" + "😀" * 20, model_root="ok")
     got = board.read(ClusterSection)
     assert got.coordinator == "a" + "😀" * 15  # 1 + 4*15 = 61 bytes; a 16th would need 65
     assert written.coordinator == "a" + "😀" * 20, "update returns what was asked; the board holds the cut"
@@ -527,7 +526,7 @@ def test_board_cross_implementation(board_name: str) -> None:
         writer = Board.create(board_name, "n", impl=_impl(writer_name))
         reader = Board.attach(board_name, impl=_impl(reader_name))
         try:
-            section = ClusterSection(term=5, coordinator="ü" * 40, waiting_reason="x")
+            section = ClusterSection(term=5, coordinator="ü" * 40, model_root="x")
             writer.write(section)
             # 40 two-byte characters do not fit in 64 bytes: the board holds the first 32.
             assert reader.read(ClusterSection) == dataclasses.replace(section, coordinator="ü" * 32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -193,7 +194,24 @@ def test_nodes_find_each_other_through_dns_srv(cluster_factory, tmp_path) -> Non
         dns.stop()
 
 
-def test_a_node_holding_another_model_version_keeps_the_whole_cluster_from_serving(
+def odd_one_out(cluster_factory, model: Path):  # type: ignore[no-untyped-def]
+    """Three nodes, the third a worker on ``model``; returns once it FAILED and the other two serve
+    without it. It is a worker so that the coordinator is always one holding the reference model."""
+    c = cluster_factory(3, quorum=2, roles=["coordinator", "coordinator", "worker"], heartbeat_timeout_s=30.0)
+    c.models[2] = model
+    c.start_all()
+    odd = c.ids[2]
+    st = c.wait(
+        lambda st: (
+            st[odd]["state"] == "FAILED"
+            and all(st[n]["state"] == "OPERATIONAL" and st[n]["peer_faults"] for n in c.ids[:2])
+        ),
+        what="the odd node failed, the others serving without it",
+    )
+    return c, odd, st
+
+
+def test_a_node_holding_another_model_version_fails_visibly_and_the_others_serve_around_it(
     cluster_factory, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     from butterfly.manifest import build_manifest, write_manifest
@@ -203,17 +221,37 @@ def test_a_node_holding_another_model_version_keeps_the_whole_cluster_from_servi
     other = make_test_model(tmp_path / "other", layers=4, hidden=128, vocab=512, shards=2, seed=7)
     manifest, _ = build_manifest(other, chunk_bytes=64 * 1024)
     write_manifest(manifest, other / MANIFEST_FILE)
-    # The odd node is a worker, so the coordinator is always one holding the reference version.
-    c = cluster_factory(3, quorum=2, roles=["coordinator", "coordinator", "worker"])
-    c.models[2] = other
-    c.start_all()
-    st = c.wait(
-        lambda st: st[c.ids[2]]["state"] == "FAILED" and all(s["phase"] != "discovery" for s in st.values()),
-        what="the odd node rejected",
-    )
-    assert "is not the plan's" in st[c.ids[2]]["last_error"]
-    assert all(s["state"] != "OPERATIONAL" for s in st.values())
-    for node in c.nodes.values():
-        assert node.get("/ready")[0] == 503
-    coord = st[c.ids[0]]["coordinator"]
-    assert f"validation of {c.ids[2]} at epoch" in c.nodes[coord].log()
+    c, odd, st = odd_one_out(cluster_factory, other)
+    root = json.loads((Path(c.model) / MANIFEST_FILE).read_text())["merkle_root"]
+    assert f"this node's manifest names model version {manifest.merkle_root}" in st[odd]["last_error"]
+    assert f"the cluster's plan (epoch 1) is for {root}" in st[odd]["last_error"]
+    assert c.nodes[odd].get("/ready")[0] == 503
+    for n in c.ids[:2]:
+        (fault,) = st[n]["peer_faults"]
+        assert fault == {"node_id": odd, "layers": None, "failed": True, "reason": st[odd]["last_error"]}
+        assert st[n]["epoch"] >= 2 and st[n]["model_root"] == root  # re-planned around it
+        assert c.nodes[n].get("/ready")[0] == 200
+    assert sum(st[n]["bytes_total"] for n in c.ids[:2]) > 0
+
+
+def test_a_node_failing_validation_is_named_with_its_layers_and_planned_around(
+    cluster_factory, tmp_path, model_dir
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.tamper import copy_model, tamper_with_cheap_digests
+
+    # Bytes changed in every unit, with the manifest's chunk and file digests rewritten to match: its
+    # root is the cluster's, so it is planned for and loads, and only validation can tell.
+    bad = copy_model(model_dir, tmp_path / "bad")
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] + [
+        f"model.layers.{b}.mlp.up_proj.weight" for b in range(4)
+    ]:
+        tamper_with_cheap_digests(bad, name)
+    c, odd, st = odd_one_out(cluster_factory, bad)
+    reason = st[odd]["last_error"]
+    assert "are not the model's" in reason and "the whole-tensor digest does not" in reason
+    for n in c.ids[:2]:
+        (fault,) = st[n]["peer_faults"]
+        assert fault["node_id"] == odd and fault["failed"] and fault["reason"] == reason
+        assert fault["layers"] is not None and re.fullmatch(r"\d+-\d+", fault["layers"])
+        assert st[n]["epoch"] >= 2
+    assert c.nodes[odd].get("/ready")[0] == 503

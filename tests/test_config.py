@@ -25,7 +25,7 @@ S3 = '[model]\nsource_type = "s3"\n'
 HOST_PORT = "host:port (a hostname, IPv4 or [IPv6] address, and a port 1..65535)"
 S3_URL = 's3://bucket/prefix (bucket: 3-63 of a-z 0-9 . -; a non-empty prefix), like "s3://models/llama"'
 PATH = "a path (relative paths are taken from the config file's directory)"
-SECTIONS = "cluster, model, node, api, logging, security, loader, supervisor"
+SECTIONS = "cluster, model, node, api, logging, security, loader, supervisor, validator"
 CLUSTER_KEYS = (
     "cluster_name, discovery_method, seed_nodes, quorum_size, dns_srv_name, dns_servers, "
     "consul_address, consul_service, discovery_interval_s"
@@ -257,6 +257,30 @@ BAD = {
         "true or false",
         'a string "yes"',
     ),
+    "expected root not hex": (
+        MODEL + 'expected_root = "' + "A" * 64 + '"\n',
+        "model.expected_root",
+        "the 64 lowercase hex digits of a manifest's root",
+        '"' + "A" * 64 + '"',
+    ),
+    "expected root too short": (
+        MODEL + 'expected_root = "abc"\n',
+        "model.expected_root",
+        "the 64 lowercase hex digits of a manifest's root",
+        '"abc"',
+    ),
+    "public key not base64": (
+        MODEL + 'manifest_public_key = "not a key!"\n',
+        "model.manifest_public_key",
+        "an Ed25519 public key in base64 (the line `butterfly-admin manifest keygen` prints)",
+        '"not a key!" (not base64)',
+    ),
+    "public key of the wrong length": (
+        MODEL + 'manifest_public_key = "AAAA"\n',
+        "model.manifest_public_key",
+        "an Ed25519 public key in base64 (the line `butterfly-admin manifest keygen` prints)",
+        '"AAAA" (3 bytes, an Ed25519 public key is 32)',
+    ),
     "node id characters": (
         MODEL + '[node]\nid = "node a"\n',
         "node.id",
@@ -374,6 +398,30 @@ BAD = {
         "supervisor.restart_backoff_s",
         "a number >= 0",
         "-0.5",
+    ),
+    "scrub interval zero": (
+        MODEL + "[validator]\nscrub_interval_s = 0\n",
+        "validator.scrub_interval_s",
+        "a number > 0",
+        "0",
+    ),
+    "scrub cpu over a core": (
+        MODEL + "[validator]\nscrub_cpu_percent = 150\n",
+        "validator.scrub_cpu_percent",
+        "a number above 0 to 100",
+        "150",
+    ),
+    "scrub cpu zero": (
+        MODEL + "[validator]\nscrub_cpu_percent = 0\n",
+        "validator.scrub_cpu_percent",
+        "a number above 0 to 100",
+        "0",
+    ),
+    "scrub as a string": (
+        MODEL + '[validator]\nscrub = "on"\n',
+        "validator.scrub",
+        "true or false",
+        'a string "on"',
     ),
     "duration with a unit": (
         MODEL + '[supervisor]\nheartbeat_timeout_s = "10s"\n',

@@ -168,3 +168,41 @@ def test_a_model_that_does_not_fit_is_reported_and_nothing_is_planned() -> None:
     c.run_cycle(1.0, 1, tiny, {"a"}, None, 0, MODEL, "")
     res = c.run_cycle(1.0 + SETTLE_S + 0.1, 1, tiny, {"a"}, None, 0, MODEL, "")
     assert res.proposals == [] and res.waiting_reason.startswith("cannot plan")
+
+
+def failed_report(node: str, reason: str) -> NodeReport:
+    return NodeReport(
+        node_id=node,
+        cluster_name="c",
+        role="coordinator",
+        memory_bytes=GiB,
+        throughput=1.0,
+        fault=reason,
+        failed=True,
+        fault_start=2,
+        fault_stop=4,
+    )
+
+
+def test_a_failed_node_is_planned_around_while_it_keeps_reporting() -> None:
+    c = Coordinator("a", quorum_size=3, reserve_bytes=0)
+    plan = first_plan(c, ["a", "b", "c"])
+    # c still reports every interval (it is alive for Raft), but it has failed and cannot hold a range.
+    reps = {**reports(["a", "b"], 50.0), "c": (failed_report("c", "tensor x differs"), 50.0)}
+    cycle(c, 50.0, reps, plan)
+    res = cycle(c, 50.0 + SETTLE_S + 0.1, reps, plan)
+    (new,) = res.proposals
+    assert isinstance(new, PlanEntry) and {a.node_id for a in new.assignments} == {"a", "b"}
+    assert new.epoch == plan.epoch + 1
+
+
+def test_a_failed_node_does_not_count_toward_forming_and_is_named() -> None:
+    c = Coordinator("a", quorum_size=3, reserve_bytes=0)
+    reps = {**reports(["a", "b"], 10.0), "c": (failed_report("c", "no manifest at /m"), 10.0)}
+    res = cycle(c, 10.0, reps)
+    cycle(c, 10.0 + SETTLE_S + 0.1, reps)
+    res = cycle(c, 10.0 + SETTLE_S + 0.2, reps)
+    assert res.proposals == []
+    assert res.waiting_reason == (
+        "only 2 node(s) alive; forming needs 3 (quorum_size 3); c failed: no manifest at /m"
+    )

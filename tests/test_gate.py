@@ -56,6 +56,7 @@ def test_a_serving_node_may_serve_its_epoch() -> None:
         ("cluster", {"heartbeat_mono_ns": NOW - 5 * 10**9}, "cluster child silent for 5.0s"),
         ("loader", {"heartbeat_mono_ns": NOW - 2 * 10**9}, "loader child silent for 2.0s"),
         ("validator", {"heartbeat_mono_ns": 0}, "validator child has not started"),
+        ("validator", {"fault": 1}, "the validator found weights in memory that are not the model's"),
     ],
 )
 def test_each_fact_alone_stops_serving(section: str, fields: dict[str, object], why: str) -> None:

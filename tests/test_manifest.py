@@ -41,7 +41,7 @@ from butterfly.model.layout import LayerRange, load_layout
 from butterfly.model.safetensors import ModelFormatError, write_safetensors
 from butterfly.model.testmodel import make_test_model
 from butterfly.sources import Source, SourceError, SourceNotFound
-from butterfly.validator.process import unit_digests
+from butterfly.validator.check import digest_arena
 
 CHUNK = 64 << 10  # the smallest chunk size, so the embeddings (128 KiB) span two chunks
 LAYERS = 4
@@ -476,9 +476,13 @@ def test_verify_names_tensor_and_chunk_of_a_flipped_byte(copy: Path, built: Mani
     t = next(t for t in built.tensors if t.name == EMBED)
     _flip(copy / t.file, t.offset + CHUNK + 5)  # in the embeddings' second chunk
     problems = verify_dir(built, copy)
-    assert len(problems) == 1
+    assert len(problems) == 2
     p = problems[0]
     assert (p.file, p.tensor, p.offset) == (t.file, EMBED, t.offset + CHUNK)
+    # The root recomputed from the bytes' tensor digests says what that means for the model version.
+    assert problems[1].file == "<merkle root>" and f"the manifest names {built.merkle_root}" in str(
+        problems[1]
+    )
     assert f"chunk at tensor offset {CHUNK} (file offset {t.offset + CHUNK}" in str(p)
     assert "1 of 2 chunks differ" in str(p)
 
@@ -570,7 +574,7 @@ def test_verify_over_any_source(model: Path, built: Manifest) -> None:
     data = bytearray(files[t.file])
     data[t.offset + 3] ^= 0xFF
     problems = verify_source(built, _MemorySource({**files, t.file: bytes(data)}))
-    assert [(p.tensor, p.offset) for p in problems] == [("lm_head.weight", t.offset)]
+    assert [(p.tensor, p.offset) for p in problems] == [("lm_head.weight", t.offset), (None, None)]
     failing = verify_source(built, _MemorySource(files, fail_at=(t.file, t.offset)))
     assert len(failing) == 1 and "injected failure" in str(failing[0])
 
@@ -654,7 +658,8 @@ def test_validator_digests_equal_the_manifests(tmp_path: Path, tied: bool) -> No
     manifest = build_manifest(model, CHUNK)[0]
     for r in (LayerRange(0, 2), LayerRange(2, 4), LayerRange(0, 4)):
         arena, cmd = _arena_for(model, r)
-        units, digests = unit_digests(memoryview(arena), cmd, threads=2)
+        got = digest_arena(memoryview(arena), cmd.loaded.tensors, threads=2)
+        units, digests = got.units, got.unit_digests
         assert [d.hex() for d in digests] == [manifest.units[u].digest for u in units]
         start, stop = unit_range_for_blocks(LAYERS, r)
         held = dict(zip(units, digests, strict=True))
@@ -665,7 +670,7 @@ def test_validator_digests_equal_the_manifests(tmp_path: Path, tied: bool) -> No
         # A flipped arena byte changes exactly its unit's digest.
         p = cmd.loaded.tensors[-1]
         arena[p.arena_offset + p.length // 2] ^= 0x10
-        _, after = unit_digests(memoryview(arena), cmd, threads=2)
+        after = digest_arena(memoryview(arena), cmd.loaded.tensors, threads=2).unit_digests
         changed = [u for u, a, b in zip(units, digests, after, strict=True) if a != b]
         assert changed == [p.unit]
 

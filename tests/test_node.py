@@ -335,14 +335,28 @@ def test_check_config_prints_effective_config_with_flag_overrides(tmp_path: Path
     assert '"10.0.0.1:7000"' in r.stdout and '"10.0.0.2:7000"' in r.stdout
 
 
-def test_a_local_source_is_read_in_place_never_copied_into_the_cache(node_factory) -> None:  # type: ignore[no-untyped-def]
-    node = node_factory("inplace")
+def test_a_local_source_is_read_in_place_and_cached_only_behind_ready(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """READY while the cache is held shut; once written behind, a restart still reads the local source
+    in place (the cache is a repair's copy, not a second source)."""
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-cache_write").touch()
+    node = node_factory("inplace", env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
     st = node.wait_state("OPERATIONAL")
     assert st["model_bytes_downloaded_total"] == st["bytes_total"] > 0
-    assert node.stop() == 0
     cache = node.config.parent / "cache"
     assert not [p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64]
-    assert "0 tensors from cache" in node.log()
+    (hold / "hold-cache_write").unlink()
+    node.wait_for(lambda s: "behind the load (0 could not be)" in node.log(), 60, "the cache written")
+    assert [p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64]
+    assert node.stop() == 0
+    again = Node(node.config, node.api_port)
+    try:
+        st = again.wait_state("OPERATIONAL")
+        assert st["model_bytes_downloaded_total"] == st["bytes_total"]
+        assert re.search(r"0 tensors from cache, \d+ from /", again.log())
+    finally:
+        assert again.stop() == 0
 
 
 def _ppid(pid: int) -> int:

@@ -3,49 +3,17 @@
 from __future__ import annotations
 
 import signal
-import socket
-import threading
 import time
 from pathlib import Path
 
-from tests.nodeharness import Node, free_port, segments_of, write_config
-
-
-class Listener:
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            for line in data.decode().splitlines():
-                self.messages.append((time.monotonic(), line))
-
-    def close(self) -> None:
-        self._stop = True
-        self._t.join()
-        self.sock.close()
-
-    def lines(self, prefix: str) -> list[str]:
-        return [m for _, m in self.messages if m.startswith(prefix)]
+from tests.nodeharness import Node, NotifyListener, free_port, segments_of, write_config
 
 
 def test_supervisor_notifies_ready_status_watchdog_extend_and_stopping(
     tmp_path: Path, model_dir: Path
 ) -> None:
     sock_path = tmp_path / "notify.sock"
-    listener = Listener(sock_path)
+    listener = NotifyListener(sock_path)
     port = free_port()
     cfg = write_config(tmp_path / "node.toml", model_dir, node_id="notify-test", api_port=port)
     hold = tmp_path / "holds"
@@ -94,7 +62,7 @@ def test_watchdog_is_withheld_while_a_child_is_hung(tmp_path: Path, model_dir: P
     import os
 
     sock_path = tmp_path / "notify.sock"
-    listener = Listener(sock_path)
+    listener = NotifyListener(sock_path)
     port = free_port()
     cfg = write_config(
         tmp_path / "node.toml", model_dir, node_id="notify-hang", api_port=port, extra="restart_limit = 0\n"

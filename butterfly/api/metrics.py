@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 
 from butterfly.states import NodeState, Phase
-from butterfly.status import NodeStatus
+from butterfly.status import IntegrityStatus, NodeStatus
 
 __all__ = ["ALL_PHASES", "ALL_STATES", "NodeStatusCollector", "make_registry"]
 
@@ -231,7 +231,46 @@ def render_families(status: NodeStatus) -> list[Metric]:
             value=status.uptime_seconds,
         )
     )
+    if status.integrity is not None:
+        families.extend(_integrity_families(status.integrity))
     return families
+
+
+def _integrity_families(i: IntegrityStatus) -> list[Metric]:
+    """The weights in memory: scrubbing's work and what it found (``integrity`` on /status)."""
+    return [
+        CounterMetricFamily(
+            "scrub_bytes", "Bytes of weights re-hashed in memory by scrubbing.", value=i.scrub_bytes
+        ),
+        CounterMetricFamily(
+            "scrub_passes", "Full scrubbing passes over this node's weights.", value=i.scrub_passes
+        ),
+        CounterMetricFamily(
+            "scrub_cpu_seconds",
+            "CPU seconds scrubbing spent hashing (its thread's time).",
+            value=i.scrub_cpu_seconds,
+        ),
+        GaugeMetricFamily(
+            "scrub_last_pass_seconds",
+            "Wall-clock seconds the last full scrubbing pass took (0 before the first).",
+            value=i.scrub_last_pass_seconds,
+        ),
+        CounterMetricFamily(
+            "weight_mismatches",
+            "Tensors found changed in memory (by validation or scrubbing) since the node started.",
+            value=i.mismatches,
+        ),
+        CounterMetricFamily(
+            "weight_repairs",
+            "Repairs of weights found changed in memory (re-read, verified).",
+            value=i.repairs,
+        ),
+        GaugeMetricFamily(
+            "weight_fault",
+            "1 from a mismatch found in memory until a validation passes again (the node does not serve).",
+            value=_flag(i.fault),
+        ),
+    ]
 
 
 def make_registry(status_source: Callable[[], NodeStatus]) -> CollectorRegistry:

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, TypeVar
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 4
 # b"BFLY" as the first payload bytes of the header, read as a little-endian u32.
 MAGIC = int.from_bytes(b"BFLY", "little")
 SECTION_ALIGN = 64
@@ -62,8 +62,6 @@ U64 = Annotated[int, Int("Q")]
 F64 = Annotated[float, Float()]
 Str32 = Annotated[str, Text(32)]
 Str64 = Annotated[str, Text(64)]
-Str128 = Annotated[str, Text(128)]
-Str256 = Annotated[str, Text(256)]
 PhaseDurations = Annotated[tuple[float, ...], Floats(PHASE_SLOTS)]
 
 _NOT_DONE = (-1.0,) * PHASE_SLOTS
@@ -92,7 +90,10 @@ class HeaderSection(Section):
 class NodeSection(Section):
     """Writer: the supervisor. ``phase_durations[p]`` is seconds spent in phase p, -1.0 until done.
     ``serving_epoch``: the epoch this node validated and was told is operational (0: none);
-    ``heartbeat_mono_ns``: the supervisor's own beat (butterfly.gate reads both)."""
+    ``heartbeat_mono_ns``: the supervisor's own beat (butterfly.gate reads both).
+
+    Reasons (why the node failed or waits) are not here: a fixed-size field would cut them. The
+    supervisor keeps them whole (``butterfly.status.Notes``) and every reader gets them from it."""
 
     KEY: ClassVar[str] = "node"
     state: U8 = 0
@@ -102,11 +103,11 @@ class NodeSection(Section):
     started_mono_ns: U64 = 0
     phase_started_mono_ns: U64 = 0
     phase_durations: PhaseDurations = _NOT_DONE
-    last_error: Str256 = ""
     error_source: Str32 = ""
     child_restarts: U32 = 0
     serving_epoch: U64 = 0
     heartbeat_mono_ns: U64 = 0
+    repairs: U32 = 0
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,6 @@ class ClusterSection(Section):
     coordinator: Str64 = ""
     is_coordinator: U8 = 0
     model_root: Str64 = ""
-    waiting_reason: Str128 = ""
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,8 @@ class LoaderSection(Section):
 
 @dataclass(frozen=True)
 class ValidatorSection(Section):
-    """Writer: the validator child."""
+    """Writer: the validator child. ``fault`` is 1 from a mismatch found in memory (validation or
+    scrubbing) until a validation passes again: while it is set the node must not serve."""
 
     KEY: ClassVar[str] = "validator"
     heartbeat_mono_ns: U64 = 0
@@ -156,6 +157,12 @@ class ValidatorSection(Section):
     bytes_total: U64 = 0
     leaves_root: Str64 = ""
     mismatches: U32 = 0
+    fault: U8 = 0
+    scrubbing: U8 = 0
+    scrub_bytes: U64 = 0
+    scrub_passes: U64 = 0
+    scrub_cpu_s: F64 = 0.0
+    scrub_last_pass_s: F64 = 0.0
 
 
 # Board order. Appending a section (or a field) changes offsets: bump LAYOUT_VERSION.

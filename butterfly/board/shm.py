@@ -10,10 +10,12 @@ unrelated process created, which is exactly the sharing we do.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Literal
 
 SHM_DIR = "/dev/shm"
@@ -27,6 +29,8 @@ _NAME_MAX = 255
 _TAIL = re.compile(r"(?P<pid>[0-9]+)-(?P<kind>board|arena)")
 
 _open_segments = 0
+
+log = logging.getLogger("butterfly.shm")
 
 
 def open_segment_count() -> int:
@@ -82,6 +86,27 @@ class Segment:
     @property
     def closed(self) -> bool:
         return self._mmap is None
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[memoryview]:
+        """A memoryview of the whole mapping, released when the block ends, whatever still names it.
+
+        Releasing explicitly is what lets ``close()`` follow: a view merely dropped lives on in any
+        traceback that saw it (an exception raised by code that was handed the view keeps that
+        code's frame, and with it the view, alive), and ``close()`` then raises BufferError in
+        place of the real error. Slices taken of it are views of their own: release them inside the
+        block too (``with view[a:b] as part``), or ``close()`` still refuses. An object still holding
+        the view's buffer (``numpy.frombuffer(view)``) at the end is a bug: it is logged, and the
+        mapping stays until that object is gone rather than being unmapped under it.
+        """
+        view = memoryview(self.buf)
+        try:
+            yield view
+        finally:
+            try:
+                view.release()
+            except BufferError:
+                log.error("a view of shared memory %s outlived its block (a bug): not released", self.name)
 
     def close(self) -> None:
         """Unmap. Idempotent. Raises BufferError (and stays open) while a memoryview of it is alive,

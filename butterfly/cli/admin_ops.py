@@ -276,6 +276,39 @@ def _status_tables(st: Mapping[str, Any]) -> list[RenderableType]:
                 cell(child.get("last_exit")),
             )
         out.append(c)
+    out += _integrity_tables(st)
+    return out
+
+
+def _integrity_tables(st: Mapping[str, Any]) -> list[RenderableType]:
+    """The weights in memory (scrubbing, the last mismatch) and the peers that cannot serve, whole."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    out: list[RenderableType] = []
+    i = st.get("integrity")
+    if isinstance(i, dict):
+        line = (
+            f"scrubbing {'on' if i.get('scrubbing') else 'off'}: {i.get('scrub_passes', 0)} passes, "
+            f"{human_bytes(_num(i, 'scrub_bytes'))} re-hashed; {i.get('mismatches', 0)} mismatches, "
+            f"{i.get('repairs', 0)} repairs"
+        )
+        out.append(Text(line, style="red" if i.get("fault") else ""))
+    faults = st.get("peer_faults")
+    if isinstance(faults, list) and faults:
+        t = Table(box=box.SIMPLE, pad_edge=False, title="peers that cannot serve")
+        for title in ("node", "layers", "failed", "reason"):
+            t.add_column(title, no_wrap=title != "reason")
+        for f in faults:
+            if isinstance(f, dict):
+                t.add_row(
+                    str(f.get("node_id")),
+                    str(f.get("layers") or "-"),
+                    "yes" if f.get("failed") else "no",
+                    Text(str(f.get("reason")), style="red"),
+                )
+        out.append(t)
     return out
 
 
@@ -742,6 +775,7 @@ class _Diagnosis:
     def manifest_present(self) -> Check:
         from butterfly.manifest import ManifestError
         from butterfly.modelsource import NoManifest, load_manifest
+        from butterfly.provenance import ManifestRefused
         from butterfly.sources import SourceError
 
         name = "manifest"
@@ -755,6 +789,12 @@ class _Diagnosis:
             manifest = load_manifest(self.config)
         except NoManifest as e:
             return _failed(name, str(e), hint)
+        except ManifestRefused as e:
+            return _failed(
+                name,
+                str(e),
+                "check the manifest with `butterfly-admin manifest show` and `manifest verify --config`",
+            )
         except (ManifestError, SourceError, OSError) as e:
             return _failed(name, f"cannot read the manifest: {e}", hint)
         except Exception as e:  # a malformed manifest may fail inside msgspec with its own error types

@@ -1,14 +1,15 @@
-"""`butterfly-admin` subcommands for weights: ``manifest build``, ``manifest verify``, ``clear-cache``.
+"""`butterfly-admin` subcommands for weights: ``manifest build|verify|show|keygen|sign``, ``clear-cache``.
 
-Owns the command-line surface of butterfly.manifest and butterfly.cache: arguments, what is printed
-and the exit status (0 success, 1 the command ran and found a problem, 2 usage error, 78 bad config
-for ``clear-cache --config``). The work itself is in those modules; this one must not hash, parse
-manifests or touch cache entries on its own.
+Owns the command-line surface of butterfly.manifest, butterfly.provenance and butterfly.cache:
+arguments, what is printed and the exit status (0 success, 1 the command ran and found a problem, 2
+usage error, 78 bad config for ``--config``). The work itself is in those modules; this one must not
+hash, parse manifests, sign or touch cache entries on its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -76,23 +77,83 @@ def cmd_manifest_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_path(args: argparse.Namespace) -> Path | None:
+    """MODEL_DIR/butterfly-manifest.json or --manifest; None (said why) when there is none."""
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        _err(f"{model_dir} is not a directory")
+        return None
+    path = Path(args.manifest) if args.manifest else model_dir / MANIFEST_FILE_NAME
+    if not path.is_file():
+        _err(f"no manifest at {path}: build one with `butterfly-admin manifest build` or pass --manifest")
+        return None
+    return path
+
+
+def _signature_of(path: Path) -> bytes | None:
+    from butterfly.provenance import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX
+
+    sig = path.with_name(path.name + SIGNATURE_SUFFIX)
+    if not sig.is_file():
+        return None
+    with open(sig, "rb") as f:
+        return f.read(MAX_SIGNATURE_BYTES + 1)
+
+
+def _pins(args: argparse.Namespace) -> tuple[str | None, str | None] | int:
+    """(expected root, public key) from --config, overridden by the flags; an exit status on error."""
+    from butterfly.config import EX_CONFIG, ConfigError, load_config
+    from butterfly.provenance import is_root, parse_public_key
+
+    root = key = None
+    if args.config is not None:
+        try:
+            model = load_config(args.config).model
+        except ConfigError as e:
+            _err(str(e))
+            return EX_CONFIG
+        root, key = model.expected_root, model.manifest_public_key
+    if args.expected_root is not None:
+        if not is_root(args.expected_root):
+            _err(f"--expected-root must be 64 lowercase hex digits, not {args.expected_root!r}")
+            return 2
+        root = args.expected_root
+    if args.public_key is not None:
+        try:
+            parse_public_key(args.public_key)
+        except ValueError as e:
+            _err(f"--public-key is not an Ed25519 public key in base64: {e}")
+            return 2
+        key = args.public_key
+    return root, key
+
+
 def cmd_manifest_verify(args: argparse.Namespace) -> int:
-    from butterfly.manifest import MANIFEST_FILE, ManifestError, read_manifest, verify_dir
+    from butterfly.manifest import ManifestError, decode_manifest, verify_dir
+    from butterfly.provenance import ManifestRefused, check_pins
 
     if args.model.startswith("s3://"):
         _err("verifying an S3 prefix is not supported by this build yet; pass a model directory")
         return 2
+    pins = _pins(args)
+    if isinstance(pins, int):
+        return pins
+    path = _manifest_path(args)
+    if path is None:
+        return 2
     model_dir = Path(args.model)
-    if not model_dir.is_dir():
-        _err(f"{model_dir} is not a directory")
-        return 2
-    path = Path(args.manifest) if args.manifest else model_dir / MANIFEST_FILE
-    if not path.is_file():
-        _err(f"no manifest at {path}: build one with `butterfly-admin manifest build` or pass --manifest")
-        return 2
     try:
-        manifest = read_manifest(path)
-    except ManifestError as e:
+        raw = path.read_bytes()
+        manifest = decode_manifest(raw, str(path))
+        check_pins(
+            raw,
+            manifest.merkle_root,
+            _signature_of(path),
+            expected_root=pins[0],
+            public_key=pins[1],
+            where=str(path),
+        )
+    except (ManifestError, ManifestRefused, OSError) as e:
         _err(f"refusing the manifest: {e}")
         return 1
     started = time.monotonic()
@@ -108,6 +169,86 @@ def cmd_manifest_verify(args: argparse.Namespace) -> int:
         f"ok: {len(manifest.files)} files, {len(manifest.tensors)} tensors, {total} bytes match root "
         f"{manifest.merkle_root} ({seconds:.2f} s, {total / max(seconds, 1e-9) / 1e6:.0f} MB/s)"
     )
+    if pins[0] is not None:
+        print("ok: the root is the pinned expected_root")
+    if pins[1] is not None:
+        print("ok: signed by the configured manifest_public_key")
+    return 0
+
+
+def cmd_manifest_show(args: argparse.Namespace) -> int:
+    from butterfly.manifest import ManifestError, read_manifest
+
+    path = _manifest_path(args)
+    if path is None:
+        return 2
+    try:
+        manifest = read_manifest(path)
+    except ManifestError as e:
+        _err(f"refusing the manifest: {e}")
+        return 1
+    signed = _signature_of(path) is not None
+    print(f"root:     {manifest.merkle_root}")
+    print(f"units:    {manifest.num_units} (embed, {manifest.num_blocks} blocks, head)")
+    print(
+        f"bytes:    {manifest.total_bytes} of tensors in {len(manifest.files)} files, "
+        f"{len(manifest.tensors)} tensors"
+    )
+    print(f"signed:   {'yes, ' + path.name + '.sig' if signed else 'no'}")
+    print(f'to pin this version, in [model]: expected_root = "{manifest.merkle_root}"')
+    return 0
+
+
+def cmd_manifest_keygen(args: argparse.Namespace) -> int:
+    from butterfly.provenance import generate_key_pair
+
+    out = Path(args.private_key)
+    pair = generate_key_pair()
+    try:
+        # O_EXCL: never overwrite a key (the manifests it signed would become unverifiable).
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _err(f"{out} exists; refusing to overwrite a key")
+        return 1
+    except OSError as e:
+        _err(f"cannot write {out}: {e.strerror or e}")
+        return 1
+    with os.fdopen(fd, "wb") as f:
+        f.write(pair.private_pem)
+    print(f"wrote private key {out} (keep it off the nodes; sign with `butterfly-admin manifest sign`)")
+    print("nodes verify with, in [model]:")
+    print(f'manifest_public_key = "{pair.public_text}"')
+    return 0
+
+
+def cmd_manifest_sign(args: argparse.Namespace) -> int:
+    from butterfly.manifest import ManifestError, decode_manifest
+    from butterfly.provenance import SIGNATURE_SUFFIX, load_private_key, sign
+
+    path = _manifest_path(args)
+    if path is None:
+        return 2
+    try:
+        key = load_private_key(Path(args.key).read_bytes())
+    except (OSError, ValueError) as e:
+        _err(f"cannot use {args.key} as the signing key: {e}")
+        return 1
+    try:
+        raw = path.read_bytes()
+        manifest = decode_manifest(raw, str(path))  # never sign what a node would refuse to read
+    except (ManifestError, OSError) as e:
+        _err(f"refusing to sign: {e}")
+        return 1
+    sig = path.with_name(path.name + SIGNATURE_SUFFIX)
+    tmp = sig.with_name(f".{sig.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(sign(raw, key))
+        os.replace(tmp, sig)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _err(f"cannot write {sig}: {e.strerror or e}")
+        return 1
+    print(f"signed root {manifest.merkle_root}: wrote {sig}")
     return 0
 
 
@@ -164,10 +305,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b.add_argument("--output", metavar="PATH", help=f"write here instead of MODEL_DIR/{MANIFEST_FILE_NAME}")
     b.set_defaults(func=cmd_manifest_build)
 
-    v = msub.add_parser("verify", help="check a model directory's bytes against its manifest")
+    v = msub.add_parser(
+        "verify", help="check a model directory's bytes against its manifest, as a node does (and its pins)"
+    )
     v.add_argument("model", metavar="MODEL_DIR")
     v.add_argument("--manifest", metavar="PATH", help=f"default: MODEL_DIR/{MANIFEST_FILE_NAME}")
+    v.add_argument("--config", metavar="FILE", help="check the pins of this node config's [model] too")
+    v.add_argument("--expected-root", metavar="HEX", help="refuse a manifest with another root")
+    v.add_argument("--public-key", metavar="BASE64", help="require a signature by this Ed25519 key")
     v.set_defaults(func=cmd_manifest_verify)
+
+    s = msub.add_parser("show", help="print a manifest's root (the model version to pin) and what it holds")
+    s.add_argument("model", metavar="MODEL_DIR")
+    s.add_argument("--manifest", metavar="PATH", help=f"default: MODEL_DIR/{MANIFEST_FILE_NAME}")
+    s.set_defaults(func=cmd_manifest_show)
+
+    k = msub.add_parser("keygen", help="make an Ed25519 key pair for signing manifests")
+    k.add_argument(
+        "private_key", metavar="PRIVATE_KEY", help="where to write the private key (PEM, mode 0600)"
+    )
+    k.set_defaults(func=cmd_manifest_keygen)
+
+    g = msub.add_parser("sign", help=f"sign a model's manifest (writes {MANIFEST_FILE_NAME}.sig beside it)")
+    g.add_argument("model", metavar="MODEL_DIR")
+    g.add_argument("--key", metavar="PRIVATE_KEY", required=True, help="from `manifest keygen`")
+    g.add_argument("--manifest", metavar="PATH", help=f"default: MODEL_DIR/{MANIFEST_FILE_NAME}")
+    g.set_defaults(func=cmd_manifest_sign)
 
     c = sub.add_parser("clear-cache", help="empty the weight cache (refused while a node uses it)")
     where = c.add_mutually_exclusive_group(required=True)

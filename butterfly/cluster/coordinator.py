@@ -6,7 +6,9 @@ its decision (logged when it changes, Patroni style). It decides:
 - which reporting nodes to add to the log as learners;
 - when to plan: once quorum_size nodes are alive and the view has been stable for a settle period,
   and again when a planned node is declared dead (survivors keep their layers where the planner can);
-  with fewer than quorum_size nodes alive it proposes nothing and says why;
+  with fewer than quorum_size nodes alive it proposes nothing and says why. A node that reports
+  itself failed (its NodeReport's ``failed``) is alive for Raft but not for planning: it cannot hold
+  a range, so the others are planned around it and the waiting reason names it;
 - the serving gate: each assigned node's Merkle leaves must prove into the manifest root for exactly
   its assigned range; when every assigned node is accepted it proposes "operational at epoch E".
 
@@ -115,6 +117,8 @@ class Coordinator:
         for n in sorted(set(alive) - members - self.proposed_learners):
             res.learners.append(n)
             self.proposed_learners.add(n)
+        failed = {n: r for n, r in alive.items() if r.failed}
+        alive = {n: r for n, r in alive.items() if not r.failed}
         names = frozenset(alive)
         if names != self._last_members:
             self._last_members = names
@@ -126,7 +130,7 @@ class Coordinator:
             doing = "forming" if plan is None else "continuing"
             res.waiting_reason = (
                 f"only {len(alive)} node(s) alive; {doing} needs {need} (quorum_size {self.quorum_size})"
-            )
+            ) + "".join(f"; {n} failed: {r.fault}" for n, r in sorted(failed.items()))
             res.description = f"waiting: {res.waiting_reason}"
             return res
         if model is None:

@@ -41,6 +41,7 @@ from butterfly.cluster.messages import (
     decode_peer,
     encode,
 )
+from butterfly.ipc import PeerFault
 from butterfly.manifest import unit_range_for_blocks
 from butterfly.model.layout import LayerRange
 from butterfly.raft import (
@@ -95,6 +96,14 @@ class Events(Protocol):
     async def operational(self, epoch: int, term: int) -> None: ...
 
     async def validation_rejected(self, epoch: int, reason: str) -> None: ...
+
+    async def range_accepted(self, epoch: int) -> None: ...
+
+    async def waiting(self, reason: str) -> None:
+        """Why the cluster is not moving on, whole ('' when it is); called on every cycle."""
+
+    async def peer_faults(self, faults: list[PeerFault]) -> None:
+        """Live peers that report a fault (failed, or retrying, or repairing); called on every cycle."""
 
     def board(self, **fields: object) -> None: ...
 
@@ -366,7 +375,9 @@ class ClusterDriver:
         if self.validated is None or v.epoch != self.validated.epoch:
             return
         self.verdict = v
-        if not v.ok:
+        if v.ok:
+            await self.events.range_accepted(v.epoch)
+        else:
             self.validated = None
             await self.events.validation_rejected(v.epoch, v.reason)
 
@@ -463,6 +474,13 @@ class ClusterDriver:
         assert raft is not None
         alive = self.coordinator.alive(self.reports, now)
         self.events.board(cluster_size=len(alive))
+        await self.events.peer_faults(
+            [
+                PeerFault(node_id=n, reason=r.fault, failed=r.failed, start=r.fault_start, stop=r.fault_stop)
+                for n, r in sorted(alive.items())
+                if r.fault and n != self.node_id
+            ]
+        )
         if raft.last_index == 0:
             waiting = "held by a test" if held("discovery") else await self._try_bootstrap(now)
             if waiting:
@@ -514,7 +532,7 @@ class ClusterDriver:
         if res.description != self.last_description:
             self.last_description = res.description
             log.info("coordinator: %s", res.description, extra={"fields": {"TERM": raft.term}})
-        self.events.board(waiting_reason=res.waiting_reason)
+        await self.events.waiting(res.waiting_reason)
         await self._process_ready()
 
     async def _report_to_supervisor(self, now: float) -> None:
@@ -562,7 +580,7 @@ class ClusterDriver:
     async def _progress(self, p: Progress) -> None:
         if p != self.last_progress:
             self.last_progress = p
-            self.events.board(waiting_reason=p.waiting_reason)
+            await self.events.waiting(p.waiting_reason)
             await self.events.progress(p)
 
     async def run(self) -> None:

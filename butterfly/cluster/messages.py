@@ -1,7 +1,9 @@
 """What Butterfly nodes say to each other besides Raft, and what the Raft log carries.
 
 Peer messages (the "cluster" channel of the transport):
-- ``NodeReport``: sent by every node to every peer every report interval; liveness and capabilities.
+- ``NodeReport``: sent by every node to every peer every report interval; liveness and capabilities,
+  and the node's fault when it has one (so every peer can name it, and a failed node stops being
+  planned for).
 - ``Pledge``: bootstrap pledge to a voter set (see butterfly.raft's package docstring).
 - ``ValidationReport`` / ``ValidationVerdict``: a node's Merkle leaves for its assignment, with a range
   proof against the manifest root, and the coordinator's answer.
@@ -27,6 +29,13 @@ class NodeReport(msgspec.Struct, tag=True, frozen=True):
     cluster_id: str = ""
     # The epoch this node last validated locally, or 0; helps a new coordinator skip waiting.
     validated_epoch: int = 0
+    # Why this node cannot serve its range now ('' when it can), and the blocks [fault_start,
+    # fault_stop) it held (0, 0: none). ``failed``: for good (the node is FAILED), so it must not be
+    # planned for; otherwise it is retrying or repairing and keeps its range.
+    fault: str = ""
+    failed: bool = False
+    fault_start: int = 0
+    fault_stop: int = 0
 
 
 class Pledge(msgspec.Struct, tag=True, frozen=True):

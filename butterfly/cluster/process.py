@@ -6,6 +6,11 @@ turns what the log commits into reports for the supervisor (ClusterProgress, Pla
 ClusterOperational). A locally validated assignment goes to the coordinator as unit digests with a
 Merkle range proof computed from this node's own copy of the manifest.
 
+It reads and checks that manifest (pins included) as soon as it starts, and refuses a plan for
+another model version: either is a fatal ``Failed("manifest", ...)``, seen at once on /status. What
+the supervisor says about this node's faults (``NodeFault``) rides on its NodeReport, so every peer
+can name it; the peers' faults come back as ``PeerFaults``.
+
 It runs on asyncio with uvloop. It must not touch the arena.
 """
 
@@ -32,18 +37,40 @@ from butterfly.ipc import (
     ClusterProgress,
     Failed,
     LocalValidated,
+    NodeFault,
+    PeerFault,
+    PeerFaults,
     PlanAssigned,
+    RangeAccepted,
     Shutdown,
     StartCluster,
+    Waiting,
 )
-from butterfly.manifest import Manifest, layout_from_manifest, range_proof_for_blocks, unit_range_for_blocks
+from butterfly.manifest import (
+    Manifest,
+    ManifestError,
+    layout_from_manifest,
+    range_proof_for_blocks,
+    unit_range_for_blocks,
+)
 from butterfly.model.layout import LayerRange
-from butterfly.modelsource import load_manifest
+from butterfly.modelsource import NoManifest, load_manifest
 from butterfly.net.transport import Incoming, Transport, transport_from_config
 from butterfly.planner import ModelSizes
-from butterfly.supervisor.childproc import HEARTBEAT_S, ChildContext, bootstrap, child_socket
+from butterfly.provenance import ManifestRefused
+from butterfly.sources import SourceError
+from butterfly.supervisor.childproc import (
+    HEARTBEAT_S,
+    ChildContext,
+    bootstrap,
+    child_socket,
+    hold_if_requested_async,
+)
 
 log = logging.getLogger("butterfly.cluster")
+
+# What a manifest that cannot be used raises; their messages name the manifest and the fix.
+MANIFEST_PROBLEMS = (NoManifest, ManifestError, ManifestRefused, SourceError)
 
 
 class NetAdapter:
@@ -64,9 +91,12 @@ class NetAdapter:
 
 
 class SupervisorEvents:
-    def __init__(self, ctx: ChildContext, chan: AsyncChannel) -> None:
+    def __init__(self, ctx: ChildContext, chan: AsyncChannel, child: ClusterChild) -> None:
         self.ctx = ctx
         self.chan = chan
+        self.child = child
+        self.last_waiting = ""
+        self.last_faults: list[PeerFault] = []
 
     async def progress(self, p: Progress) -> None:
         await self.chan.send(ClusterProgress(p.phase, p.waiting_reason))
@@ -74,6 +104,20 @@ class SupervisorEvents:
     async def plan(self, plan: PlanEntry, term: int) -> None:
         mine = plan.range_of(self.ctx.config.node.id)
         assert mine is not None
+        own = await self.child.checked_manifest()
+        if own is None:
+            return  # reported as a manifest failure
+        if own.merkle_root != plan.manifest_root:
+            await self.chan.send(
+                Failed(
+                    "manifest",
+                    f"this node's manifest names model version {own.merkle_root}, the cluster's plan "
+                    f"(epoch {plan.epoch}) is for {plan.manifest_root}: this node holds another model "
+                    "version; point its [model] at the cluster's model",
+                    fatal=True,
+                )
+            )
+            return
         await self.chan.send(PlanAssigned(plan.epoch, term, mine.start, mine.stop, plan.num_blocks))
 
     async def operational(self, epoch: int, term: int) -> None:
@@ -81,6 +125,20 @@ class SupervisorEvents:
 
     async def validation_rejected(self, epoch: int, reason: str) -> None:
         await self.chan.send(Failed("validation", f"coordinator rejected epoch {epoch}: {reason}"))
+
+    async def range_accepted(self, epoch: int) -> None:
+        await self.chan.send(RangeAccepted(epoch))
+
+    async def waiting(self, reason: str) -> None:
+        # Sent on change only: the driver says it every cycle.
+        if reason != self.last_waiting:
+            self.last_waiting = reason
+            await self.chan.send(Waiting(reason))
+
+    async def peer_faults(self, faults: list[PeerFault]) -> None:
+        if faults != self.last_faults:
+            self.last_faults = faults
+            await self.chan.send(PeerFaults(faults))
 
     def board(self, **fields: Any) -> None:
         self.ctx.board.update(ClusterSection, **fields)
@@ -115,6 +173,8 @@ class ClusterChild:
         self.chan = chan
         self.config = ctx.config
         self.manifest: Manifest | None = None
+        self.manifest_failed = False
+        self.fault = NodeFault("")
         self.cached: tuple[int, ...] = ()
         hw = detect()
         self.memory = sum(g.memory_bytes for g in hw.gpus) or hw.memory_bytes
@@ -127,7 +187,7 @@ class ClusterChild:
             quorum_size=self.config.cluster.quorum_size,
             state_dir=self.config.node.state_dir,
             net=NetAdapter(self.transport),
-            events=SupervisorEvents(ctx, chan),
+            events=SupervisorEvents(ctx, chan, self),
             local_report=self.report,
             load_model=self.load_model,
             reserve_bytes=self.config.node.memory_reserve_bytes,
@@ -141,6 +201,10 @@ class ClusterChild:
             memory_bytes=self.memory,
             throughput=self.throughput,
             cached_blocks=self.cached,
+            fault=self.fault.reason,
+            failed=self.fault.failed,
+            fault_start=self.fault.start,
+            fault_stop=self.fault.stop,
         )
 
     async def manifest_once(self) -> Manifest:
@@ -154,6 +218,23 @@ class ClusterChild:
                 len(self.cached),
             )
         return self.manifest
+
+    async def checked_manifest(self) -> Manifest | None:
+        """The manifest, or None after reporting (once) why this node cannot use it: missing,
+        unreadable, malformed, another root than pinned, not signed as required."""
+        try:
+            return await self.manifest_once()
+        except Exception as e:  # every way of not having a usable manifest ends the same: say why
+            if not self.manifest_failed:
+                self.manifest_failed = True
+                reason = str(e) if isinstance(e, MANIFEST_PROBLEMS) else f"{type(e).__name__}: {e}"
+                await self.chan.send(
+                    Failed("manifest", f"cannot use the model's manifest: {reason}", fatal=True)
+                )
+            return None
+
+    async def check_manifest(self) -> None:
+        await self.checked_manifest()
 
     async def load_model(self) -> ModelInfo:
         return model_info(await self.manifest_once())
@@ -182,7 +263,7 @@ class ClusterChild:
                     peers = {HostPort(p.host, p.port): p.node_id for p in found}
                     self.transport.set_peers({a: n for a, n in peers.items() if a != me})
                 except Exception as e:
-                    self.ctx.board.update(ClusterSection, waiting_reason=f"discovery failed: {e}")
+                    await self.driver.events.waiting(f"discovery failed: {e}")
                     log.warning("discovery failed: %s", e)
                 await asyncio.sleep(self.config.cluster.discovery_interval_s)
         finally:
@@ -190,6 +271,8 @@ class ClusterChild:
             await provider.close()
 
     async def validated(self, msg: LocalValidated) -> None:
+        # Test hook: the unit digests are computed but not yet proven to anyone.
+        await hold_if_requested_async("proof", lambda: None)
         try:
             m = await self.manifest_once()
         except Exception as e:
@@ -247,8 +330,13 @@ async def run(ctx: ChildContext, chan: AsyncChannel) -> None:
                 tasks = [asyncio.create_task(child.discovery_loop()), asyncio.create_task(child.driver.run())]
                 for t in tasks:
                     t.add_done_callback(_crash_on_error(ctx))
+                # Read the manifest now, not when a plan arrives: a node that cannot use it says so
+                # at once (and its peers see it), instead of waiting in JOINING.
+                tasks.append(asyncio.create_task(child.check_manifest()))
             elif isinstance(cmd, LocalValidated):
                 await child.validated(cmd)
+            elif isinstance(cmd, NodeFault):
+                child.fault = cmd
             else:
                 log.warning("cluster ignores %s", type(cmd).__name__)
     except ChannelClosed:

@@ -1,10 +1,11 @@
 """The loader child: fills the weight arena with exactly this node's tensors and gets them ready.
 
 For an assignment (epoch, blocks [start, stop)) it
-- allocate: makes the arena and faults its pages in on every core (butterfly.loader.arena);
+- allocate: makes the arena and faults its pages in on every core, before the plan when it can
+  (butterfly.loader.arena);
 - download: reads each tensor's byte range from the source (or, for a remote source, the local
   cache) straight into the shared arena, in chunks, hashing every chunk with xxh3 as it lands;
-- verify:   compares those chunk digests with the model manifest when one exists;
+- verify:   compares those chunk digests with the model manifest (required: no manifest, no load);
 - upload / compile: on a GPU machine, host-to-device copies and kernel compile (weights issue);
   on the CPU path there is nothing to upload or compile, and the step says so;
 - warmup:   one real forward pass of the stage on the loaded bytes.
@@ -31,23 +32,25 @@ from butterfly.ipc import (
     Failed,
     LoadAssignment,
     Loaded,
+    Repaired,
+    RepairTensors,
     Shutdown,
     SyncChannel,
     TensorPlacement,
 )
 from butterfly.loader.arena import ArenaError, EarlyArena, allocate
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
-from butterfly.loader.warmup import WarmupError, decode, run_stage
+from butterfly.loader.warmup import F32, WarmupError, decode, run_stage
 from butterfly.loader.writebehind import Pending, WriteBehind
-from butterfly.manifest import Manifest, layout_from_manifest
+from butterfly.manifest import Manifest, ManifestError, layout_from_manifest
 from butterfly.model.layout import (
     LayerRange,
     ModelFormatError,
     ModelLayout,
     TensorEntry,
-    load_layout_from_source,
 )
 from butterfly.modelsource import NoManifest, load_manifest
+from butterfly.provenance import ManifestRefused
 from butterfly.sources import FilesystemSource, Source, SourceError, open_source
 from butterfly.states import LoadStep
 from butterfly.supervisor.childproc import (
@@ -80,12 +83,14 @@ class LoadFailed(Exception):
         self.fatal = fatal
 
 
-def place(tensors: list[TensorEntry]) -> tuple[list[TensorPlacement], int]:
-    """Lay tensors out back to back in the arena, each aligned for vectorised reads."""
+def place(tensors: list[TensorEntry], manifest: Manifest | None = None) -> tuple[list[TensorPlacement], int]:
+    """Lay tensors out back to back in the arena, each aligned for vectorised reads, with the digest
+    the manifest gives each (what the validator compares the arena with)."""
+    digests = {t.name: bytes.fromhex(t.blake3) for t in manifest.tensors} if manifest else {}
     out, off = [], 0
     for t in tensors:
         off = (off + ARENA_ALIGN - 1) // ARENA_ALIGN * ARENA_ALIGN
-        out.append(TensorPlacement(t.name, t.unit, off, t.length))
+        out.append(TensorPlacement(t.name, t.unit, off, t.length, digests.get(t.name, b"")))
         off += t.length
     return out, max(off, 1)
 
@@ -129,8 +134,9 @@ class Fetch:
     """One load's download step: cached tensors from the local cache, the rest from the source, every
     chunk compared inline with the manifest's xxh3 when there is one. A cache entry whose bytes do not
     match is quarantined and its tensor read from the source instead; the cache is never trusted.
-    Only a remote source goes through the cache (a local one is read in place), and what it gave is
-    written to the cache behind the load (butterfly.loader.writebehind), never before READY."""
+    A load reads the cache only for a remote source (a local one is read in place); a repair tries
+    the cache first either way. What came from the source is written to the cache behind the load
+    (butterfly.loader.writebehind), never before READY."""
 
     def __init__(
         self,
@@ -141,6 +147,7 @@ class Fetch:
         placements: list[TensorPlacement],
         total: int,
         refetch: bool,
+        repair: bool = False,
     ) -> None:
         self.loader = loader
         self.source = source
@@ -150,9 +157,10 @@ class Fetch:
             t.name: ReadJob(t.file, t.offset, t.length, p.arena_offset, t.name)
             for t, p in zip(tensors, placements, strict=True)
         }
-        # A local filesystem source is read in place: the cache holds copies of remote sources only.
-        remote = not isinstance(source, FilesystemSource)
-        self.cache = WeightCache(loader.ctx.config.node.cache_dir) if manifest and remote else None
+        self.cache = WeightCache(loader.ctx.config.node.cache_dir) if manifest else None
+        # A local filesystem source is read in place; the cache is read for a remote source, and for
+        # a repair (it is written behind the load for both: the repair's first copy to try).
+        self.read_cache = repair or not isinstance(source, FilesystemSource)
         self.refetch = refetch
         self.chunk_bytes = manifest.chunk_bytes if manifest else loader.ctx.config.loader.chunk_bytes
         self.progress = Progress(
@@ -188,16 +196,20 @@ class Fetch:
             self._stream(names[half:], reader, downloaded)
             return
 
-        results = stream_into(
-            jobs,
-            self.loader.arena_buf(),
-            reader,
-            chunk_bytes=self.chunk_bytes,
-            concurrency=conc,
-            expected=self._expected(names),
-            progress=progress,
-            tick=tick,
-        )
+        assert self.loader.arena is not None
+        # A view released on the way out, even when an error's traceback still names it: else the
+        # arena could not be unmapped for the next load while that error is being handled.
+        with self.loader.arena.view() as arena:
+            results = stream_into(
+                jobs,
+                arena,
+                reader,
+                chunk_bytes=self.chunk_bytes,
+                concurrency=conc,
+                expected=self._expected(names),
+                progress=progress,
+                tick=tick,
+            )
         for r in results:
             self.results.setdefault(r.chunk.tensor, []).append(r)
 
@@ -250,7 +262,7 @@ class Fetch:
 
     def run(self) -> list[ChunkDigest]:
         names = list(self.jobs)
-        if self.cache is not None:
+        if self.cache is not None and self.read_cache:
             names = self._from_cache(names)
         if names:
             if isinstance(self.source, FilesystemSource):
@@ -272,11 +284,13 @@ class Fetch:
         background thread; the load is reported without waiting for it."""
         if self.cache is None or not self.fetched:
             return None
+        seg = self.loader.arena
+        assert seg is not None
         items = [
             Pending(n, self.records[n].blake3, self.jobs[n].arena_offset, self.jobs[n].length)
             for n in self.fetched
         ]
-        writer = WriteBehind(self.cache, self.loader.arena_buf, items)
+        writer = WriteBehind(self.cache, lambda: memoryview(seg.buf), items)
         writer.start()
         return writer
 
@@ -289,15 +303,12 @@ class Loader:
         self.arena: Segment | None = None
         self.manifest: Manifest | None = None
         self.gpu_result: object | None = None
-        self.no_manifest_logged = False
+        # What the arena holds since the last load: (epoch, its tensors, their placements).
+        self.held: tuple[int, list[TensorEntry], list[TensorPlacement]] | None = None
         self.downloaded_total = 0
-        self.writer: WriteBehind | None = None
+        self.writers: list[WriteBehind] = []
         self.early: EarlyArena | None = None
         self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
-
-    def arena_buf(self) -> memoryview:
-        assert self.arena is not None
-        return memoryview(self.arena.buf)
 
     def _beat(self) -> None:
         self.ctx.board.update(LoaderSection, heartbeat_mono_ns=time.monotonic_ns())
@@ -308,23 +319,24 @@ class Loader:
         log.info("load step %s", step.label, extra={"fields": {"LOAD_STEP": step.label}})
         return time.monotonic()
 
-    def _manifest(self) -> Manifest | None:
-        """The model's manifest, read once per process; None (said once) when the model has none."""
-        if self.manifest is None and not self.no_manifest_logged:
+    def _manifest(self) -> Manifest:
+        """The model's manifest, read once per process and checked as the cluster child checks it (pins
+        included). No manifest, no load: every chunk is verified against it as it lands, and the
+        validator compares every tensor with its digest."""
+        if self.manifest is None:
             try:
                 self.manifest = load_manifest(self.ctx.config)
-            except NoManifest as e:
-                self.no_manifest_logged = True
-                log.warning("%s: chunks will be hashed but not verified against a model version", e)
+            except (NoManifest, ManifestError, ManifestRefused) as e:
+                raise LoadFailed(f"cannot use the model's manifest: {e}", True) from e
+            except SourceError as e:
+                raise LoadFailed(f"cannot read the model's manifest: {e}", False) from e
         return self.manifest
 
     def _early_size(self) -> int | None:
         """What this node will most likely load, from the manifest and its share of the cluster: the
         whole model for a one-voter cluster, else an even share of quorum_size nodes; never more than
-        the machine's memory less the reserve. None without a manifest."""
+        the machine's memory less the reserve."""
         manifest = self._manifest()
-        if manifest is None:
-            return None
         model = sum(t.length + ARENA_ALIGN for t in manifest.tensors)
         share = -(-model // max(1, self.ctx.config.cluster.quorum_size))
         cap = (
@@ -348,27 +360,38 @@ class Loader:
         self._drop_arena()
         return allocate(self.ctx.init.arena_name, size, self._beat)
 
-    def _layout(self, source: Source) -> tuple[Manifest | None, ModelLayout]:
+    def _layout(self, source: Source) -> tuple[Manifest, ModelLayout]:
         manifest = self._manifest()
-        if manifest is not None:
-            return manifest, layout_from_manifest(manifest, source.description)
-        return None, load_layout_from_source(source)
+        return manifest, layout_from_manifest(manifest, source.description)
+
+    def _write_behind(self, fetch: Fetch) -> None:
+        writer = fetch.write_behind()
+        if writer is not None:
+            self.writers.append(writer)
 
     def _drop_arena(self) -> None:
-        if self.writer is not None:
-            self.writer.stop()  # it reads the arena
-            self.writer = None
+        for writer in self.writers:
+            writer.stop()  # it reads the arena
+        self.writers.clear()
         if self.arena is not None:
-            self.arena.close()
+            try:
+                self.arena.close()
+            except BufferError:
+                # A view still refers to it (an error's traceback being handled): the mapping goes
+                # with the view; the name goes now, so the next arena can be made.
+                log.warning("the previous arena still had views; it is unmapped when they are gone")
             self.arena = None
         unlink_segment(self.ctx.init.arena_name)
 
-    def load(self, cmd: LoadAssignment) -> Loaded:
-        steps: dict[str, float] = {}
+    def _source(self) -> Source:
         try:
-            source = run_beside(lambda: open_source(self.ctx.config), self._beat)
+            return run_beside(lambda: open_source(self.ctx.config), self._beat)
         except (SourceError, ValueError) as e:
             raise LoadFailed(f"cannot open the model source: {e}", False) from e
+
+    def load(self, cmd: LoadAssignment) -> Loaded:
+        steps: dict[str, float] = {}
+        source = self._source()
         try:
             if self.early is not None:
                 self.early.wait(self._beat)  # it reads the manifest too
@@ -378,7 +401,7 @@ class Loader:
             if cmd.stop > layout.num_blocks:
                 raise LoadFailed(f"assignment {rng} is past the model's {layout.num_blocks} blocks", True)
             tensors = layout.tensors_for_blocks(rng)
-            placements, arena_bytes = place(tensors)
+            placements, arena_bytes = place(tensors, manifest)
             total = sum(t.length for t in tensors)
             self.ctx.board.update(
                 LoaderSection,
@@ -388,6 +411,7 @@ class Loader:
                 layer_start=cmd.start,
                 layer_stop=cmd.stop,
             )
+            self.held = None
             # Pre-faulted: first-touch page faults during the stream cost several times the copy.
             t0 = time.monotonic()
             self.arena = self._new_arena(arena_bytes)
@@ -399,15 +423,14 @@ class Loader:
             steps["download"] = time.monotonic() - t0
 
             t0 = self._step(LoadStep.VERIFY)
-            if manifest is not None:
-                log.info(
-                    "%d chunks matched model version %s inline; %d tensors from cache, %d from %s",
-                    len(chunks),
-                    manifest.merkle_root[:16],
-                    fetch.from_cache,
-                    fetch.from_source,
-                    source.description,
-                )
+            log.info(
+                "%d chunks matched model version %s inline; %d tensors from cache, %d from %s",
+                len(chunks),
+                manifest.merkle_root[:16],
+                fetch.from_cache,
+                fetch.from_source,
+                source.description,
+            )
             steps["verify"] = time.monotonic() - t0
 
             if self.gpus:
@@ -427,7 +450,8 @@ class Loader:
         finally:
             source.close()
         self.ctx.board.update(LoaderSection, step=int(LoadStep.NONE), heartbeat_mono_ns=time.monotonic_ns())
-        self.writer = fetch.write_behind()
+        self.held = (cmd.epoch, tensors, placements)
+        self._write_behind(fetch)
         return Loaded(
             epoch=cmd.epoch,
             start=cmd.start,
@@ -439,6 +463,57 @@ class Loader:
             step_seconds=steps,
         )
 
+    def repair(self, cmd: RepairTensors) -> Repaired:
+        """Read ``cmd.tensors`` of the held assignment again into their places in the arena: from the
+        cache when it has them, else the source, every chunk checked against the manifest as it lands
+        (a cache entry that fails is quarantined and the source read instead)."""
+        if self.held is None or self.held[0] != cmd.epoch:
+            raise LoadFailed(f"nothing of epoch {cmd.epoch} is loaded to repair", False)
+        if self.gpus:
+            # Hook for issue 13: the GPU copy would need the repaired tensors uploaded again. Until
+            # then a failed repair makes the supervisor reload the whole assignment.
+            raise LoadFailed("repairing the weights on a GPU node is not supported yet: reloading", False)
+        hold_if_requested("repair", self._beat)  # test hook: a node caught not serving, mid-repair
+        _, tensors, placements = self.held
+        names = set(cmd.tensors)
+        picked = [(t, p) for t, p in zip(tensors, placements, strict=True) if t.name in names]
+        if len(picked) != len(names):
+            raise LoadFailed(
+                f"cannot repair tensors not loaded here: {sorted(names - {t.name for t, _ in picked})}", False
+            )
+        held_bytes = sum(t.length for t in tensors)
+        size = sum(t.length for t, _ in picked)
+        source = self._source()
+        try:
+            manifest = self._manifest()
+            fetch = Fetch(
+                self,
+                source,
+                manifest,
+                [t for t, _ in picked],
+                [p for _, p in picked],
+                held_bytes,
+                False,
+                repair=True,
+            )
+            # Progress reads as the whole held range, of which only these bytes are missing.
+            fetch.progress.done = held_bytes - size
+            fetch.run()
+            self._write_behind(fetch)
+        except (SourceError, ChunkMismatch) as e:
+            raise LoadFailed(f"repair of {', '.join(sorted(names))} failed: {e}", False) from e
+        finally:
+            source.close()
+        log.info(
+            "repaired %s (%d bytes): %d tensor(s) from the cache, %d from %s",
+            ", ".join(sorted(names)),
+            size,
+            fetch.from_cache,
+            fetch.from_source,
+            source.description,
+        )
+        return Repaired(cmd.epoch, sorted(names), fetch.from_cache, fetch.from_source)
+
     def _gpu_steps(
         self, tensors: list[TensorEntry], placements: list[TensorPlacement], steps: dict[str, float]
     ) -> None:
@@ -448,15 +523,20 @@ class Loader:
         try:
             t0 = self._step(LoadStep.UPLOAD)
             self.gpu_result = None  # free the previous assignment's device memory first
-            self.gpu_result = run_beside(
-                lambda: gpu.upload_and_verify(self.arena_buf(), placements, device=0), self._beat
-            )
+            arena = self.arena
+            assert arena is not None
+
+            def upload() -> gpu.GpuUploadResult:
+                with arena.view() as buf:
+                    return gpu.upload_and_verify(buf, placements, device=0)
+
+            result = run_beside(upload, self._beat)
+            self.gpu_result = result
             steps["upload"] = time.monotonic() - t0
             t0 = self._step(LoadStep.COMPILE)
             run_beside(lambda: gpu.compile_kernels(0), self._beat)
             steps["compile"] = time.monotonic() - t0
             t0 = self._step(LoadStep.WARMUP)
-            result = self.gpu_result
             stats = run_beside(lambda: gpu.gpu_warmup(result, tensors), self._beat)
             steps["warmup"] = time.monotonic() - t0
             log.info("GPU warmup ok: %s", stats)
@@ -473,23 +553,28 @@ class Loader:
         rng: LayerRange,
     ) -> None:
         assert self.arena is not None
-        views = [memoryview(self.arena.buf)]
+        weights: dict[str, F32] = {}
+        failed = ""
+        with self.arena.view() as buf:
 
-        def forward() -> dict[str, float]:
-            buf = views[0]
-            weights = {
-                t.name: decode(buf[p.arena_offset : p.arena_offset + p.length], t.dtype, list(t.shape))
-                for t, p in zip(tensors, placements, strict=True)
-            }
-            return run_stage(weights, layout.model_config, rng.start, rng.stop, layout.num_blocks)
+            def forward() -> dict[str, float]:
+                for t, p in zip(tensors, placements, strict=True):
+                    weights[t.name] = decode(
+                        buf[p.arena_offset : p.arena_offset + p.length], t.dtype, list(t.shape)
+                    )
+                return run_stage(weights, layout.model_config, rng.start, rng.stop, layout.num_blocks)
 
-        try:
-            # A forward pass over a big stage takes many heartbeat periods: beat beside it.
-            stats = run_beside(forward, self._beat)
-        except WarmupError as e:
-            raise LoadFailed(f"warmup of blocks {rng} failed: {e}", True) from e
-        finally:
-            views.clear()
+            try:
+                # A forward pass over a big stage takes many heartbeat periods: beat beside it.
+                stats = run_beside(forward, self._beat)
+            except WarmupError as e:
+                failed = str(e)
+            finally:
+                # The arrays are views of the arena: gone before the block ends, and the error is
+                # raised outside the except block, so no traceback keeps them (and the mapping) alive.
+                weights.clear()
+        if failed:
+            raise LoadFailed(f"warmup of blocks {rng} failed: {failed}", True)
         log.info("warmup of blocks %s ok: %s", rng, stats)
 
     def serve(self) -> None:
@@ -504,15 +589,16 @@ class Loader:
                 if self.early is not None:
                     self.early.discard(self._beat)
                 break
-            if isinstance(cmd, LoadAssignment):
+            if isinstance(cmd, LoadAssignment | RepairTensors):
+                what = "load" if isinstance(cmd, LoadAssignment) else "repair"
                 try:
-                    self.chan.send(self.load(cmd))
+                    self.chan.send(self.load(cmd) if isinstance(cmd, LoadAssignment) else self.repair(cmd))
                 except Interrupted as i:
-                    log.info("load of epoch %d interrupted by %s", cmd.epoch, i)
+                    log.info("%s of epoch %d interrupted by %s", what, cmd.epoch, i)
                     next_cmd = i.cmd
                 except LoadFailed as e:
-                    log.error("load of epoch %d failed: %s", cmd.epoch, e)
-                    self.chan.send(Failed("load", str(e), fatal=e.fatal))
+                    log.error("%s of epoch %d failed: %s", what, cmd.epoch, e)
+                    self.chan.send(Failed(what, str(e), fatal=e.fatal))
             else:
                 log.warning("loader ignores %s", type(cmd).__name__)
         self._drop_arena()

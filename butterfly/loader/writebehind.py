@@ -1,14 +1,14 @@
 """Write-behind of freshly streamed tensors into the local cache: READY never waits for the cache.
 
-A tensor read from a remote source (S3) lands in the arena checked chunk by chunk against the
-manifest; the loader reports the load at once and hands the tensors here. One background thread, at
+A tensor read from the source lands in the arena checked chunk by chunk against the manifest; the
+loader reports the load at once and hands the tensors here. One background thread, at
 the lowest CPU priority (nice 19 for that thread alone), stores them one by one from the arena with
 ``WeightCache.store_from_buffer``, which re-hashes each with BLAKE3 against its manifest digest and
 writes it atomically (temp file, fsync, rename): a crash mid-write leaves only a temp file, which the
 next ``WeightCache`` removes, never an entry that could pass as complete.
 
-A local filesystem source never comes here: it is read in place, and copying it into the cache would
-only cost a second copy on disk.
+A local filesystem source is read in place (the loader never reads the cache for it), but its
+tensors are still cached here, after READY: the cache is a repair's first copy to try.
 
 Must not: write the arena, keep a view of it after ``stop`` returns (the loader unmaps it next), or
 raise into the loader (a tensor that cannot be cached is logged and skipped).

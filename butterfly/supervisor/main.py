@@ -6,8 +6,14 @@ the children, and flags set by signal handlers. Each reaction is logged in one l
 
 Decisions (why):
 - Phases follow the cluster child's reports until this node has a plan; then the loader and the
-  validator move it through loading_weights and validation; the cluster's committed "operational"
-  entry is the only thing that makes it OPERATIONAL (no premature serving).
+  validator move it through loading_weights and validation. Validation ends when the coordinator
+  accepted this node's unit digests against the manifest root (RangeAccepted), not when they were
+  computed: only then is the node READY and systemd told READY=1. The cluster's committed
+  "operational" entry is the only thing that makes it OPERATIONAL (no premature serving).
+- While the node holds validated weights (READY, OPERATIONAL) the validator scrubs them. A mismatch
+  stops serving at once (back to loading_weights, where the node is repaired, not failed): the loader
+  reads the named tensors again (cache or source, verified), the validator re-validates, the
+  coordinator accepts the range again, and the node returns to OPERATIONAL.
 - A dead child is restarted with backoff, at most `restart_limit` times within `restart_window_s`,
   and the node falls back to the earliest phase whose work died with it (cluster -> discovery,
   loader -> loading_weights, validator -> re-run validation). Past the budget the node is FAILED,
@@ -29,6 +35,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 
 from butterfly.api.http import ApiServer, make_app, start_api
@@ -44,17 +51,26 @@ from butterfly.ipc import (
     LoadAssignment,
     Loaded,
     LocalValidated,
+    NodeFault,
+    PeerFaults,
     PlanAssigned,
+    RangeAccepted,
+    Repaired,
+    RepairTensors,
     Report,
+    ScrubMismatch,
     Shutdown,
     StartCluster,
+    StartScrub,
+    StopScrub,
     ValidateArena,
     Validated,
+    Waiting,
 )
 from butterfly.logs import LogControl
 from butterfly.notify import Notifier
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
-from butterfly.status import ChildStatus, NodeStatus
+from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
 from butterfly.supervisor.launcher import Launcher
@@ -98,9 +114,12 @@ class Supervisor:
         self.plan: PlanAssigned | None = None
         self.loaded: Loaded | None = None
         self.phase_failures = 0
+        # Reasons kept whole for /status (the board holds none: its fields are fixed-size).
+        self.notes = Notes()
         self.ready_notified = False
         self.last_load_bytes = -1
         self.exit_code = 0
+        self._background: set[asyncio.Task[object]] = set()
 
     # ---- board ---------------------------------------------------------------------------------
 
@@ -134,7 +153,7 @@ class Supervisor:
             for k, h in self.children.items()
         ]
         return build_status(
-            snap, self.config.node.role, children, self.config.supervisor.heartbeat_timeout_s, now
+            snap, self.config.node.role, children, self.config.supervisor.heartbeat_timeout_s, now, self.notes
         )
 
     def _term(self) -> int:
@@ -212,10 +231,24 @@ class Supervisor:
             },
         )
 
+    def _fault(self, reason: str, failed: bool = False) -> NodeFault:
+        held = self.plan or self.loaded
+        start, stop = (held.start, held.stop) if held is not None else (0, 0)
+        return NodeFault(reason, failed, start, stop)
+
+    def _in_background(self, coro: Coroutine[object, object, object]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def fail(self, source: str, reason: str) -> None:
         if self.phase is Phase.FAILED:
             return
-        self._board().update(NodeSection, last_error=reason[:250], error_source=source)
+        # Peers must see it at once: the cluster child puts it on its reports, and the coordinator
+        # plans the others around this node.
+        self._in_background(self.children["cluster"].send(self._fault(reason, failed=True)))
+        self.notes.last_error = reason
+        self._board().update(NodeSection, error_source=source)
         self.set_phase(Phase.FAILED, reason)
         log.error("node failed (%s): %s", source, reason, extra={"fields": {"ERROR_SOURCE": source}})
         self.notifier.status(f"FAILED: {reason}")
@@ -280,8 +313,12 @@ class Supervisor:
                 await self._load(self.plan)
         elif kind == "validator" and self.phase is Phase.VALIDATION and self.loaded is not None:
             await self.children["validator"].send(ValidateArena(self.loaded.epoch, self.loaded))
+        elif kind == "validator" and self.phase is Phase.READY:
+            await self._start_scrub()
 
     async def _load(self, plan: PlanAssigned, refetch: bool = False) -> None:
+        # The validator lets go of the arena it scrubs before the loader replaces it.
+        await self.children["validator"].send(StopScrub())
         await self.children["loader"].send(
             LoadAssignment(plan.epoch, plan.term, plan.start, plan.stop, refetch=refetch)
         )
@@ -289,9 +326,14 @@ class Supervisor:
     # ---- reports -------------------------------------------------------------------------------
 
     async def on_report(self, ev: ChildReport) -> None:
-        if ev.generation != self.children[ev.kind].generation or self.phase is Phase.FAILED:
+        if ev.generation != self.children[ev.kind].generation:
             return
         r: Report = ev.report
+        if isinstance(r, PeerFaults):
+            self.notes.peer_faults = r.faults
+            return
+        if self.phase is Phase.FAILED:
+            return
         if isinstance(r, ClusterProgress):
             target = Phase[r.phase.upper()]
             if self.plan is None and target >= Phase.DISCOVERY:
@@ -303,6 +345,8 @@ class Supervisor:
                 self.advance_to(target, r.waiting_reason)
             if r.waiting_reason:
                 log.warning("waiting: %s", r.waiting_reason, extra={"fields": {"PHASE": self.phase.label}})
+        elif isinstance(r, Waiting):
+            self.notes.waiting_reason = r.reason
         elif isinstance(r, PlanAssigned):
             await self.on_plan(r)
         elif isinstance(r, Loaded):
@@ -316,6 +360,12 @@ class Supervisor:
             await self.children["validator"].send(ValidateArena(r.epoch, r))
         elif isinstance(r, Validated):
             await self.on_validated(r)
+        elif isinstance(r, RangeAccepted):
+            await self.on_range_accepted(r)
+        elif isinstance(r, ScrubMismatch):
+            await self.on_scrub_mismatch(r)
+        elif isinstance(r, Repaired):
+            await self.on_repaired(r)
         elif isinstance(r, ClusterOperational):
             if self.phase is Phase.READY and self.plan is not None and r.epoch == self.plan.epoch:
                 self.set_operational(r.epoch)
@@ -360,18 +410,68 @@ class Supervisor:
         if self.plan is None or self.loaded is None or r.epoch != self.plan.epoch:
             return
         log.info(
-            "validated %d bytes, merkle root %s",
+            "validated %d bytes locally, merkle root %s: proving blocks %d-%d to the coordinator",
             r.bytes_hashed,
             r.root.hex(),
+            self.plan.start,
+            self.plan.stop - 1,
             extra={"fields": {"MERKLE_ROOT": r.root.hex()}},
         )
+        await self.children["cluster"].send(
+            LocalValidated(r.epoch, self.plan.term, self.plan.start, self.plan.stop, r.units, r.unit_digests)
+        )
+
+    async def on_range_accepted(self, r: RangeAccepted) -> None:
+        """This node's range passed validation: READY, and the one READY=1 systemd gets."""
+        if self.phase is not Phase.VALIDATION or self.plan is None or r.epoch != self.plan.epoch:
+            return
+        await self.children["cluster"].send(self._fault(""))
         self.advance_to(Phase.READY)
         if not self.ready_notified:
             self.ready_notified = True
             self.notifier.ready()
-        await self.children["cluster"].send(
-            LocalValidated(r.epoch, self.plan.term, self.plan.start, self.plan.stop, r.units, r.unit_digests)
+        await self._start_scrub()
+
+    # ---- scrubbing and repair ----------------------------------------------------------------
+
+    async def _start_scrub(self) -> None:
+        if self.config.validator.scrub and self.loaded is not None:
+            await self.children["validator"].send(StartScrub(self.loaded.epoch, self.loaded))
+
+    async def on_scrub_mismatch(self, r: ScrubMismatch) -> None:
+        """Weights in memory changed: stop serving now, repair the tensors, prove the range again."""
+        if (
+            self.plan is None
+            or self.loaded is None
+            or r.epoch != self.loaded.epoch
+            or self.phase < Phase.READY
+        ):
+            return
+        self.notes.last_error = r.reason
+        self.notes.mismatches = r.mismatches
+        self._board().update(NodeSection, error_source="scrub")
+        log.error(
+            "weights in memory changed, not serving until repaired: %s",
+            r.reason,
+            extra={"fields": {"ERROR_SOURCE": "scrub", "TENSORS": ",".join(m.tensor for m in r.mismatches)}},
         )
+        self.advance_to(Phase.LOADING_WEIGHTS, "repairing weights that changed in memory")
+        await self.children["cluster"].send(self._fault(f"repairing weights in memory: {r.reason}"))
+        await self.children["loader"].send(RepairTensors(r.epoch, [m.tensor for m in r.mismatches]))
+
+    async def on_repaired(self, r: Repaired) -> None:
+        if self.loaded is None or r.epoch != self.loaded.epoch or self.phase is not Phase.LOADING_WEIGHTS:
+            return
+        repairs = self._node().repairs + 1
+        self._board().update(NodeSection, repairs=repairs)
+        log.info(
+            "repaired %s (%d from the cache, %d from the source): validating again",
+            ", ".join(r.tensors),
+            r.from_cache,
+            r.from_source,
+        )
+        self.advance_to(Phase.VALIDATION)
+        await self.children["validator"].send(ValidateArena(self.loaded.epoch, self.loaded))
 
     async def on_failed(self, kind: str, r: Failed) -> None:
         log.error(
@@ -381,13 +481,15 @@ class Supervisor:
             r.reason,
             extra={"fields": {"CHILD": kind, "ERROR_SOURCE": r.what}},
         )
-        self._board().update(NodeSection, last_error=r.reason[:250], error_source=r.what)
+        self.notes.last_error = r.reason
+        self._board().update(NodeSection, error_source=r.what)
         self.phase_failures += 1
         if r.fatal or self.phase_failures > PHASE_RETRIES or self.plan is None:
             self.fail(r.what, r.reason)
             return
         # A validation mismatch or a transient load error: reload the assignment from the source,
-        # bypassing (and clearing) cached copies of its tensors.
+        # bypassing (and clearing) cached copies of its tensors. Peers see why meanwhile.
+        await self.children["cluster"].send(self._fault(r.reason))
         self.loaded = None
         self.advance_to(Phase.LOADING_WEIGHTS, f"retrying after: {r.reason}")
         await asyncio.sleep(self.config.supervisor.restart_backoff_s)

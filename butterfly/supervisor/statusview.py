@@ -1,4 +1,5 @@
-"""Turns one consistent board snapshot (plus the supervisor's child handles) into a NodeStatus.
+"""Turns one consistent board snapshot (plus the supervisor's child handles and the whole texts it
+keeps, ``Notes``) into a NodeStatus.
 
 Pure function of its inputs (and the clock), so /status, /metrics and systemd's STATUS= line always agree.
 """
@@ -12,7 +13,7 @@ from butterfly import __version__
 from butterfly.board import BoardSnapshot
 from butterfly.gate import ServeVerdict, may_serve
 from butterfly.states import LoadStep, NodeState, Phase
-from butterfly.status import ChildStatus, NodeStatus
+from butterfly.status import ChildStatus, IntegrityStatus, NodeStatus, Notes, PeerFaultStatus
 
 
 def _progress(snap: BoardSnapshot, phase: Phase) -> tuple[float, int | None]:
@@ -43,9 +44,12 @@ def build_status(
     children: Sequence[ChildStatus],
     heartbeat_timeout_s: float,
     now: int | None = None,
+    notes: Notes | None = None,
 ) -> NodeStatus:
-    """``now``: the time.monotonic_ns() the caller judged the children by (read here if None)."""
-    node, cl, ld = snap.node, snap.cluster, snap.loader
+    """``now``: the time.monotonic_ns() the caller judged the children by (read here if None);
+    ``notes``: the supervisor's whole texts (none when None)."""
+    notes = notes if notes is not None else Notes()
+    node, cl, ld, va = snap.node, snap.cluster, snap.loader, snap.validator
     phase = Phase(node.phase)
     state = NodeState(node.state)
     pct, eta = _progress(snap, phase)
@@ -87,9 +91,29 @@ def build_status(
         uptime_seconds=round((now - node.started_mono_ns) / 1e9, 3),
         may_serve=verdict.ok,
         healthy=healthy,
-        last_error=node.last_error or None,
-        waiting_reason=None if verdict.ok else (cl.waiting_reason or _gate_reason(state, verdict)),
+        last_error=notes.last_error or None,
+        waiting_reason=None if verdict.ok else (notes.waiting_reason or _gate_reason(state, verdict)),
         children=list(children),
+        peer_faults=[
+            PeerFaultStatus(
+                node_id=f.node_id,
+                layers=f"{f.start}-{f.stop - 1}" if f.stop > f.start else None,
+                failed=f.failed,
+                reason=f.reason,
+            )
+            for f in notes.peer_faults
+        ],
+        integrity=IntegrityStatus(
+            fault=bool(va.fault),
+            scrubbing=bool(va.scrubbing),
+            scrub_passes=va.scrub_passes,
+            scrub_bytes=va.scrub_bytes,
+            scrub_cpu_seconds=round(va.scrub_cpu_s, 6),
+            scrub_last_pass_seconds=round(va.scrub_last_pass_s, 3),
+            mismatches=va.mismatches,
+            repairs=node.repairs,
+            last_mismatch=list(notes.mismatches),
+        ),
     )
 
 
@@ -106,4 +130,7 @@ def status_line(s: NodeStatus) -> str:
         text += f" ({s.waiting_reason})"
     if s.last_error:
         text += f": {s.last_error}"
+    for f in s.peer_faults:
+        layers = f" (layers {f.layers})" if f.layers else ""
+        text += f"; peer {f.node_id}{layers} {'failed' if f.failed else 'cannot serve'}: {f.reason}"
     return text

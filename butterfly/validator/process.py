@@ -1,29 +1,45 @@
 """The validator child: independently re-hashes what the loader put in the arena.
 
-It reads the arena (never the model files), so it checks the bytes the node will actually serve:
-- every chunk's xxh3 must equal the digest the loader computed as the chunk landed (catches any
-  byte changed in the arena after it was read);
-- every layer unit gets a BLAKE3 digest over its tensors in name order; those digests are this
+It reads the arena (never the model files), so it checks the bytes the node will actually serve
+(``butterfly.validator.check`` holds the checks themselves):
+- every tensor's BLAKE3 must equal the manifest's digest; a tensor that differs is named with its
+  layer, the first differing chunk's offset, and the expected and found digests;
+- every layer unit gets a digest over its tensors (the manifest's definition); those digests are this
   node's Merkle leaves, and their root is what the cluster compares against the manifest root.
-Hashing releases the GIL in blake3 and xxhash, and the leaves are hashed on several threads.
+Hashing releases the GIL in blake3 and xxhash, and the tensors are hashed on several threads.
+
+Every command gets an answer: a mismatch is a ``Failed`` whose reason names the fault, and an error
+of the validator itself is reported as one (never a crash that the supervisor would restart into the
+same error until the node fails for the wrong reason). The arena is mapped for one check at a time,
+through a view released when the check ends (``Segment.view``).
+
+Between commands, while the node holds validated weights (``StartScrub`` .. ``StopScrub``), it
+scrubs them (``butterfly.validator.scrub``): at the configured pace, a slice at a time, keeping the
+arena mapped. A mismatch sets the board's ``fault`` at once (a node with it set must not serve),
+then goes to the supervisor as ``ScrubMismatch``; ``fault`` clears when a validation passes again.
 
 This module must not write to the arena or talk to peers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections import defaultdict
-
-import xxhash
 
 from butterfly.board import ValidatorSection
-from butterfly.board.shm import attach_segment
-from butterfly.hashing import Span, blake3_regions
-from butterfly.ipc import Failed, Shutdown, SyncChannel, ValidateArena, Validated
-from butterfly.manifest import unit_digest
+from butterfly.board.shm import Segment, attach_segment
+from butterfly.ipc import (
+    Failed,
+    ScrubMismatch,
+    Shutdown,
+    StartScrub,
+    StopScrub,
+    SyncChannel,
+    ValidateArena,
+    Validated,
+)
 from butterfly.merkle import leaf_hash, merkle_root
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
@@ -34,50 +50,24 @@ from butterfly.supervisor.childproc import (
     hold_if_requested,
     run_beside,
 )
+from butterfly.validator.check import ArenaDigests, Mismatch, describe, digest_arena, mismatches
+from butterfly.validator.scrub import HostArena, Scrubber
 
 log = logging.getLogger("butterfly.validator")
 
 
-class ValidationError(Exception):
-    pass
+def _close(seg: Segment) -> None:
+    try:
+        seg.close()
+    except BufferError:
+        # A view outlived its check (a bug): keep the mapping rather than lose the verdict over it.
+        log.error("validator: arena %s still has views after the check; left mapped", seg.name)
 
 
-def unit_digests(buf: memoryview, cmd: ValidateArena, threads: int) -> tuple[list[int], list[bytes]]:
-    """Digest of each layer unit (butterfly.manifest.unit_digest, the manifest's own definition): every
-    tensor's BLAKE3 on all cores at once (blake3_regions balances big and small tensors), then the
-    per-unit combination, which is cheap."""
-    tensors = cmd.loaded.tensors
-    digests = blake3_regions(buf, [[Span(t.arena_offset, t.length)] for t in tensors], threads=threads)
-    by_unit: dict[int, list[tuple[str, int, bytes]]] = defaultdict(list)
-    for t, d in zip(tensors, digests, strict=True):
-        by_unit[t.unit].append((t.name, t.length, d))
-    units = sorted(by_unit)
-    return units, [unit_digest(by_unit[u]) for u in units]
-
-
-def check_chunks(buf: memoryview, cmd: ValidateArena) -> None:
-    for c in cmd.loaded.chunks:
-        got = xxhash.xxh3_64_intdigest(buf[c.arena_offset : c.arena_offset + c.length])
-        if got != c.xxh3:
-            owner = next(
-                (
-                    t
-                    for t in cmd.loaded.tensors
-                    if t.arena_offset <= c.arena_offset < t.arena_offset + t.length
-                ),
-                None,
-            )
-            where = (
-                f"tensor {owner.name} at byte {c.arena_offset - owner.arena_offset}" if owner else "padding"
-            )
-            raise ValidationError(
-                f"arena bytes changed after loading: chunk at arena offset {c.arena_offset} ({where}) "
-                f"has xxh3 {got:016x}, the loader read {c.xxh3:016x}"
-            )
-
-
-def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
+def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
+    """The verdict on ``cmd.loaded``'s bytes: their digests, or a ``Failed`` naming what differs."""
     loaded = cmd.loaded
+    blocks = f"blocks {loaded.start}-{loaded.stop - 1}"
 
     def beat() -> None:
         ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
@@ -87,54 +77,192 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated:
     ctx.board.update(
         ValidatorSection, bytes_hashed=0, bytes_total=total, heartbeat_mono_ns=time.monotonic_ns()
     )
-    seg = attach_segment(loaded.arena_name, writable=False)
     try:
-        views = [memoryview(seg.buf)]
+        seg = attach_segment(loaded.arena_name, writable=False)
+    except FileNotFoundError:
+        return Failed("validate", f"the arena {loaded.arena_name} of {blocks} is gone (its loader exited)")
+    try:
+        end = max((t.arena_offset + t.length for t in loaded.tensors), default=0)
+        if seg.size < end:
+            return Failed(
+                "validate",
+                f"the arena {loaded.arena_name} is {seg.size} bytes; the tensors of {blocks} need {end}",
+            )
+        with seg.view() as buf:
 
-        def hash_arena() -> tuple[list[int], list[bytes]]:
-            check_chunks(views[0], cmd)
-            return unit_digests(views[0], cmd, threads=os.cpu_count() or 1)
+            def hash_arena() -> tuple[ArenaDigests, list[Mismatch]]:
+                d = digest_arena(buf, loaded.tensors, threads=os.cpu_count() or 1)
+                return d, mismatches(buf, loaded.tensors, loaded.chunks, d.tensor_digests)
 
-        try:
             # Hashing gigabytes takes many heartbeat periods: beat beside it.
-            units, digests = run_beside(hash_arena, beat)
-        finally:
-            views.clear()
+            digests, bad = run_beside(hash_arena, beat)
     finally:
-        seg.close()
-    root = merkle_root([leaf_hash(d) for d in digests])
+        _close(seg)
+    if bad:
+        mine = ctx.board.read(ValidatorSection).mismatches
+        ctx.board.update(
+            ValidatorSection, fault=1, mismatches=mine + len(bad), heartbeat_mono_ns=time.monotonic_ns()
+        )
+        return Failed("validate", describe(bad, f"the weights in memory for {blocks} are not the model's"))
+    root = merkle_root([leaf_hash(d) for d in digests.unit_digests])
     ctx.board.update(
         ValidatorSection,
+        fault=0,
         bytes_hashed=total,
         leaves_root=root.hex(),
         heartbeat_mono_ns=time.monotonic_ns(),
     )
     return Validated(
         epoch=cmd.epoch,
-        units=units,
-        unit_digests=digests,
+        units=digests.units,
+        unit_digests=digests.unit_digests,
         root=root,
         bytes_hashed=total,
     )
 
 
+def answer(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
+    """``validate``, with an error of the validator itself turned into a report that says so."""
+    try:
+        result = validate(ctx, cmd)
+    except Exception as e:  # a bug or a broken environment, never a verdict on the weights
+        log.exception("validation of epoch %d could not run", cmd.epoch)
+        result = Failed("validate", f"the validator could not check the weights: {type(e).__name__}: {e}")
+    if isinstance(result, Failed):
+        log.error("validation of epoch %d failed: %s", cmd.epoch, result.reason)
+    return result
+
+
+class Scrub:
+    """A scrub of one validated assignment: the arena mapped read-only for as long as it runs."""
+
+    def __init__(self, ctx: ChildContext, cmd: StartScrub) -> None:
+        cfg = ctx.config.validator
+        self.ctx = ctx
+        self.epoch = cmd.epoch
+        self.blocks = f"blocks {cmd.loaded.start}-{cmd.loaded.stop - 1}"
+        self.seg = attach_segment(cmd.loaded.arena_name, writable=False)
+        self._views = contextlib.ExitStack()
+        try:
+            copy = HostArena(self._views.enter_context(self.seg.view()))
+            self.scrubber = Scrubber(
+                copy,
+                cmd.loaded.tensors,
+                cmd.loaded.chunks,
+                interval_s=cfg.scrub_interval_s,
+                cpu_percent=cfg.scrub_cpu_percent,
+            )
+        except BaseException:
+            self.close()
+            raise
+        # Counters on the board are the node's totals: a new scrub continues them.
+        self.base = ctx.board.read(ValidatorSection)
+        ctx.board.update(ValidatorSection, scrubbing=1)
+        log.info(
+            "scrubbing %s (%d bytes): a pass every %.0fs at most %.1f%% of one core",
+            self.blocks,
+            self.scrubber.total,
+            cfg.scrub_interval_s,
+            cfg.scrub_cpu_percent,
+        )
+
+    def step(self) -> ScrubMismatch | None:
+        s = self.scrubber
+        result = s.step()
+        b = self.base
+        self.ctx.board.update(
+            ValidatorSection,
+            scrub_bytes=b.scrub_bytes + s.bytes,
+            scrub_passes=b.scrub_passes + s.passes,
+            scrub_cpu_s=b.scrub_cpu_s + s.cpu_s,
+            scrub_last_pass_s=s.last_pass_s or b.scrub_last_pass_s,
+            heartbeat_mono_ns=time.monotonic_ns(),
+        )
+        if result.pass_done:
+            slow = s.last_pass_s > s.interval_s * 1.1
+            log.log(
+                logging.WARNING if slow else logging.DEBUG,
+                "scrub pass %d over %s took %.1fs%s",
+                b.scrub_passes + s.passes,
+                self.blocks,
+                s.last_pass_s,
+                f", longer than scrub_interval_s ({s.interval_s:.0f}s) at the CPU budget" if slow else "",
+            )
+        if result.mismatch is None:
+            return None
+        m = result.mismatch
+        # The flag first: whatever reads the board stops serving without waiting for the supervisor.
+        self.ctx.board.update(
+            ValidatorSection, fault=1, mismatches=self.ctx.board.read(ValidatorSection).mismatches + 1
+        )
+        reason = describe([m], f"scrubbing found the weights in memory for {self.blocks} changed")
+        log.error(
+            "%s",
+            reason,
+            extra={
+                "fields": {
+                    "TENSOR": m.tensor,
+                    "LAYER": m.layer,
+                    "OFFSET": m.offset if m.offset is not None else "",
+                    "EXPECTED": m.expected,
+                    "FOUND": m.found,
+                }
+            },
+        )
+        return ScrubMismatch(self.epoch, [m], reason)
+
+    def close(self) -> None:
+        self._views.close()
+        _close(self.seg)
+        self.ctx.board.update(ValidatorSection, scrubbing=0)
+
+
 def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
-    while True:
-        cmd = inbox.get(timeout=HEARTBEAT_S)
-        ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
-        if cmd is None:
-            continue
-        if isinstance(cmd, Shutdown):
-            return
-        if isinstance(cmd, ValidateArena):
-            try:
-                chan.send(validate(ctx, cmd))
-            except (ValidationError, OSError, ValueError) as e:
-                log.error("validation of epoch %d failed: %s", cmd.epoch, e)
-                ctx.board.update(ValidatorSection, mismatches=ctx.board.read(ValidatorSection).mismatches + 1)
-                chan.send(Failed("validate", str(e)))
-        else:
-            log.warning("validator ignores %s", type(cmd).__name__)
+    scrub: Scrub | None = None
+
+    def stop() -> None:
+        nonlocal scrub
+        if scrub is not None:
+            scrub.close()
+            scrub = None
+
+    try:
+        while True:
+            wait = HEARTBEAT_S
+            if scrub is not None:
+                wait = min(wait, max(0.0, scrub.scrubber.due() - time.monotonic()))
+            cmd = inbox.get(timeout=wait)
+            ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
+            if isinstance(cmd, Shutdown):
+                return
+            if isinstance(cmd, ValidateArena):
+                stop()
+                chan.send(answer(ctx, cmd))
+            elif isinstance(cmd, StartScrub):
+                stop()
+                if ctx.config.validator.scrub:
+                    scrub = start_scrub(ctx, cmd)
+            elif isinstance(cmd, StopScrub):
+                stop()
+            elif cmd is not None:
+                log.warning("validator ignores %s", type(cmd).__name__)
+            if scrub is not None and time.monotonic() >= scrub.scrubber.due():
+                found = scrub.step()
+                if found is not None:
+                    stop()
+                    chan.send(found)
+    finally:
+        stop()
+
+
+def start_scrub(ctx: ChildContext, cmd: StartScrub) -> Scrub | None:
+    """A running scrub of ``cmd``'s arena, or None (logged) when it cannot start: the node keeps
+    serving what it validated, it is only not re-checked."""
+    try:
+        return Scrub(ctx, cmd)
+    except (OSError, ValueError) as e:
+        log.error("cannot scrub epoch %d: %s", cmd.epoch, e)
+        return None
 
 
 def main() -> None:

@@ -1,0 +1,125 @@
+"""Every way a load or a repair fails says what an operator needs, in the reason that reaches /status
+(the supervisor keeps Failed.reason whole; tests/test_integrity_node.py follows it there)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+
+from butterfly.board import Board
+from butterfly.board.shm import unlink_segment
+from butterfly.config import parse_config
+from butterfly.ipc import LoadAssignment, RepairTensors
+from butterfly.loader import process as loader_process
+from butterfly.loader.process import Loader, LoadFailed
+from butterfly.loader.warmup import WarmupError
+from butterfly.manifest import MANIFEST_FILE, read_manifest
+from butterfly.supervisor.childproc import ChildContext, CommandInbox
+from tests.tamper import flip_byte
+
+
+class NoCommands:
+    """The loader's inbox with nothing in it: a load is never interrupted."""
+
+    def pending(self) -> None:
+        return None
+
+
+@pytest.fixture
+def make_loader(tmp_path: Path) -> Iterator[object]:
+    made: list[tuple[Loader, Board, str]] = []
+
+    def make(model: Path, model_extra: str = "") -> Loader:
+        base = f"butterfly-tl{os.getpid()}-{os.urandom(3).hex()}"
+        board = Board.create(f"{base}-board", "tl")
+        config = parse_config(
+            f'[model]\nsource_type = "filesystem"\nsource_path = "{model}"\n{model_extra}\n'
+            f'[node]\ngpu = "off"\ncache_dir = "{tmp_path / "cache"}"\n[loader]\nchunk_bytes = 65536\n'
+        )
+        ctx = SimpleNamespace(config=config, board=board, init=SimpleNamespace(arena_name=f"{base}-arena"))
+        loader = Loader(cast(ChildContext, ctx), None, cast(CommandInbox, NoCommands()))  # type: ignore[arg-type]
+        made.append((loader, board, f"{base}-arena"))
+        return loader
+
+    yield make
+    for loader, board, arena in made:
+        loader._drop_arena()
+        board.close()
+        board.unlink()
+        unlink_segment(arena)
+
+
+def failure(call: object) -> LoadFailed:
+    with pytest.raises(LoadFailed) as caught:
+        call()  # type: ignore[operator]
+    return caught.value
+
+
+@pytest.fixture
+def model(model_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(model_dir, tmp_path / "m"))
+
+
+def test_no_manifest_or_another_version_is_refused_before_anything_is_read(make_loader, model) -> None:  # type: ignore[no-untyped-def]
+    (model / MANIFEST_FILE).rename(model / "elsewhere.json")
+    e = failure(lambda: make_loader(model).load(LoadAssignment(1, 1, 0, 4)))
+    assert e.fatal
+    assert str(e) == (
+        f"cannot use the model's manifest: no manifest at {model}/{MANIFEST_FILE}: run "
+        "`butterfly-admin manifest build MODEL_DIR` and publish it beside the weights"
+    )
+    (model / "elsewhere.json").rename(model / MANIFEST_FILE)
+    root = read_manifest(model / MANIFEST_FILE).merkle_root
+    e = failure(lambda: make_loader(model, f'expected_root = "{"f" * 64}"').load(LoadAssignment(1, 1, 0, 4)))
+    assert e.fatal and f"names model version {root}, but [model] expected_root pins {'f' * 64}" in str(e)
+
+
+def test_an_assignment_past_the_model_is_named(make_loader, model) -> None:  # type: ignore[no-untyped-def]
+    e = failure(lambda: make_loader(model).load(LoadAssignment(1, 1, 3, 6)))
+    assert e.fatal and str(e) == "assignment 3-5 is past the model's 4 blocks"
+
+
+def test_source_bytes_that_are_not_the_manifests_name_tensor_file_and_chunk(make_loader, model) -> None:  # type: ignore[no-untyped-def]
+    rec = next(
+        t
+        for t in read_manifest(model / MANIFEST_FILE).tensors
+        if t.name == "model.layers.1.mlp.gate_proj.weight"
+    )
+    flip_byte(model / rec.file, rec.offset + 65536 + 9)
+    e = failure(lambda: make_loader(model).load(LoadAssignment(1, 1, 0, 4)))
+    assert not e.fatal  # the supervisor retries once, bypassing the cache
+    assert str(e).startswith(
+        f"tensor {rec.name}: {rec.file} bytes [{rec.offset + 65536}, {rec.offset + rec.length}) (chunk 1, "
+    )
+    assert str(e).endswith("both reads agree, so the file is not the one the manifest describes")
+
+
+def test_a_failed_warmup_is_named_with_its_blocks(make_loader, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    def broken(*args: object) -> object:
+        raise WarmupError("activations are NaN after block 2")
+
+    monkeypatch.setattr(loader_process, "run_stage", broken)
+    loader = make_loader(model)
+    e = failure(lambda: loader.load(LoadAssignment(1, 1, 0, 4)))
+    assert e.fatal and str(e) == "warmup of blocks 0-3 failed: activations are NaN after block 2"
+    # The decoded tensors may be views of the arena: the error must not keep them (and the mapping)
+    # alive, or the next load could not unmap it. The error is still held here, by the test.
+    assert loader.arena is not None
+    loader.arena.close()
+
+
+def test_repairs_of_nothing_held_or_of_tensors_not_held_are_refused(make_loader, model) -> None:  # type: ignore[no-untyped-def]
+    loader = make_loader(model)
+    e = failure(lambda: loader.repair(RepairTensors(1, ["lm_head.weight"])))
+    assert str(e) == "nothing of epoch 1 is loaded to repair"
+    loader.load(LoadAssignment(1, 1, 0, 1))
+    e = failure(lambda: loader.repair(RepairTensors(1, ["lm_head.weight"])))
+    assert str(e) == "cannot repair tensors not loaded here: ['lm_head.weight']"
+    done = loader.repair(RepairTensors(1, ["model.embed_tokens.weight"]))
+    assert (done.tensors, done.from_cache, done.from_source) == (["model.embed_tokens.weight"], 1, 0)
