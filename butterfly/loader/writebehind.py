@@ -1,8 +1,9 @@
 """Write-behind of freshly streamed tensors into the local cache: READY never waits for the cache.
 
 A tensor read from the source lands in the arena checked chunk by chunk against the manifest; the
-loader reports the load at once and hands the tensors here. One background thread, at
-the lowest CPU priority (nice 19 for that thread alone), stores them one by one from the arena with
+loader reports the load at once and hands the tensors here. One background thread, at a lower CPU
+priority (nice 5 for that thread alone: below the validator and the engine, not so low that a busy
+machine starves it), stores them one by one from the arena with
 ``WeightCache.store_from_buffer``, which re-hashes each with BLAKE3 against its manifest digest and
 writes it atomically (temp file, fsync, rename): a crash mid-write leaves only a temp file, which the
 next ``WeightCache`` removes, never an entry that could pass as complete.
@@ -31,7 +32,7 @@ log = logging.getLogger("butterfly.loader")
 # Test hook: while $BUTTERFLY_TEST_HOLD_DIR/hold-cache_write exists, nothing is written (READY must
 # not wait for the cache).
 HOLD_PHASE = "cache_write"
-NICE = 19
+NICE = 5
 
 
 @dataclass(frozen=True)
