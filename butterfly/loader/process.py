@@ -481,6 +481,9 @@ class Loader:
             raise LoadFailed(
                 f"cannot repair tensors not loaded here: {sorted(names - {t.name for t, _ in picked})}", False
             )
+        # The cache is the repair's first copy to try: let the write-behind of the load finish first.
+        for writer in self.writers:
+            writer.wait()
         held_bytes = sum(t.length for t in tensors)
         size = sum(t.length for t, _ in picked)
         source = self._source()

@@ -65,6 +65,11 @@ class WriteBehind:
     def done(self) -> bool:
         return self._thread is not None and not self._thread.is_alive()
 
+    def wait(self) -> None:
+        """Wait until every tensor was stored (or failed to be)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def stop(self) -> None:
         """Cancel the tensors not yet begun and wait for the one being written (bounded by its size)."""
         self._cancel.set()
