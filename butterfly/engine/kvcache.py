@@ -22,7 +22,12 @@ import torch
 
 from butterfly.engine.config import ModelConfig
 
-__all__ = ["KVCache", "KVCacheFull", "KVStats"]
+__all__ = ["KVCache", "KVCacheFull", "KVStats", "kv_bytes_per_token"]
+
+
+def kv_bytes_per_token(cfg: ModelConfig, layers: int, dtype: torch.dtype) -> int:
+    """Cache bytes one position of one sequence takes over ``layers`` layers (keys and values)."""
+    return layers * 2 * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 class KVCacheFull(Exception):
@@ -81,8 +86,7 @@ class KVCache:
         self.budget_bytes = budget_bytes
         self.dtype = dtype
         self.device = torch.device(device)
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = (stop - start) * 2 * cfg.num_kv_heads * cfg.head_dim * elem
+        self.bytes_per_token = kv_bytes_per_token(cfg, stop - start, dtype)
         self._seqs: dict[int, _Seq] = {}
         self._in_use = 0
 
