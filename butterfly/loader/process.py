@@ -39,6 +39,10 @@ from butterfly.ipc import (
     TensorPlacement,
 )
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
+
+# The engine, and so torch: seconds to import (far more on a busy machine). Imported here, before the
+# child's first heartbeat, where the supervisor allows a starting child CHILD_START_TIMEOUT_S; imported
+# in a thread during a load instead, its GIL-holding stretches starved the loop of its heartbeats.
 from butterfly.loader.warmup import WarmupError, warmup_stage
 from butterfly.manifest import Manifest, ManifestError, layout_from_manifest
 from butterfly.model.layout import (

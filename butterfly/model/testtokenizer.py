@@ -16,8 +16,10 @@ Must not: write files (``testmodel`` does) or depend on transformers.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 __all__ = ["BOS", "BYTE_LEVEL_MIN_VOCAB", "EOS", "SPECIAL_TOKENS", "TokenizerFiles", "tokenizer_files"]
 
@@ -88,6 +90,9 @@ def _corpus(vocab_size: int) -> list[str]:
 
 
 def _train(vocab_size: int) -> Tokenizer:
+    # Imported here: every process that imports butterfly.model would otherwise load the library.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -104,6 +109,8 @@ def _train(vocab_size: int) -> Tokenizer:
 
 def _fill(tok: Tokenizer, vocab_size: int) -> Tokenizer:
     """Rebuild the BPE with its vocabulary filled up to ``vocab_size`` by pairs of trained tokens."""
+    from tokenizers import Tokenizer, models
+
     state = json.loads(tok.to_str())
     vocab: dict[str, int] = state["model"]["vocab"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in state["model"]["merges"]]
