@@ -301,10 +301,18 @@ class StageModel:
                     causal = True
                 else:
                     mask = _attention_mask(s, n, kv_from, blk.window, h.device)
+            # 4-D (batch of one): on the CPU only 4-D inputs reach the fused (flash) kernel; 3-D ones
+            # take the unfused path, several times slower.
             o = F.scaled_dot_product_attention(
-                qq, keys, vals, attn_mask=mask, is_causal=causal, scale=hd**-0.5, enable_gqa=heads != kv_heads
+                qq[None],
+                keys[None],
+                vals[None],
+                attn_mask=mask,
+                is_causal=causal,
+                scale=hd**-0.5,
+                enable_gqa=heads != kv_heads,
             )
-            out[off : off + n] = o.transpose(0, 1)
+            out[off : off + n] = o[0].transpose(0, 1)
             off += n
         h = h + F.linear(out.view(total, heads * hd), blk.wo, blk.bo)
         y = rms_norm(h, blk.ln2, cfg.rms_norm_eps)
