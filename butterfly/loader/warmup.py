@@ -71,38 +71,58 @@ def warmup_stage(
 ) -> WarmupStats:
     """Build the engine's stage for ``blocks`` = (start, stop) over the arena and run it once.
 
-    ``where`` names config.json in errors; ``beat`` is called between passes (heartbeats).
+    ``where`` names config.json in errors; ``beat`` is called between passes (heartbeats). A failure
+    is a ``WarmupError`` raised here, outside any handler, so neither it nor its traceback holds the
+    stage's views of the arena (the loader unmaps the arena for its next assignment).
     """
     started = time.monotonic()
-    start, stop = blocks
+    failed = ""
     try:
-        cfg = ModelConfig.from_json(model_config, where)
-        stage = StageModel(cfg, arena_weights(arena, placements, entries), start, stop, num_blocks, device)
-        per_token = kv_bytes_per_token(cfg, stop - start, stage.dtype)
-        cache = stage.new_cache((WARMUP_TOKENS + 1) * per_token)
-        cache.reserve(_SEQ, WARMUP_TOKENS + 1)
-        out = stage.forward(_input(stage, WARMUP_TOKENS, 0, start), [SeqChunk(_SEQ, 0, WARMUP_TOKENS)], cache)
-        if beat is not None:
-            beat()
-        out = stage.forward(
-            _input(stage, 1, WARMUP_TOKENS, start + 1), [SeqChunk(_SEQ, WARMUP_TOKENS, 1)], cache
-        )
-        if beat is not None:
-            beat()
+        stats = _run(arena, placements, entries, model_config, where, blocks, num_blocks, device, beat)
     except ConfigUnsupported as e:
-        raise WarmupError(f"the engine cannot run this model: {e}") from e
+        failed = f"the engine cannot run this model: {e}"
     except WeightError as e:
-        raise WarmupError(f"weights do not fit the model: {e}") from e
+        failed = f"weights do not fit the model: {e}"
     except (ValueError, RuntimeError) as e:
         # torch reports what it cannot compute (shapes, dtypes) as RuntimeError.
-        raise WarmupError(f"{type(e).__name__}: {e}") from e
+        failed = f"{type(e).__name__}: {e}"
+    if failed:
+        raise WarmupError(failed)
+    return WarmupStats(
+        stats.tokens, stats.dtype, stats.activation_rms, stats.logit_max, time.monotonic() - started
+    )
+
+
+def _run(
+    arena: memoryview | mmap.mmap,
+    placements: Iterable[TensorPlacement],
+    entries: Iterable[TensorEntry],
+    model_config: Mapping[str, object],
+    where: str,
+    blocks: tuple[int, int],
+    num_blocks: int,
+    device: torch.device | str,
+    beat: Callable[[], None] | None,
+) -> WarmupStats:
+    start, stop = blocks
+    cfg = ModelConfig.from_json(model_config, where)
+    stage = StageModel(cfg, arena_weights(arena, placements, entries), start, stop, num_blocks, device)
+    per_token = kv_bytes_per_token(cfg, stop - start, stage.dtype)
+    cache = stage.new_cache((WARMUP_TOKENS + 1) * per_token)
+    cache.reserve(_SEQ, WARMUP_TOKENS + 1)
+    out = stage.forward(_input(stage, WARMUP_TOKENS, 0, start), [SeqChunk(_SEQ, 0, WARMUP_TOKENS)], cache)
+    if beat is not None:
+        beat()
+    out = stage.forward(_input(stage, 1, WARMUP_TOKENS, start + 1), [SeqChunk(_SEQ, WARMUP_TOKENS, 1)], cache)
+    if beat is not None:
+        beat()
     if not bool(torch.isfinite(out).all()):
-        raise WarmupError("warmup produced non-finite activations: the weights are corrupt or mis-decoded")
+        raise ValueError("warmup produced non-finite activations: the weights are corrupt or mis-decoded")
     outf = out.float()
     return WarmupStats(
         tokens=WARMUP_TOKENS + 1,
         dtype=str(stage.dtype).removeprefix("torch."),
         activation_rms=0.0 if stage.last else float(outf.pow(2).mean().sqrt()),
         logit_max=float(outf.max()) if stage.last else None,
-        seconds=time.monotonic() - started,
+        seconds=0.0,
     )
