@@ -546,6 +546,15 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    """``[engine]``: the inference engine that serves this node's layers."""
+
+    kv_cache_bytes: int = _setting(_integer(1 << 20), 1 << 30)
+    """Memory for the key/value cache of this node's layers (all sequences together, at least 1 MiB).
+    A request whose prompt plus max_tokens does not fit waits or is refused with the reason."""
+
+
+@dataclass(frozen=True)
 class SupervisorConfig:
     """``[supervisor]``: how the main process looks after its children."""
 
@@ -574,6 +583,7 @@ class Config:
     loader: LoaderConfig = _table(LoaderConfig)
     supervisor: SupervisorConfig = _table(SupervisorConfig)
     validator: ValidatorConfig = _table(ValidatorConfig)
+    engine: EngineConfig = _table(EngineConfig)
     source: str = field(default="<string>", compare=False, repr=False)
     """Where this config was read from, for error messages; not part of its value."""
 

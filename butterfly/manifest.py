@@ -22,12 +22,17 @@ Owns:
   for a directory: file BLAKE3 plus chunk xxh3s, which name the tensor and offset), range proofs
   for the units a block range maps to, and the layer map rebuilt from a manifest alone
   (``layout_from_manifest``, the S3 case).
+* the model's other files (``AUX_FILES``: config.json, the tokenizer's files, generation_config.json):
+  size and BLAKE3 of each one present (``aux_files``), and ``read_aux_file``, the one way to fetch
+  such a file from any source: its bytes are returned only if they are the manifest's, so weights
+  are never paired with another version's config or tokenizer.
 
-The leaves are ``merkle.leaf_hash(unit_digest)`` in unit order (embed, layers.0 .. layers.L-1, head)
-and ``merkle_root`` is their RFC 6962 root. That root does not bind the number of leaves, so the
-manifest records ``num_units`` beside it, and verifiers must take the tree size from the manifest.
-The root names the weights (names, lengths and bytes); dtype, shape and config.json are bound by the
-manifest (``config_blake3``, tensor records), not by the root.
+The leaves are ``merkle.leaf_hash(unit_digest)`` in unit order (embed, layers.0 .. layers.L-1, head),
+then one last leaf for the aux files (``aux_digest``: the unit-digest encoding over their name, size
+and BLAKE3), and ``merkle_root`` is their RFC 6962 root: ``tree_size(num_units)`` leaves. That root
+does not bind the number of leaves, so the manifest records ``num_units`` beside it, and verifiers
+must take the tree size from the manifest. The root names the weights (names, lengths and bytes),
+config.json and the tokenizer; dtype and shape are bound by the manifest's tensor records.
 
 Must not: know where the bytes of a node live (arena, GPU), talk to peers, decide who holds which
 blocks, or write anything but the manifest file itself (atomically).
@@ -68,9 +73,10 @@ from butterfly.model.layout import (
     load_layout_from_source,
 )
 from butterfly.model.safetensors import DTYPE_SIZES, MAX_NDIM, ModelFormatError
-from butterfly.sources import FilesystemSource, Source, SourceError
+from butterfly.sources import FilesystemSource, Source, SourceError, SourceNotFound
 
 __all__ = [
+    "AUX_FILES",
     "DEFAULT_CHUNK_BYTES",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
@@ -82,6 +88,7 @@ __all__ = [
     "RangeProof",
     "TensorRecord",
     "UnitRecord",
+    "aux_digest",
     "build_manifest",
     "build_manifest_from_source",
     "bytes_root",
@@ -89,19 +96,38 @@ __all__ = [
     "encode_manifest",
     "layout_from_manifest",
     "range_proof_for_blocks",
+    "read_aux_file",
     "read_manifest",
     "tensor_digest",
+    "tree_size",
     "unit_digest",
     "unit_digest_of_buffers",
     "unit_range_for_blocks",
     "verify_blocks",
     "verify_dir",
+    "verified_model_config",
     "verify_source",
     "write_manifest",
 ]
 
-FORMAT_VERSION = 1
+# 2: config.json and the tokenizer files (aux_files) are the Merkle tree's last leaf.
+FORMAT_VERSION = 2
 MANIFEST_FILE = "butterfly-manifest.json"
+# The model's files beside the weights that the manifest covers when present; config.json must be.
+AUX_FILES = (
+    CONFIG_FILE,
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+)
+# A tokenizer.json of a 256k-token vocabulary is ~30 MB.
+MAX_AUX_BYTES = 64 << 20
 DEFAULT_CHUNK_BYTES = 8 << 20
 # Same bounds as [loader] chunk_bytes: the loader compares its chunks with these digests.
 MIN_CHUNK_BYTES = 64 << 10
@@ -127,6 +153,9 @@ _Index = Annotated[int, msgspec.Meta(ge=0, le=MAX_TENSORS)]
 # A shard name with no path separator: verify opens files by these names under the model dir.
 _FileName = Annotated[
     str, msgspec.Meta(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*\.safetensors\Z", max_length=255)
+]
+_AuxName = Annotated[
+    str, msgspec.Meta(pattern="^(" + "|".join(n.replace(".", r"\.") for n in AUX_FILES) + r")\Z")
 ]
 _TensorName = Annotated[str, msgspec.Meta(pattern=r"^[^\x00-\x1f\x7f]+\Z", max_length=MAX_NAME_CHARS)]
 
@@ -182,7 +211,8 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     merkle_root: _Hex32
     num_units: _Index
     chunk_bytes: int
-    config_blake3: _Hex32
+    aux_files: Annotated[dict[_AuxName, FileRecord], msgspec.Meta(max_length=len(AUX_FILES))]
+    """config.json (always) and the other ``AUX_FILES`` the model has: size and BLAKE3 of each."""
     model_config: dict[str, object]
     files: Annotated[dict[_FileName, FileRecord], msgspec.Meta(max_length=MAX_FILES)]
     units: Annotated[tuple[UnitRecord, ...], msgspec.Meta(max_length=MAX_TENSORS)]
@@ -196,6 +226,10 @@ class Manifest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     @property
     def num_blocks(self) -> int:
         return self.num_units - 2
+
+    @property
+    def num_leaves(self) -> int:
+        return tree_size(self.num_units)
 
     def root_bytes(self) -> bytes:
         return bytes.fromhex(self.merkle_root)
@@ -238,6 +272,21 @@ def unit_digest(tensors: Iterable[tuple[str, int, bytes]]) -> bytes:
         h.update(name.encode("utf-8") + b"\0" + length.to_bytes(8, "little") + bytes(digest))
         previous = name
     return h.digest()
+
+
+def tree_size(num_units: int) -> int:
+    """Leaves of a model version's Merkle tree: one per unit, then the aux files' leaf."""
+    return num_units + 1
+
+
+def aux_digest(files: dict[str, FileRecord]) -> bytes:
+    """Digest of the aux files (the tree's last leaf's data), in the unit-digest encoding."""
+    return unit_digest((name, f.size, bytes.fromhex(f.blake3)) for name, f in files.items())
+
+
+def _leaves(units: Sequence[UnitRecord], aux_files: dict[str, FileRecord]) -> list[bytes]:
+    leaves = [merkle.leaf_hash(bytes.fromhex(u.digest)) for u in units]
+    return [*leaves, merkle.leaf_hash(aux_digest(aux_files))]
 
 
 def unit_digest_of_buffers(tensors: Iterable[tuple[str, Buffer]]) -> bytes:
@@ -386,6 +435,13 @@ def _build(
         config_now = None
     if config_now != layout.model_config:
         raise ManifestError(where, "changed while the manifest was being built")
+    aux_files = {CONFIG_FILE: FileRecord(len(config_raw), blake3.blake3(config_raw).hexdigest())}
+    for name in AUX_FILES[1:]:
+        try:
+            raw = src.read_small(name, MAX_AUX_BYTES)
+        except SourceNotFound:
+            continue
+        aux_files[name] = FileRecord(len(raw), blake3.blake3(raw).hexdigest())
 
     by_file: dict[str, list[TensorEntry]] = {name: [] for name in layout.files}
     for unit in layout.units:
@@ -431,13 +487,13 @@ def _build(
             )
             for t in unit.tensors
         ]
-    root = merkle.merkle_root([merkle.leaf_hash(bytes.fromhex(u.digest)) for u in units])
+    root = merkle.merkle_root(_leaves(units, aux_files))
     manifest = Manifest(
         format=FORMAT_VERSION,
         merkle_root=root.hex(),
         num_units=len(units),
         chunk_bytes=chunk_bytes,
-        config_blake3=blake3.blake3(config_raw).hexdigest(),
+        aux_files=aux_files,
         model_config=layout.model_config,
         files=files,
         units=tuple(units),
@@ -534,6 +590,8 @@ def _check(m: Manifest, source: str) -> None:
         _check_chunk_bytes(m.chunk_bytes)
     except ValueError as e:
         raise ManifestError(source, str(e)) from None
+    if CONFIG_FILE not in m.aux_files:
+        raise ManifestError(source, f"aux_files lacks {CONFIG_FILE}")
     _check_tensors(m, source)
     _check_files_covered(m, source)
     try:
@@ -633,10 +691,12 @@ def _check_digests(m: Manifest, source: str) -> None:
             raise ManifestError(
                 source, f"unit {rec.name!r}: digest {rec.digest} does not follow from its tensors' digests"
             )
-    root = merkle.merkle_root([merkle.leaf_hash(bytes.fromhex(u.digest)) for u in m.units])
+    root = merkle.merkle_root(_leaves(m.units, m.aux_files))
     if root.hex() != m.merkle_root:
         raise ManifestError(
-            source, f"merkle_root {m.merkle_root} is not the root of its units' digests ({root.hex()})"
+            source,
+            f"merkle_root {m.merkle_root} is not the root of its units' and aux files' digests "
+            f"({root.hex()})",
         )
 
 
@@ -713,7 +773,7 @@ def unit_range_for_blocks(num_blocks: int, blocks: LayerRange) -> tuple[int, int
 def range_proof_for_blocks(manifest: Manifest, blocks: LayerRange) -> RangeProof:
     """The compact Merkle proof for the units of ``blocks``, from the manifest's unit digests."""
     start, stop = unit_range_for_blocks(manifest.num_blocks, blocks)
-    leaves = [merkle.leaf_hash(bytes.fromhex(u.digest)) for u in manifest.units]
+    leaves = _leaves(manifest.units, manifest.aux_files)
     return RangeProof(start, stop, tuple(merkle.range_proof(leaves, start, stop)))
 
 
@@ -734,7 +794,7 @@ def verify_blocks(
     if not all(isinstance(d, bytes) and len(d) == merkle.HASH_SIZE for d in unit_digests):
         return False
     leaves = [merkle.leaf_hash(d) for d in unit_digests]
-    return merkle.verify_range(leaves, start, manifest.num_units, proof.hashes, manifest.root_bytes())
+    return merkle.verify_range(leaves, start, manifest.num_leaves, proof.hashes, manifest.root_bytes())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -848,7 +908,9 @@ def bytes_root(manifest: Manifest, tensor_digests: dict[str, bytes]) -> bytes | 
         if t.name not in tensor_digests:
             return None
         by_unit[t.unit].append((t.name, t.length, tensor_digests[t.name]))
-    return merkle.merkle_root([merkle.leaf_hash(unit_digest(members)) for members in by_unit])
+    leaves = [merkle.leaf_hash(unit_digest(members)) for members in by_unit]
+    # The aux files' leaf from their records; their bytes are checked on their own (_verify_side_files).
+    return merkle.merkle_root([*leaves, merkle.leaf_hash(aux_digest(manifest.aux_files))])
 
 
 def verify_source(
@@ -859,8 +921,9 @@ def verify_source(
     What a node checks, in one pass per file, front to back: every file's size, every chunk's xxh3,
     every tensor's BLAKE3, and the Merkle root recomputed from those tensor digests (the node proves
     the same leaves to its coordinator); what only this can check: every file's BLAKE3 (headers
-    included) and the side files the manifest names (config.json). A differing chunk is reported once
-    per tensor, naming the tensor, the chunk's tensor and file offsets and how many of its chunks differ.
+    included) and the side files the manifest names (config.json, the tokenizer). A differing chunk is
+    reported once per tensor, naming the tensor, the chunk's tensor and file offsets and how many of
+    its chunks differ.
     """
     problems: list[Problem] = []
     buf = memoryview(bytearray(manifest.chunk_bytes))
@@ -888,18 +951,16 @@ def verify_source(
 
 
 def _verify_side_files(manifest: Manifest, src: Source) -> list[Problem]:
-    """The files beside the weights that the manifest pins (today config.json): missing or different."""
+    """The files beside the weights that the manifest pins (``aux_files``: config.json, the tokenizer's
+    files), each fetched as a node fetches it (``read_aux_file``): missing or different."""
     problems: list[Problem] = []
-    try:
-        raw = src.read_small(CONFIG_FILE, MAX_JSON_BYTES)
-    except (SourceError, OSError) as e:
-        problems.append(Problem(CONFIG_FILE, f"missing or unreadable: {e}"))
-    else:
-        digest = blake3.blake3(raw).hexdigest()
-        if digest != manifest.config_blake3:
-            problems.append(
-                Problem(CONFIG_FILE, f"BLAKE3 {digest} differs from the manifest's {manifest.config_blake3}")
-            )
+    for name in manifest.aux_files:
+        try:
+            read_aux_file(manifest, src, name)
+        except ManifestError as e:
+            problems.append(Problem(name, e.detail))
+        except (SourceError, OSError) as e:
+            problems.append(Problem(name, f"missing or unreadable: {e}"))
     return problems
 
 
@@ -912,3 +973,46 @@ def verify_dir(
         return verify_source(manifest, src, on_file=on_file)
     finally:
         src.close()
+
+
+def read_aux_file(manifest: Manifest, src: Source, name: str) -> bytes:
+    """The bytes of aux file ``name`` (config.json, tokenizer.json...) from ``src``, only if they are
+    the manifest's: size and BLAKE3 checked. A file the manifest does not cover, or whose bytes differ
+    (another model version's tokenizer beside these weights), is a ``ManifestError``; a failing or
+    missing file is the source's ``SourceError``."""
+    where = f"{src.description.rstrip('/')}/{name}"
+    record = manifest.aux_files.get(name)
+    if record is None:
+        covered = ", ".join(sorted(manifest.aux_files))
+        raise ManifestError(where, f"is not covered by the manifest (it covers {covered})")
+    size = src.size(name)
+    if size != record.size:
+        raise ManifestError(
+            where,
+            f"is {size} bytes; the manifest says {record.size}: this file is not the one of model "
+            f"version {manifest.merkle_root[:16]}",
+        )
+    raw = src.read_small(name, record.size)
+    digest = blake3.blake3(raw).hexdigest()
+    if len(raw) != record.size or digest != record.blake3:
+        raise ManifestError(
+            where,
+            f"{len(raw)} bytes with BLAKE3 {digest}; the manifest says {record.size} bytes with BLAKE3 "
+            f"{record.blake3}: this file is not the one of model version {manifest.merkle_root[:16]}",
+        )
+    return raw
+
+
+def verified_model_config(manifest: Manifest, src: Source) -> dict[str, object]:
+    """config.json fetched from ``src`` through ``read_aux_file``, checked to be the manifest's
+    ``model_config`` (which the root does not bind by itself: only config.json's bytes are)."""
+    raw = read_aux_file(manifest, src, CONFIG_FILE)
+    where = f"{src.description.rstrip('/')}/{CONFIG_FILE}"
+    try:
+        parsed = json.loads(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ManifestError(where, f"is not valid JSON: {e}") from None
+    if parsed != manifest.model_config:
+        raise ManifestError(where, "does not say what the manifest's model_config says (edited manifest?)")
+    config: dict[str, object] = parsed
+    return config

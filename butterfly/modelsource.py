@@ -12,7 +12,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from butterfly.config import Config
-from butterfly.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, decode_manifest
+from butterfly.manifest import (
+    MANIFEST_FILE,
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    decode_manifest,
+    verified_model_config,
+)
 from butterfly.provenance import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX, check_pins
 from butterfly.sources import FilesystemSource, Source, SourceError, SourceNotFound, open_source
 
@@ -81,4 +87,11 @@ def load_manifest(config: Config) -> Manifest:
         public_key=config.model.manifest_public_key,
         where=where,
     )
+    # model_config is not bound by the root (only config.json's bytes are): it must be config.json as
+    # fetched through the manifest, so a node never plans or runs with another version's config.
+    src = open_source(config)
+    try:
+        verified_model_config(manifest, src)
+    finally:
+        src.close()
     return manifest

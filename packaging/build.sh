@@ -12,7 +12,7 @@
 # Environment: BUTTERFLY_TARGET_PYTHON (default /usr/bin/python3.11), BUTTERFLY_PKG_RELEASE
 # (default 1), BUTTERFLY_MAINTAINER, BUTTERFLY_DIST_DIR (default dist), BUTTERFLY_PKG_EXTRAS (extras
 # of pyproject.toml to bundle, comma-separated, e.g. "gpu" for CuPy; default none: the package
-# then runs CPU-only, and torch, the warmup's optional extra, is never bundled by default).
+# then runs CPU-only; torch, a core dependency, is bundled as its pinned CPU wheel).
 #
 # The environment: a venv with Butterfly's wheel and its dependencies, built at its final path
 # /opt/butterfly/venv so that script shebangs, byte code file names and pyvenv.cfg are right

@@ -23,8 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def source_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Without its manifest: these tests build one with the command.
     return make_test_model(
-        tmp_path_factory.mktemp("admin") / "m", layers=4, hidden=64, heads=4, kv_heads=2, vocab=1024, shards=2
+        tmp_path_factory.mktemp("admin") / "m",
+        layers=4,
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        vocab=1024,
+        shards=2,
+        manifest=False,
     )
 
 

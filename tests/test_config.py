@@ -25,7 +25,7 @@ S3 = '[model]\nsource_type = "s3"\n'
 HOST_PORT = "host:port (a hostname, IPv4 or [IPv6] address, and a port 1..65535)"
 S3_URL = 's3://bucket/prefix (bucket: 3-63 of a-z 0-9 . -; a non-empty prefix), like "s3://models/llama"'
 PATH = "a path (relative paths are taken from the config file's directory)"
-SECTIONS = "cluster, model, node, api, logging, security, loader, supervisor, validator"
+SECTIONS = "cluster, model, node, api, logging, security, loader, supervisor, validator, engine"
 CLUSTER_KEYS = (
     "cluster_name, discovery_method, seed_nodes, quorum_size, dns_srv_name, dns_servers, "
     "consul_address, consul_service, discovery_interval_s"
@@ -59,6 +59,12 @@ BAD = {
     ),
     "section is not a table": ("cluster = 3\n" + MODEL, "cluster", "a table [cluster]", "an integer 3"),
     "quorum zero": (MODEL + "[cluster]\nquorum_size = 0\n", "cluster.quorum_size", "an integer >= 1", "0"),
+    "kv cache below 1 MiB": (
+        MODEL + "[engine]\nkv_cache_bytes = 1000\n",
+        "engine.kv_cache_bytes",
+        "an integer >= 1048576",
+        "1000",
+    ),
     "bool is not an int": (
         MODEL + "[cluster]\nquorum_size = true\n",
         "cluster.quorum_size",

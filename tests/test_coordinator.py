@@ -13,7 +13,8 @@ from butterfly.planner import ModelSizes
 
 BLOCKS = 6
 DIGESTS = [os.urandom(32) for _ in range(BLOCKS + 2)]
-LEAVES = [merkle.leaf_hash(d) for d in DIGESTS]
+# The units' leaves, then the aux files' (config.json, tokenizer) last leaf, as a manifest's tree has.
+LEAVES = [merkle.leaf_hash(d) for d in DIGESTS] + [merkle.leaf_hash(os.urandom(32))]
 ROOT = merkle.merkle_root(LEAVES).hex()
 MODEL = ModelInfo(ROOT, BLOCKS + 2, ModelSizes(block_bytes=(100,) * BLOCKS, embed_bytes=50, head_bytes=50))
 GiB = 2**30

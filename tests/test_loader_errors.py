@@ -101,15 +101,32 @@ def test_source_bytes_that_are_not_the_manifests_name_tensor_file_and_chunk(make
 
 
 def test_a_failed_warmup_is_named_with_its_blocks(make_loader, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    def broken(*args: object) -> object:
+    def broken(*args: object, **kwargs: object) -> object:
         raise WarmupError("activations are NaN after block 2")
 
-    monkeypatch.setattr(loader_process, "run_stage", broken)
+    monkeypatch.setattr(loader_process, "warmup_stage", broken)
     loader = make_loader(model)
     e = failure(lambda: loader.load(LoadAssignment(1, 1, 0, 4)))
     assert e.fatal and str(e) == "warmup of blocks 0-3 failed: activations are NaN after block 2"
     # The decoded tensors may be views of the arena: the error must not keep them (and the mapping)
     # alive, or the next load could not unmap it. The error is still held here, by the test.
+    assert loader.arena is not None
+    loader.arena.close()
+
+
+def test_an_engine_failure_in_warmup_leaves_no_view_of_the_arena(make_loader, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The engine fails after it made its views of the arena (a weight of the wrong shape): neither
+    the error nor its traceback may keep those views, or the arena could not be unmapped."""
+    real = loader_process.warmup_stage
+
+    def misfit(arena, placements, tensors, config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return real(arena, placements, tensors, {**config, "intermediate_size": 100}, *args, **kwargs)
+
+    monkeypatch.setattr(loader_process, "warmup_stage", misfit)
+    loader = make_loader(model)
+    e = failure(lambda: loader.load(LoadAssignment(1, 1, 0, 4)))
+    assert e.fatal and "warmup of blocks 0-3 failed: weights do not fit the model" in str(e)
+    assert "mlp.gate_proj.weight has shape" in str(e)
     assert loader.arena is not None
     loader.arena.close()
 

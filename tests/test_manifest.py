@@ -18,15 +18,18 @@ from butterfly.ipc import Loaded, TensorPlacement, ValidateArena
 from butterfly.loader.process import place
 from butterfly.manifest import (
     MANIFEST_FILE,
+    FileRecord,
     Manifest,
     ManifestError,
     RangeProof,
+    aux_digest,
     build_manifest,
     build_manifest_from_source,
     decode_manifest,
     encode_manifest,
     layout_from_manifest,
     range_proof_for_blocks,
+    read_aux_file,
     read_manifest,
     tensor_digest,
     unit_digest,
@@ -89,7 +92,10 @@ def test_build_records_every_byte(model: Path, built: Manifest) -> None:
     assert [u.name for u in built.units] == ["embed"] + [f"layers.{b}" for b in range(LAYERS)] + ["head"]
     assert built.chunk_bytes == CHUNK
     assert built.model_config == json.loads((model / "config.json").read_bytes())
-    assert built.config_blake3 == blake3.blake3((model / "config.json").read_bytes()).hexdigest()
+    assert sorted(built.aux_files) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    for name, rec in built.aux_files.items():
+        data = (model / name).read_bytes()
+        assert rec == FileRecord(len(data), blake3.blake3(data).hexdigest())
     for name, rec in built.files.items():
         data = (model / name).read_bytes()
         assert rec.size == len(data) and rec.blake3 == blake3.blake3(data).hexdigest()
@@ -112,7 +118,13 @@ def test_build_records_every_byte(model: Path, built: Manifest) -> None:
             h.update(entry.name.encode() + b"\0" + entry.length.to_bytes(8, "little") + bytes.fromhex(digest))
         assert built.units[unit.index].digest == h.hexdigest()
     leaves = [merkle.leaf_hash(bytes.fromhex(u.digest)) for u in built.units]
-    assert built.merkle_root == merkle.merkle_root(leaves).hex()
+    # The last leaf: the aux files (config.json, tokenizer), spelled out in the same encoding.
+    h = blake3.blake3()
+    for name in sorted(built.aux_files):
+        rec = built.aux_files[name]
+        h.update(name.encode() + b"\0" + rec.size.to_bytes(8, "little") + bytes.fromhex(rec.blake3))
+    leaves.append(merkle.leaf_hash(h.digest()))
+    assert built.merkle_root == merkle.merkle_root(leaves).hex() and built.num_leaves == len(leaves)
     assert built.total_bytes == layout.total_bytes
 
 
@@ -237,6 +249,9 @@ def _reseal(doc: Doc) -> Doc:
     for unit, m in zip(units, members, strict=True):
         unit["digest"] = unit_digest(m).hex()
     leaves = [merkle.leaf_hash(bytes.fromhex(str(u["digest"]))) for u in units]
+    aux: dict[str, dict[str, object]] = doc["aux_files"]  # type: ignore[assignment]
+    records = {n: FileRecord(int(str(f["size"])), str(f["blake3"])) for n, f in aux.items()}
+    leaves.append(merkle.leaf_hash(aux_digest(records)))
     doc["merkle_root"] = merkle.merkle_root(leaves).hex()
     return doc
 
@@ -292,7 +307,16 @@ def _edit_unit_digest(d: Doc) -> None:
 
 
 def _edit_format(d: Doc) -> None:
-    d["format"] = 2
+    d["format"] = 3
+
+
+def _edit_aux_digest(d: Doc) -> None:
+    d["aux_files"]["tokenizer.json"]["blake3"] = "ab" * 32  # type: ignore[index]
+
+
+def _edit_aux_name(d: Doc) -> None:
+    aux: dict[str, object] = d["aux_files"]  # type: ignore[assignment]
+    aux["../secrets.json"] = aux.pop("tokenizer.json")
 
 
 def _edit_unknown_field(d: Doc) -> None:
@@ -300,7 +324,7 @@ def _edit_unknown_field(d: Doc) -> None:
 
 
 def _edit_missing_field(d: Doc) -> None:
-    del d["config_blake3"]
+    del d["aux_files"]
 
 
 def _edit_path_traversal(d: Doc) -> None:
@@ -358,9 +382,11 @@ TAMPERS: dict[str, tuple[Callable[[Doc], None], str]] = {
     "num_units too small": (_edit_num_units_down, "num_units"),
     "unit dropped": (_edit_drop_unit, "but num_units is 5"),
     "unit digest replaced": (_edit_unit_digest, "does not follow from its tensors"),
-    "format 2": (_edit_format, "format 2"),
+    "format 3": (_edit_format, "format 3"),
+    "aux file digest replaced": (_edit_aux_digest, "not the root of its units' and aux files'"),
     "unknown field": (_edit_unknown_field, "signed_by"),
-    "missing field": (_edit_missing_field, "config_blake3"),
+    "missing field": (_edit_missing_field, "aux_files"),
+    "unknown aux file": (_edit_aux_name, "aux_files"),
     "path traversal": (_edit_path_traversal, "regex"),
     "chunk digest dropped": (_edit_chunk_count, "chunk digests"),
     "chunk digest wider than 64 bits": (_edit_chunk_too_wide, "64 bits"),
@@ -443,7 +469,7 @@ def test_non_canonical_encodings_are_refused(built: Manifest) -> None:
     with pytest.raises(ManifestError, match="canonical"):
         decode_manifest(pretty)
     # A duplicate key: msgspec keeps the last value silently; the canonical check refuses it.
-    dup = raw.replace(b'{"format":1,', b'{"format":1,"format":1,', 1)
+    dup = raw.replace(b'{"format":2,', b'{"format":2,"format":2,', 1)
     with pytest.raises(ManifestError, match="canonical"):
         decode_manifest(dup)
 
@@ -511,9 +537,14 @@ def test_verify_missing_file_and_changed_config(copy: Path, built: Manifest) -> 
     name = sorted(built.files)[0]
     (copy / name).unlink()
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    # Same size, other bytes: another version's tokenizer beside these weights.
+    tok = (copy / "tokenizer.json").read_bytes()
+    (copy / "tokenizer.json").write_bytes(tok.replace(b"<unk>", b"<UNK>", 1))
     problems = verify_dir(built, copy)
-    assert [p.file for p in problems] == [name, "config.json"]
-    assert "missing" in str(problems[0]) and "BLAKE3" in str(problems[1])
+    assert [p.file for p in problems] == [name, "config.json", "tokenizer.json"]
+    assert "missing" in str(problems[0])
+    assert "the manifest says" in str(problems[1]) and "not the one of model version" in str(problems[1])
+    assert "BLAKE3" in str(problems[2])
 
 
 def test_verify_reports_a_tampered_chunk_digest(model: Path, built: Manifest) -> None:
@@ -694,3 +725,63 @@ def test_unit_digest_definition() -> None:
         unit_digest_of_buffers([("a", a), ("a", b)])
     big = bytes(range(256)) * 16384  # 4 MiB: the multi-threaded path gives the same digest
     assert tensor_digest(memoryview(big)) == blake3.blake3(big).digest()
+
+
+def test_read_aux_file_returns_only_the_manifests_bytes(model: Path, built: Manifest, tmp_path: Path) -> None:
+    files = {p.name: p.read_bytes() for p in model.iterdir()}
+    assert read_aux_file(built, _MemorySource(files), "tokenizer.json") == files["tokenizer.json"]
+    # Another model's tokenizer of the very same size: refused by its digest.
+    other = files["tokenizer.json"].replace(b"<unk>", b"<UNK>", 1)
+    with pytest.raises(ManifestError, match="mem://model/tokenizer.json: .* not the one of model version"):
+        read_aux_file(built, _MemorySource({**files, "tokenizer.json": other}), "tokenizer.json")
+    with pytest.raises(ManifestError, match="the manifest says"):
+        read_aux_file(
+            built, _MemorySource({**files, "config.json": files["config.json"] + b" "}), "config.json"
+        )
+    with pytest.raises(ManifestError, match="is not covered by the manifest"):
+        read_aux_file(built, _MemorySource(files), "special_tokens_map.json")
+    with pytest.raises(SourceNotFound):
+        read_aux_file(
+            built,
+            _MemorySource({k: v for k, v in files.items() if k != "tokenizer_config.json"}),
+            "tokenizer_config.json",
+        )
+    # The same from a directory.
+    from butterfly.sources import FilesystemSource
+
+    src = FilesystemSource(model)
+    try:
+        assert read_aux_file(built, src, "config.json") == files["config.json"]
+    finally:
+        src.close()
+
+
+def test_tokenizer_changes_the_model_version(tmp_path: Path) -> None:
+    """The root names the tokenizer: the same weights with another tokenizer are another version."""
+    a = _model(tmp_path / "a", manifest=False)
+    ma = build_manifest(a, CHUNK)[0]
+    tok = (a / "tokenizer_config.json").read_text()
+    (a / "tokenizer_config.json").write_text(tok.replace("<|im_end|>", "<|end|>"))
+    mb = build_manifest(a, CHUNK)[0]
+    assert ma.units == mb.units and ma.merkle_root != mb.merkle_root
+    # A model without tokenizer files still has a manifest: config.json alone is covered.
+    (a / "tokenizer_config.json").unlink()
+    (a / "tokenizer.json").unlink()
+    assert sorted(build_manifest(a, CHUNK)[0].aux_files) == ["config.json"]
+
+
+def test_node_refuses_a_manifest_whose_model_config_is_not_the_config_json(tmp_path: Path) -> None:
+    """model_config is not bound by the root; the node checks it against config.json fetched through
+    the manifest, so an edited manifest cannot make a node run another shape or RoPE."""
+    from butterfly.config import parse_config
+    from butterfly.modelsource import load_manifest
+
+    model = _model(tmp_path / "m")
+    config = parse_config(f'[model]\nsource_type = "filesystem"\nsource_path = "{model}"\n')
+    good = load_manifest(config)
+    assert good.model_config["num_hidden_layers"] == LAYERS
+    doc = _doc(good)
+    doc["model_config"]["rope_theta"] = 1.0  # type: ignore[index]
+    write_manifest(decode_manifest(_raw(doc)), model / MANIFEST_FILE)  # the root still checks out
+    with pytest.raises(ManifestError, match="does not say what the manifest's model_config says"):
+        load_manifest(config)

@@ -1,4 +1,5 @@
-"""The deterministic test checkpoint: byte-identical output, exact size oracle, loadable layout."""
+"""The deterministic test checkpoint: byte-identical output, exact size oracle, loadable layout, a real
+tokenizer with a chat template, and a manifest that covers it all."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from butterfly.manifest import MANIFEST_FILE, read_manifest, verify_dir
 from butterfly.model import testmodel
 from butterfly.model.layout import load_layout
 from butterfly.model.safetensors import TensorValue, read_header
@@ -44,11 +46,14 @@ def test_same_arguments_give_identical_bytes(tmp_path: Path) -> None:
     a = _files(_make(tmp_path / "a", shards=3))
     b = _files(_make(tmp_path / "b", shards=3))
     assert list(a) == [
+        "butterfly-manifest.json",
         "config.json",
         "model-00001-of-00003.safetensors",
         "model-00002-of-00003.safetensors",
         "model-00003-of-00003.safetensors",
         "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert a == b
     c = _files(_make(tmp_path / "c", shards=3, seed=1))
@@ -65,14 +70,16 @@ def test_same_arguments_give_identical_bytes(tmp_path: Path) -> None:
         {"shards": 2, "tie_embeddings": True},
         {"shards": 2, "dtype": "bfloat16"},
         {"shards": 3, "dtype": "float32", "intermediate": 100},
-        {"layers": 1, "hidden": 8, "heads": 2, "kv_heads": 1, "vocab": 3, "shards": 3},
+        {"layers": 1, "hidden": 8, "heads": 2, "kv_heads": 1, "vocab": 21, "shards": 3},
     ],
     ids=["1-shard", "2-shards", "6-shards", "tied", "bf16", "f32-odd-intermediate", "minimal"],
 )
 def test_size_is_predicted_exactly_and_layout_loads(tmp_path: Path, kwargs: dict[str, Any]) -> None:
     args = {**SMALL, **kwargs}
     root = make_test_model(tmp_path / "m", **args)
-    assert model_size_bytes(**args) == sum(p.stat().st_size for p in root.iterdir())
+    assert model_size_bytes(**args) == sum(
+        p.stat().st_size for p in root.iterdir() if p.name != MANIFEST_FILE
+    )
     lay = load_layout(root)
     assert lay.num_blocks == args["layers"]
     assert lay.tied_embeddings == bool(args.get("tie_embeddings", False))
@@ -80,7 +87,13 @@ def test_size_is_predicted_exactly_and_layout_loads(tmp_path: Path, kwargs: dict
     for u in lay.units:  # embeddings, each block and the head are never split across shards
         assert len({t.file for t in u.tensors}) == 1, u.name
     if args["shards"] == 1:
-        assert sorted(p.name for p in root.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in root.iterdir()) == [
+            MANIFEST_FILE,
+            "config.json",
+            "model.safetensors",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
     else:
         index = json.loads((root / "model.safetensors.index.json").read_text())
         assert index["metadata"]["total_size"] == lay.total_bytes
@@ -123,7 +136,7 @@ def test_config_and_default_sizes(tmp_path: Path) -> None:
     assert lay.block_sizes() == [per_block] * 8
     assert lay.embed_bytes == 2048 * 256 * 2 and lay.head_bytes == 2 * 256 + 2048 * 256 * 2
     assert lay.total_bytes == 13_902_336
-    assert model_size_bytes() == sum(p.stat().st_size for p in root.iterdir())
+    assert model_size_bytes() == sum(p.stat().st_size for p in root.iterdir() if p.name != MANIFEST_FILE)
     shapes = {t.name: t.shape for t in lay.block_unit(0).tensors}
     assert shapes["model.layers.0.self_attn.k_proj.weight"] == (128, 256)
     assert shapes["model.layers.0.mlp.down_proj.weight"] == (256, 704)
@@ -198,6 +211,7 @@ def test_crash_midway_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         ({"layers": 0}, r"layers must be a positive integer"),
         ({"intermediate": 0}, r"intermediate must be a positive integer"),
         ({"seed": -1}, r"seed must be a non-negative integer"),
+        ({"vocab": 20}, r"needs vocab >= 21"),
     ],
 )
 def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, Any], message: str) -> None:
@@ -207,3 +221,41 @@ def test_invalid_arguments(tmp_path: Path, kwargs: dict[str, Any], message: str)
     with pytest.raises(ValueError, match=message):
         make_test_model(tmp_path / "m", **args)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("vocab", [21, 64, 96, 2048])
+def test_tokenizer_is_real_and_fits_the_vocab(tmp_path: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer
+
+    root = _make(tmp_path / "m", vocab=vocab)
+    tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+    assert tok.get_vocab_size() == vocab  # every id the model can sample decodes
+    cfg = json.loads((root / "config.json").read_text())
+    assert tok.id_to_token(cfg["bos_token_id"]) == "<s>"
+    assert [tok.id_to_token(i) for i in cfg["eos_token_id"]] == ["</s>", "<|im_end|>"]
+    assert all(isinstance(tok.decode([i]), str) for i in range(vocab))
+    text = "the quick robot"
+    ids = tok.encode(text).ids
+    assert ids and max(ids) < vocab
+    if vocab >= 2048:  # byte-level: every text round-trips
+        for t in (text, "Ünïcödé ✓ and 42 tabs\t!"):
+            assert tok.decode(tok.encode(t).ids) == t
+
+
+def test_transformers_reads_the_tokenizer_and_its_chat_template(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    root = _make(tmp_path / "m", vocab=2048)
+    tok = AutoTokenizer.from_pretrained(root)
+    chat = [{"role": "user", "content": "Hello there"}]
+    text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.eos_token == "<|im_end|>" and tok.decode(tok.encode("Hello there")) == "Hello there"
+
+
+def test_manifest_is_written_and_covers_config_and_tokenizer(tmp_path: Path) -> None:
+    root = _make(tmp_path / "m", shards=2)
+    m = read_manifest(root / MANIFEST_FILE)
+    assert sorted(m.aux_files) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert verify_dir(m, root) == []
+    assert _make(tmp_path / "n", shards=2, manifest=False).joinpath(MANIFEST_FILE).exists() is False

@@ -14,18 +14,25 @@ from pathlib import Path
 def cmd_make_test_model(args: argparse.Namespace) -> int:
     from butterfly.model.testmodel import make_test_model
 
-    out = make_test_model(
-        Path(args.dir),
-        layers=args.layers,
-        hidden=args.hidden,
-        vocab=args.vocab,
-        shards=args.shards,
-        dtype=args.dtype,
-        seed=args.seed,
-        tie_embeddings=args.tie_embeddings,
-    )
+    try:
+        out = make_test_model(
+            Path(args.dir),
+            layers=args.layers,
+            hidden=args.hidden,
+            vocab=args.vocab,
+            shards=args.shards,
+            dtype=args.dtype,
+            seed=args.seed,
+            tie_embeddings=args.tie_embeddings,
+        )
+    except (ValueError, FileExistsError) as e:
+        print(f"butterfly-admin make-test-model: {e}", file=sys.stderr)
+        return 2
     size = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
-    print(f"wrote a {args.layers}-layer Llama test model ({size / 2**20:.1f} MiB) to {out}")
+    print(
+        f"wrote a {args.layers}-layer Llama test model ({size / 2**20:.1f} MiB) with its tokenizer and "
+        f"manifest to {out}"
+    )
     return 0
 
 
@@ -33,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="butterfly-admin", description="Operate a Butterfly node.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    m = sub.add_parser("make-test-model", help="write a small deterministic Llama checkpoint (HF layout)")
+    m = sub.add_parser(
+        "make-test-model",
+        help="write a small deterministic Llama checkpoint (HF layout), its tokenizer and manifest",
+    )
     m.add_argument("dir")
     m.add_argument("--layers", type=int, default=8)
     m.add_argument("--hidden", type=int, default=256)

@@ -27,7 +27,7 @@ from butterfly.cluster.messages import (
     ValidationReport,
     ValidationVerdict,
 )
-from butterfly.manifest import unit_range_for_blocks
+from butterfly.manifest import tree_size, unit_range_for_blocks
 from butterfly.merkle import leaf_hash, verify_range
 from butterfly.model.layout import LayerRange
 from butterfly.planner import Assignment as PlanAssignment
@@ -75,7 +75,8 @@ def check_validation(report: ValidationReport, plan: PlanEntry) -> str:
             f"leaves cover units {report.unit_start}+{len(report.unit_digests)}, expected {first}-{last - 1}"
         )
     leaves = [leaf_hash(d) for d in report.unit_digests]
-    if not verify_range(leaves, first, plan.num_units, report.proof, bytes.fromhex(plan.manifest_root)):
+    root = bytes.fromhex(plan.manifest_root)
+    if not verify_range(leaves, first, tree_size(plan.num_units), report.proof, root):
         return "the loaded weights' Merkle leaves do not prove into the manifest root"
     return ""
 

@@ -8,7 +8,8 @@ For an assignment (epoch, blocks [start, stop)) it
 - verify:   compares those chunk digests with the model manifest (required: no manifest, no load);
 - upload / compile: on a GPU machine, host-to-device copies and kernel compile (weights issue);
   on the CPU path there is nothing to upload or compile, and the step says so;
-- warmup:   one real forward pass of the stage on the loaded bytes.
+- warmup:   one real forward pass of the inference engine (butterfly.engine) through the stage,
+            over the arena's weights in place (loader/warmup.py).
 Progress (bytes, rate, step) goes to the board's loader section; the result to the supervisor.
 A new assignment or a shutdown arriving mid-load interrupts the current one between chunks.
 
@@ -17,6 +18,7 @@ This module owns the arena segment while the node runs; it must not talk to peer
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -40,10 +42,15 @@ from butterfly.ipc import (
 )
 from butterfly.loader.arena import ArenaError, EarlyArena, allocate
 from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
-from butterfly.loader.warmup import F32, WarmupError, decode, run_stage
+
+# The engine, and so torch: seconds to import (far more on a busy machine). Imported here, before the
+# child's first heartbeat, where the supervisor allows a starting child CHILD_START_TIMEOUT_S; imported
+# in a thread during a load instead, its GIL-holding stretches starved the loop of its heartbeats.
+from butterfly.loader.warmup import WarmupError, warmup_stage
 from butterfly.loader.writebehind import Pending, WriteBehind
 from butterfly.manifest import Manifest, ManifestError, layout_from_manifest
 from butterfly.model.layout import (
+    CONFIG_FILE,
     LayerRange,
     ModelFormatError,
     ModelLayout,
@@ -377,9 +384,15 @@ class Loader:
             try:
                 self.arena.close()
             except BufferError:
-                # A view still refers to it (an error's traceback being handled): the mapping goes
-                # with the view; the name goes now, so the next arena can be made.
-                log.warning("the previous arena still had views; it is unmapped when they are gone")
+                # Tensor views of the old arena (a failed warmup's stage, kept by an exception's
+                # frames in a reference cycle) may hold the mapping: they are garbage, collect them.
+                gc.collect()
+                try:
+                    self.arena.close()
+                except BufferError:
+                    # Still referred to (an error's traceback being handled): the mapping goes with
+                    # the view; the name goes now, so the next arena can be made.
+                    log.warning("the previous arena still had views; it is unmapped when they are gone")
             self.arena = None
         unlink_segment(self.ctx.init.arena_name)
 
@@ -555,27 +568,24 @@ class Loader:
         placements: list[TensorPlacement],
         rng: LayerRange,
     ) -> None:
+        """A forward pass of the inference engine over the arena's weights, in place."""
         assert self.arena is not None
-        weights: dict[str, F32] = {}
+        where = f"{layout.root}/{CONFIG_FILE}"
         failed = ""
-        with self.arena.view() as buf:
-
-            def forward() -> dict[str, float]:
-                for t, p in zip(tensors, placements, strict=True):
-                    weights[t.name] = decode(
-                        buf[p.arena_offset : p.arena_offset + p.length], t.dtype, list(t.shape)
-                    )
-                return run_stage(weights, layout.model_config, rng.start, rng.stop, layout.num_blocks)
-
-            try:
-                # A forward pass over a big stage takes many heartbeat periods: beat beside it.
-                stats = run_beside(forward, self._beat)
-            except WarmupError as e:
-                failed = str(e)
-            finally:
-                # The arrays are views of the arena: gone before the block ends, and the error is
-                # raised outside the except block, so no traceback keeps them (and the mapping) alive.
-                weights.clear()
+        try:
+            stats = warmup_stage(
+                self.arena.buf,
+                placements,
+                tensors,
+                layout.model_config,
+                where,
+                (rng.start, rng.stop),
+                layout.num_blocks,
+                beat=self._beat,
+            )
+        except WarmupError as e:
+            failed = str(e)
+        # Raised outside the except block: no traceback keeps the stage's views of the arena alive.
         if failed:
             raise LoadFailed(f"warmup of blocks {rng} failed: {failed}", True)
         log.info("warmup of blocks %s ok: %s", rng, stats)

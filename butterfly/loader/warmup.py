@@ -1,119 +1,128 @@
-"""Warmup: one real forward pass of this node's stage over a few tokens, on the loaded bytes.
+"""Warmup: a real forward pass of the inference engine through this node's layers, on the loaded bytes.
 
-It touches every weight matrix of the stage (so a later request finds them hot) and checks the
+The stage is built exactly as serving builds it (``butterfly.engine``: config.json read and checked,
+weights as views of the arena in their stored dtype, no copy and no widening), then runs a short
+prefill and one decode step through the KV cache. That touches every weight of the stage, so a first
+request finds them hot, and proves before the node says READY that the config is one the engine
+computes, that every tensor the stage needs is there with the right shape and dtype, and that the
 activations stay finite: a checkpoint whose bytes decode to NaN/Inf, or whose shapes do not fit
-together, fails here instead of on a user's request. The CPU path uses numpy in float32; the GPU
-path (weights issue) runs the same maths on the device.
+together, fails here and not on a user's request.
 
-Llama-family block: RMSNorm -> GQA attention with RoPE -> residual -> RMSNorm -> SwiGLU MLP ->
-residual. Qwen2's q/k/v biases are applied when present. This module must not read files.
+Must not: read files or the network (the loader hands it the arena and the layout), or keep anything
+alive after it returns (the views hold the arena mapping).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import mmap
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
+import torch
 
-F32 = npt.NDArray[np.float32]
+from butterfly.engine.config import ConfigUnsupported, ModelConfig
+from butterfly.engine.kvcache import kv_bytes_per_token
+from butterfly.engine.model import SeqChunk, StageModel, WeightError
+from butterfly.engine.weights import arena_weights
+from butterfly.ipc import TensorPlacement
+from butterfly.model.layout import TensorEntry
 
-WARMUP_TOKENS = 4
+__all__ = ["WARMUP_TOKENS", "WarmupError", "WarmupStats", "warmup_stage"]
+
+# Prefill this many tokens, then decode one more: both attention paths run.
+WARMUP_TOKENS = 8
+_SEQ = 0
 
 
 class WarmupError(Exception):
-    pass
+    """The stage cannot run: unsupported config, missing or misshapen weights, non-finite output."""
 
 
-def decode(raw: memoryview | bytes, dtype: str, shape: list[int]) -> F32:
-    """Bytes of one tensor as float32 (bfloat16 widened by shifting into the high half)."""
-    if dtype == "BF16":
-        u16 = np.frombuffer(raw, dtype="<u2")
-        out = (u16.astype(np.uint32) << 16).view(np.float32)
-    elif dtype in ("F16", "F32", "F64"):
-        out = np.frombuffer(raw, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype]).astype(np.float32)
-    else:
-        raise WarmupError(f"warmup cannot run {dtype} weights")
-    return out.reshape(shape)
+@dataclass(frozen=True)
+class WarmupStats:
+    tokens: int
+    dtype: str
+    activation_rms: float
+    logit_max: float | None
+    seconds: float
 
 
-def _rms_norm(x: F32, w: F32, eps: float) -> F32:
-    var = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(var + eps) * w).astype(np.float32)
+def _input(stage: StageModel, n: int, start: int, seed: int) -> torch.Tensor:
+    cfg = stage.cfg
+    if stage.first:
+        return (torch.arange(start, start + n, dtype=torch.long) * 7919 + 1) % cfg.vocab_size
+    # A middle stage gets its predecessor's activations; a fixed pseudo-input stands in.
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, cfg.hidden_size), generator=g).to(stage.dtype)
 
 
-def _rope(x: F32, theta: float) -> F32:
-    t, _, d = x.shape
-    inv = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
-    ang = np.outer(np.arange(t, dtype=np.float32), inv)
-    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(np.float32)
+def warmup_stage(
+    arena: memoryview | mmap.mmap,
+    placements: Iterable[TensorPlacement],
+    entries: Iterable[TensorEntry],
+    model_config: Mapping[str, object],
+    where: str,
+    blocks: tuple[int, int],
+    num_blocks: int,
+    *,
+    device: torch.device | str = "cpu",
+    beat: Callable[[], None] | None = None,
+) -> WarmupStats:
+    """Build the engine's stage for ``blocks`` = (start, stop) over the arena and run it once.
 
-
-def _block(x: F32, w: Mapping[str, F32], cfg: Mapping[str, Any]) -> F32:
-    eps = float(cfg.get("rms_norm_eps", 1e-5))
-    heads = int(cfg["num_attention_heads"])
-    kv_heads = int(cfg.get("num_key_value_heads", heads))
-    hd = int(cfg.get("head_dim", int(cfg["hidden_size"]) // heads))
-    t = x.shape[0]
-
-    h = _rms_norm(x, w["input_layernorm.weight"], eps)
-
-    def proj(name: str) -> F32:
-        y = h @ w[f"self_attn.{name}.weight"].T
-        bias = w.get(f"self_attn.{name}.bias")
-        return y + bias if bias is not None else y
-
-    q = _rope(proj("q_proj").reshape(t, heads, hd), float(cfg.get("rope_theta", 10000.0)))
-    k = _rope(proj("k_proj").reshape(t, kv_heads, hd), float(cfg.get("rope_theta", 10000.0)))
-    v = proj("v_proj").reshape(t, kv_heads, hd)
-    rep = heads // kv_heads
-    k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
-    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd)
-    scores = scores + np.triu(np.full((t, t), -np.inf, dtype=np.float32), 1)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = scores / scores.sum(axis=-1, keepdims=True)
-    attn = np.einsum("hts,shd->thd", probs, v).reshape(t, heads * hd)
-    x = x + attn @ w["self_attn.o_proj.weight"].T
-
-    h = _rms_norm(x, w["post_attention_layernorm.weight"], eps)
-    gate = h @ w["mlp.gate_proj.weight"].T
-    up = h @ w["mlp.up_proj.weight"].T
-    x = x + ((gate / (1.0 + np.exp(-gate))) * up) @ w["mlp.down_proj.weight"].T
-    return x.astype(np.float32)
-
-
-def run_stage(
-    tensors: Mapping[str, F32], cfg: Mapping[str, Any], start: int, stop: int, num_blocks: int
-) -> dict[str, float]:
-    """Run blocks [start, stop) (with embeddings if first, head if last); returns a few statistics."""
-    hidden = int(cfg["hidden_size"])
+    ``where`` names config.json in errors; ``beat`` is called between passes (heartbeats). A failure
+    is a ``WarmupError`` raised here, outside any handler, so neither it nor its traceback holds the
+    stage's views of the arena (the loader unmaps the arena for its next assignment).
+    """
+    started = time.monotonic()
+    failed = ""
     try:
-        if start == 0:
-            ids = np.arange(1, WARMUP_TOKENS + 1) % int(cfg["vocab_size"])
-            x = tensors["model.embed_tokens.weight"][ids].astype(np.float32)
-        else:
-            # A middle stage gets activations from its predecessor; a fixed pseudo-input stands in.
-            x = np.random.default_rng(start).standard_normal((WARMUP_TOKENS, hidden)).astype(np.float32)
-        for b in range(start, stop):
-            prefix = f"model.layers.{b}."
-            w = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            x = _block(x, w, cfg)
-        stats = {"activation_rms": float(np.sqrt(np.mean(x * x)))}
-        if stop == num_blocks:
-            x = _rms_norm(x, tensors["model.norm.weight"], float(cfg.get("rms_norm_eps", 1e-5)))
-            head = tensors.get("lm_head.weight", tensors.get("model.embed_tokens.weight"))
-            if head is None:
-                raise WarmupError("the last stage has neither lm_head.weight nor tied embeddings")
-            logits = x @ head.T
-            stats["logit_max"] = float(np.max(logits))
-            x = logits
-    except KeyError as e:
-        raise WarmupError(f"warmup needs tensor {e.args[0]!r}, which this stage did not load") from e
-    except ValueError as e:
-        raise WarmupError(f"weights do not fit together: {e}") from e
-    if not np.all(np.isfinite(x)):
-        raise WarmupError("warmup produced non-finite activations: the weights are corrupt or mis-decoded")
-    return stats
+        stats = _run(arena, placements, entries, model_config, where, blocks, num_blocks, device, beat)
+    except ConfigUnsupported as e:
+        failed = f"the engine cannot run this model: {e}"
+    except WeightError as e:
+        failed = f"weights do not fit the model: {e}"
+    except (ValueError, RuntimeError) as e:
+        # torch reports what it cannot compute (shapes, dtypes) as RuntimeError.
+        failed = f"{type(e).__name__}: {e}"
+    if failed:
+        raise WarmupError(failed)
+    return WarmupStats(
+        stats.tokens, stats.dtype, stats.activation_rms, stats.logit_max, time.monotonic() - started
+    )
+
+
+def _run(
+    arena: memoryview | mmap.mmap,
+    placements: Iterable[TensorPlacement],
+    entries: Iterable[TensorEntry],
+    model_config: Mapping[str, object],
+    where: str,
+    blocks: tuple[int, int],
+    num_blocks: int,
+    device: torch.device | str,
+    beat: Callable[[], None] | None,
+) -> WarmupStats:
+    start, stop = blocks
+    cfg = ModelConfig.from_json(model_config, where)
+    stage = StageModel(cfg, arena_weights(arena, placements, entries), start, stop, num_blocks, device)
+    per_token = kv_bytes_per_token(cfg, stop - start, stage.dtype)
+    cache = stage.new_cache((WARMUP_TOKENS + 1) * per_token)
+    cache.reserve(_SEQ, WARMUP_TOKENS + 1)
+    out = stage.forward(_input(stage, WARMUP_TOKENS, 0, start), [SeqChunk(_SEQ, 0, WARMUP_TOKENS)], cache)
+    if beat is not None:
+        beat()
+    out = stage.forward(_input(stage, 1, WARMUP_TOKENS, start + 1), [SeqChunk(_SEQ, WARMUP_TOKENS, 1)], cache)
+    if beat is not None:
+        beat()
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError("warmup produced non-finite activations: the weights are corrupt or mis-decoded")
+    outf = out.float()
+    return WarmupStats(
+        tokens=WARMUP_TOKENS + 1,
+        dtype=str(stage.dtype).removeprefix("torch."),
+        activation_rms=0.0 if stage.last else float(outf.pow(2).mean().sqrt()),
+        logit_max=float(outf.max()) if stage.last else None,
+        seconds=0.0,
+    )

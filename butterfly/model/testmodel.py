@@ -1,10 +1,12 @@
 """A small, deterministic Llama-architecture checkpoint for tests, benchmarks and demos.
 
 Owns: ``make_test_model`` (writes config.json, safetensors shards and the shard index in Hugging Face
-layout, byte-identical for identical arguments) and ``model_size_bytes`` (the exact bytes it would
-write, without writing). Tensor values come from numpy's ``default_rng`` seeded per tensor name
-(uniform with std 0.02; norms 1.0), so a tensor's values do not depend on how the model is sharded or
-how many layers surround it.
+layout, a small real tokenizer (``testtokenizer``: tokenizer.json, tokenizer_config.json with a chat
+template) and the model's manifest, so the model loads as it is, all byte-identical for identical
+arguments) and ``model_size_bytes`` (the exact bytes it would write apart from the manifest, without
+writing). Tensor values come from numpy's ``default_rng`` seeded per tensor name (uniform with std
+0.02; norms 1.0), so a tensor's values do not depend on how the model is sharded or how many layers
+surround it.
 
 Must not: import torch, hold the whole model in memory (tensors are streamed in chunks), or leave a
 directory that looks complete after a crash: the model is built in a hidden sibling directory and
@@ -13,6 +15,7 @@ renamed into place only when every file is written and fsync'd.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +32,7 @@ import numpy.typing as npt
 
 from butterfly.model.layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from butterfly.model.safetensors import DTYPE_SIZES, LazyTensor, encode_header, write_safetensors
+from butterfly.model.testtokenizer import TokenizerFiles, tokenizer_files
 
 __all__ = ["SUPPORTED_DTYPES", "make_test_model", "model_size_bytes"]
 
@@ -67,11 +71,13 @@ class _Plan:
     config: bytes
     index: bytes | None
     shards: tuple[_Shard, ...]
+    tokenizer: dict[str, bytes]
 
     @property
     def size(self) -> int:
         files = sum(len(s.header) + s.data_bytes for s in self.shards)
-        return files + len(self.config) + (len(self.index) if self.index is not None else 0)
+        small = len(self.config) + sum(len(b) for b in self.tokenizer.values())
+        return files + small + (len(self.index) if self.index is not None else 0)
 
 
 def _default_intermediate(hidden: int) -> int:
@@ -170,6 +176,8 @@ def _plan(
     if shards > len(units):
         raise ValueError(f"shards ({shards}) exceeds the {len(units)} units (embed, {layers} blocks, head)")
     code = SUPPORTED_DTYPES[dtype]
+    max_positions = 2048
+    tok = _tokenizer(vocab, max_positions)
 
     cuts = _split([sum(_nbytes(s, code) for s in u) for u in units], shards)
     plan_shards = []
@@ -192,19 +200,27 @@ def _plan(
         "hidden_act": "silu",
         "rms_norm_eps": 1e-05,
         "rope_theta": 10000.0,
-        "max_position_embeddings": 2048,
+        "max_position_embeddings": max_positions,
         "attention_bias": False,
         "mlp_bias": False,
         "initializer_range": _INIT_STD,
         "tie_word_embeddings": tie_embeddings,
         "torch_dtype": dtype,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_ids,
     }
     index = None
     if shards > 1:
         weight_map = {s.name: sh.file for sh in plan_shards for s in sh.specs}
         total = sum(sh.data_bytes for sh in plan_shards)
         index = _json_bytes({"metadata": {"total_size": total}, "weight_map": weight_map})
-    return _Plan(code, seed, _json_bytes(config), index, tuple(plan_shards))
+    return _Plan(code, seed, _json_bytes(config), index, tuple(plan_shards), tok.files())
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(vocab: int, max_positions: int) -> TokenizerFiles:
+    # Cached: sizing loops (bench) ask for the same model's size many times.
+    return tokenizer_files(vocab, max_positions)
 
 
 def _json_bytes(obj: object) -> bytes:
@@ -272,7 +288,8 @@ def model_size_bytes(
     seed: int = 0,
     tie_embeddings: bool = False,
 ) -> int:
-    """Exact total bytes of every file ``make_test_model`` writes with the same arguments."""
+    """Exact total bytes of every file ``make_test_model`` writes with the same arguments, except the
+    manifest (its size follows from the digests)."""
     return _plan(
         layers=layers,
         hidden=hidden,
@@ -300,13 +317,15 @@ def make_test_model(
     dtype: str = "float16",
     seed: int = 0,
     tie_embeddings: bool = False,
+    manifest: bool = True,
 ) -> Path:
     """Write a deterministic Llama checkpoint in Hugging Face layout to ``out_dir`` and return it.
 
     ``out_dir`` must not exist or be empty (a FileExistsError otherwise: never mix files of two models).
     With ``shards == 1`` the weights go to model.safetensors and no index is written; otherwise to
     model-0000K-of-0000N.safetensors plus model.safetensors.index.json. Units (embeddings, each block,
-    the head) are never split across shards.
+    the head) are never split across shards. ``manifest``: also write butterfly-manifest.json (the
+    default; a newcomer's model then loads without ``manifest build``).
     """
     plan = _plan(
         layers=layers,
@@ -336,6 +355,13 @@ def make_test_model(
         if plan.index is not None:
             _write_bytes(tmp / INDEX_FILE, plan.index)
         _write_bytes(tmp / CONFIG_FILE, plan.config)
+        for name, data in plan.tokenizer.items():
+            _write_bytes(tmp / name, data)
+        if manifest:
+            # Imported here: the manifest module imports butterfly.model, which imports this one.
+            from butterfly.manifest import MANIFEST_FILE, build_manifest, write_manifest
+
+            write_manifest(build_manifest(tmp)[0], tmp / MANIFEST_FILE)
         _fsync_dir(tmp)
         # rename(2) atomically replaces an empty directory, so readers see no model or a whole one.
         os.rename(tmp, out_dir)

@@ -1,0 +1,320 @@
+"""A Llama-family decoder stage: blocks [start, stop) over weight tensors it does not own.
+
+Owns the maths of Llama, Mistral and Qwen2 (RMSNorm, grouped-query attention with RoPE and an
+optional sliding window, SwiGLU MLP, the biases each variant has), written to match ``transformers``
+operation for operation so fp32 logits agree to ~1e-5 and greedy tokens are identical. One
+``forward`` runs several sequences at once, each a ``SeqChunk`` of new tokens at its own position:
+prefill and decode chunks mix freely, which is what continuous batching needs.
+
+Weights are whatever tensors the caller maps (views of the loader's arena, of mmap'd safetensors, or
+GPU copies); the stage never copies or widens a weight on the CPU, and computes in the weights' stored
+dtype (bf16/fp16/fp32) except for the norms' and RoPE's float32 steps, as transformers does.
+
+Must not: read files, know about processes or the network, or sample (``sampler`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from butterfly.engine.config import ModelConfig
+from butterfly.engine.kvcache import KVCache
+
+__all__ = ["SeqChunk", "StageModel", "WeightError"]
+
+_MATMUL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class WeightError(ValueError):
+    """A weight the stage needs is missing, has the wrong shape or dtype, or is not expected."""
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's new tokens in a step: positions ``[start_pos, start_pos + n_tokens)``."""
+
+    seq_id: int
+    start_pos: int
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class _Block:
+    index: int
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    bq: torch.Tensor | None
+    bk: torch.Tensor | None
+    bv: torch.Tensor | None
+    bo: torch.Tensor | None
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    b_gate: torch.Tensor | None
+    b_up: torch.Tensor | None
+    b_down: torch.Tensor | None
+    window: int | None
+
+
+class _Weights:
+    """Takes named tensors out of the mapping with their shape checked; remembers what it took."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        self.weights = weights
+        self.device = device
+        self.taken: set[str] = set()
+        self.dtype: torch.dtype | None = None
+
+    def take(self, name: str, shape: tuple[int, ...], *, matrix: bool = True) -> torch.Tensor:
+        t = self.weights.get(name)
+        if t is None:
+            raise WeightError(f"weight {name} is missing")
+        if tuple(t.shape) != shape:
+            raise WeightError(f"weight {name} has shape {list(t.shape)}, the config implies {list(shape)}")
+        if t.dtype not in _MATMUL_DTYPES:
+            raise WeightError(f"weight {name} is {t.dtype}; supported: float32, float16, bfloat16")
+        if matrix:
+            if self.dtype is None:
+                self.dtype = t.dtype
+            elif t.dtype != self.dtype:
+                raise WeightError(
+                    f"weight {name} is {t.dtype} but the stage's other weights are {self.dtype}"
+                )
+        self.taken.add(name)
+        # On the CPU this is the caller's tensor itself (a view of the arena); on a GPU the copy.
+        return t.to(self.device)
+
+    def maybe(self, name: str, shape: tuple[int, ...], present: bool) -> torch.Tensor | None:
+        if not present:
+            if name in self.weights:
+                raise WeightError(f"weight {name} is present but config.json says there is no such bias")
+            return None
+        return self.take(name, shape, matrix=False)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in float32, back to x's dtype, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _attention_mask(
+    start: int, n: int, kv_from: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """Boolean [n, start + n - kv_from]: query at start+i sees key j iff j <= start+i and, with a
+    window W, start+i - j < W (transformers' sliding-window mask)."""
+    q = torch.arange(start, start + n, device=device)[:, None]
+    k = torch.arange(kv_from, start + n, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= q - k < window
+    return mask
+
+
+class StageModel:
+    """Blocks ``[start, stop)`` of a ``num_blocks``-block model, with the embeddings when ``first`` and
+    the final norm and LM head when ``last``."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: Mapping[str, torch.Tensor],
+        start: int,
+        stop: int,
+        num_blocks: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks != cfg.num_layers:
+            raise ValueError(
+                f"num_blocks={num_blocks} but config.json says num_hidden_layers={cfg.num_layers}"
+            )
+        if not 0 <= start < stop <= num_blocks:
+            raise ValueError(f"blocks [{start}, {stop}) are not within the model's {num_blocks}")
+        self.cfg = cfg
+        self.start = start
+        self.stop = stop
+        self.num_blocks = num_blocks
+        self.first = start == 0
+        self.last = stop == num_blocks
+        self.device = torch.device(device)
+        w = _Weights(weights, self.device)
+        hidden, vocab = cfg.hidden_size, cfg.vocab_size
+        self.embed = w.take("model.embed_tokens.weight", (vocab, hidden)) if self.first else None
+        self.blocks = [self._block(w, b) for b in range(start, stop)]
+        self.final_norm: torch.Tensor | None = None
+        self.head: torch.Tensor | None = None
+        if self.last:
+            self.final_norm = w.take("model.norm.weight", (hidden,), matrix=False)
+            if cfg.tie_word_embeddings:
+                if "lm_head.weight" in weights:
+                    raise WeightError("lm_head.weight is present but config.json ties it to the embeddings")
+                self.head = w.take("model.embed_tokens.weight", (vocab, hidden))
+            else:
+                self.head = w.take("lm_head.weight", (vocab, hidden))
+        self._refuse_unexpected(weights, w.taken)
+        assert w.dtype is not None
+        self.dtype = w.dtype
+        self.inv_freq = cfg.inv_freq().to(self.device)
+
+    def _block(self, w: _Weights, b: int) -> _Block:
+        cfg = self.cfg
+        hidden, inter = cfg.hidden_size, cfg.intermediate_size
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        p = f"model.layers.{b}."
+        return _Block(
+            index=b,
+            ln1=w.take(p + "input_layernorm.weight", (hidden,), matrix=False),
+            ln2=w.take(p + "post_attention_layernorm.weight", (hidden,), matrix=False),
+            wq=w.take(p + "self_attn.q_proj.weight", (q_dim, hidden)),
+            wk=w.take(p + "self_attn.k_proj.weight", (kv_dim, hidden)),
+            wv=w.take(p + "self_attn.v_proj.weight", (kv_dim, hidden)),
+            wo=w.take(p + "self_attn.o_proj.weight", (hidden, q_dim)),
+            bq=w.maybe(p + "self_attn.q_proj.bias", (q_dim,), cfg.qkv_bias),
+            bk=w.maybe(p + "self_attn.k_proj.bias", (kv_dim,), cfg.qkv_bias),
+            bv=w.maybe(p + "self_attn.v_proj.bias", (kv_dim,), cfg.qkv_bias),
+            bo=w.maybe(p + "self_attn.o_proj.bias", (hidden,), cfg.o_bias),
+            gate=w.take(p + "mlp.gate_proj.weight", (inter, hidden)),
+            up=w.take(p + "mlp.up_proj.weight", (inter, hidden)),
+            down=w.take(p + "mlp.down_proj.weight", (hidden, inter)),
+            b_gate=w.maybe(p + "mlp.gate_proj.bias", (inter,), cfg.mlp_bias),
+            b_up=w.maybe(p + "mlp.up_proj.bias", (inter,), cfg.mlp_bias),
+            b_down=w.maybe(p + "mlp.down_proj.bias", (hidden,), cfg.mlp_bias),
+            window=cfg.sliding_window[b],
+        )
+
+    def _refuse_unexpected(self, weights: Mapping[str, torch.Tensor], taken: set[str]) -> None:
+        prefixes = tuple(f"model.layers.{b}." for b in range(self.start, self.stop))
+        for name in weights:
+            if name.startswith(prefixes) and name not in taken and not name.endswith("rotary_emb.inv_freq"):
+                raise WeightError(f"weight {name} is not part of a {self.cfg.architecture} block")
+
+    def new_cache(self, budget_bytes: int) -> KVCache:
+        """A KV cache for this stage's layers in its dtype and on its device."""
+        return KVCache(self.cfg, self.start, self.stop, budget_bytes, self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, chunks: Sequence[SeqChunk], cache: KVCache) -> torch.Tensor:
+        """Run one step for ``chunks`` (their tokens back to back in ``x``).
+
+        ``x``: token ids [T] (LongTensor) on the first stage, else hidden states [T, hidden] in the
+        stage's dtype, with T = sum of n_tokens. Returns hidden states [T, hidden], or on the last
+        stage float32 logits [len(chunks), vocab] of each chunk's last token. The cache records the
+        chunks' positions only once the whole step succeeded.
+        """
+        total = self._check(x, chunks, cache)
+        kvs = [cache.check_chunk(c.seq_id, c.start_pos, c.n_tokens) for c in chunks]
+        positions = torch.cat([torch.arange(c.start_pos, c.start_pos + c.n_tokens) for c in chunks])
+        freqs = positions.to(self.device, torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = emb.cos().to(self.dtype)[:, None, :]
+        sin = emb.sin().to(self.dtype)[:, None, :]
+        if self.first:
+            assert self.embed is not None
+            h = F.embedding(x.to(self.device), self.embed)
+        else:
+            h = x.to(self.device, self.dtype)
+        for i, blk in enumerate(self.blocks):
+            h = self._block_forward(h, blk, i, chunks, kvs, cos, sin, total)
+        for c in chunks:
+            cache.advance(c.seq_id, c.start_pos + c.n_tokens)
+        if not self.last:
+            return h
+        assert self.final_norm is not None and self.head is not None
+        ends = torch.cumsum(torch.tensor([c.n_tokens for c in chunks]), 0) - 1
+        last = rms_norm(h[ends.to(self.device)], self.final_norm, self.cfg.rms_norm_eps)
+        return F.linear(last, self.head).float()
+
+    __call__ = forward
+
+    def _check(self, x: torch.Tensor, chunks: Sequence[SeqChunk], cache: KVCache) -> int:
+        if not chunks:
+            raise ValueError("a step needs at least one chunk")
+        if len({c.seq_id for c in chunks}) != len(chunks):
+            raise ValueError("a sequence appears twice in one step")
+        if (cache.start, cache.stop) != (self.start, self.stop):
+            raise ValueError(
+                f"the cache holds blocks [{cache.start}, {cache.stop}), the stage [{self.start}, {self.stop})"
+            )
+        total = sum(c.n_tokens for c in chunks)
+        if self.first:
+            if x.dim() != 1 or x.shape[0] != total or x.dtype != torch.long:
+                raise ValueError(
+                    f"the first stage takes {total} token ids (int64), got {x.dtype} {list(x.shape)}"
+                )
+            if total and (int(x.min()) < 0 or int(x.max()) >= self.cfg.vocab_size):
+                raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+        elif x.dim() != 2 or tuple(x.shape) != (total, self.cfg.hidden_size):
+            raise ValueError(
+                f"this stage takes hidden states [{total}, {self.cfg.hidden_size}], got {list(x.shape)}"
+            )
+        return total
+
+    def _block_forward(
+        self,
+        h: torch.Tensor,
+        blk: _Block,
+        layer: int,
+        chunks: Sequence[SeqChunk],
+        kvs: Sequence[torch.Tensor],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        total: int,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        y = rms_norm(h, blk.ln1, cfg.rms_norm_eps)
+        q = F.linear(y, blk.wq, blk.bq).view(total, heads, hd)
+        k = F.linear(y, blk.wk, blk.bk).view(total, kv_heads, hd)
+        v = F.linear(y, blk.wv, blk.bv).view(total, kv_heads, hd)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = torch.empty((total, heads, hd), dtype=h.dtype, device=h.device)
+        off = 0
+        for c, kv in zip(chunks, kvs, strict=True):
+            s, n = c.start_pos, c.n_tokens
+            end = s + n
+            kv[layer, 0, :, s:end] = k[off : off + n].transpose(0, 1)
+            kv[layer, 1, :, s:end] = v[off : off + n].transpose(0, 1)
+            # Keys before the first query's window are invisible to every query of the chunk.
+            kv_from = 0 if blk.window is None else max(0, s - blk.window + 1)
+            keys = kv[layer, 0, :, kv_from:end]
+            vals = kv[layer, 1, :, kv_from:end]
+            qq = q[off : off + n].transpose(0, 1)
+            mask: torch.Tensor | None = None
+            causal = False
+            if n > 1:
+                if s == 0 and kv_from == 0 and (blk.window is None or n <= blk.window):
+                    causal = True
+                else:
+                    mask = _attention_mask(s, n, kv_from, blk.window, h.device)
+            # 4-D (batch of one): on the CPU only 4-D inputs reach the fused (flash) kernel; 3-D ones
+            # take the unfused path, several times slower.
+            o = F.scaled_dot_product_attention(
+                qq[None],
+                keys[None],
+                vals[None],
+                attn_mask=mask,
+                is_causal=causal,
+                scale=hd**-0.5,
+                enable_gqa=heads != kv_heads,
+            )
+            out[off : off + n] = o[0].transpose(0, 1)
+            off += n
+        h = h + F.linear(out.view(total, heads * hd), blk.wo, blk.bo)
+        y = rms_norm(h, blk.ln2, cfg.rms_norm_eps)
+        act = F.silu(F.linear(y, blk.gate, blk.b_gate)) * F.linear(y, blk.up, blk.b_up)
+        return h + F.linear(act, blk.down, blk.b_down)

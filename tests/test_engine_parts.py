@@ -1,0 +1,149 @@
+"""engine.kvcache, engine.sampler and engine.weights on their own (no transformers needed)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections import Counter
+
+import pytest
+import torch
+
+from butterfly.board.shm import create_segment, unlink_segment
+from butterfly.engine.config import ModelConfig
+from butterfly.engine.kvcache import KVCache, KVCacheFull
+from butterfly.engine.sampler import SamplingParams, SeqSampler, sample_batch
+from butterfly.engine.weights import arena_weights, tensor_view
+from butterfly.ipc import TensorPlacement
+from butterfly.model.layout import TensorEntry
+
+CFG = ModelConfig.from_json(
+    {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 100,
+        "max_position_embeddings": 1000,
+    },
+    "test",
+)
+
+
+def test_kv_budget_is_enforced_with_reasons() -> None:
+    # Blocks 1..2: 2 layers x (k, v) x 2 kv heads x 16 dims x 2 bytes = 256 bytes per token.
+    cache = KVCache(CFG, 1, 3, budget_bytes=256 * 100, dtype=torch.bfloat16)
+    assert cache.bytes_per_token == 256
+    cache.reserve(1, 60)
+    st = cache.stats()
+    assert (st.bytes_in_use, st.bytes_total, st.sequences, st.tokens_reserved) == (256 * 60, 256 * 100, 1, 60)
+    with pytest.raises(KVCacheFull) as e:
+        cache.reserve(2, 50)
+    assert e.value.reason == "in_use" and e.value.seq_id == 2
+    assert "15360 of 25600 bytes are in use by 1 sequences" in str(e.value)
+    with pytest.raises(KVCacheFull) as e:
+        cache.reserve(3, 101)
+    assert e.value.reason == "budget" and "more than the whole budget" in str(e.value)
+    cache.reserve(2, 40)  # exactly fills the budget
+    assert cache.stats().bytes_in_use == 256 * 100
+    with pytest.raises(KVCacheFull):
+        cache.reserve(4, 1)
+    cache.free(1)
+    cache.free(1)  # a second free (a cancel racing a finish) is harmless
+    cache.reserve(4, 60)
+    assert cache.stats().sequences == 2 and cache.stats().bytes_in_use == 256 * 100
+    assert cache.capacity(4) == 60 and cache.length(4) == 0 and 4 in cache and 1 not in cache
+
+
+def test_kv_reserve_refuses_bad_requests() -> None:
+    cache = KVCache(CFG, 0, 4, budget_bytes=1 << 30, dtype=torch.float32)
+    cache.reserve(1, 10)
+    with pytest.raises(ValueError, match="already holds a reservation"):
+        cache.reserve(1, 10)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        cache.reserve(2, 0)
+    with pytest.raises(ValueError, match="exceed the model's context of 1000"):
+        cache.reserve(2, 1001)
+    with pytest.raises(ValueError, match="not within the model's 4"):
+        KVCache(CFG, 2, 5, 1, torch.float32)
+
+
+def test_sampling_params_are_checked() -> None:
+    for bad in [
+        {"temperature": -1.0},
+        {"temperature": float("inf")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"seed": -1},
+    ]:
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)  # type: ignore[arg-type]
+    assert SamplingParams(temperature=0).greedy
+
+
+def test_greedy_takes_the_argmax() -> None:
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
+    samplers = [SeqSampler(SamplingParams(temperature=0.0)) for _ in range(2)]
+    assert sample_batch(logits, samplers) == [1, 0]
+    assert samplers[0](logits[0]) == 1
+
+
+def test_seeded_sequences_are_reproducible_whatever_their_batch() -> None:
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, seed=1234)
+    alone = [SeqSampler(params)(logits) for _ in range(1)]
+    a, b = SeqSampler(params), SeqSampler(SamplingParams(temperature=1.0, seed=99))
+    draws_a = []
+    for _ in range(20):
+        row = sample_batch(torch.stack([logits, logits]), [a, b])
+        draws_a.append(row[0])
+    solo = SeqSampler(params)
+    assert draws_a == [solo(logits) for _ in range(20)]
+    assert alone[0] == draws_a[0]
+
+
+def test_temperature_and_top_p_shape_the_distribution() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    s = SeqSampler(SamplingParams(temperature=1.0, top_p=0.7, seed=0))
+    counts = Counter(s(logits) for _ in range(2000))
+    # top_p 0.7 keeps {0, 1} (0.5 + 0.3 >= 0.7); renormalised 0.625 / 0.375.
+    assert set(counts) == {0, 1}
+    assert 0.55 < counts[0] / 2000 < 0.70
+    hot = SeqSampler(SamplingParams(temperature=100.0, seed=0))
+    spread = Counter(hot(logits) for _ in range(2000))
+    assert set(spread) == {0, 1, 2, 3} and min(spread.values()) > 350  # nearly uniform
+    # A tiny top_p keeps only the most likely token, whatever the temperature.
+    only = SeqSampler(SamplingParams(temperature=5.0, top_p=0.01, seed=0))
+    assert {only(logits) for _ in range(50)} == {0}
+
+
+def test_arena_weights_are_views_of_shared_memory() -> None:
+    name = f"bf-engine-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    seg = create_segment(name, 4096)
+    try:
+        buf = memoryview(seg.buf)
+        src = torch.arange(12, dtype=torch.float32).to(torch.bfloat16)
+        buf[128 : 128 + 24] = src.view(torch.uint8).numpy().tobytes()
+        entries = [TensorEntry("w", "f", 0, 24, "BF16", (3, 4), 1)]
+        weights = arena_weights(buf, [TensorPlacement("w", 1, 128, 24)], entries)
+        w = weights["w"]
+        assert w.dtype == torch.bfloat16 and w.shape == (3, 4) and torch.equal(w.flatten(), src)
+        # A view, not a copy: a byte written to the arena shows in the tensor.
+        buf[128:130] = torch.tensor([7.0], dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+        assert float(w[0, 0]) == 7.0
+        with pytest.raises(ValueError, match="layout does not describe it"):
+            arena_weights(buf, [TensorPlacement("x", 1, 0, 24)], entries)
+        with pytest.raises(ValueError, match="26 bytes placed, the layout says 24"):
+            arena_weights(buf, [TensorPlacement("w", 1, 0, 26)], entries)
+        with pytest.raises(ValueError, match="cannot compute in I8"):
+            tensor_view(buf, 0, "I8", [4])
+        buf.release()
+        # The tensors hold the mapping: unmapping under them is refused, never a dangling pointer.
+        with pytest.raises(BufferError):
+            seg.close()
+        del w, weights
+    finally:
+        seg.close()
+        unlink_segment(name)
