@@ -10,4 +10,8 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"
-.venv/bin/python -m pytest -n 2 -q "$@"
+# A private base temp dir: concurrent runs as one user would otherwise share /tmp/pytest-of-<user>
+# and delete each other's numbered directories.
+basetemp=$(mktemp -d "${TMPDIR:-/tmp}/butterfly-test-XXXXXX")
+trap 'rm -rf "$basetemp"' EXIT
+.venv/bin/python -m pytest -n 2 -q -p no:cacheprovider --basetemp="$basetemp" "$@"
