@@ -517,7 +517,8 @@ class SecurityConfig:
     tls_key: Path | None = _setting(_path, None)
     """Private key of ``tls_cert``."""
     tls_ca: Path | None = _setting(_path, None)
-    """CA bundle that peers' certificates must chain to; unset: the system store."""
+    """The cluster's own CA: peers' certificates must chain to it. Required with ``tls_cert``; the
+    system store is never trusted (any public CA could then vouch for a peer)."""
 
 
 @dataclass(frozen=True)
@@ -737,6 +738,13 @@ def _check_across(config: Config, ctx: _Context) -> None:
         missing = "tls_key" if security.tls_key is None else "tls_cert"
         other = "tls_cert" if missing == "tls_key" else "tls_key"
         raise ctx.error(f"security.{missing}", f"a path ({other} is set; they go together)", "nothing")
+    if security.tls_cert is not None and security.tls_ca is None:
+        raise ctx.error(
+            "security.tls_ca",
+            "a path to the cluster's own CA certificate (tls_cert is set; peers are checked against it, "
+            "never against the system store)",
+            "nothing",
+        )
     if security.tls_ca is not None and security.tls_cert is None:
         # Peer TLS is mutual: a node that checks others' certificates must present its own.
         raise ctx.error("security.tls_cert", "a path (tls_ca is set; TLS is mutual)", "nothing")

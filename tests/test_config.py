@@ -356,6 +356,13 @@ BAD = {
         "a path (tls_key is set; they go together)",
         "nothing",
     ),
+    "tls without the cluster's ca": (
+        MODEL + '[security]\ntls_cert = "/etc/b/c.pem"\ntls_key = "/etc/b/k.pem"\n',
+        "security.tls_ca",
+        "a path to the cluster's own CA certificate (tls_cert is set; peers are checked against it, "
+        "never against the system store)",
+        "nothing",
+    ),
     "tls ca alone": (
         MODEL + '[security]\ntls_ca = "/etc/b/ca.pem"\n',
         "security.tls_cert",

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import socket
+import ssl
 import stat
 import struct
 import subprocess
@@ -35,6 +36,7 @@ from butterfly.hardware import GpuInfo, Hardware
 from butterfly.net import (
     FrameTooLarge,
     SecretError,
+    TlsConfigError,
     Transport,
     TransportLimits,
     generate_secret,
@@ -612,22 +614,148 @@ def test_handshakes_in_progress_per_host_are_capped() -> None:
     run(main())
 
 
-def test_connections_in_total_are_capped() -> None:
+async def _is_closed(reader: asyncio.StreamReader, wait: float = 2.0) -> bool:
+    """Whether the node closed this connection (EOF or reset) within ``wait`` s; False if it is open."""
+    try:
+        return await asyncio.wait_for(reader.read(4096), wait) == b""
+    except asyncio.TimeoutError:
+        return False
+    except (ConnectionError, OSError):
+        return True
+
+
+def test_a_full_transport_of_authenticated_peers_refuses_a_newcomer() -> None:
     async def main() -> None:
-        a = await node("a", "127.0.0.1", limits=_with(FAST, max_connections=2, handshake_timeout_s=3.0))
+        limits = _with(FAST, max_connections=2, max_pending_total=1, handshake_timeout_s=3.0)
+        a = await node("a", "127.0.0.1", limits=limits)
+        b, c = await node("b", "127.0.0.2"), await node("c", "127.0.0.3")
         try:
-            port = a.address.port
-            held = [await _raw("127.0.0.1", port, source=f"127.0.0.{i}") for i in (2, 3)]  # two hosts
-            await asyncio.sleep(0.1)
-            reader, writer = await _raw("127.0.0.1", port, source="127.0.0.4")
-            assert await _closed_within(reader, writer, 1.0) < 0.5
-            assert a.stats.refused_limit == 1
-            for _, writer in held:
+            b.add_peer(a.address)
+            c.add_peer(a.address)
+            await wait_until(lambda: set(a.peers()) == {"b", "c"}, what="both peers in")
+            evicted = a.stats.evicted_handshakes  # b's and c's handshakes may have raced for the one slot
+            reader, writer = await _raw("127.0.0.1", a.address.port, source="127.0.0.4")
+            assert await _is_closed(reader)  # no handshake to evict: refused
+            writer.close()
+            assert a.stats.refused_limit >= 1 and a.stats.evicted_handshakes == evicted
+            assert set(a.peers()) == {"b", "c"}
+        finally:
+            await close_all(a, b, c)
+
+    run(main())
+
+
+def test_a_newcomer_evicts_the_oldest_handshake_of_the_busiest_host() -> None:
+    async def main() -> None:
+        limits = _with(FAST, max_pending_total=3, max_pending_per_host=2, handshake_timeout_s=5.0)
+        a = await node("a", "127.0.0.1", limits=limits)
+        port = a.address.port
+        try:
+            first = await _raw("127.0.0.1", port, source="127.0.0.2")
+            await wait_until(lambda: a.stats.evicted_handshakes == 0 and len(a._handshaking) == 1)
+            second = await _raw("127.0.0.1", port, source="127.0.0.2")
+            lone = await _raw("127.0.0.1", port, source="127.0.0.3")
+            await wait_until(lambda: len(a._handshaking) == 3, what="three handshakes held")
+            newcomer = await _raw("127.0.0.1", port, source="127.0.0.4")
+            await wait_until(lambda: a.stats.evicted_handshakes == 1, what="an eviction")
+            assert await _is_closed(first[0])  # the oldest of 127.0.0.2, which held two
+            for reader, _ in (second, lone, newcomer):
+                assert not await _is_closed(reader, 0.2)
+            assert len(a._handshaking) == 3 and a._open == 3
+            for _, writer in (first, second, lone, newcomer):
                 writer.close()
-            await asyncio.sleep(0.1)  # the slots free as soon as the silent peers go
-            b = await node("b", "127.0.0.2")
+            await wait_until(lambda: a._open == 0 and not a._handshaking, what="every slot freed")
+        finally:
+            await a.close()
+
+    run(main())
+
+
+async def _flood(port: int, hosts: list[str], stop: asyncio.Event, tls: Any = None) -> int:
+    """Hold as many silent connections from ``hosts`` as the node lets in (TLS set up first with a
+    ``tls`` client context), reopening each one the node drops, until ``stop``; returns how many."""
+    opened = 0
+
+    async def hold(source: str) -> None:
+        nonlocal opened
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(source, 0), ssl=tls, server_hostname="" if tls else None
+                )
+            except OSError:
+                await asyncio.sleep(0.01)
+                continue
+            opened += 1
+            try:
+                while not stop.is_set() and not await _is_closed(reader, 0.1):
+                    pass
+            finally:
+                writer.close()
+
+    await asyncio.gather(*(hold(h) for h in hosts for _ in range(4)))
+    return opened
+
+
+@pytest.mark.parametrize("with_tls", [False, True], ids=["plain", "tls"])
+def test_half_open_handshakes_from_many_addresses_never_lock_out_a_peer(
+    with_tls: bool, request: pytest.FixtureRequest
+) -> None:
+    """Today's attack: every address holds its share of silent handshakes until all slots are full.
+    The handshake slots are a fraction of the total and a newcomer evicts the busiest host's oldest
+    one, so an authenticated peer still connects, both ways, while the flood goes on."""
+    tls: dict[str, Any] = {}
+    if with_tls:
+        pki = request.getfixturevalue("pki")
+        tls = {
+            name: make_tls_contexts(pki / f"{name}.crt", pki / f"{name}.key", pki / "ca.crt")
+            for name in ("a", "b", "mitm")
+        }
+    limits = _with(
+        FAST, max_connections=24, max_pending_total=16, max_pending_per_host=4, handshake_timeout_s=30.0
+    )
+
+    async def main() -> None:
+        a = await node("a", "127.0.0.1", limits=limits, tls=tls.get("a"))
+        b = await node("b", "127.0.0.2", limits=limits, tls=tls.get("b"))
+        stop = asyncio.Event()
+        hosts = [f"127.0.0.{i}" for i in range(10, 22)]  # 12 hosts x 4: twice every slot there is
+        # With TLS the flood holds a certificate of the cluster's CA (and no secret): it gets past TLS.
+        flood = asyncio.ensure_future(
+            _flood(a.address.port, hosts, stop, tls["mitm"].client if tls else None)
+        )
+        try:
+            await wait_until(lambda: len(a._handshaking) == 16, what="the flood to fill the handshake slots")
             await mesh(a, b)
-            await b.close()
+            b.send("a", "raft", b"through the flood")
+            assert await next_message(a) == ("b", "raft", b"through the flood")
+            assert a.stats.evicted_handshakes > 0
+            assert a._open <= limits.max_connections
+        finally:
+            stop.set()
+            opened = await flood
+            await close_all(a, b)
+        assert opened > 16
+
+    run(main(), timeout=40.0)
+
+
+def test_a_silent_tls_connection_is_dropped_and_takes_no_handshake_slot(pki: Path) -> None:
+    """TLS runs before the secret handshake: a connection that never sends its TLS hello is closed
+    after the handshake timeout and never holds one of the node's handshake slots."""
+    tls = make_tls_contexts(pki / "a.crt", pki / "a.key", pki / "ca.crt")
+
+    async def main() -> None:
+        a = await node(
+            "a", "127.0.0.1", tls=tls, limits=_with(FAST, max_pending_per_host=1, handshake_timeout_s=0.5)
+        )
+        try:
+            silent = [await _raw("127.0.0.1", a.address.port, source="127.0.0.5") for _ in range(3)]
+            assert not a._handshaking
+            for reader, writer in silent:
+                assert await _is_closed(reader, 5.0)
+                writer.close()
+            assert a.stats.refused_limit == 0
         finally:
             await a.close()
 
@@ -1064,3 +1192,17 @@ def test_capabilities_are_exchanged_when_peers_connect(tmp_path: Path) -> None:
             await close_all(a, b, c)
 
     run(main())
+
+
+def test_tls_trusts_only_the_clusters_own_ca_file(tmp_path: Path, pki: Path) -> None:
+    empty = tmp_path / "empty-ca.pem"
+    empty.write_text("")
+    with pytest.raises(TlsConfigError, match="empty-ca.pem"):
+        make_tls_contexts(pki / "a.crt", pki / "a.key", empty)
+    with pytest.raises(TlsConfigError, match="no-such-ca.pem"):
+        make_tls_contexts(pki / "a.crt", pki / "a.key", tmp_path / "no-such-ca.pem")
+    contexts = make_tls_contexts(pki / "a.crt", pki / "a.key", pki / "ca.crt")
+    # Exactly the cluster's CA is trusted: nothing from the system store came along.
+    for context in (contexts.server, contexts.client):
+        assert [str(c["subject"]) for c in context.get_ca_certs()] == ["((('commonName', 'ca'),),)"]
+        assert context.verify_mode == ssl.CERT_REQUIRED

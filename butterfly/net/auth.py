@@ -187,9 +187,10 @@ class TlsContexts:
     """This node's certificate (DER), for ``tls_binding``."""
 
 
-def make_tls_contexts(cert: Path, key: Path, ca: Path | None) -> TlsContexts:
-    """Mutual TLS contexts: present ``cert``/``key``, require a peer certificate chaining to ``ca`` (the
-    system store when None).
+def make_tls_contexts(cert: Path, key: Path, ca: Path) -> TlsContexts:
+    """Mutual TLS contexts: present ``cert``/``key``, require a peer certificate chaining to ``ca``, the
+    cluster's own CA and nothing else (the system store is never loaded: any public CA could otherwise
+    sign a certificate that gets a stranger to the secret handshake).
 
     Host names are not checked: peers are dialed by whatever address discovery returned, which a
     certificate need not name. The certificate proves the peer belongs to the CA's set; its node id
@@ -197,7 +198,7 @@ def make_tls_contexts(cert: Path, key: Path, ca: Path | None) -> TlsContexts:
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client.check_hostname = False
-    for context, purpose in ((server, ssl.Purpose.CLIENT_AUTH), (client, ssl.Purpose.SERVER_AUTH)):
+    for context in (server, client):
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.verify_mode = ssl.CERT_REQUIRED
         try:
@@ -205,12 +206,11 @@ def make_tls_contexts(cert: Path, key: Path, ca: Path | None) -> TlsContexts:
         except (OSError, ssl.SSLError) as exc:
             raise TlsConfigError(f"cannot load TLS certificate {cert} with key {key}: {exc}") from None
         try:
-            if ca is not None:
-                context.load_verify_locations(cafile=ca)
-            else:
-                context.load_default_certs(purpose)
+            context.load_verify_locations(cafile=ca)
         except (OSError, ssl.SSLError) as exc:
             raise TlsConfigError(f"cannot load TLS CA bundle {ca}: {exc}") from None
+        if not context.get_ca_certs():
+            raise TlsConfigError(f"TLS CA bundle {ca} holds no CA certificate")
     pem = cert.read_text(errors="replace")
     end = pem.find(ssl.PEM_FOOTER)
     return TlsContexts(server, client, ssl.PEM_cert_to_DER_cert(pem[: end + len(ssl.PEM_FOOTER)]))

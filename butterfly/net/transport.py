@@ -24,10 +24,18 @@ Who keeps which connection, in order:
   Raft tolerates).
 
 Limits that keep a hostile or broken peer from holding resources: handshake frames are capped at
-``HANDSHAKE_MAX_FRAME`` and the whole handshake at ``handshake_timeout_s`` (a silent or trickling peer
-loses its slot), handshakes in progress per remote host and connections in total are capped, session
-frames are capped at ``max_frame_bytes`` (a larger one drops the connection, never the node), and a
-connection that receives nothing for ``idle_timeout_s`` is closed (each side pings when idle).
+``HANDSHAKE_MAX_FRAME`` and the whole handshake at ``handshake_timeout_s``, and TLS's own before it
+(a silent or trickling peer loses its slot), handshakes in progress are capped per remote host and
+in total, and connections in total; session frames are capped at ``max_frame_bytes`` (a larger one drops the
+connection, never the node), and a connection that receives nothing for ``idle_timeout_s`` is closed
+(each side pings when idle).
+
+Unauthenticated connections can never lock an authenticated peer out: handshakes in progress may hold
+at most ``max_pending_total`` of the ``max_connections`` slots (the rest are reserved for connections
+that proved the secret), and when a new connection finds the handshake slots or all slots taken, the
+oldest handshake of the host holding the most is evicted for it. A peer completes its handshake in a
+few round trips while a slow or half-open one sits in its slot, so the slow ones go first; only a
+transport full of *authenticated* connections refuses a newcomer.
 
 This module owns sockets, connection lifecycles, queues, reconnects and the refusal log lines (rate
 limited). It must not interpret channel payloads, import their message types, discover peers or
@@ -105,6 +113,9 @@ class TransportLimits:
     """Connections in total, handshaking or established, inbound and outbound."""
     max_pending_per_host: int = 8
     """Handshakes in progress from one remote IP address (a peer has one connection once established)."""
+    max_pending_total: int = 128
+    """Handshakes in progress in total, inbound; the other ``max_connections`` slots are kept for
+    authenticated connections. A newcomer past it evicts the oldest handshake of the busiest host."""
     handshake_timeout_s: float = 5.0
     """The whole handshake (and TLS) must finish within this, however the peer trickles its bytes."""
     connect_timeout_s: float = 3.0
@@ -133,6 +144,8 @@ class TransportLimits:
             raise ValueError("idle_timeout_s must be longer than keepalive_interval_s")
         if self.queue_max_bytes < self.max_frame_bytes:
             raise ValueError("queue_max_bytes must hold at least one max_frame_bytes frame")
+        if self.max_pending_total >= self.max_connections:
+            raise ValueError("max_pending_total must be below max_connections (the rest are reserved)")
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
 
@@ -152,6 +165,7 @@ class TransportStats:
     connections_dialed: int = 0
     connect_failures: int = 0
     refused_limit: int = 0
+    evicted_handshakes: int = 0
     refused_auth: int = 0
     refused_version: int = 0
     refused_cluster: int = 0
@@ -284,6 +298,19 @@ class _Link:
     conn: _Connection | None = None
 
 
+@dataclass(eq=False)
+class _Slot:
+    """One accepted connection's claim on ``max_connections``, and on the handshake slots until it
+    authenticates. Released exactly once, by its own task's end or by an eviction."""
+
+    host: str
+    writer: asyncio.StreamWriter
+    task: asyncio.Task[None] | None = None
+    handshaking: bool = True
+    released: bool = False
+    evicted: bool = False
+
+
 @dataclass
 class _Dialer:
     address: HostPort
@@ -354,6 +381,8 @@ class Transport:
         self._tasks: set[asyncio.Task[None]] = set()
         self._open = 0
         self._pending: dict[str, int] = {}
+        self._handshaking: dict[_Slot, None] = {}
+        """Inbound connections still in their handshake, oldest first (an ordered set)."""
         self._closing = False
         self._limiter = _LogLimiter(self.limits.log_interval_s)
         self.address: HostPort = bind
@@ -364,6 +393,8 @@ class Transport:
     async def start(self) -> None:
         """Listen on the bind address; raises OSError if it cannot."""
         host = None if self._bind.host in _WILDCARDS else self._bind.host
+        # TLS (when configured) runs in asyncio's server before a connection reaches ``_accept``, bounded
+        # by the handshake timeout; it takes no slot, so a TLS flood cannot crowd out peers either.
         self._server = await asyncio.start_server(
             self._accept,
             host,
@@ -667,39 +698,18 @@ class Transport:
         stream = FrameStream(reader, writer)
         host = stream.peer_host()
         limits = self.limits
-        if (
-            self._closing
-            or self._open >= limits.max_connections
-            or self._pending.get(host, 0) >= (limits.max_pending_per_host)
-        ):
-            self.stats.refused_limit += 1
-            self._limiter.log(
-                logging.WARNING,
-                ("limit", host),
-                f"refused a connection from {host}: connection limit reached",
-            )
+        slot = self._claim_inbound(host, writer)
+        if slot is None:
             stream.close()
             return
-        task = asyncio.current_task()
+        task = slot.task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)  # so close() can cancel a handshake in progress
-        self._open += 1
-        self._pending[host] = self._pending.get(host, 0) + 1
         try:
             try:
-                session = await asyncio.wait_for(
-                    server_handshake(
-                        stream,
-                        self._secret,
-                        self._own_identity(),
-                        self._admit,
-                        tls_binding=self._binding(stream, is_client=False),
-                        version=self._version,
-                    ),
-                    limits.handshake_timeout_s,
-                )
+                session = await asyncio.wait_for(self._server_side(stream), limits.handshake_timeout_s)
             finally:
-                self._release_pending(host)
+                self._end_handshake(slot)
             self.stats.connections_accepted += 1
             await self._run(_Connection(stream, session, dialed_by=session.peer.node_id))
         except HandshakeError as exc:
@@ -716,22 +726,89 @@ class Transport:
             self.stats.protocol_errors += 1
             self._limiter.log(logging.WARNING, ("protocol", host), f"dropped a connection from {host}: {exc}")
         except asyncio.CancelledError:
-            # close() cancelled us. This task belongs to asyncio's server, whose done-callback calls
-            # task.exception() and logs a spurious error for a cancelled task (CPython < 3.12): end
-            # normally instead; nothing waits on this task's result.
+            # close() cancelled us, or an eviction did. This task belongs to asyncio's server, whose
+            # done-callback calls task.exception() and logs a spurious error for a cancelled task
+            # (CPython < 3.12): end normally instead; nothing waits on this task's result.
             pass
         finally:
-            self._open -= 1
+            self._free(slot)
             await stream.aclose()
             if task is not None:
                 self._tasks.discard(task)
 
-    def _release_pending(self, host: str) -> None:
-        left = self._pending.get(host, 0) - 1
+    async def _server_side(self, stream: FrameStream) -> Session:
+        return await server_handshake(
+            stream,
+            self._secret,
+            self._own_identity(),
+            self._admit,
+            tls_binding=self._binding(stream, is_client=False),
+            version=self._version,
+        )
+
+    def _claim_inbound(self, host: str, writer: asyncio.StreamWriter) -> _Slot | None:
+        """A slot for a new inbound connection, evicting a handshake for it if need be; None: refused."""
+        limits = self.limits
+        if self._closing:
+            return None
+        if self._pending.get(host, 0) >= limits.max_pending_per_host:
+            self._refuse_limit(host, f"{limits.max_pending_per_host} handshakes from it already in progress")
+            return None
+        if len(self._handshaking) >= limits.max_pending_total or self._open >= limits.max_connections:
+            if not self._evict_handshake():
+                self._refuse_limit(host, f"all {limits.max_connections} connections are authenticated peers")
+                return None
+        slot = _Slot(host, writer)
+        self._open += 1
+        self._pending[host] = self._pending.get(host, 0) + 1
+        self._handshaking[slot] = None
+        return slot
+
+    def _refuse_limit(self, host: str, why: str) -> None:
+        self.stats.refused_limit += 1
+        self._limiter.log(
+            logging.WARNING, ("limit", host), f"refused a connection from {host}: connection limit ({why})"
+        )
+
+    def _evict_handshake(self) -> bool:
+        """Make room by dropping the oldest handshake of the host with the most in progress: a flood
+        loses its own slots first, and a real peer, through its handshake in a few round trips, is
+        rarely the oldest. False when no handshake is in progress."""
+        if not self._handshaking:
+            return False
+        busiest = max(self._pending.values())
+        victim = next(slot for slot in self._handshaking if self._pending.get(slot.host, 0) == busiest)
+        self._limiter.log(
+            logging.WARNING,
+            ("evicted", victim.host),
+            f"dropped an unfinished handshake from {victim.host} to make room for a new connection "
+            f"({len(self._handshaking)} handshakes in progress, {busiest} from that host; "
+            f"{self._open} connections)",
+        )
+        victim.evicted = True
+        self._free(victim)
+        victim.writer.transport.abort()
+        if victim.task is not None:
+            victim.task.cancel()
+        self.stats.evicted_handshakes += 1
+        return True
+
+    def _end_handshake(self, slot: _Slot) -> None:
+        if not slot.handshaking:
+            return
+        slot.handshaking = False
+        self._handshaking.pop(slot, None)
+        left = self._pending.get(slot.host, 0) - 1
         if left > 0:
-            self._pending[host] = left
+            self._pending[slot.host] = left
         else:
-            self._pending.pop(host, None)
+            self._pending.pop(slot.host, None)
+
+    def _free(self, slot: _Slot) -> None:
+        self._end_handshake(slot)
+        if not slot.released:
+            slot.released = True
+            self._open -= 1
 
     def _binding(self, stream: FrameStream, *, is_client: bool) -> bytes | None:
         return tls_binding(stream, self._tls.certificate, is_client=is_client) if self._tls else None
@@ -774,7 +851,7 @@ class Transport:
         """One connection attempt, run until the connection ends; True if a session was established."""
         limits = self.limits
         address = dialer.address
-        if self._open >= limits.max_connections:
+        if self._open >= limits.max_connections and not self._evict_handshake():
             self.stats.refused_limit += 1
             return False
         local = None if self._bind.host in _WILDCARDS else (self._bind.host, 0)
@@ -968,7 +1045,7 @@ def transport_from_config(config: Config, *, limits: TransportLimits | None = No
     security = config.security
     secret = load_secret(security.secret_file)
     tls = None
-    if security.tls_cert is not None and security.tls_key is not None:
+    if security.tls_cert is not None and security.tls_key is not None and security.tls_ca is not None:
         tls = make_tls_contexts(security.tls_cert, security.tls_key, security.tls_ca)
     return Transport(
         config.node.id,
