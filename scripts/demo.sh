@@ -18,7 +18,7 @@ if [ ! -f "$RUN/model/butterfly-manifest.json" ]; then
     .venv/bin/butterfly-admin manifest build "$RUN/model"
 fi
 if [ ! -f "$RUN/cluster.key" ]; then
-    .venv/bin/python -c 'import sys, pathlib; from butterfly.net.auth import generate_secret; generate_secret(pathlib.Path(sys.argv[1]))' "$RUN/cluster.key"
+    .venv/bin/butterfly-admin secret create "$RUN/cluster.key"
 fi
 
 pids=()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -138,25 +140,24 @@ def test_ready_1_and_ready_200_wait_until_the_coordinator_accepted_the_range(
         notify.close()
 
 
-def test_a_missing_manifest_fails_the_node_at_once_with_the_fix(
-    start_node: NodeFactory, model_dir: Path, tmp_path: Path
-) -> None:
+def test_a_missing_manifest_refuses_the_start_at_once_with_the_fix(model_dir: Path, tmp_path: Path) -> None:
+    """A filesystem model without its manifest is a configuration problem: exit 78 (systemd does not
+    restart it) with one line naming the key and the command, before any child starts."""
     bare = copy_model(model_dir, tmp_path / "bare")
     (bare / MANIFEST_FILE).unlink()
-    node = start_node(model=bare)
-    st = node.wait_state("FAILED", timeout=WAIT_S)
-    assert st["last_error"] == (
-        f"cannot use the model's manifest: no manifest at {bare}/{MANIFEST_FILE}: run "
-        "`butterfly-admin manifest build MODEL_DIR` and publish it beside the weights"
+    (tmp_path / "n1").mkdir()
+    cfg = write_config(tmp_path / "n1" / "node.toml", bare, node_id="bare", api_port=free_port())
+    r = subprocess.run(
+        [sys.executable, "-m", "butterfly.cli.node", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    # Logged through a queue: the line may land just after /status shows FAILED.
-    wait_until(
-        lambda: "node failed (manifest): cannot use the model's manifest: no manifest at" in node.log(),
-        WAIT_S,
-        "the log line",
-    )
-    assert node.get("/ready")[0] == 503
-    assert node.stop() == 1
+    assert r.returncode == 78
+    assert r.stderr.strip().splitlines() == [
+        f"butterfly-node: {cfg}: model.source_path: no manifest at {bare}/{MANIFEST_FILE}; fix: run "
+        f"`butterfly-admin manifest build {bare}` (it writes {MANIFEST_FILE} beside the weights)"
+    ]
 
 
 def test_a_manifest_with_another_root_than_the_pinned_one_is_refused(

@@ -36,6 +36,29 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secret_create(args: argparse.Namespace) -> int:
+    from butterfly.net.auth import generate_secret
+
+    path = Path(args.path)
+    try:
+        generate_secret(path)
+    except FileExistsError:
+        print(
+            f"butterfly-admin secret create: {path} already exists; a cluster's secret is never overwritten "
+            "(remove it first if you mean to replace it on every node)",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as e:
+        print(f"butterfly-admin secret create: cannot write {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print(
+        f"wrote a new cluster secret to {path} (mode 0600); copy the same file to every node and set "
+        "[security] secret_file to it"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="butterfly-admin", description="Operate a Butterfly node.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--tie-embeddings", action="store_true")
     m.set_defaults(func=cmd_make_test_model)
+
+    sec = sub.add_parser("secret", help="the cluster secret every node authenticates with")
+    secsub = sec.add_subparsers(dest="secret_command", required=True)
+    sc = secsub.add_parser(
+        "create", help="write a new random cluster secret (32 bytes as hex, mode 0600); never overwrites"
+    )
+    sc.add_argument("path", metavar="PATH")
+    sc.set_defaults(func=cmd_secret_create)
 
     from butterfly.cli import admin_ops, admin_weights
 

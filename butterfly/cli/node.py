@@ -9,10 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from butterfly import __version__
-from butterfly.config import EX_CONFIG, Config, ConfigError, load_config
+from butterfly.config import EX_CONFIG, Config, ConfigError, HostPort, load_config
+from butterfly.preflight import PreflightError, preflight
+
+PORT_WAIT_S = 10.0
+"""How long a start waits for a port in use to be freed (a node killed just before) before exit 78."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +46,21 @@ def effective_config(args: argparse.Namespace) -> Config:
     return config
 
 
+def _held_by(config: Config) -> Callable[[HostPort], bool]:
+    """Whether a port in use is held by a running node with this config's node id (its API says)."""
+
+    def held(_: HostPort) -> bool:
+        from butterfly.cli.admin_ops import Unreachable, fetch_status, url_for
+
+        try:
+            status = fetch_status(url_for(config.api.listen), timeout=2.0)
+        except Unreachable:
+            return False
+        return status.get("node_id") == config.node.id
+
+    return held
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -51,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = effective_config(args)
     except ConfigError as e:
+        print(f"butterfly-node: {e}", file=sys.stderr)
+        return EX_CONFIG
+    try:
+        # --check-config may run beside the node it checks: a port that node holds is not a problem.
+        if args.check_config:
+            preflight(config, port_held_by_self=_held_by(config))
+        else:
+            preflight(config, port_wait_s=PORT_WAIT_S)
+    except PreflightError as e:
         print(f"butterfly-node: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config:

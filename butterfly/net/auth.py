@@ -131,7 +131,7 @@ def load_secret(path: Path) -> bytes:
     The file's bytes are the HMAC key, so every node must hold the same file. A file of hex digits
     (the package's postinst writes 64) counts as half its length in random bytes, and trailing
     whitespace after them is ignored."""
-    how = f"create it once (`umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {path}`) and copy it"
+    how = f"create it once with `butterfly-admin secret create {path}` and copy it"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -169,6 +169,7 @@ def generate_secret(path: Path) -> None:
     """Write a new secret (32 random bytes as 64 hex digits, mode 0600); refuses to overwrite one."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as file:
+        os.fchmod(file.fileno(), 0o600)  # whatever the umask
         file.write(secrets.token_hex(MIN_SECRET_BYTES).encode())
         file.flush()
         os.fsync(file.fileno())
