@@ -21,6 +21,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from prometheus_client.exposition import choose_encoder
 
+from butterfly.api.guard import ConnectionGuard, ConnectionLimits, GuardedSite, RateLimitedLog, track_requests
 from butterfly.api.metrics import make_registry
 from butterfly.states import NodeState
 from butterfly.status import NodeStatus
@@ -40,6 +41,7 @@ LINGERING_TIME_S = 2.0
 # Responses describe a live node; a cached copy is a wrong answer.
 _NO_STORE = {"Cache-Control": "no-store"}
 _json_encoder = msgspec.json.Encoder()
+_FAILURES = web.AppKey("failures", RateLimitedLog)
 
 
 class ApiBindError(RuntimeError):
@@ -140,14 +142,33 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
             k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
         }
         return _json({"error": exc.reason, "path": request.path}, status=exc.status, headers=headers)
-    except Exception:
-        log.exception("HTTP API handler failed: %s %s", request.method, request.path)
+    except Exception as exc:
+        # One line per route and error kind per interval: a request that trips a bug, repeated by a
+        # client in a loop, must not write a traceback per request.
+        _log_handler_failure(request, exc)
         return _json({"error": "internal error"}, status=500)
+
+
+def _log_handler_failure(request: web.Request, exc: Exception) -> None:
+    route = request.match_info.route.resource
+    where = route.canonical if route is not None else request.path[:100]
+    record = log.makeRecord(
+        log.name,
+        logging.ERROR,
+        __file__,
+        0,
+        "HTTP API handler failed: %s %s",
+        (request.method, where),
+        (type(exc), exc, exc.__traceback__),
+    )
+    if request.app[_FAILURES].allow_with_traceback(record):
+        log.handle(record)
 
 
 def make_app(status_source: StatusSource) -> web.Application:
     """The API application; ``status_source`` must be cheap and synchronous (a board read)."""
-    app = web.Application(middlewares=[_guard], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[track_requests, _guard], client_max_size=MAX_BODY_BYTES)
+    app[_FAILURES] = RateLimitedLog(ConnectionLimits().log_interval_s)
     handlers = _Handlers(status_source)
     # add_get also registers HEAD; aiohttp then answers other methods with 405 and Allow: GET,HEAD.
     app.router.add_get("/status", handlers.status)
@@ -160,11 +181,13 @@ def make_app(status_source: StatusSource) -> web.Application:
 class ApiServer:
     """A listening API; ``port`` is the bound port (useful when started with port 0)."""
 
-    def __init__(self, runner: web.AppRunner, host: str) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, guard: ConnectionGuard) -> None:
         self._runner = runner
         self.host = host
         self.addresses: list[Any] = list(runner.addresses)
         self.port: int = int(self.addresses[0][1])
+        self.guard = guard
+        """Which connections the API keeps (``butterfly.api.guard``), with its counters."""
 
     async def close(self) -> None:
         await self._runner.cleanup()
@@ -174,20 +197,38 @@ def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_api(app: web.Application, host: str, port: int, *, access_log: bool = False) -> ApiServer:
+async def start_api(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = False,
+    limits: ConnectionLimits | None = None,
+) -> ApiServer:
     """Listen on ``host:port`` and serve ``app``; raises ApiBindError naming the address on failure.
 
-    Access logging is off by default: Prometheus and health probes would flood the journal.
+    Connections are guarded (``butterfly.api.guard``): a request head must arrive within
+    ``limits.head_timeout_s``, and connections are capped per client address and in total, idle ones
+    evicted first. Access logging is off by default: Prometheus and health probes would flood the
+    journal.
     """
+    limits = limits or ConnectionLimits()
+    # aiohttp's own error lines (malformed requests): rate-limited, no traceback per request. A logger
+    # of this server's own (under butterfly.api, so it reaches the same handlers) holds the filter.
+    protocol_log = logging.Logger("butterfly.api.protocol")
+    protocol_log.parent = logging.getLogger("butterfly.api")
+    protocol_log.addFilter(RateLimitedLog(limits.log_interval_s))
     runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=logging.getLogger("butterfly.api.access") if access_log else None,
         shutdown_timeout=SHUTDOWN_TIMEOUT_S,
         lingering_time=LINGERING_TIME_S,
+        keepalive_timeout=limits.head_timeout_s,
+        logger=protocol_log,
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = GuardedSite(runner, host, port, limits)
     try:
         await site.start()
     except OSError as exc:
@@ -195,6 +236,6 @@ async def start_api(app: web.Application, host: str, port: int, *, access_log: b
         raise ApiBindError(
             f"cannot listen for the HTTP API on {_format_address(host, port)}: {exc.strerror or exc}"
         ) from exc
-    server = ApiServer(runner, host)
+    server = ApiServer(runner, host, site.guard)
     log.info("HTTP API listening on %s", _format_address(host, server.port))
     return server
