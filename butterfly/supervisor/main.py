@@ -75,6 +75,7 @@ from butterfly.supervisor.childproc import HEARTBEAT_S
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
 from butterfly.supervisor.launcher import Launcher
 from butterfly.supervisor.statusview import build_status, status_line
+from butterfly.supervisor.waitlog import WaitLog
 
 log = logging.getLogger("butterfly.supervisor")
 
@@ -116,6 +117,7 @@ class Supervisor:
         self.phase_failures = 0
         # Reasons kept whole for /status (the board holds none: its fields are fixed-size).
         self.notes = Notes()
+        self.wait_log = WaitLog()
         self.ready_notified = False
         self.last_load_bytes = -1
         self.exit_code = 0
@@ -343,8 +345,9 @@ class Supervisor:
                 # What is loaded stays in the arena; a plan for the same blocks only re-validates.
                 self.plan = None
                 self.advance_to(target, r.waiting_reason)
-            if r.waiting_reason:
-                log.warning("waiting: %s", r.waiting_reason, extra={"fields": {"PHASE": self.phase.label}})
+            line = self.wait_log.line(r.waiting_reason, time.monotonic())
+            if line:
+                log.warning("waiting: %s", line, extra={"fields": {"PHASE": self.phase.label}})
         elif isinstance(r, Waiting):
             self.notes.waiting_reason = r.reason
         elif isinstance(r, PlanAssigned):
