@@ -50,5 +50,23 @@ def detect_gpus() -> list[GpuInfo]:
     return gpus
 
 
-def detect() -> Hardware:
-    return Hardware(cpu_count=os.cpu_count() or 1, memory_bytes=_meminfo_total(), gpus=detect_gpus())
+# The loader uploads a node's whole range to this one device (placing a range across several GPUs is
+# not built yet), so it is the only GPU a node advertises and plans by.
+SERVING_DEVICE = 0
+
+
+def usable_gpus(gpus: list[GpuInfo], mode: str) -> list[GpuInfo]:
+    """The GPUs this node will use, and so advertises: none with ``gpu = "off"``, else the serving
+    device only. Advertising every GPU would let the planner give the node a range that only fits
+    across all of them, which the loader would then try to place on one."""
+    if mode == "off":
+        return []
+    return [g for g in gpus if g.index == SERVING_DEVICE]
+
+
+def detect(gpu_mode: str = "auto") -> Hardware:
+    """This machine as the node will use it: ``gpu_mode`` is ``[node] gpu``."""
+    gpus = [] if gpu_mode == "off" else detect_gpus()
+    return Hardware(
+        cpu_count=os.cpu_count() or 1, memory_bytes=_meminfo_total(), gpus=usable_gpus(gpus, gpu_mode)
+    )

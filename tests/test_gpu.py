@@ -4,6 +4,7 @@ test_streamer.py, is what runs there)."""
 
 from __future__ import annotations
 
+import gc
 import mmap
 import random
 import subprocess
@@ -185,21 +186,82 @@ def test_a_corrupted_device_byte_is_named() -> None:
         arena.close()
 
 
-@needs_gpu
-def test_upload_overlaps_the_stream_and_warms_up(tmp_path: Path) -> None:
-    from butterfly.loader.streamer import ReadJob, open_files, stream_into
+def _loaded_model(tmp_path: Path, dtype: str) -> tuple[Path, object, list, list, mmap.mmap]:
+    """The test model's whole range in a fresh arena, as the loader's download step leaves it."""
+    from butterfly.loader.process import place
     from butterfly.model.layout import LayerRange, load_layout
     from butterfly.model.testmodel import make_test_model
 
-    model = make_test_model(tmp_path / "m", layers=2, hidden=128, vocab=512, shards=1, dtype="bfloat16")
+    model = make_test_model(tmp_path / "m", layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, dtype=dtype)
     layout = load_layout(model)
     tensors = layout.tensors_for_blocks(LayerRange(0, 2))
-    placements, off = [], 0
-    for t in tensors:
-        off = (off + 63) // 64 * 64
-        placements.append(P(t.name, off, t.length))
-        off += t.length
-    arena = mmap.mmap(-1, off)
+    placements, size = place(tensors)
+    arena = mmap.mmap(-1, size)
+    for t, p in zip(tensors, placements, strict=True):
+        with open(model / t.file, "rb") as f:
+            f.seek(t.offset)
+            arena[p.arena_offset : p.arena_offset + p.length] = f.read(t.length)
+    return model, layout, tensors, placements, arena
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_device_weights_are_views_in_the_stored_dtype(tmp_path: Path, dtype: str) -> None:
+    """The views the GPU warmup and engine compute from (DLPack over the device copies) give the same
+    tensors as the arena's, in the stored dtype: run here over numpy buffers, which speak DLPack too,
+    laid out as the uploader lays out device buffers (padded to 4 bytes with zeros)."""
+    import torch
+
+    from butterfly.engine.weights import arena_weights
+    from butterfly.loader.warmup import warmup_stage, warmup_weights
+
+    _, layout, tensors, placements, arena = _loaded_model(tmp_path, dtype)
+    try:
+        raw = {}
+        for p in placements:
+            buf = np.zeros(padded(p.length), dtype=np.uint8)
+            buf[: p.length] = np.frombuffer(arena, dtype=np.uint8, count=p.length, offset=p.arena_offset)
+            raw[p.name] = buf
+        result = gpu.GpuUploadResult(0, raw, {}, 0, 0.0, False)  # type: ignore[arg-type]
+        views = gpu.device_weights(result, tensors)
+        host = arena_weights(memoryview(arena), placements, tensors)
+        assert views.keys() == host.keys()
+        for name, v in views.items():
+            assert v.dtype == host[name].dtype == {"float32": torch.float32, "float16": torch.float16,
+                                                   "bfloat16": torch.bfloat16}[dtype]  # fmt: skip
+            assert torch.equal(v, host[name]), name
+            assert v.data_ptr() == raw[name].ctypes.data  # a view, not a copy
+        a = warmup_weights(lambda: gpu.device_weights(result, tensors), layout.model_config, "cfg", (0, 2), 2)
+        b = warmup_stage(memoryview(arena), placements, tensors, layout.model_config, "cfg", (0, 2), 2)
+        assert a.dtype == b.dtype and a.logit_max == b.logit_max
+        del views, host
+    finally:
+        gc.collect()
+        arena.close()
+
+
+def test_dlpack_view_refuses_what_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="cannot hold"):
+        gpu.dlpack_view(np.zeros(10, dtype=np.uint8), "F32", (3,))
+    with pytest.raises(ValueError, match="cannot compute in I8"):
+        gpu.dlpack_view(np.zeros(10, dtype=np.uint8), "I8", (3,))
+    with pytest.raises(ValueError, match="flat uint8"):
+        gpu.dlpack_view(np.zeros(10, dtype=np.float32), "F32", (3,))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_upload_overlaps_the_stream_and_the_engine_warms_up_on_the_device(tmp_path: Path, dtype: str) -> None:
+    """Chunks upload as they land; the engine then runs on the device copies, and its logits match the
+    CPU engine's over the arena (fp32: 1e-4; bf16: 5e-2 relative to the logit scale)."""
+    import torch
+
+    from butterfly.engine.config import ModelConfig
+    from butterfly.engine.generate import Pipeline
+    from butterfly.engine.model import SeqChunk, StageModel
+    from butterfly.engine.weights import arena_weights
+    from butterfly.loader.streamer import ReadJob, open_files, stream_into
+
+    model, layout, tensors, placements, arena = _loaded_model(tmp_path, dtype)
     try:
         jobs = [
             ReadJob(t.file, t.offset, t.length, p.arena_offset, t.name)
@@ -211,8 +273,32 @@ def test_upload_overlaps_the_stream_and_warms_up(tmp_path: Path) -> None:
                 on_chunk=lambda r: up.submit(r.chunk.arena_offset, r.chunk.length),
             )  # fmt: skip
             res = up.finish(placements)
-        stats = gpu.gpu_warmup(res, tensors)
-        assert stats.matmuls > 0 and stats.units >= 2
+        stats = gpu.gpu_warmup(res, tensors, layout.model_config, "cfg", (0, 2), 2)
+        assert stats.dtype == {"float32": "float32", "bfloat16": "bfloat16"}[dtype]
+        cfg = ModelConfig.from_json(layout.model_config, "cfg")
+        ids = torch.arange(0, 12) * 7 % cfg.vocab_size
+        logits = []
+        for weights, device in ((gpu.device_weights(res, tensors), "cuda:0"),
+                                (arena_weights(memoryview(arena), placements, tensors), "cpu")):  # fmt: skip
+            pipe = Pipeline([StageModel(cfg, weights, 0, 2, 2, device)], 1 << 20)
+            pipe.reserve(0, 12)
+            logits.append(pipe.step(ids, [SeqChunk(0, 0, 12)]).cpu())
+            del pipe, weights
+        tol = 1e-4 if dtype == "float32" else 5e-2 * float(logits[1].abs().max())
+        assert torch.allclose(logits[0], logits[1], atol=tol, rtol=0), (logits[0] - logits[1]).abs().max()
         del res
     finally:
+        gc.collect()
         arena.close()
+
+
+def test_a_node_advertises_only_the_gpu_it_uses() -> None:
+    """The loader places a node's range on one device: advertising the others' memory would let the
+    planner hand it a range that fits only across all of them. ``gpu = "off"`` advertises none."""
+    from butterfly.hardware import SERVING_DEVICE, GpuInfo, usable_gpus
+
+    gpus = [GpuInfo(i, "H100", 80 << 30) for i in range(4)]
+    assert usable_gpus(gpus, "auto") == [gpus[SERVING_DEVICE]]
+    assert usable_gpus(gpus, "required") == [gpus[SERVING_DEVICE]]
+    assert usable_gpus(gpus, "off") == []
+    assert usable_gpus([], "auto") == []

@@ -872,7 +872,7 @@ class _Diagnosis:
         mode = self.config.node.gpu
         if mode == "off":
             return _skipped(name, "[node] gpu = off: CPU path")
-        gpus = detect().gpus
+        gpus = detect(mode).gpus
         if not gpus:
             if mode == "required":
                 return _failed(

@@ -176,7 +176,7 @@ class ClusterChild:
         self.manifest_failed = False
         self.fault = NodeFault("")
         self.cached: tuple[int, ...] = ()
-        hw = detect()
+        hw = detect(self.config.node.gpu)
         self.memory = sum(g.memory_bytes for g in hw.gpus) or hw.memory_bytes
         self.throughput = float(max(1, len(hw.gpus)))
         self.transport = transport_from_config(self.config)

@@ -9,7 +9,8 @@ Owns:
 - the upload check: ``checksum_host`` defines a 64-bit checksum (below); the NVRTC-compiled kernel
   ``bf_checksum`` computes the same function over the device bytes, and every tensor's two values must
   agree;
-- the warmup: one matmul per 2-D weight of every unit, on the device.
+- the warmup: the engine's forward pass (butterfly.loader.warmup) over torch views of the device
+  copies (DLPack, no copy), in the stored dtype.
 
 The checksum: the bytes, zero-padded to a multiple of 4, read as little-endian u32 words w[i];
     checksum = sum over i of w[i] * (2*i + 1)   (mod 2**64).
@@ -26,9 +27,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
+import math
 import mmap
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
@@ -36,6 +38,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import torch
+
+from butterfly.loader.warmup import WarmupStats, warmup_weights
 
 if TYPE_CHECKING:
     import cupy
@@ -45,7 +50,8 @@ __all__ = [
     "GpuUploader",
     "GpuVerifyError",
     "Placement",
-    "WarmupStats",
+    "device_weights",
+    "dlpack_view",
     "checksum_host",
     "compile_kernels",
     "gpu_available",
@@ -114,7 +120,7 @@ class Placement(Protocol):
 
 
 class TensorSpec(Protocol):
-    """What the warmup needs of a tensor (``butterfly.model.layout.TensorEntry`` is one)."""
+    """What the engine needs of a tensor (``butterfly.model.layout.TensorEntry`` is one)."""
 
     @property
     def name(self) -> str: ...
@@ -122,8 +128,6 @@ class TensorSpec(Protocol):
     def dtype(self) -> str: ...
     @property
     def shape(self) -> tuple[int, ...]: ...
-    @property
-    def unit(self) -> int: ...
 
 
 @dataclass
@@ -136,13 +140,6 @@ class GpuUploadResult:
     seconds: float
     registered: bool
     """The arena was page-locked in place (else the pinned staging ring was used)."""
-
-
-@dataclass(frozen=True)
-class WarmupStats:
-    units: int
-    matmuls: int
-    seconds: float
 
 
 # --- the checksum, host side -------------------------------------------------------------------------------
@@ -427,43 +424,52 @@ def upload_and_verify(
         return up.finish(placements)
 
 
-def _as_matrix(cp: ModuleType, raw: cupy.ndarray, spec: TensorSpec) -> cupy.ndarray | None:
-    """A float32/float16 device matrix view of a 2-D tensor's bytes; None for what the warmup skips."""
-    if len(spec.shape) != 2:
-        return None
-    rows, cols = spec.shape
-    n = rows * cols
-    if spec.dtype == "F16":
-        return raw[: 2 * n].view(cp.float16).reshape(rows, cols)
-    if spec.dtype == "F32":
-        return raw[: 4 * n].view(cp.float32).reshape(rows, cols)
-    if spec.dtype == "BF16":
-        # CuPy has no bfloat16: widen by moving the 16 bits into the high half of a float32.
-        return (raw[: 2 * n].view(cp.uint16).astype(cp.uint32) << 16).view(cp.float32).reshape(rows, cols)
-    return None
+def dlpack_view(raw: object, dtype: str, shape: Sequence[int]) -> torch.Tensor:
+    """The ``dtype`` x ``shape`` torch tensor over the bytes of ``raw`` (a uint8 array of any library
+    that speaks DLPack: a CuPy device buffer, or numpy on the CPU), sharing its memory: the engine
+    computes straight from the device copy in its stored dtype, never a widened copy of a matrix."""
+    from butterfly.engine.weights import TORCH_DTYPES
+
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"the engine cannot compute in {dtype} (supported: {sorted(TORCH_DTYPES)})")
+    tdtype = TORCH_DTYPES[dtype]
+    count = math.prod(shape)
+    raw_t = torch.from_dlpack(raw)
+    if raw_t.dtype != torch.uint8 or raw_t.dim() != 1:
+        raise ValueError(f"expected a flat uint8 buffer, got {raw_t.dtype} {tuple(raw_t.shape)}")
+    need = count * tdtype.itemsize
+    if raw_t.numel() < need:
+        raise ValueError(f"{raw_t.numel()} bytes cannot hold a {dtype} tensor of shape {tuple(shape)}")
+    return raw_t[:need].view(tdtype).view(tuple(shape))
 
 
-def gpu_warmup(result: GpuUploadResult, tensors: Sequence[TensorSpec], tokens: int = 8) -> WarmupStats:
-    """One matmul (tokens x in) @ W.T per 2-D weight of every unit on the device, so cuBLAS picks and
-    loads its kernels and the weights are touched before the first request. Raises GpuVerifyError if
-    a result is not finite (bytes that decode to NaN/Inf)."""
-    cp = _cupy()
-    t0 = time.monotonic()
-    units: set[int] = set()
-    matmuls = 0
-    with cp.cuda.Device(result.device):
-        for spec in tensors:
-            raw = result.tensors.get(spec.name)
-            if raw is None:
-                continue
-            w = _as_matrix(cp, raw, spec)
-            if w is None:
-                continue
-            x = cp.full((tokens, w.shape[1]), 0.01, dtype=w.dtype)
-            y = x @ w.T
-            if not bool(cp.isfinite(y).all()):
-                raise GpuVerifyError(f"warmup of {spec.name} on GPU {result.device} gave non-finite values")
-            units.add(spec.unit)
-            matmuls += 1
-        cp.cuda.Device(result.device).synchronize()
-    return WarmupStats(units=len(units), matmuls=matmuls, seconds=time.monotonic() - t0)
+def device_weights(result: GpuUploadResult, tensors: Sequence[TensorSpec]) -> dict[str, torch.Tensor]:
+    """Name -> torch view of the tensor's device copy, for every uploaded tensor of ``tensors``."""
+    return {
+        spec.name: dlpack_view(result.tensors[spec.name], spec.dtype, spec.shape)
+        for spec in tensors
+        if spec.name in result.tensors
+    }
+
+
+def gpu_warmup(
+    result: GpuUploadResult,
+    tensors: Sequence[TensorSpec],
+    model_config: Mapping[str, object],
+    where: str,
+    blocks: tuple[int, int],
+    num_blocks: int,
+    beat: Callable[[], None] | None = None,
+) -> WarmupStats:
+    """The loader's warmup (a prefill and a decode step of the real engine), run on the device over
+    the uploaded copies: cuBLAS/attention kernels load and every weight is read before the first
+    request. Raises ``butterfly.loader.warmup.WarmupError`` like the CPU warmup."""
+    return warmup_weights(
+        lambda: device_weights(result, tensors),
+        model_config,
+        where,
+        blocks,
+        num_blocks,
+        device=f"cuda:{result.device}",
+        beat=beat,
+    )

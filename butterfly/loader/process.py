@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from butterfly.board import LoaderSection
 from butterfly.board.shm import Segment, unlink_segment
 from butterfly.cache import WeightCache
-from butterfly.hardware import detect_gpus
+from butterfly.hardware import SERVING_DEVICE, detect
 from butterfly.ipc import (
     ChunkDigest,
     Command,
@@ -315,7 +315,7 @@ class Loader:
         self.downloaded_total = 0
         self.writers: list[WriteBehind] = []
         self.early: EarlyArena | None = None
-        self.gpus = detect_gpus() if ctx.config.node.gpu != "off" else []
+        self.gpus = detect(ctx.config.node.gpu).gpus
 
     def _beat(self) -> None:
         self.ctx.board.update(LoaderSection, heartbeat_mono_ns=time.monotonic_ns())
@@ -447,7 +447,7 @@ class Loader:
             steps["verify"] = time.monotonic() - t0
 
             if self.gpus:
-                self._gpu_steps(tensors, placements, steps)
+                self._gpu_steps(layout, tensors, placements, rng, steps)
             else:
                 for step in (LoadStep.UPLOAD, LoadStep.COMPILE):
                     t0 = self._step(step)
@@ -531,9 +531,15 @@ class Loader:
         return Repaired(cmd.epoch, sorted(names), fetch.from_cache, fetch.from_source)
 
     def _gpu_steps(
-        self, tensors: list[TensorEntry], placements: list[TensorPlacement], steps: dict[str, float]
+        self,
+        layout: ModelLayout,
+        tensors: list[TensorEntry],
+        placements: list[TensorPlacement],
+        rng: LayerRange,
+        steps: dict[str, float],
     ) -> None:
-        """Upload with a device-side checksum compared to the host's, compile, warm up on device 0."""
+        """Upload with a device-side checksum compared to the host's, compile, then the engine's
+        warmup on the serving device over the device copies."""
         from butterfly.loader import gpu
 
         try:
@@ -544,18 +550,24 @@ class Loader:
 
             def upload() -> gpu.GpuUploadResult:
                 with arena.view() as buf:
-                    return gpu.upload_and_verify(buf, placements, device=0)
+                    return gpu.upload_and_verify(buf, placements, device=SERVING_DEVICE)
 
             result = run_beside(upload, self._beat)
             self.gpu_result = result
             steps["upload"] = time.monotonic() - t0
             t0 = self._step(LoadStep.COMPILE)
-            run_beside(lambda: gpu.compile_kernels(0), self._beat)
+            run_beside(lambda: gpu.compile_kernels(SERVING_DEVICE), self._beat)
             steps["compile"] = time.monotonic() - t0
             t0 = self._step(LoadStep.WARMUP)
-            stats = run_beside(lambda: gpu.gpu_warmup(result, tensors), self._beat)
+            where = f"{layout.root}/{CONFIG_FILE}"
+            blocks, n = (rng.start, rng.stop), layout.num_blocks
+            stats = run_beside(
+                lambda: gpu.gpu_warmup(result, tensors, layout.model_config, where, blocks, n), self._beat
+            )
             steps["warmup"] = time.monotonic() - t0
-            log.info("GPU warmup ok: %s", stats)
+            log.info("GPU warmup of blocks %s ok: %s", rng, stats)
+        except WarmupError as e:
+            raise LoadFailed(f"warmup of blocks {rng} on GPU {SERVING_DEVICE} failed: {e}", True) from e
         except gpu.GpuVerifyError as e:
             raise LoadFailed(f"GPU copy of the weights does not match the arena: {e}", False) from e
         except Exception as e:  # CUDA errors surface as many types; all mean this load failed

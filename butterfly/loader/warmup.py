@@ -28,7 +28,7 @@ from butterfly.engine.weights import arena_weights
 from butterfly.ipc import TensorPlacement
 from butterfly.model.layout import TensorEntry
 
-__all__ = ["WARMUP_TOKENS", "WarmupError", "WarmupStats", "warmup_stage"]
+__all__ = ["WARMUP_TOKENS", "WarmupError", "WarmupStats", "warmup_stage", "warmup_weights"]
 
 # Prefill this many tokens, then decode one more: both attention paths run.
 WARMUP_TOKENS = 8
@@ -66,7 +66,6 @@ def warmup_stage(
     blocks: tuple[int, int],
     num_blocks: int,
     *,
-    device: torch.device | str = "cpu",
     beat: Callable[[], None] | None = None,
 ) -> WarmupStats:
     """Build the engine's stage for ``blocks`` = (start, stop) over the arena and run it once.
@@ -75,10 +74,27 @@ def warmup_stage(
     is a ``WarmupError`` raised here, outside any handler, so neither it nor its traceback holds the
     stage's views of the arena (the loader unmaps the arena for its next assignment).
     """
+    return warmup_weights(
+        lambda: arena_weights(arena, placements, entries), model_config, where, blocks, num_blocks, beat=beat
+    )
+
+
+def warmup_weights(
+    weights: Callable[[], Mapping[str, torch.Tensor]],
+    model_config: Mapping[str, object],
+    where: str,
+    blocks: tuple[int, int],
+    num_blocks: int,
+    *,
+    device: torch.device | str = "cpu",
+    beat: Callable[[], None] | None = None,
+) -> WarmupStats:
+    """``warmup_stage`` over any weights: ``weights()`` gives name -> tensor views on ``device`` (the
+    arena's on the CPU, the device copies on a GPU: ``butterfly.loader.gpu.device_weights``)."""
     started = time.monotonic()
     failed = ""
     try:
-        stats = _run(arena, placements, entries, model_config, where, blocks, num_blocks, device, beat)
+        stats = _run(weights, model_config, where, blocks, num_blocks, device, beat)
     except ConfigUnsupported as e:
         failed = f"the engine cannot run this model: {e}"
     except WeightError as e:
@@ -94,9 +110,7 @@ def warmup_stage(
 
 
 def _run(
-    arena: memoryview | mmap.mmap,
-    placements: Iterable[TensorPlacement],
-    entries: Iterable[TensorEntry],
+    weights: Callable[[], Mapping[str, torch.Tensor]],
     model_config: Mapping[str, object],
     where: str,
     blocks: tuple[int, int],
@@ -106,7 +120,7 @@ def _run(
 ) -> WarmupStats:
     start, stop = blocks
     cfg = ModelConfig.from_json(model_config, where)
-    stage = StageModel(cfg, arena_weights(arena, placements, entries), start, stop, num_blocks, device)
+    stage = StageModel(cfg, weights(), start, stop, num_blocks, device)
     per_token = kv_bytes_per_token(cfg, stop - start, stage.dtype)
     cache = stage.new_cache((WARMUP_TOKENS + 1) * per_token)
     cache.reserve(_SEQ, WARMUP_TOKENS + 1)

@@ -579,7 +579,7 @@ class Supervisor:
         try:
             # First: the fork server imports the children's modules while we detect and open the API.
             await self.launcher.start()
-            hw = await asyncio.to_thread(detect)
+            hw = await asyncio.to_thread(detect, self.config.node.gpu)
             log.info(
                 "hardware: %d CPUs, %.1f GiB RAM, %s",
                 hw.cpu_count,
