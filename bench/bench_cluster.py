@@ -433,8 +433,9 @@ class FormationResult:
 
 
 def make_model(root: Path) -> Path:
-    from butterfly.manifest import MANIFEST_FILE, build_manifest, write_manifest
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.build import build_manifest
+    from butterfly.weights.manifest import MANIFEST_FILE, write_manifest
+    from butterfly.weights.testmodel import make_test_model
 
     model = make_test_model(root / "model", layers=16, hidden=512, vocab=8192, shards=2)
     manifest, _ = build_manifest(model, chunk_bytes=64 * 1024)

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from butterfly.engine.generate import Pipeline, generate  # noqa: E402
 from butterfly.engine.model import StageModel  # noqa: E402
 from butterfly.engine.weights import ModelDir, open_model_dir  # noqa: E402
-from butterfly.model.testmodel import make_test_model  # noqa: E402
+from butterfly.weights.testmodel import make_test_model  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

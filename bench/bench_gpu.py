@@ -112,7 +112,7 @@ def gpu_placement(name: str, offset: int, length: int) -> _Placement:
 def ready(model_gb: float, work: Path) -> dict[str, Any]:
     from e2e import ensure_manifest, run_node
 
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.testmodel import make_test_model
 
     hidden = 4096
     layers = max(1, round(model_gb * GiB / (2 * 12.5 * hidden * hidden)))
@@ -132,7 +132,7 @@ def tokens(work: Path, quick: bool, rounds: int) -> dict[str, Any]:
     from butterfly.engine.generate import Pipeline, generate
     from butterfly.engine.model import StageModel
     from butterfly.engine.weights import open_model_dir
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.testmodel import make_test_model
 
     dims = {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 4, "vocab": 8192} if quick else \
         {"layers": 16, "hidden": 2048, "heads": 16, "kv_heads": 4, "vocab": 32000}  # fmt: skip

@@ -9,7 +9,7 @@ In one run, over the same tensor bytes (the whole model: what a one-node cluster
                cold read after dropping the page cache (root only; skipped with a note otherwise)
   Butterfly    the Cython streamer and its Python twin, xxh3 inline and compared with the expected
                digests, into a pre-faulted /dev/shm arena (as the loader does); validation
-               (butterfly.hashing.blake3_regions over the validator's per-unit regions); a cold load;
+               (butterfly.weights.hashing.blake3_regions over the validator's per-unit regions); a cold load;
                and, for the record, a load into an arena that was not pre-faulted
   others       safetensors load_file / safe_open with every byte touched (xor-folded), Run:ai Model
                Streamer in its buffered modes, fastsafetensors (CPU, no GDS), tensorizer: each in a
@@ -48,10 +48,10 @@ import blake3  # noqa: E402
 import xxhash  # noqa: E402
 
 from butterfly.board.shm import create_segment, unlink_segment  # noqa: E402
-from butterfly.hashing import Region, Span, blake3_regions  # noqa: E402
-from butterfly.loader import streamer  # noqa: E402
-from butterfly.loader.streamer import ReadJob, open_files, stream_into  # noqa: E402
-from butterfly.model.layout import LayerRange, TensorEntry, load_layout  # noqa: E402
+from butterfly.weights import streamer  # noqa: E402
+from butterfly.weights.hashing import Region, Span, blake3_regions  # noqa: E402
+from butterfly.weights.layout import LayerRange, TensorEntry, load_layout  # noqa: E402
+from butterfly.weights.streamer import ReadJob, open_files, stream_into  # noqa: E402
 
 GB = 1e9
 MiB = 1 << 20
@@ -64,7 +64,7 @@ ARENA_ALIGN = 64  # as butterfly/loader/process.py places tensors
 
 def model_shape(size_bytes: int) -> dict[str, int]:
     """Llama-ish dimensions whose checkpoint is about ``size_bytes`` (float16)."""
-    from butterfly.model.testmodel import model_size_bytes
+    from butterfly.weights.testmodel import model_size_bytes
 
     hidden, vocab, heads, kv = (2048, 32000, 16, 8) if size_bytes >= 2 * GiB else (1024, 8192, 8, 4)
     dims = {"layers": 1, "hidden": hidden, "heads": heads, "kv_heads": kv, "vocab": vocab, "shards": 1}
@@ -78,7 +78,7 @@ def model_shape(size_bytes: int) -> dict[str, int]:
 def ensure_model(args: argparse.Namespace) -> Path:
     if args.model:
         return Path(args.model)
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.testmodel import make_test_model
 
     size = int((0.25 if args.quick else args.size_gib) * GiB)
     dims = model_shape(size)

@@ -109,9 +109,10 @@ def stamp(line: str) -> float:
 
 def node_rows(work: Path, window_s: float, flips: int) -> list[tuple[str, str]]:
     from butterfly.loader.process import place
-    from butterfly.manifest import MANIFEST_FILE, build_manifest, read_manifest, write_manifest
-    from butterfly.model.layout import LayerRange, load_layout
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.build import build_manifest
+    from butterfly.weights.layout import LayerRange, load_layout
+    from butterfly.weights.manifest import MANIFEST_FILE, read_manifest, write_manifest
+    from butterfly.weights.testmodel import make_test_model
     from tests.nodeharness import Node, free_port, write_config
 
     model = make_test_model(work / "model", layers=4, hidden=128, vocab=512, shards=2)

@@ -39,7 +39,8 @@ from tests.nodeharness import free_port  # noqa: E402
 
 def ensure_manifest(model: Path) -> None:
     """The node reads the model version from ``butterfly-manifest.json``; build it once per model."""
-    from butterfly.manifest import MANIFEST_FILE, build_manifest, write_manifest
+    from butterfly.weights.build import build_manifest
+    from butterfly.weights.manifest import MANIFEST_FILE, write_manifest
 
     if not (model / MANIFEST_FILE).exists():
         print(f"building the manifest of {model} ...", flush=True)

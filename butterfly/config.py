@@ -374,7 +374,7 @@ def _ed25519_public_key(value: object, key: str, ctx: _Context) -> str:
     expected = "an Ed25519 public key in base64 (the line `butterfly-admin manifest keygen` prints)"
     if not isinstance(value, str):
         raise ctx.error(key, expected, _typed(value))
-    from butterfly.provenance import parse_public_key
+    from butterfly.weights.provenance import parse_public_key
 
     try:
         parse_public_key(value)

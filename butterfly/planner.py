@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from butterfly.model.layout import LayerRange
+from butterfly.weights.layout import LayerRange
 
 _MAX_EXACT = 1 << 53  # byte counts are compared as floats after division; keep them exact
 

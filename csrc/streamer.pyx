@@ -4,7 +4,7 @@ buffer (the arena) on C threads, xxh3-hashing each chunk while it is still in ca
 
 This module owns the C threads, their locking, the GIL handling and the last line of bounds checks
 (every chunk must lie inside the exported arena). Its behaviour is exactly that of the plain twin
-``_run_python`` in ``butterfly/loader/streamer.py``, which plans the chunks, validates jobs, turns the
+``_run_python`` in ``butterfly/weights/streamer.py``, which plans the chunks, validates jobs, turns the
 failure tuple returned here into exceptions, and which the same tests run against.
 
 It must not open or close file descriptors, hold a buffer or a thread beyond one call (every thread is
@@ -237,7 +237,7 @@ def run(arena, list chunks, Py_ssize_t concurrency, Py_ssize_t sub_bytes, on_lan
         before_retry, double interval_s):
     """Read ``chunks`` (a list of ``(fd, file_offset, arena_offset, length, expected or None)``) into
     ``arena`` on ``concurrency`` C threads; the contract is ``_run_python``'s in
-    butterfly/loader/streamer.py, and the two are interchangeable.
+    butterfly/weights/streamer.py, and the two are interchangeable.
 
     ``on_landed(batch, nbytes)`` gets ``(chunk, xxh3, retried)`` for chunks that landed intact;
     ``cancelled()`` is polled and ``before_retry(chunk)`` called before a mismatched chunk is re-read,

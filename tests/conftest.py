@@ -10,8 +10,9 @@ import pytest
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small Llama test model (4 blocks, 2 shards) with its manifest, shared by the end-to-end tests."""
-    from butterfly.manifest import MANIFEST_FILE, build_manifest, write_manifest
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.build import build_manifest
+    from butterfly.weights.manifest import MANIFEST_FILE, write_manifest
+    from butterfly.weights.testmodel import make_test_model
 
     model = make_test_model(tmp_path_factory.mktemp("model") / "m", layers=4, hidden=128, vocab=512, shards=2)
     manifest, _ = build_manifest(model, chunk_bytes=64 * 1024)

@@ -258,7 +258,7 @@ def measure_throughput(
 
     from boto3.s3.transfer import TransferConfig
 
-    from butterfly.sources.s3 import S3Source
+    from butterfly.weights.sources.s3 import S3Source
 
     client = server.client()
     with contextlib.suppress(

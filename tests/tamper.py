@@ -9,7 +9,7 @@ import blake3
 import msgspec
 import xxhash
 
-from butterfly.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from butterfly.weights.manifest import MANIFEST_FILE, read_manifest, write_manifest
 
 
 def flip_byte(path: Path, at: int) -> None:

@@ -560,7 +560,7 @@ def test_gpu_and_disk_verdicts_against_the_model_size(
     from butterfly.cli.admin_ops import _Diagnosis
     from butterfly.config import load_config
     from butterfly.hardware import GpuInfo, Hardware
-    from butterfly.manifest import MANIFEST_FILE, read_manifest
+    from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
 
     cfg = _config(tmp_path, model_dir)
     manifest = read_manifest(model_dir / MANIFEST_FILE)

@@ -12,10 +12,10 @@ from pathlib import Path
 import blake3
 import pytest
 
-from butterfly.cache import WeightCache
 from butterfly.cli.admin import main
-from butterfly.manifest import MANIFEST_FILE, read_manifest
-from butterfly.model.testmodel import make_test_model
+from butterfly.weights.cache import WeightCache
+from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
+from butterfly.weights.testmodel import make_test_model
 from tests.tamper import tamper_with_cheap_digests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def test_clear_cache_refuses_while_a_node_uses_it(tmp_path: Path) -> None:
                 f"""
                 import sys
                 from pathlib import Path
-                from butterfly.cache import lock_shared
+                from butterfly.weights.cache import lock_shared
                 lock = lock_shared(Path({str(cache_dir)!r}))
                 print("held", flush=True)
                 sys.stdin.read()
@@ -215,7 +215,7 @@ def test_clear_cache_from_the_node_config(tmp_path: Path, capsys: pytest.Capture
 
 def test_help_texts_agree_with_the_modules() -> None:
     from butterfly.cli import admin_weights
-    from butterfly.manifest import DEFAULT_CHUNK_BYTES, MANIFEST_FILE
+    from butterfly.weights.manifest import DEFAULT_CHUNK_BYTES, MANIFEST_FILE
 
     assert admin_weights.MANIFEST_FILE_NAME == MANIFEST_FILE
     assert admin_weights.parse_size(admin_weights.DEFAULT_CHUNK_TEXT) == DEFAULT_CHUNK_BYTES

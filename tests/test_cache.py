@@ -14,7 +14,7 @@ from pathlib import Path
 import blake3
 import pytest
 
-from butterfly.cache import (
+from butterfly.weights.cache import (
     CacheBusy,
     CacheError,
     WeightCache,
@@ -98,7 +98,7 @@ def test_lookup_removes_a_wrong_sized_entry(tmp_path: Path, caplog: pytest.LogCa
     path = cache.store_from_buffer(DIGEST, DATA)
     with open(path, "r+b") as f:
         f.truncate(len(DATA) - 1)  # a partial entry, as a disk error or a foreign writer might leave
-    with caplog.at_level(logging.WARNING, logger="butterfly.cache"):
+    with caplog.at_level(logging.WARNING, logger="butterfly.weights.cache"):
         assert cache.lookup(DIGEST, len(DATA)) is None
     assert not path.exists()
     assert f"{len(DATA) - 1} bytes, the manifest says {len(DATA)}" in caplog.text
@@ -115,7 +115,7 @@ def test_corrupt_entry_fails_verify_and_is_quarantined(
     # Right size: lookup hands it out (the loader's inline chunk check catches it), verify does not.
     assert cache.lookup(DIGEST, len(DATA)) == path
     assert not cache.verify(DIGEST)
-    with caplog.at_level(logging.WARNING, logger="butterfly.cache"):
+    with caplog.at_level(logging.WARNING, logger="butterfly.weights.cache"):
         cache.quarantine(DIGEST, "chunk at tensor offset 0 has the wrong xxh3")
     assert "removed: chunk at tensor offset 0 has the wrong xxh3" in caplog.text
     assert cache.lookup(DIGEST, len(DATA)) is None and not cache.verify(DIGEST)
@@ -138,7 +138,7 @@ def test_crash_between_write_and_rename_leaves_no_entry(tmp_path: Path) -> None:
         f"""
         import os, signal, sys
         from pathlib import Path
-        import butterfly.cache as cache
+        import butterfly.weights.cache as cache
         c = cache.WeightCache(Path({str(cache_dir)!r}))
         def crash(src, dst):
             os.kill(os.getpid(), signal.SIGKILL)  # dies with the temp file written and fsync'd
@@ -165,7 +165,7 @@ def test_a_live_writers_temp_file_is_kept(tmp_path: Path) -> None:
         f"""
         import sys
         from pathlib import Path
-        from butterfly.cache import WeightCache
+        from butterfly.weights.cache import WeightCache
         fd, tmp = WeightCache(Path({str(cache_dir)!r}))._create_tmp({DIGEST!r})
         print(tmp, flush=True)
         sys.stdin.read()  # holds the temp file's flock until told to go
@@ -248,7 +248,7 @@ def test_clear_cache_refuses_while_a_node_holds_the_lock(tmp_path: Path) -> None
         f"""
         import sys
         from pathlib import Path
-        from butterfly.cache import lock_shared
+        from butterfly.weights.cache import lock_shared
         lock = lock_shared(Path({str(tmp_path)!r}))
         print("held", flush=True)
         sys.stdin.read()
@@ -284,7 +284,7 @@ def test_something_else_at_an_entry_path_is_not_served(
 ) -> None:
     cache = WeightCache(tmp_path)
     (cache.entries_dir / DIGEST[:2] / DIGEST).mkdir(parents=True)
-    with caplog.at_level(logging.WARNING, logger="butterfly.cache"):
+    with caplog.at_level(logging.WARNING, logger="butterfly.weights.cache"):
         assert cache.lookup(DIGEST, len(DATA)) is None
     assert "could not be removed" in caplog.text and "not a regular file" in caplog.text
     assert not cache.verify(DIGEST)
@@ -310,7 +310,7 @@ def test_a_write_behind_killed_mid_write_leaves_only_whole_entries(tmp_path: Pat
         import os, time
         from pathlib import Path
         import blake3
-        from butterfly.cache import WeightCache
+        from butterfly.weights.cache import WeightCache
         from butterfly.loader.writebehind import Pending, WriteBehind
         fsync = os.fsync
         def slow_fsync(fd):  # each store sits in its temp file a while: the kill lands mid-write

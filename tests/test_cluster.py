@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from butterfly.manifest import MANIFEST_FILE
+from butterfly.weights.manifest import MANIFEST_FILE
 from tests.clusterharness import Cluster
 
 
@@ -214,8 +214,9 @@ def odd_one_out(cluster_factory, model: Path):  # type: ignore[no-untyped-def]
 def test_a_node_holding_another_model_version_fails_visibly_and_the_others_serve_around_it(
     cluster_factory, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    from butterfly.manifest import build_manifest, write_manifest
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.build import build_manifest
+    from butterfly.weights.manifest import write_manifest
+    from butterfly.weights.testmodel import make_test_model
 
     # Same architecture and names, other bytes (another seed): its own manifest is self-consistent.
     other = make_test_model(tmp_path / "other", layers=4, hidden=128, vocab=512, shards=2, seed=7)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 
-from butterfly import merkle
 from butterfly.cluster.coordinator import DEAD_AFTER_S, SETTLE_S, Coordinator, ModelInfo
 from butterfly.cluster.messages import NodeReport, OperationalEntry, PlanEntry, ValidationReport
-from butterfly.manifest import unit_range_for_blocks
-from butterfly.model.layout import LayerRange
 from butterfly.planner import ModelSizes
+from butterfly.weights import merkle
+from butterfly.weights.layout import LayerRange
+from butterfly.weights.manifest import unit_range_for_blocks
 
 BLOCKS = 6
 DIGESTS = [os.urandom(32) for _ in range(BLOCKS + 2)]

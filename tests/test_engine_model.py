@@ -20,7 +20,7 @@ import torch
 from butterfly.engine.generate import Pipeline, generate
 from butterfly.engine.model import SeqChunk, StageModel, WeightError
 from butterfly.engine.weights import ModelDir, open_model_dir
-from butterfly.model.layout import LayerRange
+from butterfly.weights.layout import LayerRange
 from tests.hfmodels import VARIANTS, make_hf_model, save_hf_model
 
 FP32_ATOL = 1e-4

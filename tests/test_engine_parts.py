@@ -15,7 +15,7 @@ from butterfly.engine.kvcache import KVCache, KVCacheFull
 from butterfly.engine.sampler import SamplingParams, SeqSampler, sample_batch
 from butterfly.engine.weights import arena_weights, tensor_view
 from butterfly.ipc import TensorPlacement
-from butterfly.model.layout import TensorEntry
+from butterfly.weights.layout import TensorEntry
 
 CFG = ModelConfig.from_json(
     {

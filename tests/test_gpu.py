@@ -106,7 +106,8 @@ def test_index_locates_chunks_inside_one_tensor() -> None:
 
 def test_cpu_path_never_imports_cupy() -> None:
     code = (
-        "import sys; import butterfly.loader.gpu as g, butterfly.loader.streamer, butterfly.hashing; "
+        "import sys; import butterfly.loader.gpu as g, butterfly.weights.streamer, "
+        "butterfly.weights.hashing; "
         "g.checksum_host(b'abc'); print('cupy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
@@ -189,8 +190,8 @@ def test_a_corrupted_device_byte_is_named() -> None:
 def _loaded_model(tmp_path: Path, dtype: str) -> tuple[Path, object, list, list, mmap.mmap]:
     """The test model's whole range in a fresh arena, as the loader's download step leaves it."""
     from butterfly.loader.process import place
-    from butterfly.model.layout import LayerRange, load_layout
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.layout import LayerRange, load_layout
+    from butterfly.weights.testmodel import make_test_model
 
     model = make_test_model(tmp_path / "m", layers=2, hidden=64, heads=4, kv_heads=2, vocab=128, dtype=dtype)
     layout = load_layout(model)
@@ -259,7 +260,7 @@ def test_upload_overlaps_the_stream_and_the_engine_warms_up_on_the_device(tmp_pa
     from butterfly.engine.generate import Pipeline
     from butterfly.engine.model import SeqChunk, StageModel
     from butterfly.engine.weights import arena_weights
-    from butterfly.loader.streamer import ReadJob, open_files, stream_into
+    from butterfly.weights.streamer import ReadJob, open_files, stream_into
 
     model, layout, tensors, placements, arena = _loaded_model(tmp_path, dtype)
     try:

@@ -18,8 +18,8 @@ import pytest
 
 from butterfly.ipc import TensorPlacement
 from butterfly.loader.process import place
-from butterfly.manifest import MANIFEST_FILE, read_manifest
-from butterfly.model.layout import LayerRange, load_layout
+from butterfly.weights.layout import LayerRange, load_layout
+from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
 from tests.nodeharness import Node, NotifyListener, free_port, segments_of, write_config
 from tests.tamper import copy_model, flip_byte, tamper_with_cheap_digests
 

@@ -19,8 +19,8 @@ from butterfly.ipc import LoadAssignment, RepairTensors
 from butterfly.loader import process as loader_process
 from butterfly.loader.process import Loader, LoadFailed
 from butterfly.loader.warmup import WarmupError
-from butterfly.manifest import MANIFEST_FILE, read_manifest
 from butterfly.supervisor.childproc import ChildContext, CommandInbox
+from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
 from tests.tamper import flip_byte
 
 

@@ -13,38 +13,35 @@ import numpy as np
 import pytest
 import xxhash
 
-from butterfly import merkle
 from butterfly.ipc import Loaded, TensorPlacement, ValidateArena
 from butterfly.loader.process import place
-from butterfly.manifest import (
+from butterfly.validator.check import digest_arena
+from butterfly.weights import merkle
+from butterfly.weights.build import build_manifest, build_manifest_from_source
+from butterfly.weights.layout import LayerRange, load_layout
+from butterfly.weights.manifest import (
     MANIFEST_FILE,
     FileRecord,
     Manifest,
     ManifestError,
     RangeProof,
     aux_digest,
-    build_manifest,
-    build_manifest_from_source,
     decode_manifest,
     encode_manifest,
     layout_from_manifest,
     range_proof_for_blocks,
-    read_aux_file,
     read_manifest,
     tensor_digest,
     unit_digest,
     unit_digest_of_buffers,
     unit_range_for_blocks,
     verify_blocks,
-    verify_dir,
-    verify_source,
     write_manifest,
 )
-from butterfly.model.layout import LayerRange, load_layout
-from butterfly.model.safetensors import ModelFormatError, write_safetensors
-from butterfly.model.testmodel import make_test_model
-from butterfly.sources import Source, SourceError, SourceNotFound
-from butterfly.validator.check import digest_arena
+from butterfly.weights.safetensors import ModelFormatError, write_safetensors
+from butterfly.weights.sources import Source, SourceError, SourceNotFound
+from butterfly.weights.testmodel import make_test_model
+from butterfly.weights.verify import read_aux_file, verify_dir, verify_source
 
 CHUNK = 64 << 10  # the smallest chunk size, so the embeddings (128 KiB) span two chunks
 LAYERS = 4
@@ -475,7 +472,7 @@ def test_non_canonical_encodings_are_refused(built: Manifest) -> None:
 
 
 def test_oversized_manifest_is_refused_unread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import butterfly.manifest as mod
+    import butterfly.weights.manifest as mod
 
     monkeypatch.setattr(mod, "MAX_MANIFEST_BYTES", 1000)
     path = tmp_path / "big.json"
@@ -747,7 +744,7 @@ def test_read_aux_file_returns_only_the_manifests_bytes(model: Path, built: Mani
             "tokenizer_config.json",
         )
     # The same from a directory.
-    from butterfly.sources import FilesystemSource
+    from butterfly.weights.sources import FilesystemSource
 
     src = FilesystemSource(model)
     try:
@@ -774,7 +771,7 @@ def test_node_refuses_a_manifest_whose_model_config_is_not_the_config_json(tmp_p
     """model_config is not bound by the root; the node checks it against config.json fetched through
     the manifest, so an edited manifest cannot make a node run another shape or RoPE."""
     from butterfly.config import parse_config
-    from butterfly.modelsource import load_manifest
+    from butterfly.weights.modelsource import load_manifest
 
     model = _model(tmp_path / "m")
     config = parse_config(f'[model]\nsource_type = "filesystem"\nsource_path = "{model}"\n')

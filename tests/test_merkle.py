@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from butterfly.merkle import (
+from butterfly.weights.merkle import (
     HASH_SIZE,
     empty_root,
     inclusion_proof,

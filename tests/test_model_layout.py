@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from butterfly.model.layout import LayerRange, ModelLayout, TensorEntry, load_layout
-from butterfly.model.safetensors import ModelFormatError, write_safetensors
-from butterfly.model.testmodel import make_test_model
+from butterfly.weights.layout import LayerRange, ModelLayout, TensorEntry, load_layout
+from butterfly.weights.safetensors import ModelFormatError, write_safetensors
+from butterfly.weights.testmodel import make_test_model
 
 H = 4  # hidden size of the hand-built models: tiny, only names and offsets matter here
 BLOCK_MEMBERS = [

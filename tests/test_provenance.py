@@ -1,5 +1,5 @@
 """Pinning the model version: the expected root and the manifest's Ed25519 signature, as a node reads
-them (butterfly.modelsource) and as butterfly-admin writes and checks them."""
+them (butterfly.weights.modelsource) and as butterfly-admin writes and checks them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from butterfly.config import parse_config
-from butterfly.manifest import MANIFEST_FILE, read_manifest
-from butterfly.modelsource import NoManifest, load_manifest
-from butterfly.provenance import (
+from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
+from butterfly.weights.modelsource import NoManifest, load_manifest
+from butterfly.weights.provenance import (
     ManifestRefused,
     check_pins,
     generate_key_pair,

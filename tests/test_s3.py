@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 
-import butterfly.sources.s3 as s3mod
+import butterfly.weights.sources.s3 as s3mod
 from butterfly.config import parse_config
-from butterfly.model.layout import CONFIG_FILE, INDEX_FILE, load_layout, load_layout_from_source
-from butterfly.model.safetensors import ModelFormatError
-from butterfly.model.testmodel import make_test_model
-from butterfly.sources import Source, SourceError, SourceNotFound, open_source
-from butterfly.sources.s3 import PIECE_BYTES, S3Source, parse_s3_url
+from butterfly.weights.layout import CONFIG_FILE, INDEX_FILE, load_layout, load_layout_from_source
+from butterfly.weights.safetensors import ModelFormatError
+from butterfly.weights.sources import Source, SourceError, SourceNotFound, open_source
+from butterfly.weights.sources.s3 import PIECE_BYTES, S3Source, parse_s3_url
+from butterfly.weights.testmodel import make_test_model
 from tests.faultproxy import Fault, FaultProxy
 from tests.s3harness import (
     ACCESS_KEY,

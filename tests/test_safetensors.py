@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from butterfly.model.safetensors import (
+from butterfly.weights.safetensors import (
     DTYPE_SIZES,
     MAX_HEADER_BYTES,
     LazyTensor,

@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from butterfly.config import parse_config
-from butterfly.model.layout import CONFIG_FILE, INDEX_FILE, load_layout, load_layout_from_source
-from butterfly.model.safetensors import ModelFormatError
-from butterfly.model.testmodel import make_test_model
-from butterfly.sources import (
+from butterfly.weights.layout import CONFIG_FILE, INDEX_FILE, load_layout, load_layout_from_source
+from butterfly.weights.safetensors import ModelFormatError
+from butterfly.weights.sources import (
     FilesystemSource,
     Source,
     SourceError,
     SourceNotFound,
     open_source,
 )
+from butterfly.weights.testmodel import make_test_model
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """The streamer: every test that streams runs once per engine (the Cython one and its Python twin);
-and, at the end, the validator's multi-threaded BLAKE3 (butterfly.hashing).
+and, at the end, the validator's multi-threaded BLAKE3 (butterfly.weights.hashing).
 
 An autouse fixture checks that no test leaves a file descriptor open or a thread running; tests that
 stream into an mmap close it afterwards, which fails while any view of it is still exported.
@@ -21,10 +21,10 @@ import blake3
 import pytest
 import xxhash
 
-from butterfly import hashing
-from butterfly.hashing import RegionPart, Span
-from butterfly.loader import streamer
-from butterfly.loader.streamer import (
+from butterfly.weights import hashing, streamer
+from butterfly.weights.hashing import RegionPart, Span
+from butterfly.weights.sources import FilesystemSource, SourceError
+from butterfly.weights.streamer import (
     Chunk,
     ChunkMismatch,
     ChunkResult,
@@ -37,7 +37,6 @@ from butterfly.loader.streamer import (
     plan_chunks,
     stream_into,
 )
-from butterfly.sources import FilesystemSource, SourceError
 
 IMPL_NAMES: list[ImplName] = ["cython", "python"]
 REPO = Path(__file__).resolve().parent.parent
@@ -515,7 +514,7 @@ def test_vendored_xxh3_matches_the_xxhash_package() -> None:
 
 
 def test_pure_env_selects_the_twin() -> None:
-    code = "from butterfly.loader import streamer; print(streamer.DEFAULT_IMPL)"
+    code = "from butterfly.weights import streamer; print(streamer.DEFAULT_IMPL)"
     env = {**os.environ, "BUTTERFLY_PURE": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True
@@ -523,7 +522,7 @@ def test_pure_env_selects_the_twin() -> None:
     assert out.stdout.strip() == "python"
 
 
-# --- validation hashing (butterfly.hashing): the validator's multi-threaded BLAKE3 -------------------
+# --- validation hashing (butterfly.weights.hashing): the validator's multi-threaded BLAKE3 -----------
 
 
 def _random_regions(rng: random.Random, size: int) -> list[list[RegionPart]]:

@@ -225,7 +225,10 @@ def test_rpm_contents_scripts_and_scratch_root_install(packages: Packages, tmp_p
     ):
         assert path in files, f"{path} missing from the rpm"
     assert not any(p.startswith("/lib/") for p in files), "rpm units belong in /usr/lib"
-    assert not any("torch" in p for p in files), "torch is an optional extra, not part of the package"
+    # torch is the engine, a core dependency bundled as its pinned CPU wheel; CuPy is the optional
+    # `gpu` extra and stays out unless BUTTERFLY_PKG_EXTRAS asks for it.
+    assert any("/site-packages/torch/" in p for p in files), "the engine's torch is missing from the rpm"
+    assert not any("/site-packages/cupy" in p for p in files), "cupy is the optional gpu extra"
     assert "/etc/butterfly/node.toml" in query("--configfiles").splitlines()
     scripts = query("--scripts")
     for scriptlet in ("postinstall scriptlet", "preuninstall scriptlet", "postuninstall scriptlet"):

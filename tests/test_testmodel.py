@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from butterfly.manifest import MANIFEST_FILE, read_manifest, verify_dir
-from butterfly.model import testmodel
-from butterfly.model.layout import load_layout
-from butterfly.model.safetensors import TensorValue, read_header
-from butterfly.model.testmodel import make_test_model, model_size_bytes
+from butterfly.weights import testmodel
+from butterfly.weights.layout import load_layout
+from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
+from butterfly.weights.safetensors import TensorValue, read_header
+from butterfly.weights.testmodel import make_test_model, model_size_bytes
+from butterfly.weights.verify import verify_dir
 
 # Any: these are keyword arguments of differing types, checked by the functions they are passed to.
 SMALL: dict[str, Any] = {"layers": 4, "hidden": 64, "heads": 4, "kv_heads": 2, "vocab": 96}

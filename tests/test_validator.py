@@ -16,10 +16,10 @@ from butterfly.board import Board, ValidatorSection
 from butterfly.board.shm import Segment, create_segment, open_segment_count, unlink_segment
 from butterfly.ipc import ChunkDigest, Failed, Loaded, TensorPlacement, ValidateArena, Validated
 from butterfly.loader.process import place
-from butterfly.manifest import MANIFEST_FILE, Manifest, read_manifest
-from butterfly.model.layout import LayerRange, load_layout
 from butterfly.supervisor.childproc import ChildContext
 from butterfly.validator import process as validator
+from butterfly.weights.layout import LayerRange, load_layout
+from butterfly.weights.manifest import MANIFEST_FILE, Manifest, read_manifest
 
 
 class Arena:

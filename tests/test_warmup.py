@@ -15,8 +15,8 @@ from butterfly.engine.weights import arena_weights
 from butterfly.ipc import TensorPlacement
 from butterfly.loader.process import place
 from butterfly.loader.warmup import WARMUP_TOKENS, WarmupError, warmup_stage
-from butterfly.model.layout import LayerRange, ModelLayout, TensorEntry, load_layout
-from butterfly.model.testmodel import make_test_model
+from butterfly.weights.layout import LayerRange, ModelLayout, TensorEntry, load_layout
+from butterfly.weights.testmodel import make_test_model
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def cmd_make_test_model(args: argparse.Namespace) -> int:
-    from butterfly.model.testmodel import make_test_model
+    from butterfly.weights.testmodel import make_test_model
 
     try:
         out = make_test_model(

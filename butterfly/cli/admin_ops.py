@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
     from butterfly.config import Config, HostPort
     from butterfly.discovery import PeerAddress
-    from butterfly.manifest import Manifest
+    from butterfly.weights.manifest import Manifest
 
 EXIT_OK = 0
 EXIT_PROBLEM = 1
@@ -735,8 +735,8 @@ class _Diagnosis:
         return self._s3_source()
 
     def _s3_source(self) -> Check:
-        from butterfly.sources import SourceError
-        from butterfly.sources.s3 import S3Source
+        from butterfly.weights.sources import SourceError
+        from butterfly.weights.sources.s3 import S3Source
 
         name = "s3"
         model = self.config.model
@@ -773,10 +773,10 @@ class _Diagnosis:
         )
 
     def manifest_present(self) -> Check:
-        from butterfly.manifest import ManifestError
-        from butterfly.modelsource import NoManifest, load_manifest
-        from butterfly.provenance import ManifestRefused
-        from butterfly.sources import SourceError
+        from butterfly.weights.manifest import ManifestError
+        from butterfly.weights.modelsource import NoManifest, load_manifest
+        from butterfly.weights.provenance import ManifestRefused
+        from butterfly.weights.sources import SourceError
 
         name = "manifest"
         model = self.config.model
@@ -822,7 +822,7 @@ class _Diagnosis:
 
     def _missing_bytes(self, manifest: Manifest) -> tuple[int, int]:
         """(bytes the cache still lacks, bytes it already holds) for the manifest's tensors; read-only."""
-        from butterfly.cache import WeightCache
+        from butterfly.weights.cache import WeightCache
 
         cache = WeightCache(self.config.node.cache_dir, create=False)
         missing = held = 0

@@ -1,6 +1,6 @@
 """`butterfly-admin` subcommands for weights: ``manifest build|verify|show|keygen|sign``, ``clear-cache``.
 
-Owns the command-line surface of butterfly.manifest, butterfly.provenance and butterfly.cache:
+Owns the command-line surface of butterfly.weights (manifest, provenance, cache):
 arguments, what is printed and the exit status (0 success, 1 the command ran and found a problem, 2
 usage error, 78 bad config for ``--config``). The work itself is in those modules; this one must not
 hash, parse manifests, sign or touch cache entries on its own.
@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-# butterfly.manifest and butterfly.cache pull in numpy and blake3 (~0.25 s): they are imported by the
-# commands that need them, so `butterfly-admin status` stays quick. The help texts below restate two of
+# butterfly.weights.manifest and .cache pull in numpy and blake3 (~0.25 s): they are imported by
+# the commands that need them, so `butterfly-admin status` stays quick. The help texts below restate two of
 # their constants; test_admin_weights checks they agree.
 MANIFEST_FILE_NAME = "butterfly-manifest.json"
 DEFAULT_CHUNK_TEXT = "8M"
@@ -42,9 +42,10 @@ def _mib(n: int) -> str:
 
 
 def cmd_manifest_build(args: argparse.Namespace) -> int:
-    from butterfly.manifest import MANIFEST_FILE, ManifestError, build_manifest, write_manifest
-    from butterfly.model.safetensors import ModelFormatError
-    from butterfly.sources import SourceError
+    from butterfly.weights.build import build_manifest
+    from butterfly.weights.manifest import MANIFEST_FILE, ManifestError, write_manifest
+    from butterfly.weights.safetensors import ModelFormatError
+    from butterfly.weights.sources import SourceError
 
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
@@ -91,7 +92,7 @@ def _manifest_path(args: argparse.Namespace) -> Path | None:
 
 
 def _signature_of(path: Path) -> bytes | None:
-    from butterfly.provenance import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX
+    from butterfly.weights.provenance import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX
 
     sig = path.with_name(path.name + SIGNATURE_SUFFIX)
     if not sig.is_file():
@@ -103,7 +104,7 @@ def _signature_of(path: Path) -> bytes | None:
 def _pins(args: argparse.Namespace) -> tuple[str | None, str | None] | int:
     """(expected root, public key) from --config, overridden by the flags; an exit status on error."""
     from butterfly.config import EX_CONFIG, ConfigError, load_config
-    from butterfly.provenance import is_root, parse_public_key
+    from butterfly.weights.provenance import is_root, parse_public_key
 
     root = key = None
     if args.config is not None:
@@ -129,8 +130,9 @@ def _pins(args: argparse.Namespace) -> tuple[str | None, str | None] | int:
 
 
 def cmd_manifest_verify(args: argparse.Namespace) -> int:
-    from butterfly.manifest import ManifestError, decode_manifest, verify_dir
-    from butterfly.provenance import ManifestRefused, check_pins
+    from butterfly.weights.manifest import ManifestError, decode_manifest
+    from butterfly.weights.provenance import ManifestRefused, check_pins
+    from butterfly.weights.verify import verify_dir
 
     if args.model.startswith("s3://"):
         _err("verifying an S3 prefix is not supported by this build yet; pass a model directory")
@@ -177,7 +179,7 @@ def cmd_manifest_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest_show(args: argparse.Namespace) -> int:
-    from butterfly.manifest import ManifestError, read_manifest
+    from butterfly.weights.manifest import ManifestError, read_manifest
 
     path = _manifest_path(args)
     if path is None:
@@ -200,7 +202,7 @@ def cmd_manifest_show(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest_keygen(args: argparse.Namespace) -> int:
-    from butterfly.provenance import generate_key_pair
+    from butterfly.weights.provenance import generate_key_pair
 
     out = Path(args.private_key)
     pair = generate_key_pair()
@@ -222,8 +224,8 @@ def cmd_manifest_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_manifest_sign(args: argparse.Namespace) -> int:
-    from butterfly.manifest import ManifestError, decode_manifest
-    from butterfly.provenance import SIGNATURE_SUFFIX, load_private_key, sign
+    from butterfly.weights.manifest import ManifestError, decode_manifest
+    from butterfly.weights.provenance import SIGNATURE_SUFFIX, load_private_key, sign
 
     path = _manifest_path(args)
     if path is None:
@@ -253,8 +255,8 @@ def cmd_manifest_sign(args: argparse.Namespace) -> int:
 
 
 def cmd_clear_cache(args: argparse.Namespace) -> int:
-    from butterfly.cache import CacheBusy, CacheError, clear_cache
     from butterfly.config import EX_CONFIG, ConfigError, load_config
+    from butterfly.weights.cache import CacheBusy, CacheError, clear_cache
 
     if args.config is not None:
         try:

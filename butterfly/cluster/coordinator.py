@@ -27,11 +27,11 @@ from butterfly.cluster.messages import (
     ValidationReport,
     ValidationVerdict,
 )
-from butterfly.manifest import tree_size, unit_range_for_blocks
-from butterfly.merkle import leaf_hash, verify_range
-from butterfly.model.layout import LayerRange
 from butterfly.planner import Assignment as PlanAssignment
 from butterfly.planner import ModelSizes, NodeCapacity, Plan, PlanError, plan_partition
+from butterfly.weights.layout import LayerRange
+from butterfly.weights.manifest import tree_size, unit_range_for_blocks
+from butterfly.weights.merkle import leaf_hash, verify_range
 
 # A node silent for this long is dead to the coordinator (reports come every REPORT_INTERVAL_S).
 DEAD_AFTER_S = 1.5

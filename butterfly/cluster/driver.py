@@ -42,8 +42,6 @@ from butterfly.cluster.messages import (
     encode,
 )
 from butterfly.ipc import PeerFault
-from butterfly.manifest import unit_range_for_blocks
-from butterfly.model.layout import LayerRange
 from butterfly.raft import (
     EntryKind,
     RaftConfig,
@@ -55,6 +53,8 @@ from butterfly.raft import (
     encode_message,
 )
 from butterfly.supervisor.childproc import held
+from butterfly.weights.layout import LayerRange
+from butterfly.weights.manifest import unit_range_for_blocks
 
 log = logging.getLogger("butterfly.cluster")
 

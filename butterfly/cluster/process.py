@@ -24,7 +24,6 @@ from collections.abc import Callable
 from typing import Any
 
 from butterfly.board import ClusterSection
-from butterfly.cache import WeightCache
 from butterfly.cluster.coordinator import ModelInfo
 from butterfly.cluster.driver import ClusterDriver, Progress
 from butterfly.cluster.messages import NodeReport, PlanEntry
@@ -46,19 +45,8 @@ from butterfly.ipc import (
     StartCluster,
     Waiting,
 )
-from butterfly.manifest import (
-    Manifest,
-    ManifestError,
-    layout_from_manifest,
-    range_proof_for_blocks,
-    unit_range_for_blocks,
-)
-from butterfly.model.layout import LayerRange
-from butterfly.modelsource import NoManifest, load_manifest
 from butterfly.net.transport import Incoming, Transport, transport_from_config
 from butterfly.planner import ModelSizes
-from butterfly.provenance import ManifestRefused
-from butterfly.sources import SourceError
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
     ChildContext,
@@ -66,6 +54,18 @@ from butterfly.supervisor.childproc import (
     child_socket,
     hold_if_requested_async,
 )
+from butterfly.weights.cache import WeightCache
+from butterfly.weights.layout import LayerRange
+from butterfly.weights.manifest import (
+    Manifest,
+    ManifestError,
+    layout_from_manifest,
+    range_proof_for_blocks,
+    unit_range_for_blocks,
+)
+from butterfly.weights.modelsource import NoManifest, load_manifest
+from butterfly.weights.provenance import ManifestRefused
+from butterfly.weights.sources import SourceError
 
 log = logging.getLogger("butterfly.cluster")
 

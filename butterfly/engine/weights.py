@@ -22,7 +22,7 @@ import torch
 
 from butterfly.engine.config import ModelConfig
 from butterfly.ipc import TensorPlacement
-from butterfly.model.layout import CONFIG_FILE, LayerRange, ModelLayout, TensorEntry, load_layout
+from butterfly.weights.layout import CONFIG_FILE, LayerRange, ModelLayout, TensorEntry, load_layout
 
 __all__ = ["TORCH_DTYPES", "ModelDir", "arena_weights", "open_model_dir", "tensor_view"]
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from butterfly.board.shm import Segment, create_segment, segment_path, unlink_segment
-from butterfly.loader import streamer
 from butterfly.supervisor.childproc import HEARTBEAT_S
+from butterfly.weights import streamer
 
 __all__ = ["ArenaError", "EarlyArena", "allocate", "populate"]
 

@@ -120,7 +120,7 @@ class Placement(Protocol):
 
 
 class TensorSpec(Protocol):
-    """What the engine needs of a tensor (``butterfly.model.layout.TensorEntry`` is one)."""
+    """What the engine needs of a tensor (``butterfly.weights.layout.TensorEntry`` is one)."""
 
     @property
     def name(self) -> str: ...

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 from butterfly.board import LoaderSection
 from butterfly.board.shm import Segment, unlink_segment
-from butterfly.cache import WeightCache
 from butterfly.hardware import SERVING_DEVICE, detect
 from butterfly.ipc import (
     ChunkDigest,
@@ -41,24 +40,12 @@ from butterfly.ipc import (
     TensorPlacement,
 )
 from butterfly.loader.arena import ArenaError, EarlyArena, allocate
-from butterfly.loader.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 
 # The engine, and so torch: seconds to import (far more on a busy machine). Imported here, before the
 # child's first heartbeat, where the supervisor allows a starting child CHILD_START_TIMEOUT_S; imported
 # in a thread during a load instead, its GIL-holding stretches starved the loop of its heartbeats.
 from butterfly.loader.warmup import WarmupError, warmup_stage
 from butterfly.loader.writebehind import Pending, WriteBehind
-from butterfly.manifest import Manifest, ManifestError, layout_from_manifest
-from butterfly.model.layout import (
-    CONFIG_FILE,
-    LayerRange,
-    ModelFormatError,
-    ModelLayout,
-    TensorEntry,
-)
-from butterfly.modelsource import NoManifest, load_manifest
-from butterfly.provenance import ManifestRefused
-from butterfly.sources import FilesystemSource, Source, SourceError, open_source
 from butterfly.states import LoadStep
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
@@ -70,6 +57,19 @@ from butterfly.supervisor.childproc import (
     hold_if_requested,
     run_beside,
 )
+from butterfly.weights.cache import WeightCache
+from butterfly.weights.layout import (
+    CONFIG_FILE,
+    LayerRange,
+    ModelFormatError,
+    ModelLayout,
+    TensorEntry,
+)
+from butterfly.weights.manifest import Manifest, ManifestError, layout_from_manifest
+from butterfly.weights.modelsource import NoManifest, load_manifest
+from butterfly.weights.provenance import ManifestRefused
+from butterfly.weights.sources import FilesystemSource, Source, SourceError, open_source
+from butterfly.weights.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 
 ARENA_ALIGN = 64
 # Board progress writes are cheap, but not free: publish at most this often.

@@ -26,7 +26,7 @@ from butterfly.engine.kvcache import kv_bytes_per_token
 from butterfly.engine.model import SeqChunk, StageModel, WeightError
 from butterfly.engine.weights import arena_weights
 from butterfly.ipc import TensorPlacement
-from butterfly.model.layout import TensorEntry
+from butterfly.weights.layout import TensorEntry
 
 __all__ = ["WARMUP_TOKENS", "WarmupError", "WarmupStats", "warmup_stage", "warmup_weights"]
 

@@ -24,8 +24,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from butterfly.cache import CacheError, WeightCache
 from butterfly.supervisor.childproc import held
+from butterfly.weights.cache import CacheError, WeightCache
 
 log = logging.getLogger("butterfly.loader")
 

@@ -2,8 +2,8 @@
 
 Owns the check of a node's weights in memory against what they must be, with the fault named the way
 an operator needs it (tensor, layer, offset, expected and found digest):
-- every tensor's BLAKE3 (all cores, ``butterfly.hashing``) against the manifest's digest carried in
-  its placement, and the unit digests (``butterfly.manifest.unit_digest``) that become this node's
+- every tensor's BLAKE3 (all cores, ``butterfly.weights.hashing``) against the manifest's digest carried in
+  its placement, and the unit digests (``butterfly.weights.manifest.unit_digest``) that become this node's
   Merkle leaves;
 - a tensor whose digest differs is located: its chunks' xxh3 against the digests the loader checked
   (the manifest's) name the first differing chunk's offset. A placement without a manifest digest
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import msgspec
 import xxhash
 
-from butterfly.hashing import Span, blake3_regions
 from butterfly.ipc import ChunkDigest, Mismatch, TensorPlacement
-from butterfly.manifest import unit_digest
+from butterfly.weights.hashing import Span, blake3_regions
+from butterfly.weights.manifest import unit_digest
 
 __all__ = ["ArenaDigests", "Mismatch", "describe", "digest_arena", "layer_of", "locate", "mismatches"]
 
@@ -104,7 +104,7 @@ class ArenaDigests:
 
 def digest_arena(buf: memoryview, tensors: Sequence[TensorPlacement], threads: int) -> ArenaDigests:
     """BLAKE3 of every tensor on all cores at once (blake3_regions balances big and small tensors),
-    then the per-unit combination (butterfly.manifest.unit_digest, the manifest's own definition)."""
+    then the per-unit combination (butterfly.weights.manifest.unit_digest, the manifest's own definition)."""
     digests = blake3_regions(buf, [[Span(t.arena_offset, t.length)] for t in tensors], threads=threads)
     by_unit: dict[int, list[tuple[str, int, bytes]]] = defaultdict(list)
     for t, d in zip(tensors, digests, strict=True):

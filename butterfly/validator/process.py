@@ -40,7 +40,6 @@ from butterfly.ipc import (
     ValidateArena,
     Validated,
 )
-from butterfly.merkle import leaf_hash, merkle_root
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
     ChildContext,
@@ -52,6 +51,7 @@ from butterfly.supervisor.childproc import (
 )
 from butterfly.validator.check import ArenaDigests, Mismatch, describe, digest_arena, mismatches
 from butterfly.validator.scrub import HostArena, Scrubber
+from butterfly.weights.merkle import leaf_hash, merkle_root
 
 log = logging.getLogger("butterfly.validator")
 

@@ -117,7 +117,7 @@ class Scrubber:
         self.stopped = False
         self._index = 0
         self._offset = 0
-        self._hasher = blake3.blake3(max_threads=1)
+        self.tensor_hasher = blake3.blake3(max_threads=1)
         self._pass_start = clock()
         self._pass_bytes = 0
         self._due = self._pass_start
@@ -133,16 +133,16 @@ class Scrubber:
             return Step(0)
         t = self.tensors[self._index]
         n = min(SLICE_BYTES, t.length - self._offset)
-        self.copy.update(self._hasher, t.arena_offset + self._offset, n)
+        self.copy.update(self.tensor_hasher, t.arena_offset + self._offset, n)
         self._offset += n
         mismatch = None
         pass_done = False
         if self._offset == t.length:
-            found = self._hasher.digest()
+            found = self.tensor_hasher.digest()
             if found != t.blake3:
                 mismatch = self.copy.locate(t, self.chunks, t.blake3.hex(), found.hex())
                 self.stopped = True
-            self._hasher = blake3.blake3(max_threads=1)
+            self.tensor_hasher = blake3.blake3(max_threads=1)
             self._offset = 0
             self._index += 1
             if self._index == len(self.tensors):

@@ -14,7 +14,7 @@ import stat
 import threading
 from pathlib import Path
 
-from butterfly.sources import SourceError, SourceNotFound, check_file_name, check_range
+from butterfly.weights.sources import SourceError, SourceNotFound, check_file_name, check_range
 
 __all__ = ["FilesystemSource"]
 

@@ -33,7 +33,7 @@ import botocore.exceptions as bex
 import urllib3.exceptions
 from botocore.config import Config as BotoConfig
 
-from butterfly.sources import SourceError, SourceNotFound, check_file_name, check_range
+from butterfly.weights.sources import SourceError, SourceNotFound, check_file_name, check_range
 
 __all__ = ["S3Source", "S3Stats", "parse_s3_url"]
 

@@ -14,7 +14,7 @@ Contract for every source:
   absent optional file ("no manifest") differently from a failing store;
 - every method may be called from several threads at once; ``close`` is called once, after the reads.
 
-Must not: parse model files (``butterfly.model`` does), hash or cache bytes (the loader and the cache do),
+Must not: parse model files (``butterfly.weights`` does), hash or cache bytes (the loader and the cache do),
 or import boto3 unless an S3 source is asked for (a filesystem-only node needs no AWS SDK).
 """
 
@@ -92,7 +92,7 @@ def open_source(config: Config) -> Source:
     model = config.model
     if model.source_type == "filesystem":
         return FilesystemSource(model.source_path)
-    from butterfly.sources.s3 import S3Source  # boto3 only when S3 is used
+    from butterfly.weights.sources.s3 import S3Source  # boto3 only when S3 is used
 
     return S3Source(
         model.source_path,
@@ -105,4 +105,4 @@ def open_source(config: Config) -> Source:
 
 
 # Imported last: filesystem.py imports the errors above from this module.
-from butterfly.sources.filesystem import FilesystemSource  # noqa: E402
+from butterfly.weights.sources.filesystem import FilesystemSource  # noqa: E402

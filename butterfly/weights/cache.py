@@ -37,7 +37,7 @@ from types import TracebackType
 
 import blake3
 
-from butterfly.manifest import Buffer, fsync_dir, tensor_digest
+from butterfly.weights.manifest import Buffer, fsync_dir, tensor_digest
 
 __all__ = [
     "CacheBusy",
@@ -61,7 +61,7 @@ _SHARD = re.compile(r"[0-9a-f]{2}")
 _TMP_NAME = re.compile(r"[0-9a-f]{64}\.[0-9]+\.[0-9a-f]{8}\.tmp")
 _OPEN_FLAGS = os.O_CLOEXEC | os.O_NOFOLLOW
 
-log = logging.getLogger("butterfly.cache")
+log = logging.getLogger("butterfly.weights.cache")
 
 
 class CacheError(Exception):

@@ -38,7 +38,7 @@ from typing import Literal, Protocol
 
 import xxhash
 
-from butterfly.sources import SourceError
+from butterfly.weights.sources import SourceError
 
 __all__ = [
     "Chunk",
@@ -72,7 +72,7 @@ PROGRESS_INTERVAL_S = 0.05
 
 
 class RangeReader(Protocol):
-    """A source that fills a buffer from a byte range (``butterfly.sources``' contract): never short,
+    """A source that fills a buffer from a byte range (``butterfly.weights.sources``' contract): never short,
     raises SourceError, safe to call from several threads at once."""
 
     def read_into(self, file: str, offset: int, buf: memoryview) -> None: ...

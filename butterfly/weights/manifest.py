@@ -13,7 +13,7 @@ Owns:
   names with control characters are refused) and the other two fields are fixed-width, so the
   encoding is unambiguous: moving bytes between tensors, or renaming one, changes the digest.
 * the manifest format (``Manifest``, JSON on disk as ``butterfly-manifest.json`` beside the model),
-  building it from a model directory (or any ``butterfly.sources.Source``) in one sequential pass
+  building it from a model directory (or any ``butterfly.weights.sources.Source``) in one sequential pass
   per file, hashing file, tensors and chunks from the same bytes, encoding it in one canonical
   form, and reading it back as hostile input: caps, types, every tensor inside its file, files exactly
   covered, units as the layout rules say, unit digests recomputed from tensor digests and the root
@@ -40,63 +40,49 @@ blocks, or write anything but the manifest file itself (atomically).
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
 import blake3
 import msgspec
-import xxhash
 
-from butterfly import merkle
+from butterfly.weights import merkle
 
 # _check_blocks, _group, _Located and _unit: the grouping rules are the layout module's, and a manifest
 # must group tensors exactly as load_layout does, so it calls the same code rather than restating the
 # rules. They are private to layout.py today; a public "layout from located tensors" there is better.
-from butterfly.model.layout import (
+from butterfly.weights.layout import (
     CONFIG_FILE,
-    MAX_JSON_BYTES,
     LayerRange,
     LayerUnit,
     ModelLayout,
-    TensorEntry,
     _check_blocks,
     _group,
     _Located,
     _unit,
-    load_layout,
-    load_layout_from_source,
 )
-from butterfly.model.safetensors import DTYPE_SIZES, MAX_NDIM, ModelFormatError
-from butterfly.sources import FilesystemSource, Source, SourceError, SourceNotFound
+from butterfly.weights.safetensors import DTYPE_SIZES, MAX_NDIM, ModelFormatError
 
 __all__ = [
     "AUX_FILES",
     "DEFAULT_CHUNK_BYTES",
     "FORMAT_VERSION",
     "MANIFEST_FILE",
-    "BuildStats",
     "FileRecord",
     "Manifest",
     "ManifestError",
-    "Problem",
     "RangeProof",
     "TensorRecord",
     "UnitRecord",
     "aux_digest",
-    "build_manifest",
-    "build_manifest_from_source",
-    "bytes_root",
+    "check_chunk_bytes",
     "decode_manifest",
     "encode_manifest",
     "layout_from_manifest",
     "range_proof_for_blocks",
-    "read_aux_file",
     "read_manifest",
     "tensor_digest",
     "tree_size",
@@ -104,9 +90,6 @@ __all__ = [
     "unit_digest_of_buffers",
     "unit_range_for_blocks",
     "verify_blocks",
-    "verify_dir",
-    "verified_model_config",
-    "verify_source",
     "write_manifest",
 ]
 
@@ -245,14 +228,14 @@ class _FormatProbe(msgspec.Struct):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _hasher(nbytes: int) -> blake3.blake3:
+def tensor_hasher(nbytes: int) -> blake3.blake3:
     return blake3.blake3(max_threads=blake3.blake3.AUTO if nbytes >= _PARALLEL_HASH_BYTES else 1)
 
 
 def tensor_digest(data: Buffer) -> bytes:
     """BLAKE3 of a tensor's bytes (multi-threaded for large tensors); any C-contiguous buffer."""
     view = memoryview(data).cast("B")  # blake3 takes bytes only, not e.g. a float16 array's items
-    return _hasher(view.nbytes).update(view).digest()
+    return tensor_hasher(view.nbytes).update(view).digest()
 
 
 def unit_digest(tensors: Iterable[tuple[str, int, bytes]]) -> bytes:
@@ -284,7 +267,7 @@ def aux_digest(files: dict[str, FileRecord]) -> bytes:
     return unit_digest((name, f.size, bytes.fromhex(f.blake3)) for name, f in files.items())
 
 
-def _leaves(units: Sequence[UnitRecord], aux_files: dict[str, FileRecord]) -> list[bytes]:
+def merkle_leaves(units: Sequence[UnitRecord], aux_files: dict[str, FileRecord]) -> list[bytes]:
     leaves = [merkle.leaf_hash(bytes.fromhex(u.digest)) for u in units]
     return [*leaves, merkle.leaf_hash(aux_digest(aux_files))]
 
@@ -292,218 +275,6 @@ def _leaves(units: Sequence[UnitRecord], aux_files: dict[str, FileRecord]) -> li
 def unit_digest_of_buffers(tensors: Iterable[tuple[str, Buffer]]) -> bytes:
     """Digest of a unit from its tensors' ``(name, bytes)``: what the validator computes on the arena."""
     return unit_digest((name, memoryview(data).nbytes, tensor_digest(data)) for name, data in tensors)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sources and the hashing pass
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Span:
-    """A tensor's place in its file, as the hashing pass needs it."""
-
-    name: str
-    offset: int
-    length: int
-
-
-@dataclass
-class _Scan:
-    file_digest: bytes | None
-    tensor_digests: dict[str, bytes]
-    chunks: dict[str, list[int]]
-
-
-def _scan_file(
-    src: Source,
-    file: str,
-    size: int,
-    spans: Sequence[_Span],
-    chunk_bytes: int,
-    buf: memoryview,
-    *,
-    file_digest: bool,
-    tensor_digests: bool,
-) -> _Scan:
-    """Read ``file`` once, front to back, in chunks; hash the file, each tensor and each chunk.
-
-    ``spans`` are sorted by offset and back to back (safetensors leaves no gaps); the bytes before the
-    first one are the header, hashed only into the file digest.
-    """
-    fh = _hasher(size) if file_digest else None
-    header_end = spans[0].offset if spans else size
-    if fh is not None:
-        for off in range(0, header_end, chunk_bytes):
-            view = buf[: min(chunk_bytes, header_end - off)]
-            src.read_into(file, off, view)
-            fh.update(view)
-    scan = _Scan(None, {}, {})
-    for t in spans:
-        th = _hasher(t.length) if tensor_digests else None
-        chunks: list[int] = []
-        for off in range(0, t.length, chunk_bytes):
-            view = buf[: min(chunk_bytes, t.length - off)]
-            src.read_into(file, t.offset + off, view)
-            if fh is not None:
-                fh.update(view)
-            if th is not None:
-                th.update(view)
-            chunks.append(xxhash.xxh3_64_intdigest(view))
-        scan.chunks[t.name] = chunks
-        if th is not None:
-            scan.tensor_digests[t.name] = th.digest()
-    if fh is not None:
-        scan.file_digest = fh.digest()
-    return scan
-
-
-def _check_chunk_bytes(chunk_bytes: int) -> None:
-    if (
-        not isinstance(chunk_bytes, int)
-        or isinstance(chunk_bytes, bool)
-        or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES
-        or chunk_bytes & (chunk_bytes - 1)
-    ):
-        raise ValueError(
-            f"chunk_bytes must be a power of two from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES}, "
-            f"got {chunk_bytes!r}"
-        )
-
-
-# ---------------------------------------------------------------------------------------------------
-# Building
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BuildStats:
-    """What a build read: bytes of every weight file and the seconds it took."""
-
-    bytes_read: int
-    seconds: float
-
-
-def build_manifest(
-    model_dir: Path,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    *,
-    on_file: Callable[[str, int], None] | None = None,
-) -> tuple[Manifest, BuildStats]:
-    """Hash every weight file of ``model_dir`` (one sequential pass each) and build its manifest.
-
-    ``on_file(name, size)`` is called after each file, for progress. Raises ``ModelFormatError`` for a
-    checkpoint load_layout refuses, ``SourceError`` when a file cannot be read whole, and
-    ``ManifestError`` if the result would not pass ``decode_manifest`` (e.g. config.json holding
-    NaN, which JSON cannot carry).
-    """
-    _check_chunk_bytes(chunk_bytes)
-    started = time.monotonic()
-    # load_layout, not load_layout_from_source: a directory can be listed, which words refusals better.
-    layout = load_layout(Path(model_dir))
-    src = FilesystemSource(Path(model_dir))
-    try:
-        return _build(src, layout, chunk_bytes, on_file, started)
-    finally:
-        src.close()
-
-
-def build_manifest_from_source(
-    src: Source,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    *,
-    on_file: Callable[[str, int], None] | None = None,
-) -> tuple[Manifest, BuildStats]:
-    """``build_manifest`` over any source (an S3 prefix, ...); the caller closes ``src``."""
-    _check_chunk_bytes(chunk_bytes)
-    started = time.monotonic()
-    return _build(src, load_layout_from_source(src), chunk_bytes, on_file, started)
-
-
-def _build(
-    src: Source,
-    layout: ModelLayout,
-    chunk_bytes: int,
-    on_file: Callable[[str, int], None] | None,
-    started: float,
-) -> tuple[Manifest, BuildStats]:
-    where = f"{src.description.rstrip('/')}/{CONFIG_FILE}"
-    config_raw = src.read_small(CONFIG_FILE, MAX_JSON_BYTES)
-    try:
-        config_now = json.loads(config_raw)
-    except ValueError:
-        config_now = None
-    if config_now != layout.model_config:
-        raise ManifestError(where, "changed while the manifest was being built")
-    aux_files = {CONFIG_FILE: FileRecord(len(config_raw), blake3.blake3(config_raw).hexdigest())}
-    for name in AUX_FILES[1:]:
-        try:
-            raw = src.read_small(name, MAX_AUX_BYTES)
-        except SourceNotFound:
-            continue
-        aux_files[name] = FileRecord(len(raw), blake3.blake3(raw).hexdigest())
-
-    by_file: dict[str, list[TensorEntry]] = {name: [] for name in layout.files}
-    for unit in layout.units:
-        for t in unit.tensors:
-            by_file[t.file].append(t)
-    buf = memoryview(bytearray(chunk_bytes))
-    files: dict[str, FileRecord] = {}
-    tensor_b3: dict[str, bytes] = {}
-    chunks: dict[str, list[int]] = {}
-    for name in sorted(layout.files):
-        size = layout.files[name]
-        spans = [_Span(t.name, t.offset, t.length) for t in sorted(by_file[name], key=lambda t: t.offset)]
-        scan = _scan_file(src, name, size, spans, chunk_bytes, buf, file_digest=True, tensor_digests=True)
-        assert scan.file_digest is not None
-        files[name] = FileRecord(size, scan.file_digest.hex())
-        tensor_b3.update(scan.tensor_digests)
-        chunks.update(scan.chunks)
-        if on_file is not None:
-            on_file(name, size)
-
-    units: list[UnitRecord] = []
-    tensors: list[TensorRecord] = []
-    for unit in layout.units:
-        units.append(
-            UnitRecord(
-                unit.name,
-                unit.kind,
-                unit.block,
-                unit_digest((t.name, t.length, tensor_b3[t.name]) for t in unit.tensors).hex(),
-            )
-        )
-        tensors += [
-            TensorRecord(
-                t.name,
-                t.file,
-                t.offset,
-                t.length,
-                t.dtype,
-                t.shape,
-                t.unit,
-                tensor_b3[t.name].hex(),
-                tuple(chunks[t.name]),
-            )
-            for t in unit.tensors
-        ]
-    root = merkle.merkle_root(_leaves(units, aux_files))
-    manifest = Manifest(
-        format=FORMAT_VERSION,
-        merkle_root=root.hex(),
-        num_units=len(units),
-        chunk_bytes=chunk_bytes,
-        aux_files=aux_files,
-        model_config=layout.model_config,
-        files=files,
-        units=tuple(units),
-        tensors=tuple(tensors),
-    )
-    # What we write must read back: the reader's checks double as the builder's self-check.
-    back = decode_manifest(encode_manifest(manifest), f"{src.description.rstrip('/')}/{MANIFEST_FILE}")
-    if back != manifest:
-        raise ManifestError(where, "holds values JSON cannot carry faithfully (NaN or Infinity?)")
-    return manifest, BuildStats(sum(layout.files.values()), time.monotonic() - started)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -580,6 +351,19 @@ def write_manifest(manifest: Manifest, path: Path) -> int:
     return len(data)
 
 
+def check_chunk_bytes(chunk_bytes: int) -> None:
+    if (
+        not isinstance(chunk_bytes, int)
+        or isinstance(chunk_bytes, bool)
+        or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES
+        or chunk_bytes & (chunk_bytes - 1)
+    ):
+        raise ValueError(
+            f"chunk_bytes must be a power of two from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES}, "
+            f"got {chunk_bytes!r}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checks on read
 # ---------------------------------------------------------------------------------------------------
@@ -587,7 +371,7 @@ def write_manifest(manifest: Manifest, path: Path) -> int:
 
 def _check(m: Manifest, source: str) -> None:
     try:
-        _check_chunk_bytes(m.chunk_bytes)
+        check_chunk_bytes(m.chunk_bytes)
     except ValueError as e:
         raise ManifestError(source, str(e)) from None
     if CONFIG_FILE not in m.aux_files:
@@ -691,7 +475,7 @@ def _check_digests(m: Manifest, source: str) -> None:
             raise ManifestError(
                 source, f"unit {rec.name!r}: digest {rec.digest} does not follow from its tensors' digests"
             )
-    root = merkle.merkle_root(_leaves(m.units, m.aux_files))
+    root = merkle.merkle_root(merkle_leaves(m.units, m.aux_files))
     if root.hex() != m.merkle_root:
         raise ManifestError(
             source,
@@ -773,7 +557,7 @@ def unit_range_for_blocks(num_blocks: int, blocks: LayerRange) -> tuple[int, int
 def range_proof_for_blocks(manifest: Manifest, blocks: LayerRange) -> RangeProof:
     """The compact Merkle proof for the units of ``blocks``, from the manifest's unit digests."""
     start, stop = unit_range_for_blocks(manifest.num_blocks, blocks)
-    leaves = _leaves(manifest.units, manifest.aux_files)
+    leaves = merkle_leaves(manifest.units, manifest.aux_files)
     return RangeProof(start, stop, tuple(merkle.range_proof(leaves, start, stop)))
 
 
@@ -795,224 +579,3 @@ def verify_blocks(
         return False
     leaves = [merkle.leaf_hash(d) for d in unit_digests]
     return merkle.verify_range(leaves, start, manifest.num_leaves, proof.hashes, manifest.root_bytes())
-
-
-# ---------------------------------------------------------------------------------------------------
-# Verifying bytes against a manifest
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One way the bytes differ from the manifest. ``offset`` is an absolute file offset."""
-
-    file: str
-    detail: str
-    tensor: str | None = None
-    offset: int | None = None
-
-    def __str__(self) -> str:
-        return f"{self.file}: {self.detail}"
-
-
-def _compare_chunks(m: Manifest, file: str, t: TensorRecord, got: list[int]) -> Problem | None:
-    bad = [i for i, (a, b) in enumerate(zip(got, t.chunks, strict=True)) if a != b]
-    if not bad:
-        return None
-    first = bad[0]
-    rel = first * m.chunk_bytes
-    n = min(m.chunk_bytes, t.length - rel)
-    return Problem(
-        file,
-        f"tensor {t.name!r}: chunk at tensor offset {rel} (file offset {t.offset + rel}, {n} bytes) "
-        f"has xxh3 {got[first]:016x}, the manifest says {t.chunks[first]:016x}; "
-        f"{len(bad)} of {len(t.chunks)} chunks differ",
-        t.name,
-        t.offset + rel,
-    )
-
-
-def _compare_tensor(file: str, t: TensorRecord, got: bytes) -> Problem | None:
-    if got.hex() == t.blake3:
-        return None
-    return Problem(
-        file,
-        f"tensor {t.name!r} [{t.offset}, {t.offset + t.length}): BLAKE3 {got.hex()} differs from the "
-        f"manifest's {t.blake3} although every chunk's xxh3 matches (the manifest's chunk digests do "
-        "not describe the bytes its tensor digests and Merkle root name)",
-        t.name,
-        t.offset,
-    )
-
-
-def _verify_file(
-    m: Manifest,
-    src: Source,
-    name: str,
-    tensors: list[TensorRecord],
-    buf: memoryview,
-    found: dict[str, bytes],
-) -> list[Problem]:
-    """Problems of one file; ``tensors`` are its tensors sorted by offset. Each tensor read whole has
-    its BLAKE3 put in ``found``."""
-    record = m.files[name]
-    try:
-        size = src.size(name)
-    except (SourceError, OSError) as e:
-        return [Problem(name, f"missing or unreadable: {e}")]
-    problems: list[Problem] = []
-    if size != record.size:
-        problems.append(Problem(name, f"is {size} bytes, the manifest says {record.size}"))
-        cut = [t for t in tensors if t.offset + t.length > size]
-        for t in cut[:8]:
-            problems.append(
-                Problem(
-                    name,
-                    f"tensor {t.name!r} [{t.offset}, {t.offset + t.length}) lies past the end of the file",
-                    t.name,
-                    t.offset,
-                )
-            )
-        if len(cut) > 8:
-            problems.append(Problem(name, f"and {len(cut) - 8} more tensors past the end of the file"))
-        tensors = [t for t in tensors if t.offset + t.length <= size]
-    spans = [_Span(t.name, t.offset, t.length) for t in tensors]
-    whole = size == record.size
-    try:
-        scan = _scan_file(src, name, size, spans, m.chunk_bytes, buf, file_digest=whole, tensor_digests=True)
-    except (SourceError, OSError) as e:
-        return [*problems, Problem(name, f"read failed: {e}")]
-    found.update(scan.tensor_digests)
-    for t in tensors:
-        # A differing chunk names the offset; with every chunk matching, the tensor digest (which the
-        # Merkle root covers) still has to: chunk digests are only as good as the manifest's word.
-        p = _compare_chunks(m, name, t, scan.chunks[t.name]) or _compare_tensor(
-            name, t, scan.tensor_digests[t.name]
-        )
-        if p is not None:
-            problems.append(p)
-    if whole and scan.file_digest is not None and scan.file_digest.hex() != record.blake3 and not problems:
-        # Every chunk matched, so the difference is in the header (or, adversarially, an xxh3
-        # collision: the BLAKE3 file digest is what makes this check sound).
-        problems.append(
-            Problem(name, f"BLAKE3 {scan.file_digest.hex()} differs from the manifest's {record.blake3}")
-        )
-    return problems
-
-
-def bytes_root(manifest: Manifest, tensor_digests: dict[str, bytes]) -> bytes | None:
-    """The Merkle root of the bytes read, recomputed from their tensor digests exactly as the manifest's
-    root is from its own (unit digests, leaves, RFC 6962 root); None if a tensor was not read whole."""
-    by_unit: list[list[tuple[str, int, bytes]]] = [[] for _ in manifest.units]
-    for t in manifest.tensors:
-        if t.name not in tensor_digests:
-            return None
-        by_unit[t.unit].append((t.name, t.length, tensor_digests[t.name]))
-    leaves = [merkle.leaf_hash(unit_digest(members)) for members in by_unit]
-    # The aux files' leaf from their records; their bytes are checked on their own (_verify_side_files).
-    return merkle.merkle_root([*leaves, merkle.leaf_hash(aux_digest(manifest.aux_files))])
-
-
-def verify_source(
-    manifest: Manifest, src: Source, *, on_file: Callable[[str, int], None] | None = None
-) -> list[Problem]:
-    """Check ``src`` against ``manifest`` as a node does, and then some; [] means all match.
-
-    What a node checks, in one pass per file, front to back: every file's size, every chunk's xxh3,
-    every tensor's BLAKE3, and the Merkle root recomputed from those tensor digests (the node proves
-    the same leaves to its coordinator); what only this can check: every file's BLAKE3 (headers
-    included) and the side files the manifest names (config.json, the tokenizer). A differing chunk is
-    reported once per tensor, naming the tensor, the chunk's tensor and file offsets and how many of
-    its chunks differ.
-    """
-    problems: list[Problem] = []
-    buf = memoryview(bytearray(manifest.chunk_bytes))
-    by_file: dict[str, list[TensorRecord]] = {name: [] for name in manifest.files}
-    for t in manifest.tensors:
-        by_file[t.file].append(t)
-    found: dict[str, bytes] = {}
-    for name in sorted(manifest.files):
-        problems += _verify_file(
-            manifest, src, name, sorted(by_file[name], key=lambda t: t.offset), buf, found
-        )
-        if on_file is not None:
-            on_file(name, manifest.files[name].size)
-    root = bytes_root(manifest, found)
-    if root is not None and root.hex() != manifest.merkle_root:
-        problems.append(
-            Problem(
-                "<merkle root>",
-                f"the bytes' tensor digests give root {root.hex()}, the manifest names "
-                f"{manifest.merkle_root}: they are not that model version",
-            )
-        )
-    problems += _verify_side_files(manifest, src)
-    return problems
-
-
-def _verify_side_files(manifest: Manifest, src: Source) -> list[Problem]:
-    """The files beside the weights that the manifest pins (``aux_files``: config.json, the tokenizer's
-    files), each fetched as a node fetches it (``read_aux_file``): missing or different."""
-    problems: list[Problem] = []
-    for name in manifest.aux_files:
-        try:
-            read_aux_file(manifest, src, name)
-        except ManifestError as e:
-            problems.append(Problem(name, e.detail))
-        except (SourceError, OSError) as e:
-            problems.append(Problem(name, f"missing or unreadable: {e}"))
-    return problems
-
-
-def verify_dir(
-    manifest: Manifest, model_dir: Path, *, on_file: Callable[[str, int], None] | None = None
-) -> list[Problem]:
-    """``verify_source`` over a local model directory."""
-    src = FilesystemSource(Path(model_dir))
-    try:
-        return verify_source(manifest, src, on_file=on_file)
-    finally:
-        src.close()
-
-
-def read_aux_file(manifest: Manifest, src: Source, name: str) -> bytes:
-    """The bytes of aux file ``name`` (config.json, tokenizer.json...) from ``src``, only if they are
-    the manifest's: size and BLAKE3 checked. A file the manifest does not cover, or whose bytes differ
-    (another model version's tokenizer beside these weights), is a ``ManifestError``; a failing or
-    missing file is the source's ``SourceError``."""
-    where = f"{src.description.rstrip('/')}/{name}"
-    record = manifest.aux_files.get(name)
-    if record is None:
-        covered = ", ".join(sorted(manifest.aux_files))
-        raise ManifestError(where, f"is not covered by the manifest (it covers {covered})")
-    size = src.size(name)
-    if size != record.size:
-        raise ManifestError(
-            where,
-            f"is {size} bytes; the manifest says {record.size}: this file is not the one of model "
-            f"version {manifest.merkle_root[:16]}",
-        )
-    raw = src.read_small(name, record.size)
-    digest = blake3.blake3(raw).hexdigest()
-    if len(raw) != record.size or digest != record.blake3:
-        raise ManifestError(
-            where,
-            f"{len(raw)} bytes with BLAKE3 {digest}; the manifest says {record.size} bytes with BLAKE3 "
-            f"{record.blake3}: this file is not the one of model version {manifest.merkle_root[:16]}",
-        )
-    return raw
-
-
-def verified_model_config(manifest: Manifest, src: Source) -> dict[str, object]:
-    """config.json fetched from ``src`` through ``read_aux_file``, checked to be the manifest's
-    ``model_config`` (which the root does not bind by itself: only config.json's bytes are)."""
-    raw = read_aux_file(manifest, src, CONFIG_FILE)
-    where = f"{src.description.rstrip('/')}/{CONFIG_FILE}"
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ManifestError(where, f"is not valid JSON: {e}") from None
-    if parsed != manifest.model_config:
-        raise ManifestError(where, "does not say what the manifest's model_config says (edited manifest?)")
-    config: dict[str, object] = parsed
-    return config

@@ -90,7 +90,7 @@ def _corpus(vocab_size: int) -> list[str]:
 
 
 def _train(vocab_size: int) -> Tokenizer:
-    # Imported here: every process that imports butterfly.model would otherwise load the library.
+    # Imported here: every process that imports butterfly.weights would otherwise load the library.
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token=UNK))

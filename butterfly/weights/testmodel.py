@@ -30,9 +30,9 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from butterfly.model.layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
-from butterfly.model.safetensors import DTYPE_SIZES, LazyTensor, encode_header, write_safetensors
-from butterfly.model.testtokenizer import TokenizerFiles, tokenizer_files
+from butterfly.weights.layout import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
+from butterfly.weights.safetensors import DTYPE_SIZES, LazyTensor, encode_header, write_safetensors
+from butterfly.weights.testtokenizer import TokenizerFiles, tokenizer_files
 
 __all__ = ["SUPPORTED_DTYPES", "make_test_model", "model_size_bytes"]
 
@@ -358,8 +358,9 @@ def make_test_model(
         for name, data in plan.tokenizer.items():
             _write_bytes(tmp / name, data)
         if manifest:
-            # Imported here: the manifest module imports butterfly.model, which imports this one.
-            from butterfly.manifest import MANIFEST_FILE, build_manifest, write_manifest
+            # Imported here: the manifest module imports butterfly.weights, which imports this one.
+            from butterfly.weights.build import build_manifest
+            from butterfly.weights.manifest import MANIFEST_FILE, write_manifest
 
             write_manifest(build_manifest(tmp)[0], tmp / MANIFEST_FILE)
         _fsync_dir(tmp)

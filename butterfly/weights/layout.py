@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from butterfly.model.safetensors import (
+from butterfly.weights.safetensors import (
     MAX_HEADER_BYTES,
     PICKLE_SUFFIXES,
     ModelFormatError,
@@ -30,7 +30,7 @@ from butterfly.model.safetensors import (
     parse_header_bytes,
     refuse_pickle,
 )
-from butterfly.sources import FilesystemSource, Source, SourceError, SourceNotFound
+from butterfly.weights.sources import FilesystemSource, Source, SourceError, SourceNotFound
 
 __all__ = [
     "CONFIG_FILE",

@@ -3,7 +3,7 @@
 The manifest is the only source of truth for the model version (its Merkle root) and for the layer map
 of a multi-node cluster; every node reads it itself, so a coordinator never has to be trusted for it.
 A manifest is used only if it reads back whole and consistent (``ManifestError`` otherwise) and passes
-the operator's pins (``butterfly.provenance``: the expected root, the signature; ``ManifestRefused``).
+the operator's pins (``butterfly.weights.provenance``: the expected root, the signature; ``ManifestRefused``).
 This module must not read tensor data.
 """
 
@@ -12,15 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from butterfly.config import Config
-from butterfly.manifest import (
-    MANIFEST_FILE,
-    MAX_MANIFEST_BYTES,
-    Manifest,
-    decode_manifest,
-    verified_model_config,
-)
-from butterfly.provenance import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX, check_pins
-from butterfly.sources import FilesystemSource, Source, SourceError, SourceNotFound, open_source
+from butterfly.weights.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, Manifest, decode_manifest
+from butterfly.weights.provenance import MAX_SIGNATURE_BYTES, SIGNATURE_SUFFIX, check_pins
+from butterfly.weights.sources import FilesystemSource, Source, SourceError, SourceNotFound, open_source
+from butterfly.weights.verify import verified_model_config
 
 __all__ = ["NoManifest", "load_manifest", "manifest_location"]
 
@@ -38,7 +33,7 @@ def manifest_location(config: Config) -> tuple[Source, str]:
     if not path.startswith("s3://"):
         local = Path(path)
         return FilesystemSource(local.parent), local.name
-    from butterfly.sources.s3 import S3Source, parse_s3_url
+    from butterfly.weights.sources.s3 import S3Source, parse_s3_url
 
     bucket, key = parse_s3_url(path)
     prefix, _, name = key.rpartition("/")
