@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from butterfly.manifest import MANIFEST_FILE
 
 from butterfly.cli import admin, node
-from butterfly.manifest import MANIFEST_FILE
 from butterfly.net.auth import generate_secret, load_secret
 from tests.nodeharness import free_port
 
