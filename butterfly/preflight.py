@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from butterfly.config import Config, HostPort, SecurityConfig
-from butterfly.manifest import MANIFEST_FILE
+from butterfly.weights.manifest import MANIFEST_FILE
 
 __all__ = ["PreflightError", "preflight"]
 

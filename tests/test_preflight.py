@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from butterfly.manifest import MANIFEST_FILE
 
 from butterfly.cli import admin, node
 from butterfly.net.auth import generate_secret, load_secret
+from butterfly.weights.manifest import MANIFEST_FILE
 from tests.nodeharness import free_port
 
 SPEC_SHAPED = """
