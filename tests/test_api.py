@@ -359,6 +359,8 @@ def test_ready_is_503_until_may_serve(state: str) -> None:
             "ready": False,
             "state": state,
             "phase": status.phase,
+            "epoch": status.epoch,
+            "term": status.term,
             "waiting_reason": status.waiting_reason,
         }
 
@@ -369,7 +371,14 @@ def test_ready_200_when_operational() -> None:
     async def body(c: Client) -> None:
         code, doc = await c.get_json("/ready")
         assert code == 200
-        assert doc == {"ready": True, "state": "OPERATIONAL", "phase": "ready"}
+        status = operational()
+        assert doc == {
+            "ready": True,
+            "state": "OPERATIONAL",
+            "phase": "ready",
+            "epoch": status.epoch,
+            "term": status.term,
+        }
 
     with_server(FakeSource(operational()), body)
 

@@ -100,7 +100,15 @@ class _Handlers:
 
     async def ready(self, request: web.Request) -> web.Response:
         status = self._source()
-        body: dict[str, Any] = {"ready": status.may_serve, "state": status.state, "phase": status.phase}
+        # The epoch and term the verdict was given in: a client (or the chaos suite's history) can tell
+        # which committed plan an answer belongs to.
+        body: dict[str, Any] = {
+            "ready": status.may_serve,
+            "state": status.state,
+            "phase": status.phase,
+            "epoch": status.epoch,
+            "term": status.term,
+        }
         if status.may_serve:
             return _json(body)
         body["waiting_reason"] = status.waiting_reason
