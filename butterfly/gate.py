@@ -14,11 +14,26 @@ A node may serve epoch E only while every one of these holds (the first that fai
    deadlocked) or dead process stops serving, long before the supervisor kills it;
 4. the validator has not found weights in memory that are not the model's (``validator.fault``, set
    by scrubbing or a validation the moment it finds one, cleared when a validation passes again);
+5. the node holds a serving lease for epoch E (``cluster.lease_epoch == E`` and ``now <
+   cluster.lease_until_mono_ns``): its coordinator granted it, and the coordinator held its own lease
+   from a quorum of voters that promised not to elect another coordinator meanwhile
+   (butterfly.cluster.lease). The coordinator names epoch 0 (no lease) while a planned node is
+   silent or failed, or a newer plan is proposed, so the whole cluster stops serving together.
 
 Bounds (from the moment the fact changes to the moment this function says no):
 - a new plan applied on this node: immediately (check 2);
 - a hung or dead child or supervisor: ``STALE_AFTER_NS`` (1.0 s, four missed heartbeats);
-- weights found changed in memory: immediately (check 4; scrubbing finds them within a pass).
+- weights found changed in memory: immediately (check 4; scrubbing finds them within a pass);
+- quorum lost, coordinator dead, frozen (node or cluster child) or cut off: the lease runs out at
+  most ``PROMISE_S`` (0.44 s) after the coordinator last heard a quorum, and a member's at most that
+  long after its last lease exchange with the coordinator (check 5). A new coordinator needs at
+  least an election timeout (0.5 s) after the voters last heard the old one, so leases never overlap
+  a new coordinator's term; a non-voting node (learner, worker) times out the same way;
+- a planned node dead, frozen, cut off or failed: the coordinator revokes every lease once the node
+  has not answered its lease pings for ``SILENT_STOPS_SERVING_S`` (1.0 s; butterfly.cluster.driver),
+  or reports itself failed, and a member stops on the revoke (one message) or at its lease's end if
+  it misses it. A new coordinator grants nothing until every planned node has answered it. The
+  re-plan waits for the longer ``DEAD_AFTER_S`` (1.5 s).
 
 This module must not write the board, read a clock, or know how the values got there.
 """
@@ -80,4 +95,9 @@ def may_serve(snap: BoardSnapshot, now_mono_ns: int) -> ServeVerdict:
             return _no(why)
     if snap.validator.fault:
         return _no("the validator found weights in memory that are not the model's")
+    if cl.lease_epoch != epoch or cl.lease_until_mono_ns == 0:
+        return _no(f"no serving lease for epoch {epoch} from the coordinator")
+    if now_mono_ns >= cl.lease_until_mono_ns:
+        ago = (now_mono_ns - cl.lease_until_mono_ns) / 1e9
+        return _no(f"serving lease from the coordinator expired {ago:.2f}s ago")
     return ServeVerdict(True, "", epoch)

@@ -313,7 +313,7 @@ def test_layout_sizes_and_alignment() -> None:
     payloads = {
         HeaderSection: 84,
         NodeSection: 140,
-        ClusterSection: 169,
+        ClusterSection: 186,
         LoaderSection: 69,
         ValidatorSection: 130,
     }
@@ -325,7 +325,7 @@ def test_layout_sizes_and_alignment() -> None:
         assert lay.size % 64 == 0 and lay.size >= 8 + lay.payload_size
         assert [f.name for f in lay.fields] == [f.name for f in dataclasses.fields(cls)]
         offset += lay.size
-    assert BOARD_SIZE == offset == 832
+    assert BOARD_SIZE == offset == 896
 
 
 def test_adding_a_field_is_one_annotation() -> None:

@@ -28,7 +28,14 @@ def serving() -> BoardSnapshot:
             heartbeat_mono_ns=beat,
             started_mono_ns=NOW - 10**10,
         ),
-        cluster=ClusterSection(heartbeat_mono_ns=beat, epoch=EPOCH, term=2, coordinator="n1"),
+        cluster=ClusterSection(
+            heartbeat_mono_ns=beat,
+            epoch=EPOCH,
+            term=2,
+            coordinator="n1",
+            lease_until_mono_ns=NOW + 3 * 10**8,
+            lease_epoch=EPOCH,
+        ),
         loader=LoaderSection(heartbeat_mono_ns=beat),
         validator=ValidatorSection(heartbeat_mono_ns=beat),
     )
@@ -57,6 +64,10 @@ def test_a_serving_node_may_serve_its_epoch() -> None:
         ("loader", {"heartbeat_mono_ns": NOW - 2 * 10**9}, "loader child silent for 2.0s"),
         ("validator", {"heartbeat_mono_ns": 0}, "validator child has not started"),
         ("validator", {"fault": 1}, "the validator found weights in memory that are not the model's"),
+        ("cluster", {"lease_until_mono_ns": 0, "lease_epoch": 0}, "no serving lease for epoch 3"),
+        ("cluster", {"lease_epoch": EPOCH - 1}, "no serving lease for epoch 3"),
+        ("cluster", {"lease_until_mono_ns": NOW - 5 * 10**7}, "lease from the coordinator expired 0.05s"),
+        ("cluster", {"lease_until_mono_ns": NOW}, "expired 0.00s ago"),
     ],
 )
 def test_each_fact_alone_stops_serving(section: str, fields: dict[str, object], why: str) -> None:

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, TypeVar
 
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 # b"BFLY" as the first payload bytes of the header, read as a little-endian u32.
 MAGIC = int.from_bytes(b"BFLY", "little")
 SECTION_ALIGN = 64
@@ -112,7 +112,9 @@ class NodeSection(Section):
 
 @dataclass(frozen=True)
 class ClusterSection(Section):
-    """Writer: the cluster child."""
+    """Writer: the cluster child. ``lease_until_mono_ns``: this node may serve plan ``lease_epoch``
+    until then (monotonic clock), as its coordinator granted it (butterfly.cluster.lease); 0: no lease.
+    ``membership``: this node in the Raft configuration (``MEMBERSHIP``: 0 none yet, 1 voter, 2 learner)."""
 
     KEY: ClassVar[str] = "cluster"
     heartbeat_mono_ns: U64 = 0
@@ -125,6 +127,9 @@ class ClusterSection(Section):
     coordinator: Str64 = ""
     is_coordinator: U8 = 0
     model_root: Str64 = ""
+    lease_until_mono_ns: U64 = 0
+    lease_epoch: U64 = 0
+    membership: U8 = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,8 @@ class ValidatorSection(Section):
     scrub_cpu_s: F64 = 0.0
     scrub_last_pass_s: F64 = 0.0
 
+
+MEMBERSHIP = ("none", "voter", "learner")
 
 # Board order. Appending a section (or a field) changes offsets: bump LAYOUT_VERSION.
 SECTION_TYPES: tuple[type[Section], ...] = (

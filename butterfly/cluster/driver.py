@@ -29,7 +29,10 @@ from typing import Protocol
 import msgspec
 
 from butterfly.cluster.coordinator import DEAD_AFTER_S, SETTLE_S, Coordinator, ModelInfo
+from butterfly.cluster.lease import RENEW_S, LeaderLease, MemberLease, promise_span
 from butterfly.cluster.messages import (
+    LeasePing,
+    LeasePong,
     NodeReport,
     OperationalEntry,
     PeerMessage,
@@ -43,11 +46,15 @@ from butterfly.cluster.messages import (
 )
 from butterfly.ipc import PeerFault
 from butterfly.raft import (
+    AppendEntries,
     EntryKind,
+    Heartbeat,
+    PreVoteRequest,
     RaftConfig,
     RaftNode,
     RaftStorage,
     Role,
+    VoteRequest,
     bootstrap_state,
     decode_message,
     encode_message,
@@ -65,6 +72,14 @@ REPORT_INTERVAL_S = 0.15
 CYCLE_S = 0.1
 # A node that had a coordinator and lost it for this long stops serving and says so.
 LEADERLESS_S = 2.0
+# How long a voter that heard its coordinator is sure not to vote for another (butterfly.cluster.lease):
+# the longest serving lease there can be.
+PROMISE_S = promise_span(TICK_S, ELECTION_TICKS)
+# A planned node that has not answered the coordinator's lease pings (in its term) for this long
+# stops the whole cluster serving: the pipeline lost a stage. Much shorter than DEAD_AFTER_S, the
+# silence that re-plans: not serving is cheap to undo, a re-plan is not. A new coordinator grants
+# nothing until every planned node answered it.
+SILENT_STOPS_SERVING_S = 1.0
 
 RAFT = "raft"
 CLUSTER = "cluster"
@@ -155,6 +170,16 @@ class ClusterDriver:
         self._ready_lock = asyncio.Lock()
         self._view: frozenset[str] = frozenset()
         self._view_since = time.monotonic()
+        # Serving lease (butterfly.cluster.lease). heard: when a Raft message of the current leader
+        # at the current term last arrived; no_vote_until: every promise this node made (as a voter,
+        # or as the coordinator it was) ends before then, and it drops vote requests until then.
+        self.leader_lease: LeaderLease | None = None
+        self.leader_end = 0.0
+        self.member_lease = MemberLease()
+        self.heard: tuple[str, int, float] = ("", 0, 0.0)
+        self.no_vote_until = 0.0
+        self.serve_epoch = 0
+        self._lease_on_board = (0, 0)
 
     # ---- raft plumbing -------------------------------------------------------------------------
 
@@ -203,8 +228,10 @@ class ClusterDriver:
                     await self._apply(entry.data)
             for change in rd.role_changes:
                 self.events.board(is_coordinator=int(change.role is Role.LEADER))
+                self._role_changed(change.role, change.term)
             raft.advance(rd)
-        self.events.board(term=raft.term, coordinator=raft.leader or "")
+        membership = 1 if self.node_id in raft.voters else 2 if self.node_id in raft.learners else 0
+        self.events.board(term=raft.term, coordinator=raft.leader or "", membership=membership)
 
     async def _apply(self, data: bytes) -> None:
         try:
@@ -337,7 +364,12 @@ class ClusterDriver:
             ):
                 log.warning("dropping Raft message from %s of another cluster %s", peer, report[0].cluster_id)
                 return
+            now = time.monotonic()
+            if isinstance(msg, PreVoteRequest | VoteRequest) and now < self._no_vote_until(now):
+                return  # a promise not to elect anyone else is still running (butterfly.cluster.lease)
             raft.step(msg)
+            if isinstance(msg, AppendEntries | Heartbeat) and raft.leader == peer and msg.term == raft.term:
+                self.heard = (peer, msg.term, now)
             await self._process_ready()
             return
         if channel != CLUSTER:
@@ -364,6 +396,91 @@ class ClusterDriver:
         elif isinstance(pm, ValidationVerdict):
             if raft.leader == peer and pm.node_id == self.node_id:
                 await self._on_verdict(pm)
+        elif isinstance(pm, LeasePing):
+            self._on_lease_ping(peer, pm)
+        elif isinstance(pm, LeasePong):
+            if raft.role is Role.LEADER and self.leader_lease is not None:
+                self.leader_lease.on_pong(time.monotonic(), peer, pm)
+
+    # ---- serving lease (butterfly.cluster.lease) -----------------------------------------------
+
+    def _no_vote_until(self, now: float) -> float:
+        raft = self.raft
+        if raft is not None and raft.role is Role.LEADER and self.leader_lease is not None:
+            return max(self.no_vote_until, self.leader_end)
+        return self.no_vote_until
+
+    def _role_changed(self, role: Role, term: int) -> None:
+        if role is Role.LEADER:
+            self.leader_lease = LeaderLease(self.node_id, term, PROMISE_S)
+            self.leader_end = 0.0
+            self.member_lease.drop()
+        elif self.leader_lease is not None:
+            # Stepping down: no vote for anyone until every lease this node granted has ended.
+            self.no_vote_until = max(self.no_vote_until, self.leader_end)
+            self.leader_lease = None
+            self.leader_end = 0.0
+        self._lease_to_board()
+
+    def _on_lease_ping(self, peer: str, ping: LeasePing) -> None:
+        raft = self.raft
+        assert raft is not None
+        if raft.leader != peer or ping.term != raft.term or raft.role is not Role.FOLLOWER:
+            return
+        now = time.monotonic()
+        promise = 0.0
+        lead, term, heard = self.heard
+        if raft.is_voter and (lead, term) == (peer, raft.term):
+            promise = max(0.0, heard + PROMISE_S - now)
+            self.no_vote_until = max(self.no_vote_until, now + promise)
+        pong = self.member_lease.on_ping(now, ping, promise)
+        self.net.send(peer, CLUSTER, encode(pong))
+        self._lease_to_board()
+
+    def _lease_round(self, now: float) -> None:
+        """The coordinator's ping to every member (and its own lease); a member's lease check."""
+        raft = self.raft
+        if raft is None:
+            return
+        ll = self.leader_lease
+        if raft.role is Role.LEADER and ll is not None:
+            ll.new_round(now)
+            self.leader_end = max(self.leader_end, ll.end(now, raft.voters))
+            for member in (set(raft.voters) | set(raft.learners)) - {self.node_id}:
+                ping = ll.ping(now, member, self.serve_epoch, self.leader_end)
+                self.net.send(member, CLUSTER, encode(ping))
+        elif self.member_lease.until and (raft.leader != self.heard[0] or raft.term != self.heard[1]):
+            self.member_lease.drop()  # granted by a coordinator that is no longer ours
+        self._lease_to_board(now)
+
+    def _lease_to_board(self, now: float | None = None) -> None:
+        raft = self.raft
+        if raft is not None and raft.role is Role.LEADER and self.leader_lease is not None:
+            until, epoch = (self.leader_end, self.serve_epoch) if self.serve_epoch else (0.0, 0)
+        else:
+            until, epoch = self.member_lease.until, self.member_lease.epoch
+        value = (int(until * 1e9), epoch)
+        if value != self._lease_on_board:
+            self._lease_on_board = value
+            self.events.board(lease_until_mono_ns=value[0], lease_epoch=value[1])
+
+    def _leader_serve_epoch(self, now: float) -> int:
+        """The epoch the coordinator lets members serve: the operational plan, while every planned
+        node is alive, not failed and answering this coordinator's pings, and no newer plan is on its
+        way; otherwise 0 (everybody stops)."""
+        plan = self.plan
+        if plan is None or self.operational_epoch != plan.epoch:
+            return 0
+        if self.coordinator.proposed_epoch > plan.epoch:
+            return 0
+        healthy = {n for n, r in self.coordinator.alive(self.reports, now).items() if not r.failed}
+        ll = self.leader_lease
+        for a in plan.assignments:
+            if a.node_id not in healthy or ll is None:
+                return 0
+            if not ll.following(now, a.node_id, SILENT_STOPS_SERVING_S):
+                return 0
+        return plan.epoch
 
     def _log_verdict(self, v: ValidationVerdict) -> None:
         if v.ok:
@@ -430,6 +547,11 @@ class ClusterDriver:
                 continue
             self.raft.tick()
             await self._process_ready()
+
+    async def lease_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_S)
+            self._lease_round(time.monotonic())
 
     async def recv_loop(self) -> None:
         while True:
@@ -505,6 +627,16 @@ class ClusterDriver:
     async def _lead(self, now: float) -> None:
         raft = self.raft
         assert raft is not None
+        serve = self._leader_serve_epoch(now)
+        if serve != self.serve_epoch:
+            self.serve_epoch = serve
+            log.info(
+                "serving leases now name epoch %d%s",
+                serve,
+                "" if serve else " (nobody serves)",
+                extra={"fields": {"TERM": raft.term, "EPOCH": serve}},
+            )
+            self._lease_round(now)  # revoke (or grant) now, not at the next round
         if held("assignment") or now < self.judge_after:
             return
         if self.model is None:
@@ -585,4 +717,6 @@ class ClusterDriver:
 
     async def run(self) -> None:
         self.open_storage()
-        await asyncio.gather(self.tick_loop(), self.recv_loop(), self.report_loop(), self.cycle_loop())
+        await asyncio.gather(
+            self.tick_loop(), self.recv_loop(), self.report_loop(), self.cycle_loop(), self.lease_loop()
+        )

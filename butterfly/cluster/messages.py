@@ -7,6 +7,7 @@ Peer messages (the "cluster" channel of the transport):
 - ``Pledge``: bootstrap pledge to a voter set (see butterfly.raft's package docstring).
 - ``ValidationReport`` / ``ValidationVerdict``: a node's Merkle leaves for its assignment, with a range
   proof against the manifest root, and the coordinator's answer.
+- ``LeasePing`` / ``LeasePong``: the serving lease (butterfly.cluster.lease).
 Log entries (data of NORMAL Raft entries): ``PlanEntry`` and ``OperationalEntry``. Everything a node
 acts on about the cluster comes from a committed entry, fenced by the plan epoch and the term that
 proposed it.
@@ -60,7 +61,29 @@ class ValidationVerdict(msgspec.Struct, tag=True, frozen=True):
     reason: str = ""
 
 
-PeerMessage = NodeReport | Pledge | ValidationReport | ValidationVerdict
+class LeasePing(msgspec.Struct, tag=True, frozen=True):
+    """Coordinator -> member, every lease round (butterfly.cluster.lease): ``seq`` numbers the round;
+    ``grant_s`` seconds of serving lease counted from when the member sent its pong ``grant_seq``,
+    for plan ``epoch`` (0: the member may not serve)."""
+
+    term: int
+    seq: int
+    grant_seq: int
+    grant_s: float
+    epoch: int
+
+
+class LeasePong(msgspec.Struct, tag=True, frozen=True):
+    """Member -> coordinator, answering ping ``seq``: the member's own ``pong_seq``, and for a voter
+    following that coordinator how long from now it will not vote for another (``promise_s``)."""
+
+    term: int
+    seq: int
+    pong_seq: int
+    promise_s: float
+
+
+PeerMessage = NodeReport | Pledge | ValidationReport | ValidationVerdict | LeasePing | LeasePong
 
 
 class Assignment(msgspec.Struct, frozen=True, array_like=True):
