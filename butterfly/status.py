@@ -55,6 +55,23 @@ class PeerFaultStatus(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
+class ServingStats(msgspec.Struct, frozen=True, kw_only=True):
+    """Inference this node's API has served (the ``serving`` object of /status; the API fills it)."""
+
+    requests_served: int
+    """Requests that finished (length, stop or a stop string) since the node started."""
+    requests_failed: int
+    """Requests ended by an error after they were admitted (backend refused or failed)."""
+    requests_running: int
+    """Requests generating (first token received, not finished)."""
+    requests_waiting: int
+    """Requests admitted that have not received their first token."""
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    generation_tokens_per_second: float
+    """Tokens generated per second over the last 10 seconds."""
+
+
 class ChildStatus(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     pid: int | None
@@ -97,3 +114,5 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     children: list[ChildStatus]
     peer_faults: list[PeerFaultStatus] = []
     integrity: IntegrityStatus | None = None
+    serving: ServingStats | None = None
+    """Present when the node runs an inference backend."""

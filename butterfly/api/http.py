@@ -1,13 +1,15 @@
-"""The node's HTTP API: /status, /health, /ready and /metrics, served by the supervisor.
+"""The node's HTTP API: /status, /health, /ready and /metrics, and the OpenAI-compatible /v1 routes
+(``butterfly.api.v1``), served by the supervisor.
 
 This module owns the routes, the response bodies and status codes, the error handling (JSON 404,
-405 with Allow, JSON 500 that never stops the server, request size limits) and starting/stopping
-the listener.
+405 with Allow, JSON 500 that never stops the server, request size limits: 1 KiB everywhere but
+/v1, whose limit follows the model's context) and starting/stopping the listener.
 
 It runs on the supervisor's event loop and must answer while children are busy or restarting, so
 handlers must not block, do I/O or await anything slow: each one calls the synchronous
 ``status_source`` (the supervisor's shared-memory board read) exactly once and renders that
-snapshot. It must not change node state or hold state of its own; it only reads.
+snapshot. It must not change node state; the only state it holds is the serving metrics of the
+requests it answered.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from prometheus_client.exposition import choose_encoder
 
 from butterfly.api.guard import ConnectionGuard, ConnectionLimits, GuardedSite, RateLimitedLog, track_requests
 from butterfly.api.metrics import make_registry
+from butterfly.api.openai import ApiError
+from butterfly.api.servingmetrics import ServingMetrics
+from butterfly.api.v1 import MAX_V1_BODY_BYTES, ModelSource, ServedModel, V1Handlers, error_response
+from butterfly.serving.backend import Backend
 from butterfly.states import NodeState
 from butterfly.status import NodeStatus
 
@@ -32,8 +38,9 @@ log = logging.getLogger(__name__)
 
 StatusSource = Callable[[], NodeStatus]
 
-# No endpoint takes a body; anything bigger than a stray form is refused before it is read.
+# No endpoint but /v1 takes a body; anything bigger than a stray form is refused before it is read.
 MAX_BODY_BYTES = 1024
+V1_PREFIX = "/v1/"
 # How long close() waits for in-flight requests: a slow client must not hold up node shutdown.
 SHUTDOWN_TIMEOUT_S = 2.0
 # How long the server drains an unread request body before closing: short, as we never read bodies.
@@ -75,13 +82,18 @@ def _unhealthy_reason(status: NodeStatus) -> str:
 
 
 class _Handlers:
-    def __init__(self, status_source: StatusSource) -> None:
+    def __init__(self, status_source: StatusSource, serves: bool) -> None:
         self._source = status_source
         self._registry = make_registry(status_source)
+        self.serving = ServingMetrics(self._registry)
+        self._serves = serves
 
     async def status(self, request: web.Request) -> web.Response:
         # msgspec encodes struct fields in declaration order: the seed's six fields come first.
-        return _json(self._source())
+        status = self._source()
+        if self._serves:
+            status = msgspec.structs.replace(status, serving=self.serving.stats())
+        return _json(status)
 
     async def health(self, request: web.Request) -> web.Response:
         status = self._source()
@@ -130,6 +142,8 @@ class _Handlers:
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Size limits, JSON errors, and a last line of defence so one bad request never kills the API."""
+    if request.path.startswith(V1_PREFIX):
+        return await _guard_v1(request, handler)
     if request.body_exists:
         length = request.content_length
         if length is None:
@@ -173,16 +187,50 @@ def _log_handler_failure(request: web.Request, exc: Exception) -> None:
         log.handle(record)
 
 
-def make_app(status_source: StatusSource) -> web.Application:
-    """The API application; ``status_source`` must be cheap and synchronous (a board read)."""
-    app = web.Application(middlewares=[track_requests, _guard], client_max_size=MAX_BODY_BYTES)
+async def _guard_v1(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """/v1 checks its own body limit (the model's); its errors are OpenAI's error bodies."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        headers = {
+            k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")
+        }
+        code = "not_found" if exc.status == 404 else "method_not_allowed" if exc.status == 405 else None
+        return error_response(
+            ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", code=code), headers
+        )
+    except Exception as exc:
+        _log_handler_failure(request, exc)
+        return error_response(ApiError(500, "internal error", code="internal_error"))
+
+
+def _no_model() -> ServedModel | None:
+    return None
+
+
+def make_app(
+    status_source: StatusSource,
+    backend: Backend | None = None,
+    model_source: ModelSource = _no_model,
+) -> web.Application:
+    """The API application; ``status_source`` must be cheap and synchronous (a board read).
+
+    ``backend`` runs inference (None: /v1 answers 503 "serving not available"); ``model_source``
+    returns the model this node serves once its tokenizer is loaded, else None (also cheap).
+    """
+    # client_max_size is /v1's ceiling; every other route refuses bodies over MAX_BODY_BYTES first.
+    app = web.Application(middlewares=[track_requests, _guard], client_max_size=MAX_V1_BODY_BYTES)
     app[_FAILURES] = RateLimitedLog(ConnectionLimits().log_interval_s)
-    handlers = _Handlers(status_source)
+    handlers = _Handlers(status_source, serves=backend is not None)
+    v1 = V1Handlers(status_source, backend, model_source, handlers.serving)
     # add_get also registers HEAD; aiohttp then answers other methods with 405 and Allow: GET,HEAD.
     app.router.add_get("/status", handlers.status)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/v1/models", v1.models)
+    app.router.add_post("/v1/completions", v1.completions)
+    app.router.add_post("/v1/chat/completions", v1.chat)
     return app
 
 
@@ -234,6 +282,9 @@ async def start_api(
         lingering_time=LINGERING_TIME_S,
         keepalive_timeout=limits.head_timeout_s,
         logger=protocol_log,
+        # A client that disconnects cancels its handler, which closes its sequence's iterator and
+        # frees its KV cache at once rather than at its next token.
+        handler_cancellation=True,
     )
     await runner.setup()
     site = GuardedSite(runner, host, port, limits)
