@@ -19,6 +19,9 @@ import aiohttp
 import msgspec
 import pytest
 import torch
+from butterfly.manifest import MANIFEST_FILE, read_manifest
+from butterfly.model.testmodel import make_test_model
+from butterfly.sources import FilesystemSource
 from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.api import make_app, start_api
@@ -28,11 +31,8 @@ from butterfly.engine.generate import Pipeline, generate
 from butterfly.engine.model import StageModel
 from butterfly.engine.sampler import SamplingParams
 from butterfly.engine.weights import ModelDir, open_model_dir
-from butterfly.manifest import MANIFEST_FILE, read_manifest
-from butterfly.model.testmodel import make_test_model
 from butterfly.serving.backend import Backend, Finished, GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.local import LocalBackend
-from butterfly.sources import FilesystemSource
 from butterfly.status import NodeStatus
 from tests.test_api import make_status
 
