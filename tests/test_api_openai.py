@@ -19,9 +19,6 @@ import aiohttp
 import msgspec
 import pytest
 import torch
-from butterfly.manifest import MANIFEST_FILE, read_manifest
-from butterfly.model.testmodel import make_test_model
-from butterfly.sources import FilesystemSource
 from prometheus_client.parser import text_string_to_metric_families
 
 from butterfly.api import make_app, start_api
@@ -34,6 +31,9 @@ from butterfly.engine.weights import ModelDir, open_model_dir
 from butterfly.serving.backend import Backend, Finished, GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.local import LocalBackend
 from butterfly.status import NodeStatus
+from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
+from butterfly.weights.sources import FilesystemSource
+from butterfly.weights.testmodel import make_test_model
 from tests.test_api import make_status
 
 T = TypeVar("T")

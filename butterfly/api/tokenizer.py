@@ -20,13 +20,14 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from butterfly.engine.config import ConfigUnsupported, ModelConfig
-from butterfly.manifest import Manifest, read_aux_file, verified_model_config
+from butterfly.weights.manifest import Manifest
+from butterfly.weights.verify import read_aux_file, verified_model_config
 
 if TYPE_CHECKING:
     import jinja2
     from tokenizers import Tokenizer
 
-    from butterfly.sources import Source
+    from butterfly.weights.sources import Source
 
 __all__ = [
     "ChatTemplateError",
