@@ -430,6 +430,13 @@ class ClusterConfig:
     """Consul service the nodes register as and look up (consul discovery)."""
     discovery_interval_s: float = _setting(_number(0, inclusive=False), 5.0)
     """Seconds between discovery rounds."""
+    founder: HostPort | None = _setting(_host_port, None)
+    """The one node that founds a new cluster (writes its first voter set), named by the address it
+    advertises. Unset: the lowest of ``seed_nodes`` plus this node's own address, so every node must
+    list the same set. Needed with dns or consul discovery. Nodes that already hold Raft state ignore it."""
+    voter_grace_s: float = _setting(_number(0, inclusive=False), 30.0)
+    """A voter silent this long is replaced by a live coordinator-eligible learner (one change at a
+    time through the Raft log)."""
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ class Cluster:
             text = path.read_text().replace(
                 'discovery_method = "static"',
                 f'discovery_method = "dns"\ndns_srv_name = "{name}"\ndns_servers = ["{server}"]\n'
-                "discovery_interval_s = 0.5",
+                f'discovery_interval_s = 0.5\nfounder = "{min(self.addrs)}"',
             )
             path.write_text(text)
         return path

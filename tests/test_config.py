@@ -28,7 +28,7 @@ PATH = "a path (relative paths are taken from the config file's directory)"
 SECTIONS = "cluster, model, node, api, logging, security, loader, supervisor, validator, engine"
 CLUSTER_KEYS = (
     "cluster_name, discovery_method, seed_nodes, quorum_size, dns_srv_name, dns_servers, "
-    "consul_address, consul_service, discovery_interval_s"
+    "consul_address, consul_service, discovery_interval_s, founder, voter_grace_s"
 )
 
 # (toml, key, expected, found): the message must read "<key>: expected <expected>, found <found>".
@@ -502,6 +502,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.cluster.quorum_size == 1
     assert config.cluster.consul_address == "http://127.0.0.1:8500"
     assert config.cluster.discovery_interval_s == 5.0
+    assert config.cluster.founder is None and config.cluster.voter_grace_s == 30.0
     assert config.model.manifest_path is None
     assert config.model.s3.path_style is False
     assert config.node.role == "worker"
@@ -531,6 +532,17 @@ def test_default_node_id_is_short_hostname_and_stable_hex() -> None:
     assert default_node_id("node-a.example.com", HostPort("0.0.0.0", 7001)) != node_id
     assert default_node_id("node-b.example.com", bind) != node_id
     assert default_node_id("", bind).startswith("node-")
+
+
+def test_membership_keys_are_validated() -> None:
+    config = parse_config(MODEL + '[cluster]\nfounder = "10.0.0.1:7000"\nvoter_grace_s = 5\n')
+    assert config.cluster.founder == HostPort("10.0.0.1", 7000) and config.cluster.voter_grace_s == 5.0
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MODEL + "[cluster]\nvoter_grace_s = 0\n")
+    assert caught.value.key == "cluster.voter_grace_s"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(MODEL + '[cluster]\nfounder = "nohost"\n')
+    assert caught.value.key == "cluster.founder" and caught.value.expected == HOST_PORT
 
 
 def test_integers_are_accepted_for_float_keys() -> None:

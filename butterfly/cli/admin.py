@@ -85,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("path", metavar="PATH")
     sc.set_defaults(func=cmd_secret_create)
 
-    from butterfly.cli import admin_ops, admin_weights
+    from butterfly.cli import admin_ops, admin_raft, admin_weights
 
     admin_ops.register(sub)
     admin_weights.register(sub)
+    admin_raft.register(sub)
     return p
 
 

@@ -5,10 +5,16 @@ contract), then committed entries are applied: plans and the serving gate. Time 
 (TICK_S). The coordinator's decisions (butterfly.cluster.coordinator) run every cycle while this node
 leads; followers only report, validate and obey committed entries.
 
-Bootstrap (the pledge rule in butterfly.raft's docstring): a coordinator-eligible node with no Raft
-state that sees quorum_size eligible nodes, with a view stable for SETTLE_S, pledges (durably) to the
-quorum_size lowest ids and bootstraps once every member pledged to the same set. Workers and late nodes
-never bootstrap: they wait to be added as learners by the leader.
+Founding (the rule in butterfly.raft's docstring): exactly one node, the founder (``cluster.founder``,
+by default the lowest address of the seed list), may write a first voter set. Once it sees quorum_size
+coordinator-eligible nodes with a view stable for SETTLE_S and no bootstrapped peer, it picks the
+quorum_size lowest of their ids, saves entry 1 durably, and sends it (``Founding``) to them; every
+member that holds entry 1 resends it to founding voters that have no state yet. Every other node waits
+for entry 1 or to be added as a learner by the leader.
+
+Membership while leading: learners that are coordinator-eligible and caught up are promoted while
+there are fewer than quorum_size voters; a voter silent for ``voter_grace_s`` is demoted and a live
+eligible learner promoted in its place, one change at a time through the log.
 
 This module must not touch the arena or decide plans itself.
 """
@@ -16,9 +22,7 @@ This module must not touch the arena or decide plans itself.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -31,31 +35,36 @@ import msgspec
 from butterfly.cluster.coordinator import DEAD_AFTER_S, SETTLE_S, Coordinator, ModelInfo
 from butterfly.cluster.lease import RENEW_S, LeaderLease, MemberLease, promise_span
 from butterfly.cluster.messages import (
+    Founding,
     LeasePing,
     LeasePong,
     NodeReport,
     OperationalEntry,
     PeerMessage,
     PlanEntry,
-    Pledge,
     ValidationReport,
     ValidationVerdict,
     decode_command,
     decode_peer,
     encode,
 )
+from butterfly.config import HostPort
 from butterfly.ipc import PeerFault
 from butterfly.raft import (
+    AddVoter,
     AppendEntries,
+    Bootstrap,
     EntryKind,
     Heartbeat,
     PreVoteRequest,
     RaftConfig,
     RaftNode,
     RaftStorage,
+    RemoveVoter,
     Role,
     VoteRequest,
     bootstrap_state,
+    decode_conf_change,
     decode_message,
     encode_message,
 )
@@ -67,6 +76,9 @@ log = logging.getLogger("butterfly.cluster")
 
 TICK_S = 0.05
 ELECTION_TICKS = 10
+# Followers time out after 10-14 ticks (0.50-0.70 s) without a leader: enough spread for 7 voters not
+# to split votes, and a failover bounded well under a second.
+ELECTION_JITTER_TICKS = 5
 HEARTBEAT_TICKS = 2
 REPORT_INTERVAL_S = 0.15
 CYCLE_S = 0.1
@@ -83,6 +95,20 @@ SILENT_STOPS_SERVING_S = 1.0
 
 RAFT = "raft"
 CLUSTER = "cluster"
+
+
+def choose_founder(
+    discovery_method: str, seeds: tuple[HostPort, ...], founder: HostPort | None, advertise: HostPort
+) -> tuple[bool, str]:
+    """(whether this node founds a new cluster, the founder for status). Safe only because every node
+    computes the same answer: ``cluster.founder`` when set, else the lowest of the seed list plus our
+    own address (so every node must list the same set). DNS and Consul views are not shared facts, so
+    with them nobody founds unless ``cluster.founder`` names the node."""
+    if founder is None:
+        if discovery_method != "static":
+            return False, f"unset: set cluster.founder, {discovery_method} discovery names no founder"
+        founder = min({*seeds, advertise}, key=lambda a: (a.host, a.port))
+    return founder == advertise, str(founder)
 
 
 class PeerNet(Protocol):
@@ -136,6 +162,10 @@ class ClusterDriver:
         local_report: Callable[[], NodeReport],
         load_model: Callable[[], Awaitable[ModelInfo]],
         reserve_bytes: int,
+        *,
+        is_founder: bool = False,
+        founder: str = "",
+        voter_grace_s: float = 30.0,
     ) -> None:
         self.node_id = node_id
         self.cluster_name = cluster_name
@@ -147,8 +177,12 @@ class ClusterDriver:
         self.local_report = local_report
         self.load_model = load_model
         self.coordinator = Coordinator(node_id, quorum_size, reserve_bytes)
+        self.is_founder = is_founder
+        self.founder = founder
+        self.voter_grace_s = voter_grace_s
         self.reports: dict[str, tuple[NodeReport, float]] = {}
-        self.pledges: dict[str, tuple[str, ...]] = {}
+        self.leading_since = 0.0
+        self.last_membership = ""
         self.storage: RaftStorage | None = None
         self.raft: RaftNode | None = None
         self.plan: PlanEntry | None = None
@@ -186,6 +220,7 @@ class ClusterDriver:
     def _raft_config(self) -> RaftConfig:
         return RaftConfig(
             election_ticks=ELECTION_TICKS,
+            election_jitter_ticks=ELECTION_JITTER_TICKS,
             heartbeat_ticks=HEARTBEAT_TICKS,
             can_campaign=self.role == "coordinator",
         )
@@ -263,36 +298,60 @@ class ClusterDriver:
 
     # ---- bootstrap -----------------------------------------------------------------------------
 
-    def _pledge_path(self) -> Path:
-        return self.dir / "pledge.json"
+    def _cluster_id(self) -> str:
+        # Random: only the founder ever makes one, and a second founding (a misconfiguration) must
+        # not produce a cluster the transport cannot tell apart from the first.
+        return f"{self.cluster_name}/{secrets.token_hex(8)}"
 
-    def _stored_pledge(self) -> tuple[str, ...] | None:
-        try:
-            data = json.loads(self._pledge_path().read_text())
-            return tuple(str(v) for v in data["voters"])
-        except FileNotFoundError:
+    async def _adopt(self, voters: tuple[str, ...], cluster_id: str) -> bool:
+        """Save entry 1 naming ``voters`` and start Raft from it; False if state arrived meanwhile."""
+        state = bootstrap_state(list(voters), cluster_id)
+        assert self.storage is not None
+        async with self._ready_lock:
+            if self.raft is not None and self.raft.last_index > 0:
+                return False  # entries from an existing cluster arrived while we waited
+            await asyncio.to_thread(self.storage.save, state.hard_state, list(state.entries))
+            self.raft = RaftNode(self.node_id, self._raft_config(), state, secrets.randbits(63))
+        log.info("bootstrapped cluster %s with voters %s", cluster_id, ",".join(voters))
+        # The lowest voter campaigns at once: election costs one round trip, not a timeout.
+        if voters[0] == self.node_id:
+            self.campaign_until = time.monotonic() + ELECTION_TICKS * TICK_S
+        return True
+
+    def founding(self) -> Founding | None:
+        """Entry 1 of our log as a Founding message (None before we have one)."""
+        raft = self.raft
+        if raft is None or raft.last_index == 0:
             return None
-        except (ValueError, KeyError, TypeError) as e:
-            raise RuntimeError(f"corrupt bootstrap pledge {self._pledge_path()}: {e}") from e
+        first = raft.entries(1, 2)[0]
+        change = decode_conf_change(first.data)
+        if not isinstance(change, Bootstrap):
+            return None
+        return Founding(voters=change.voters, cluster_id=change.cluster_id)
 
-    def _store_pledge(self, voters: tuple[str, ...]) -> None:
-        tmp = self._pledge_path().with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"voters": list(voters)}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._pledge_path())
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    def _resend_founding(self, now: float) -> None:
+        """Founding voters that report no state yet get entry 1 again (from any member: it is the same
+        entry everywhere), so the founder dying right after founding does not strand them."""
+        found = self.founding()
+        if found is None:
+            return
+        alive = self.coordinator.alive(self.reports, now)
+        for v in found.voters:
+            if v != self.node_id and v in alive and not alive[v].cluster_id:
+                self.net.send(v, CLUSTER, encode(found))
 
-    def _cluster_id(self, voters: tuple[str, ...]) -> str:
-        return f"{self.cluster_name}/{'+'.join(voters)}"
+    async def _on_founding(self, peer: str, found: Founding) -> None:
+        raft = self.raft
+        if raft is None or raft.last_index > 0 or self.node_id not in found.voters:
+            return
+        if len(set(found.voters)) != len(found.voters) or not found.cluster_id:
+            log.warning("ignoring a malformed founding message from %s", peer)
+            return
+        log.info("founding entry from %s: voters %s", peer, ",".join(found.voters))
+        await self._adopt(tuple(sorted(found.voters)), found.cluster_id)
 
     async def _try_bootstrap(self, now: float) -> str:
-        """One bootstrap step; returns what it waits for ('' once Raft has state)."""
+        """One founding step; returns what it waits for ('' once Raft has state)."""
         raft = self.raft
         assert raft is not None
         if raft.last_index > 0:
@@ -300,46 +359,66 @@ class ClusterDriver:
         if self.role != "coordinator":
             return "waiting to be added to the cluster by its coordinator (role worker never bootstraps)"
         alive = self.coordinator.alive(self.reports, now)
-        pledge = self._stored_pledge()
-        # A fellow voter that already bootstrapped our pledged set is no reason to stop: we finish our
-        # own bootstrap. Any other cluster id means a cluster we are not a voter of: join it.
-        ours = self._cluster_id(pledge) if pledge else None
-        if any(r.cluster_id and r.cluster_id != ours for r in alive.values()):
+        if any(r.cluster_id for r in alive.values()):
             return "a bootstrapped cluster exists: waiting to be added as a learner"
         eligible = frozenset(n for n, r in alive.items() if r.role == "coordinator") | {self.node_id}
         if eligible != self._view:
             self._view, self._view_since = eligible, now
-        if pledge is None:
-            if len(eligible) < self.quorum_size:
-                return f"found {len(eligible)} of quorum_size {self.quorum_size} coordinator-eligible nodes"
-            if now - self._view_since < SETTLE_S and self.quorum_size > 1:
-                return "discovery view settling"
-            voters = tuple(sorted(eligible)[: self.quorum_size])
-            if self.node_id not in voters:
-                return f"not among the bootstrap voters {','.join(voters)}: waiting to join as a learner"
-            await asyncio.to_thread(self._store_pledge, voters)
-            log.info("pledged to bootstrap voters %s", ",".join(voters))
-            pledge = voters
-        self.pledges[self.node_id] = pledge
-        for v in pledge:
-            if v != self.node_id:
-                self.net.send(v, CLUSTER, encode(Pledge(pledge)))
-        missing = [v for v in pledge if self.pledges.get(v) != pledge]
-        if missing:
-            return f"waiting for bootstrap pledges from {', '.join(missing)}"
-        cluster_id = self._cluster_id(pledge)
-        state = bootstrap_state(list(pledge), cluster_id)
-        assert self.storage is not None
-        async with self._ready_lock:
-            if self.raft is not None and self.raft.last_index > 0:
-                return ""  # entries from an existing cluster arrived while we were pledging
-            await asyncio.to_thread(self.storage.save, state.hard_state, list(state.entries))
-            self.raft = RaftNode(self.node_id, self._raft_config(), state, secrets.randbits(63))
-        log.info("bootstrapped cluster %s with voters %s", cluster_id, ",".join(pledge))
-        # The lowest id campaigns at once: election costs one round trip, not a timeout.
-        if pledge[0] == self.node_id:
-            self.campaign_until = now + ELECTION_TICKS * TICK_S
+        if len(eligible) < self.quorum_size:
+            return f"found {len(eligible)} of quorum_size {self.quorum_size} coordinator-eligible nodes"
+        if not self.is_founder:
+            who = f" ({self.founder})" if self.founder else ""
+            return f"waiting for the founder{who} to found the cluster"
+        if now - self._view_since < SETTLE_S and self.quorum_size > 1:
+            return "discovery view settling"
+        voters = tuple(sorted(eligible)[: self.quorum_size])
+        if not await self._adopt(voters, self._cluster_id()):
+            return ""
+        self._resend_founding(now)
         return ""
+
+    # ---- membership while leading ----------------------------------------------------------------
+
+    def _membership_step(self, now: float) -> None:
+        """At most one voter change per cycle (the core refuses a second while one is uncommitted)."""
+        raft = self.raft
+        assert raft is not None and raft.role is Role.LEADER
+        alive = self.coordinator.alive(self.reports, now)
+        voters = raft.voters
+
+        def last_seen(n: str) -> float:
+            seen = self.reports.get(n)
+            # A voter never heard from since we lead counts from when we started leading.
+            return max(seen[1] if seen else 0.0, self.leading_since)
+
+        dead = sorted(v for v in voters if v != self.node_id and now - last_seen(v) > self.voter_grace_s)
+        spares = sorted(
+            n
+            for n in raft.learners
+            if n in alive
+            and alive[n].role == "coordinator"
+            and not alive[n].failed
+            and raft.match_index(n) >= raft.commit
+        )
+        change: AddVoter | RemoveVoter | None = None
+        why = ""
+        if len(voters) < self.quorum_size and spares:
+            change, why = AddVoter(spares[0]), f"{len(voters)} voter(s), quorum_size {self.quorum_size}"
+        elif dead and spares:
+            change = RemoveVoter(dead[0])
+            why = f"silent for more than voter_grace_s ({self.voter_grace_s:g} s); {spares[0]} replaces it"
+        if change is None:
+            return
+        refusal = raft.conf_change_refusal(change)
+        what = f"{'promoting' if isinstance(change, AddVoter) else 'demoting'} {change.node_id} ({why})"
+        if refusal:
+            if what != self.last_membership:
+                log.info("membership: %s waits: %s", what, refusal)
+                self.last_membership = what
+            return
+        raft.propose_conf_change(change)
+        log.warning("membership: %s", what)
+        self.last_membership = ""
 
     # ---- peer messages -------------------------------------------------------------------------
 
@@ -386,8 +465,8 @@ class ClusterDriver:
                 log.warning("ignoring %s of cluster %r (we are %r)", peer, pm.cluster_name, self.cluster_name)
             else:
                 self.reports[peer] = (pm, time.monotonic())
-        elif isinstance(pm, Pledge):
-            self.pledges[peer] = pm.voters
+        elif isinstance(pm, Founding):
+            await self._on_founding(peer, pm)
         elif isinstance(pm, ValidationReport):
             if pm.node_id == peer and raft.role is Role.LEADER:
                 verdict = self.coordinator.on_validation(pm, self.plan)
@@ -620,8 +699,16 @@ class ClusterDriver:
             await self._process_ready()
         if raft.leader is not None:
             self.last_leader_seen = now
+        self._resend_founding(now)
         if raft.role is Role.LEADER:
+            if self.leading_since == 0.0:
+                self.leading_since = now
             await self._lead(now)
+            if raft.role is Role.LEADER and now >= self.judge_after:
+                self._membership_step(now)
+                await self._process_ready()
+        else:
+            self.leading_since = 0.0
         await self._report_to_supervisor(now)
 
     async def _lead(self, now: float) -> None:

@@ -4,7 +4,8 @@ Peer messages (the "cluster" channel of the transport):
 - ``NodeReport``: sent by every node to every peer every report interval; liveness and capabilities,
   and the node's fault when it has one (so every peer can name it, and a failed node stops being
   planned for).
-- ``Pledge``: bootstrap pledge to a voter set (see butterfly.raft's package docstring).
+- ``Founding``: entry 1 of a new cluster (its first voters and cluster id), sent by the founder and
+  resent by any member to founding voters that have no Raft state yet (see butterfly.raft's docstring).
 - ``ValidationReport`` / ``ValidationVerdict``: a node's Merkle leaves for its assignment, with a range
   proof against the manifest root, and the coordinator's answer.
 - ``LeasePing`` / ``LeasePong``: the serving lease (butterfly.cluster.lease).
@@ -39,8 +40,9 @@ class NodeReport(msgspec.Struct, tag=True, frozen=True):
     fault_stop: int = 0
 
 
-class Pledge(msgspec.Struct, tag=True, frozen=True):
+class Founding(msgspec.Struct, tag=True, frozen=True):
     voters: tuple[str, ...]
+    cluster_id: str
 
 
 class ValidationReport(msgspec.Struct, tag=True, frozen=True):
@@ -83,7 +85,7 @@ class LeasePong(msgspec.Struct, tag=True, frozen=True):
     promise_s: float
 
 
-PeerMessage = NodeReport | Pledge | ValidationReport | ValidationVerdict | LeasePing | LeasePong
+PeerMessage = NodeReport | Founding | ValidationReport | ValidationVerdict | LeasePing | LeasePong
 
 
 class Assignment(msgspec.Struct, frozen=True, array_like=True):

@@ -25,7 +25,7 @@ from typing import Any
 
 from butterfly.board import ClusterSection
 from butterfly.cluster.coordinator import ModelInfo
-from butterfly.cluster.driver import ClusterDriver, Progress
+from butterfly.cluster.driver import ClusterDriver, Progress, choose_founder
 from butterfly.cluster.messages import NodeReport, PlanEntry
 from butterfly.config import Config, HostPort
 from butterfly.hardware import detect
@@ -191,6 +191,11 @@ class ClusterChild:
             local_report=self.report,
             load_model=self.load_model,
             reserve_bytes=self.config.node.memory_reserve_bytes,
+            voter_grace_s=self.config.cluster.voter_grace_s,
+        )
+        cluster = self.config.cluster
+        self.driver.is_founder, self.driver.founder = choose_founder(
+            cluster.discovery_method, cluster.seed_nodes, cluster.founder, self.transport.advertise
         )
 
     def report(self) -> NodeReport:

@@ -6,47 +6,42 @@ or the state machine the log feeds: the asyncio driver in ``butterfly.cluster`` 
 each :class:`Ready` with :class:`RaftStorage` before sending its messages, applies committed entries,
 and turns wall-clock time into ticks.
 
-Design note: how the voter set is fixed at bootstrap
-----------------------------------------------------
-*What the core does.* The core never chooses voters. Entry 1 of every bootstrapped log is a CONF entry
-(:class:`Bootstrap`) naming the voter set and a cluster id; :func:`bootstrap_state` builds it, term 1,
-already committed, byte-identical on every voter. Nodes that arrive later start with no state, get
-entry 1 from the leader and become learners when the leader commits :class:`AddLearner` for them; they
-replicate and apply the log but never vote, campaign or count towards commit. Changing the voter set
-after bootstrap is out of scope (the Raft thesis' joint consensus / one-at-a-time changes would be the
-way); so is leader transfer. The transport must refuse a peer whose cluster id differs from ours,
-because two logs from different bootstraps both start with an (index 1, term 1) entry and Raft's log
+Design note: founding, and changing voters later
+------------------------------------------------
+*What the core does.* The core never chooses voters. Entry 1 of every log is a CONF entry
+(:class:`Bootstrap`) naming the first voter set and a cluster id; :func:`bootstrap_state` builds it,
+term 1, already committed, byte-identical wherever it is written. Later CONF entries add learners
+(:class:`AddLearner`: they replicate and apply the log but never vote, campaign or count towards
+commit) and change voters one at a time (:class:`AddVoter`, :class:`RemoveVoter`: the Raft thesis'
+single-server changes; see ``core``). The transport refuses a peer whose cluster id differs from
+ours: two logs from different foundings both start with an (index 1, term 1) entry, and Raft's log
 matching check could not tell them apart.
 
-*The danger.* quorum_size nodes know each other and bootstrap; elsewhere, another quorum_size nodes
-that cannot see the first group do the same. Two clusters, two coordinators: split brain. No rule based
-only on what a group can discover prevents this: two groups that cannot reach each other see symmetric
-worlds. Safety needs one assumption shared by every node, and voter sets that merely *overlap* are not
-enough: voters {a,b,c} and {c,d,e} share c, yet {a,b} and {d,e} are majorities of their own sets and
-can both elect a leader.
+*The danger.* Two groups that cannot see each other each write an entry 1: two clusters, two
+coordinators, split brain. No rule based only on what a group can discover prevents this (the groups
+see symmetric worlds), and voter sets that merely overlap are not enough: {a,b,c} and {c,d,e} share c,
+yet {a,b} and {d,e} are majorities of their own sets. The earlier rule (each of the quorum_size lowest
+ids pledges durably to that set) was safe only while at most 2 x quorum_size - 1 coordinators started,
+and deadlocked when views differed while pledging.
 
-*The rule we choose (pledges).* (1) Only coordinator-eligible nodes (``can_campaign``; workers never)
-take part; workers and late nodes join as learners. (2) A node that knows at least quorum_size eligible,
-authenticated nodes (itself included), and whose discovery view has been stable for a settle period,
-proposes V = the quorum_size lowest node ids it knows; the same view gives the same V everywhere. (3) A
-member of V durably records a pledge to V (fsync'd, beside the Raft log) and never pledges to another
-set. (4) A member writes :func:`bootstrap_state` (V) and starts Raft only after it has seen pledges to V
-from *every* member of V. Two completed bootstraps V1 != V2 would therefore have disjoint members (a
-shared node pledges once) — 2 x quorum_size distinct eligible nodes. So the rule is safe exactly when
-the operator starts at most 2 x quorum_size - 1 coordinator-eligible nodes for one cluster, i.e. when
-quorum_size is a strict majority of them (quorum_size = 3: at most 5 coordinators; any number of
-workers), and when pledges are as durable as the Raft log (a node whose disk is wiped must come back
-under a new id). That is the guarantee and its assumptions. Once bootstrapped, Raft needs a majority
-of V (2 of 3 for quorum_size = 3) to elect a coordinator and commit.
+*The rule (one founder).* Exactly one node may ever write entry 1: the founder, which every node
+computes from the same configuration (``cluster.founder``, or the lowest address of ``seed_nodes``
+plus the node's own, which must then list the same set on every node). Once it sees quorum_size
+coordinator-eligible nodes with no bootstrapped peer, it picks the quorum_size lowest ids, saves entry 1
+(fsync'd) and sends it; a chosen voter with no state saves the entry it receives, and any member
+resends it to chosen voters still without state. Since only one node writes an entry 1, any number of
+nodes may start at once: one cluster forms as soon as the founder and quorum_size eligible nodes are
+up. Assumptions: the configuration names one founder, and a node whose state directory is lost comes
+back under a new node id (a voter that forgets its vote or log breaks Raft, whatever the founding rule).
+Liveness of founding needs the founder; after entry 1 exists it does not.
 
-*What it does not guarantee.* Liveness: if views differ while pledging, members can pledge to different
-sets and no set completes; the node then waits and says so on /status. A pledge is never withdrawn
-automatically: without ballot numbers (that is, Paxos) a delayed old pledge could complete a set its
-sender had left. An operator clears it (``butterfly-admin``) on the stuck nodes. If the operator cannot
-promise the bound above (for instance, coordinators autoscaled behind DNS or Consul), the only safe rule
-is the seed list: voters are exactly the coordinator nodes listed in the configuration, identical on
-every node, and quorum_size must be a majority of that list; bootstrap waits until quorum_size of them
-are reachable.
+*After founding.* The coordinator promotes caught-up coordinator-eligible learners while there are
+fewer than quorum_size voters, and replaces a voter silent for ``voter_grace_s`` (demote it, then
+promote a live learner), one change at a time through the log. A cluster that lost a majority of its
+voters for good cannot commit anything, including such a change: ``butterfly-admin force-new-cluster``
+(:func:`force_new_cluster_state`), run on one stopped survivor, makes it the only voter; it then
+promotes the others back as they return. That step gives up Raft's guarantee for entries the lost
+majority may have committed, like etcd's ``--force-new-cluster``.
 """
 
 from butterfly.raft.core import (
@@ -61,15 +56,18 @@ from butterfly.raft.core import (
     RoleChange,
     SoftState,
     bootstrap_state,
+    force_new_cluster_state,
 )
 from butterfly.raft.messages import (
     AddLearner,
+    AddVoter,
     AppendEntries,
     AppendResponse,
     Bootstrap,
     ConfChange,
     Entry,
     EntryKind,
+    ForceVoters,
     HardState,
     Heartbeat,
     HeartbeatResponse,
@@ -77,6 +75,7 @@ from butterfly.raft.messages import (
     NodeId,
     PreVoteRequest,
     PreVoteResponse,
+    RemoveVoter,
     VoteRequest,
     VoteResponse,
     decode_conf_change,
@@ -88,12 +87,14 @@ from butterfly.raft.storage import RaftStorage, StorageCorrupt, StorageError
 
 __all__ = [
     "AddLearner",
+    "AddVoter",
     "AppendEntries",
     "AppendResponse",
     "Bootstrap",
     "ConfChange",
     "Entry",
     "EntryKind",
+    "ForceVoters",
     "HardState",
     "Heartbeat",
     "HeartbeatResponse",
@@ -109,6 +110,7 @@ __all__ = [
     "RaftStorage",
     "RaftUsageError",
     "Ready",
+    "RemoveVoter",
     "Role",
     "RoleChange",
     "SoftState",
@@ -117,6 +119,7 @@ __all__ = [
     "VoteRequest",
     "VoteResponse",
     "bootstrap_state",
+    "force_new_cluster_state",
     "decode_conf_change",
     "decode_message",
     "encode_conf_change",

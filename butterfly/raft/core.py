@@ -13,11 +13,17 @@ current term (Raft §5.4.2), a no-op entry when a leader takes office, learners 
 It must not touch a socket, the disk, a clock or global randomness, and must not block: that is what
 lets the same code run inside thousands of seeded simulations (``tests/raftsim.py``).
 
-Membership is minimal on purpose: the voter set is fixed by the bootstrap entry (index 1, see
-:func:`bootstrap_state` and the package docstring) and the only change is adding a learner through a
-committed CONF entry. Changing the voter set, leader transfer, log compaction/snapshots and read leases
-are out of scope. Role changes are logged through the stdlib logger ("<id> became <role> at term <n>")
-and also returned in :attr:`Ready.role_changes` so the driver can update status without parsing logs.
+Membership: the bootstrap entry (index 1, see :func:`bootstrap_state` and the package docstring)
+names the first voters; after it, CONF entries add learners and add or demote one voter at a time
+(the Raft thesis' single-server changes, §4.1). A change takes effect on every node when it commits
+(as in etcd), and the leader refuses a voter change while another is uncommitted, and before it has
+committed an entry of its own term (the fix for the single-server-change bug in the thesis' errata:
+a leader elected in a configuration that a lost, uncommitted change had already left must not build
+on that change). :func:`force_new_cluster_state` is the offline recovery of a cluster that lost its
+quorum for good. Leader transfer, log compaction/snapshots and read leases are out of scope.
+
+Role changes are logged through the stdlib logger ("<id> became <role> at term <n>") and also
+returned in :attr:`Ready.role_changes` so the driver can update status without parsing logs.
 """
 
 from __future__ import annotations
@@ -30,11 +36,13 @@ from dataclasses import dataclass
 
 from butterfly.raft.messages import (
     AddLearner,
+    AddVoter,
     AppendEntries,
     AppendResponse,
     Bootstrap,
     Entry,
     EntryKind,
+    ForceVoters,
     HardState,
     Heartbeat,
     HeartbeatResponse,
@@ -42,6 +50,7 @@ from butterfly.raft.messages import (
     NodeId,
     PreVoteRequest,
     PreVoteResponse,
+    RemoveVoter,
     VoteRequest,
     VoteResponse,
     decode_conf_change,
@@ -93,6 +102,9 @@ class RaftConfig:
     """Most entries carried by one AppendEntries message."""
     max_inflight_appends: int = 8
     """Most unacknowledged appends a leader pipelines to one peer (a window of entries, really)."""
+    election_jitter_ticks: int = 0
+    """Election timeouts are drawn from [T, T + jitter); 0 means jitter = T (the paper's [T, 2T)).
+    Less jitter bounds failover sooner; too little and candidates split their votes."""
 
     def validate(self) -> None:
         if self.election_ticks < 2:
@@ -108,6 +120,8 @@ class RaftConfig:
             raise RaftConfigError(f"max_append_entries must be >= 1, got {self.max_append_entries}")
         if self.max_inflight_appends < 1:
             raise RaftConfigError(f"max_inflight_appends must be >= 1, got {self.max_inflight_appends}")
+        if self.election_jitter_ticks < 0:
+            raise RaftConfigError(f"election_jitter_ticks must be >= 0, got {self.election_jitter_ticks}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +146,32 @@ def bootstrap_state(voters: Sequence[NodeId], cluster_id: str) -> PersistedState
     change = Bootstrap(voters=tuple(sorted(voters)), cluster_id=cluster_id)
     entry = Entry(index=1, term=1, kind=EntryKind.CONF, data=encode_conf_change(change))
     return PersistedState(hard_state=HardState(term=1, vote=None, commit=1), entries=(entry,))
+
+
+def force_new_cluster_state(persisted: PersistedState | None, node_id: NodeId) -> PersistedState:
+    """The state that makes ``node_id`` the only voter of its cluster, for a cluster that lost its
+    quorum for good (etcd's ``--force-new-cluster``); ``butterfly-admin force-new-cluster`` writes it
+    while the node is stopped.
+
+    One CONF entry (:class:`ForceVoters`) is appended at a term above every term this node knows, and
+    everything in the log is marked committed, including entries the old cluster may never have
+    committed. Every other member becomes a learner; the leader promotes live ones back to voters
+    one at a time. Not proposed through any quorum: run it on one survivor only (the one with the
+    longest log), and only while no other member of the old cluster runs.
+    """
+    if persisted is None or not persisted.entries:
+        raise ValueError(f"{node_id} holds no Raft log: it was never a member of a cluster")
+    last = persisted.entries[-1]
+    term = max(persisted.hard_state.term, last.term) + 1
+    entry = Entry(
+        index=last.index + 1,
+        term=term,
+        kind=EntryKind.CONF,
+        data=encode_conf_change(ForceVoters(voters=(node_id,))),
+    )
+    return PersistedState(
+        hard_state=HardState(term=term, vote=None, commit=entry.index), entries=(*persisted.entries, entry)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +401,48 @@ class RaftNode:
             return None
         return self._append_as_leader(EntryKind.NORMAL, data)
 
+    def conf_change_refusal(self, change: AddVoter | RemoveVoter) -> str:
+        """Why :meth:`propose_conf_change` would refuse ``change`` now ('' if it would not)."""
+        if self._role is not Role.LEADER:
+            return "not the leader"
+        if isinstance(change, AddVoter):
+            if change.node_id in self._voters:
+                return f"{change.node_id} is already a voter"
+        else:
+            if change.node_id not in self._voters:
+                return f"{change.node_id} is not a voter"
+            if change.node_id == self._id:
+                return "the leader does not demote itself"
+            if len(self._voters) == 1:
+                return "the last voter cannot be removed"
+        if self._term_at(self._commit) != self._term:
+            return "the leader has not yet committed an entry of its term"
+        pending = self._pending_conf_index()
+        if pending:
+            return f"membership change at index {pending} is not committed yet"
+        return ""
+
+    def propose_conf_change(self, change: AddVoter | RemoveVoter) -> int | None:
+        """Propose one single-server voter change; its index, or None when refused (see
+        :meth:`conf_change_refusal`). It takes effect on each node when committed."""
+        if self.conf_change_refusal(change):
+            return None
+        return self._append_as_leader(EntryKind.CONF, encode_conf_change(change))
+
+    def match_index(self, node_id: NodeId) -> int:
+        """On the leader: the highest index ``node_id`` is known to hold (0 when unknown or not leader).
+        A learner is worth promoting once this reaches the commit index."""
+        pr = self._progress.get(node_id) if self._role is Role.LEADER else None
+        return pr.match if pr is not None else 0
+
+    def _pending_conf_index(self) -> int:
+        """Index of an uncommitted voter change in the log (0 if none). Learner additions do not count:
+        they never change a quorum."""
+        for entry in self._log[self._commit :]:
+            if entry.kind is EntryKind.CONF and not isinstance(decode_conf_change(entry.data), AddLearner):
+                return entry.index
+        return 0
+
     def propose_add_learner(self, node_id: NodeId) -> int | None:
         """Propose adding ``node_id`` as a learner; it takes effect on every node when committed, and
         adding a current member is a committed no-op. None when not the leader."""
@@ -478,7 +560,9 @@ class RaftNode:
         return len(self._voters) // 2 + 1
 
     def _draw_timeout(self) -> int:
-        return self._cfg.election_ticks + self._rng.randrange(self._cfg.election_ticks)
+        return self._cfg.election_ticks + self._rng.randrange(
+            self._cfg.election_jitter_ticks or self._cfg.election_ticks
+        )
 
     def _start_campaign(self) -> None:
         self._campaign(pre=self._cfg.pre_vote)
@@ -626,7 +710,9 @@ class RaftNode:
                 self._send_append(peer)
 
     def _send_append(self, peer: NodeId) -> None:
-        pr = self._progress[peer]
+        pr = self._progress.get(peer)
+        if pr is None or self._role is not Role.LEADER:
+            return  # stepped down while committing (its own demotion)
         if pr.probe and pr.probe_sent:
             return  # a probe is in flight; a heartbeat response or refusal resumes us
         prev = pr.next - 1
@@ -697,15 +783,22 @@ class RaftNode:
 
     def _maybe_commit(self) -> bool:
         """Commit the highest index held by a majority of voters, but only if it is of this leader's
-        term: an older entry on a majority can still be overwritten (Raft §5.4.2, Figure 8)."""
-        matches = sorted((self._progress[v].match for v in self._voters if v in self._progress), reverse=True)
-        if len(matches) < self._quorum():
-            return False
-        index = matches[self._quorum() - 1]
-        if index > self._commit and self._term_at(index) == self._term:
-            self._commit_to(index)
-            return True
-        return False
+        term: an older entry on a majority can still be overwritten (Raft §5.4.2, Figure 8). A voter
+        change that commits changes the majority, so look again until nothing moves."""
+        committed = False
+        while self._role is Role.LEADER:
+            matches = sorted(
+                (self._progress[v].match for v in self._voters if v in self._progress), reverse=True
+            )
+            if len(matches) < self._quorum():
+                break
+            index = matches[self._quorum() - 1]
+            if index > self._commit and self._term_at(index) == self._term:
+                self._commit_to(index)
+                committed = True
+                continue
+            break
+        return committed
 
     # -- follower ------------------------------------------------------------------------------------
 
@@ -794,12 +887,45 @@ class RaftNode:
             self._voters = tuple(sorted(change.voters))
             self._cluster_id = change.cluster_id
             return
+        if isinstance(change, ForceVoters):
+            members = [*self._voters, *self._learners]
+            self._voters = tuple(sorted(change.voters))
+            self._learners = [m for m in members if m not in self._voters]
+            self._after_membership_change()
+            return
+        if isinstance(change, AddVoter):
+            if change.node_id in self._voters:
+                return
+            if change.node_id in self._learners:
+                self._learners.remove(change.node_id)
+            self._voters = tuple(sorted((*self._voters, change.node_id)))
+            self._after_membership_change(added=change.node_id)
+            return
+        if isinstance(change, RemoveVoter):
+            if change.node_id not in self._voters or len(self._voters) == 1:
+                return
+            self._voters = tuple(v for v in self._voters if v != change.node_id)
+            self._learners.append(change.node_id)
+            self._after_membership_change()
+            return
         if change.node_id in self._voters or change.node_id in self._learners:
             return
         self._learners.append(change.node_id)
-        if self._role is Role.LEADER and change.node_id != self._id:
-            self._progress[change.node_id] = _Progress(len(self._log) + 1)
-            self._send_append(change.node_id)
+        self._after_membership_change(added=change.node_id)
+
+    def _after_membership_change(self, added: NodeId | None = None) -> None:
+        if self._role is not Role.LEADER:
+            if self._role is not Role.FOLLOWER and not self._promotable():
+                self._become_follower(self._term, None)  # a candidate that stopped being a voter
+            return
+        if self._id not in self._voters:
+            # Demoted while leading (it won an election before learning the change had committed):
+            # a leader that is not a voter would count a majority it is not part of. Step down.
+            self._become_follower(self._term, None)
+            return
+        if added is not None and added != self._id and added not in self._progress:
+            self._progress[added] = _Progress(len(self._log) + 1)
+            self._send_append(added)
 
     # -- plumbing ------------------------------------------------------------------------------------
 

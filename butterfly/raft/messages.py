@@ -62,7 +62,30 @@ class AddLearner(msgspec.Struct, frozen=True, tag=True, tag_field="op"):
     node_id: NodeId
 
 
-ConfChange: TypeAlias = Bootstrap | AddLearner
+class AddVoter(msgspec.Struct, frozen=True, tag=True, tag_field="op"):
+    """Makes ``node_id`` a voter (a learner is promoted; a node not yet a member joins as a voter).
+    One single-server change at a time (Raft thesis §4.1): the core refuses a second while one is
+    uncommitted, and refuses any before the leader has committed an entry of its own term."""
+
+    node_id: NodeId
+
+
+class RemoveVoter(msgspec.Struct, frozen=True, tag=True, tag_field="op"):
+    """Demotes the voter ``node_id`` to a learner (it keeps receiving the log, and may be promoted
+    again). Same one-at-a-time rules as :class:`AddVoter`."""
+
+    node_id: NodeId
+
+
+class ForceVoters(msgspec.Struct, frozen=True, tag=True, tag_field="op"):
+    """Written only by ``butterfly-admin force-new-cluster`` on a stopped node after the cluster lost
+    its quorum for good: the voter set becomes ``voters`` (every other member a learner). It is not
+    proposed through a quorum, so it is not safe while any other part of the old cluster still runs."""
+
+    voters: tuple[NodeId, ...]
+
+
+ConfChange: TypeAlias = Bootstrap | AddLearner | AddVoter | RemoveVoter | ForceVoters
 
 _conf_encoder = msgspec.msgpack.Encoder()
 _conf_decoder: msgspec.msgpack.Decoder[ConfChange] = msgspec.msgpack.Decoder(ConfChange)
