@@ -31,7 +31,8 @@ async def start_pipeline(
         await srv.listen()
         servers.append(srv)
     addrs = [
-        StageAddress(i, s.model.start, s.model.stop, "127.0.0.1", s.listen_port, f"n{i}") for i, s in enumerate(servers)
+        StageAddress(i, s.model.start, s.model.stop, "127.0.0.1", s.listen_port, f"n{i}")
+        for i, s in enumerate(servers)
     ]
     for s in servers:
         s.start(addrs)

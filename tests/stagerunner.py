@@ -17,8 +17,8 @@ import torch
 
 from butterfly.engine.model import StageModel
 from butterfly.engine.weights import open_model_dir
-from butterfly.model.layout import LayerRange
 from butterfly.serving.stage import StageAddress, StageServer
+from butterfly.weights.layout import LayerRange
 
 
 async def main(model_dir: str, index: int, epoch: int, secret: bytes, stages: list[StageAddress]) -> None:
@@ -27,7 +27,13 @@ async def main(model_dir: str, index: int, epoch: int, secret: bytes, stages: li
     md = open_model_dir(Path(model_dir), LayerRange(me.start, me.stop))
     model = StageModel(md.config, md.weights, me.start, me.stop, md.layout.num_blocks)
     srv = StageServer(
-        model, index=index, epoch=epoch, secret=secret, kv_cache_bytes=16 << 20, listen_port=me.port, node=f"n{index}"
+        model,
+        index=index,
+        epoch=epoch,
+        secret=secret,
+        kv_cache_bytes=16 << 20,
+        listen_port=me.port,
+        node=f"n{index}",
     )
     await srv.listen()
     print("listening", flush=True)

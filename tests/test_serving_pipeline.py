@@ -30,7 +30,9 @@ SPLITS = [(0, 4), (0, 1, 4), (0, 1, 3, 4)]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
-def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ModelDir, Any]]:
+def model(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ModelDir, Any]]:
     path: Path = save_hf_model(request.param, tmp_path_factory.mktemp(request.param) / "model")
     md = open_model_dir(path)
     yield md, make_hf_model(request.param)
@@ -45,7 +47,9 @@ def prompt(n: int, seed: int) -> list[int]:
 def hf_greedy(ref: Any, ids: list[int], n: int) -> list[int]:
     # An explicit mask: generate() would otherwise mask every prompt token equal to pad_token_id.
     t = torch.tensor([ids])
-    out = ref.generate(t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    out = ref.generate(
+        t, attention_mask=torch.ones_like(t), max_new_tokens=n, do_sample=False, pad_token_id=0
+    )
     return [int(t) for t in out[0, len(ids) :]]
 
 
@@ -110,7 +114,9 @@ def test_remote_backend_forwards_to_the_entry(model: tuple[ModelDir, Any]) -> No
         backend = RemoteBackend(SECRET, lambda: EntryTarget("127.0.0.1", servers[0].listen_port, 1))
         try:
             a = await collect(backend, GenerationRequest(tuple(ids), 8, GREEDY))
-            b = await asyncio.gather(*(collect(backend, GenerationRequest(tuple(ids), 8, GREEDY)) for _ in range(3)))
+            b = await asyncio.gather(
+                *(collect(backend, GenerationRequest(tuple(ids), 8, GREEDY)) for _ in range(3))
+            )
             assert all(t == a[0] for t, _ in b)
             return a[0], [int(x) for x in b[0][0]]
         finally:
@@ -130,7 +136,9 @@ def test_stop_tokens_end_the_sequence(model: tuple[ModelDir, Any]) -> None:
     async def run() -> tuple[list[int], str]:
         servers = await start_pipeline(md, (0, 2, 4))
         try:
-            toks, fin = await collect(servers[0], GenerationRequest(tuple(ids), 10, GREEDY, frozenset({stop})))
+            toks, fin = await collect(
+                servers[0], GenerationRequest(tuple(ids), 10, GREEDY, frozenset({stop}))
+            )
             return toks, fin.reason
         finally:
             await stop_pipeline(servers)
@@ -183,7 +191,9 @@ def test_full_cache_queues_then_refuses(model: tuple[ModelDir, Any]) -> None:
             assert isinstance(ev, TokenEvent)
             assert servers[0].stats.running == 1
             # The second waits for the first's cache; the third finds the queue full.
-            second = asyncio.ensure_future(collect(servers[0], GenerationRequest(tuple(prompt(10, 2)), 30, GREEDY)))
+            second = asyncio.ensure_future(
+                collect(servers[0], GenerationRequest(tuple(prompt(10, 2)), 30, GREEDY))
+            )
             for _ in range(200):
                 if servers[0].stats.waiting == 1:
                     break

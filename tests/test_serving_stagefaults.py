@@ -23,9 +23,9 @@ import torch
 from butterfly.engine.model import StageModel
 from butterfly.engine.sampler import SamplingParams
 from butterfly.engine.weights import ModelDir, open_model_dir
-from butterfly.model.layout import LayerRange
 from butterfly.serving.backend import GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.stage import StageAddress, StageServer
+from butterfly.weights.layout import LayerRange
 from tests.hfmodels import save_hf_model
 from tests.nodeharness import free_port
 from tests.servinghelpers import SECRET, collect, wait_ready
@@ -62,14 +62,24 @@ class Ring:
         self.model_dir = model_dir
         ports = [free_port() for _ in CUTS[1:]]
         self.addrs = [
-            StageAddress(i, a, b, "127.0.0.1", ports[i], f"n{i}") for i, (a, b) in enumerate(zip(CUTS, CUTS[1:]))
+            StageAddress(i, a, b, "127.0.0.1", ports[i], f"n{i}")
+            for i, (a, b) in enumerate(zip(CUTS, CUTS[1:], strict=False))
         ]
         self.procs: dict[int, subprocess.Popen[str]] = {}
 
     def spawn(self, index: int) -> None:
         stages = json.dumps([[a.index, a.start, a.stop, a.host, a.port] for a in self.addrs])
         p = subprocess.Popen(
-            [sys.executable, "-m", "tests.stagerunner", str(self.model_dir), str(index), "1", SECRET.hex(), stages],
+            [
+                sys.executable,
+                "-m",
+                "tests.stagerunner",
+                str(self.model_dir),
+                str(index),
+                "1",
+                SECRET.hex(),
+                stages,
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -99,7 +109,9 @@ def ring(model_dir: Path) -> Iterator[Ring]:
 
 async def _entry(md: ModelDir, ring: Ring) -> StageServer:
     model = StageModel(md.config, md.weights, 0, 1, 4)
-    srv = StageServer(model, index=0, epoch=1, secret=SECRET, kv_cache_bytes=16 << 20, listen_port=ring.addrs[0].port)
+    srv = StageServer(
+        model, index=0, epoch=1, secret=SECRET, kv_cache_bytes=16 << 20, listen_port=ring.addrs[0].port
+    )
     await srv.listen()
     srv.start(ring.addrs)
     await wait_ready(srv)

@@ -144,8 +144,13 @@ class RemoteBackend:
                 elif isinstance(msg, Done):
                     q = conn.queues.pop(msg.req_id, None)
                     if q is not None:
-                        reason = "stop" if msg.reason == "stop" else "length"
-                        q.put_nowait(Finished(reason, msg.prompt_tokens, msg.completion_tokens))
+                        q.put_nowait(
+                            Finished(
+                                "stop" if msg.reason == "stop" else "length",
+                                msg.prompt_tokens,
+                                msg.completion_tokens,
+                            )
+                        )
                 elif isinstance(msg, Error):
                     q = conn.queues.pop(msg.req_id, None)
                     if q is not None:

@@ -270,7 +270,9 @@ def _joined(label: bytes, *parts: bytes) -> bytes:
     return bytes(out)
 
 
-def _keys(secret: bytes, hello_c: bytes, hello_s: bytes, nonce_c: bytes, nonce_s: bytes) -> tuple[bytes, bytes]:
+def _keys(
+    secret: bytes, hello_c: bytes, hello_s: bytes, nonce_c: bytes, nonce_s: bytes
+) -> tuple[bytes, bytes]:
     info = _joined(b"butterfly-link/1 keys", hashlib.sha256(hello_c + hello_s).digest())
     okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=nonce_c + nonce_s, info=info).derive(secret)
     return okm[:32], okm[32:]
@@ -347,8 +349,15 @@ async def _client_handshake(
         raise LinkRefused("protocol", f"expected hello_back, got {type(msg).__name__}", by_peer=False)
     nonce_s = msg.nonce
     if msg.version != LINK_VERSION:
-        raise LinkRefused("version", f"link version {msg.version}, this node speaks {LINK_VERSION}", by_peer=False)
-    _write_hs(writer, _encoder.encode(Proof(hmac.digest(secret, _joined(b"butterfly-link/1 client", hello_c, hello_s), "sha256"))))
+        raise LinkRefused(
+            "version", f"link version {msg.version}, this node speaks {LINK_VERSION}", by_peer=False
+        )
+    _write_hs(
+        writer,
+        _encoder.encode(
+            Proof(hmac.digest(secret, _joined(b"butterfly-link/1 client", hello_c, hello_s), "sha256"))
+        ),
+    )
     _, msg = await _read_hs(reader)
     if isinstance(msg, Refuse):
         raise LinkRefused(msg.code, msg.reason, by_peer=True)
@@ -406,10 +415,22 @@ async def _server_handshake(
     if verdict is not None:
         _write_hs(writer, _encoder.encode(Refuse(verdict[0], verdict[1])))
         raise LinkRefused(verdict[0], verdict[1], by_peer=False)
-    _write_hs(writer, _encoder.encode(Proof(hmac.digest(secret, _joined(b"butterfly-link/1 server", hello_c, hello_s), "sha256"))))
+    _write_hs(
+        writer,
+        _encoder.encode(
+            Proof(hmac.digest(secret, _joined(b"butterfly-link/1 server", hello_c, hello_s), "sha256"))
+        ),
+    )
     c2s, s2c = _keys(secret, hello_c, hello_s, hello.nonce, nonce_s)
     return Link(
-        reader, writer, send_key=s2c, recv_key=c2s, peer=what, role=hello.role, epoch=hello.epoch, index=hello.index
+        reader,
+        writer,
+        send_key=s2c,
+        recv_key=c2s,
+        peer=what,
+        role=hello.role,
+        epoch=hello.epoch,
+        index=hello.index,
     )
 
 
@@ -499,4 +520,3 @@ class Link:
     def abort(self) -> None:
         self.closed = True
         self.writer.transport.abort()
-

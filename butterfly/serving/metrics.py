@@ -83,14 +83,17 @@ def serving_families(stats: ServingStats) -> Iterator[Metric]:
     running = GaugeMetricFamily("butterfly_requests_running", "Sequences in the batch at the entry stage")
     running.add_metric([], stats.running)
     yield running
-    waiting = GaugeMetricFamily("butterfly_requests_waiting", "Requests queued at the entry stage for KV cache")
+    waiting = GaugeMetricFamily(
+        "butterfly_requests_waiting", "Requests queued at the entry stage for KV cache"
+    )
     waiting.add_metric([], stats.waiting)
     yield waiting
     usage = GaugeMetricFamily("butterfly_kv_cache_usage_ratio", "Share of this node's KV cache budget in use")
     usage.add_metric([], stats.kv_bytes_in_use / stats.kv_bytes_total if stats.kv_bytes_total else 0.0)
     yield usage
     hop = HistogramMetricFamily(
-        "butterfly_pipeline_hop_seconds", "Time from a stage sending activations or tokens to the next receiving them"
+        "butterfly_pipeline_hop_seconds",
+        "Time from a stage sending activations or tokens to the next receiving them",
     )
     with stats._lock:
         counts, total = list(stats.hop_counts), stats.hop_sum

@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -116,6 +117,10 @@ class _Seq:
     done: bool = False
 
 
+def _forget(tasks: dict[int, asyncio.Task[None]], req_id: int, _task: object) -> None:
+    tasks.pop(req_id, None)
+
+
 def _unavailable(message: str) -> ServingError:
     return ServingError(503, "service_unavailable", message)
 
@@ -193,7 +198,12 @@ class StageServer:
     @property
     def info(self) -> StageInfo:
         return StageInfo(
-            self.index, self.model.start, self.model.stop, self.kv_cache_bytes, self.cache.bytes_per_token, self.node
+            self.index,
+            self.model.start,
+            self.model.stop,
+            self.kv_cache_bytes,
+            self.cache.bytes_per_token,
+            self.node,
         )
 
     async def listen(self) -> int:
@@ -258,11 +268,17 @@ class StageServer:
 
     def _admit_hello(self, hello: Hello) -> tuple[str, str] | None:
         if hello.epoch != self.epoch:
-            return ("epoch", f"this stage serves plan epoch {self.epoch}, the link is for epoch {hello.epoch}")
+            return (
+                "epoch",
+                f"this stage serves plan epoch {self.epoch}, the link is for epoch {hello.epoch}",
+            )
         n = len(self.stages)
         if hello.role == ROLE_STAGE:
             if n < 2 or hello.index != (self.index - 1) % n:
-                return ("role", f"stage {self.index} takes a stage link only from stage {(self.index - 1) % n}")
+                return (
+                    "role",
+                    f"stage {self.index} takes a stage link only from stage {(self.index - 1) % n}",
+                )
             return None
         if hello.role == ROLE_CLIENT and not self.entry:
             return ("role", f"stage {self.index} is not the pipeline's entry; clients dial stage 0")
@@ -485,7 +501,9 @@ class StageServer:
             if self.last:
                 rows = [i for i, s in enumerate(msg.sample) if s]
                 samplers = [self.samplers[msg.seq[i]] for i in rows]
-                tokens = await loop.run_in_executor(self._pool, self._last_step, x, chunks, cache, rows, samplers)
+                tokens = await loop.run_in_executor(
+                    self._pool, self._last_step, x, chunks, cache, rows, samplers
+                )
             else:
                 hidden = await loop.run_in_executor(self._pool, self.model.forward, x, chunks, cache)
         except (ValueError, KeyError, RuntimeError) as exc:
@@ -556,7 +574,10 @@ class StageServer:
         expected = 0
         for i, info in enumerate(infos):
             if info.index != i or info.start != expected:
-                return f"the ring's stages do not tile the model: stage {info.index} holds [{info.start}, {info.stop})"
+                return (
+                    f"the ring's stages do not tile the model: stage {info.index} holds "
+                    f"[{info.start}, {info.stop})"
+                )
             expected = info.stop
         if expected != self.model.num_blocks or len(infos) != len(self.stages):
             return f"the ring covers blocks [0, {expected}) of {self.model.num_blocks}"
@@ -573,11 +594,15 @@ class StageServer:
         if not prompt:
             raise ServingError(400, "invalid_request_error", "the prompt is empty")
         if request.max_tokens < 1:
-            raise ServingError(400, "invalid_request_error", f"max_tokens must be >= 1, got {request.max_tokens}")
+            raise ServingError(
+                400, "invalid_request_error", f"max_tokens must be >= 1, got {request.max_tokens}"
+            )
         bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
         if bad:
             raise ServingError(
-                400, "invalid_request_error", f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})"
+                400,
+                "invalid_request_error",
+                f"token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})",
             )
         capacity = len(prompt) + request.max_tokens
         if capacity > cfg.max_position_embeddings:
@@ -597,8 +622,9 @@ class StageServer:
                 raise ServingError(
                     400,
                     "invalid_request_error",
-                    f"the prompt's {len(prompt)} tokens plus max_tokens {request.max_tokens} need {need} bytes "
-                    f"of KV cache on stage {info.index}, more than its whole budget of {info.budget_bytes} bytes",
+                    f"the prompt's {len(prompt)} tokens plus max_tokens {request.max_tokens} need "
+                    f"{need} bytes of KV cache on stage {info.index}, more than its whole budget of "
+                    f"{info.budget_bytes} bytes",
                 )
         if len(self.waiting) >= self.max_waiting:
             raise ServingError(
@@ -623,8 +649,11 @@ class StageServer:
             self._update_stats()
         self._wake.set()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
         """The ``Backend`` contract, in this process (the entry's own node, tests, the bench)."""
+        return self._stream(request)
+
+    async def _stream(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent | Finished, None]:
         seq = self.submit(request)
         try:
             while True:
@@ -774,7 +803,9 @@ class StageServer:
                 raise _Broken(str(exc)) from None
             reply = await fut
             if [members[i].seq_id for i in rows] != reply.seq:
-                self._failure(f"{self._stage_name(len(self.stages) - 1)} answered step {step_id} for other sequences")
+                self._failure(
+                    f"{self._stage_name(len(self.stages) - 1)} answered step {step_id} for other sequences"
+                )
                 raise _Broken("bad reply")
             tokens = reply.tokens
         for seq in members:
@@ -812,7 +843,7 @@ class StageServer:
                         raise LinkError(f"client {link.peer} reused request id {msg.req_id}")
                     task = asyncio.get_running_loop().create_task(self._serve_request(link, msg))
                     tasks[msg.req_id] = task
-                    task.add_done_callback(lambda _t, r=msg.req_id: tasks.pop(r, None))
+                    task.add_done_callback(functools.partial(_forget, tasks, msg.req_id))
                 elif isinstance(msg, Cancel):
                     t = tasks.get(msg.req_id)
                     if t is not None:
@@ -830,17 +861,21 @@ class StageServer:
         rid = msg.req_id
         try:
             params = SamplingParams(msg.temperature, msg.top_p, msg.seed)
-            req = GenerationRequest(tuple(msg.prompt_ids), msg.max_tokens, params, frozenset(msg.stop_token_ids))
+            req = GenerationRequest(
+                tuple(msg.prompt_ids), msg.max_tokens, params, frozenset(msg.stop_token_ids)
+            )
         except ValueError as exc:
             await self._client_send(link, Error(rid, 400, "invalid_request_error", str(exc)[:1000]))
             return
-        gen = self.generate(req)
+        gen = self._stream(req)
         try:
             async for ev in gen:
                 if isinstance(ev, TokenEvent):
                     await self._client_send(link, Token(rid, ev.token_id))
                 else:
-                    await self._client_send(link, Done(rid, ev.reason, ev.prompt_tokens, ev.completion_tokens))
+                    await self._client_send(
+                        link, Done(rid, ev.reason, ev.prompt_tokens, ev.completion_tokens)
+                    )
         except ServingError as exc:
             await self._client_send(link, Error(rid, exc.status, exc.code[:1000], exc.message[:1000]))
         finally:
