@@ -90,7 +90,11 @@ if [ ! -e "$FINAL" ]; then
     mkdir -p "$FINAL"
     made_mountpoint=yes
 fi
-cleanup() { if [ -n "$made_mountpoint" ]; then rmdir "$FINAL" 2>/dev/null || true; fi; }
+# The staged tree (hundreds of MB) and the wheel are only inputs of the packages: not kept.
+cleanup() {
+    if [ -n "$made_mountpoint" ]; then rmdir "$FINAL" 2>/dev/null || true; fi
+    rm -rf "$STAGE" "$WORK/src" "$WORK/wheels" "$WORK/doc" "$WORK/mkvenv.sh"
+}
 trap cleanup EXIT
 # Written to a file rather than fed on stdin, which pip or python could otherwise read.
 cat >"$WORK/mkvenv.sh" <<'EOS'

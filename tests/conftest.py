@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,3 +30,64 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("secret") / "cluster.key"
     generate_secret(path)
     return path
+
+
+# ---- skips are reported, and under CI only GPU tests may skip ------------------------------------
+# Every skipped test is listed with its reason at the end of the run. With BUTTERFLY_FAIL_ON_SKIP=1
+# (set by .ci/run) a skip of any test not marked ``gpu`` fails the run: a missing tool or privilege
+# must not turn the suite quietly green. Mark a test ``@pytest.mark.gpu`` when it can only run on a
+# CUDA device.
+
+_GPU_SKIP = "butterfly_gpu_skip"
+_skips: list[tuple[str, str, bool]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("gpu") is not None:
+        # user_properties travel with the report from an xdist worker to the controller.
+        report.user_properties.append((_GPU_SKIP, True))
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        gpu = any(name == _GPU_SKIP for name, _ in report.user_properties)
+        _skips.append((report.nodeid, _skip_reason(report), gpu))
+
+
+def _failing_on_skip() -> bool:
+    return os.environ.get("BUTTERFLY_FAIL_ON_SKIP", "") not in ("", "0")
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if not _skips:
+        return
+    others = [s for s in _skips if not s[2]]
+    gpus = [s for s in _skips if s[2]]
+    terminalreporter.section("skipped tests")
+    for title, group in (("needs a GPU (allowed)", gpus), ("NOT RUN", others)):
+        if group:
+            terminalreporter.write_line(f"{title}: {len(group)}")
+            for nodeid, reason, _ in group:
+                terminalreporter.write_line(f"  {nodeid}: {reason}")
+    if others and _failing_on_skip():
+        terminalreporter.write_line(
+            f"BUTTERFLY_FAIL_ON_SKIP: {len(others)} test(s) other than GPU tests did not run; install what "
+            "their reasons name (scripts/test.sh does, as root on Debian)",
+            red=True,
+            bold=True,
+        )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _failing_on_skip() and any(not gpu for _, _, gpu in _skips) and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

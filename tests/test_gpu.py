@@ -9,6 +9,7 @@ import mmap
 import random
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,12 @@ def test_gpu_available_never_raises() -> None:
 
 # --- on a GPU ---------------------------------------------------------------------------------------
 
-needs_gpu = pytest.mark.skipif(not gpu.gpu_available(), reason="no cupy or no CUDA device: the CPU path runs")
+_no_gpu = pytest.mark.skipif(not gpu.gpu_available(), reason="no cupy or no CUDA device: the CPU path runs")
+
+
+def needs_gpu(test: Callable[..., None]) -> Callable[..., None]:
+    """Runs only on a CUDA device; marked ``gpu``, the one kind of skip .ci/run accepts."""
+    return pytest.mark.gpu(_no_gpu(test))
 
 
 @needs_gpu

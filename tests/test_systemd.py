@@ -27,7 +27,8 @@ from butterfly.config import Config, ConfigError, parse_config
 from tests.systemdharness import SystemdContainer, unavailable_reason, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
-DIST = REPO / "dist"
+# scripts/test.sh points this at its temp dir, so a test run leaves no packages behind.
+DIST = Path(os.environ.get("BUTTERFLY_DIST_DIR") or REPO / "dist")
 UNIT = "butterfly-node.service"
 # Everything packaging/build.sh puts into the packages; a newer file here means a rebuild.
 BUILD_INPUTS = ("butterfly", "csrc", "systemd", "packaging", "pyproject.toml", "setup.py", "README.md")
