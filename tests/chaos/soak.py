@@ -1,0 +1,144 @@
+"""The chaos soak profile: many runs over random scenarios, figures at the end.
+
+    flock /tmp/butterfly-bigmem.lock .venv/bin/python -m tests.chaos.soak --runs 200 [--seed S]
+        [--faults kill,isolate] [--phases operational] [--targets coordinator] [--keep DIR]
+
+Each run's history and node logs stay under ``--keep`` (default: a temp dir, failures only are kept).
+Prints one line per run and a summary: runs, violations by rule, recovery time p50/p90/max.
+Exit status 1 if any run found a violation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+from tests.chaos.history import Bounds
+from tests.chaos.netns import require_netns
+from tests.chaos.runner import FAULTS, PHASES, TARGETS, Outcome, Scenario, run
+
+
+def make_model(root: Path) -> tuple[Path, Path]:
+    from butterfly.net.auth import generate_secret
+    from butterfly.weights.build import build_manifest
+    from butterfly.weights.manifest import MANIFEST_FILE, write_manifest
+    from butterfly.weights.testmodel import make_test_model
+
+    model = make_test_model(root / "model", layers=4, hidden=128, vocab=512, shards=2)
+    manifest, _ = build_manifest(model, chunk_bytes=64 * 1024)
+    write_manifest(manifest, model / MANIFEST_FILE)
+    secret = root / "cluster.key"
+    generate_secret(secret)
+    return model, secret
+
+
+def _rule(violation: str) -> str:
+    for needle, rule in (
+        ("leaders", "two leaders in a term"),
+        ("never committed", "served an uncommitted epoch"),
+        ("in state", "served while not OPERATIONAL"),
+        ("after epoch", "served a superseded epoch"),
+        ("into its own", "served through its own fault"),
+        ("whose layers", "served an epoch missing a faulted node"),
+        ("went back", "term/epoch went back"),
+        ("below committed", "lost a committed epoch"),
+        ("after the last heal", "did not recover in bound"),
+    ):
+        if needle in violation:
+            return rule
+    return "other"
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--faults", default=",".join(FAULTS))
+    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--keep", type=Path, default=None)
+    parser.add_argument("--recover-bound", type=float, default=Bounds().recover_bound_s)
+    parser.add_argument("--scenarios", default="", help="fault/target/phase,... to run in turn instead")
+    parser.add_argument("--minutes", type=float, default=0.0, help="stop starting runs after this long")
+    args = parser.parse_args(argv)
+    require_netns()
+    rng = random.Random(args.seed)
+    print(f"chaos soak: seed {args.seed}, up to {args.runs} runs", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="butterfly-chaos-"))
+    keep = args.keep or root / "failed"
+    model, secret = make_model(root)
+    outcomes: list[Outcome] = []
+    errors: list[str] = []
+    started = time.monotonic()
+    try:
+        for k in range(args.runs):
+            if args.minutes and time.monotonic() - started > args.minutes * 60:
+                break
+            fixed = [tuple(x.split("/")) for x in args.scenarios.split(",") if x]
+            fault, target, phase = (
+                fixed[k % len(fixed)]
+                if fixed
+                else (
+                    rng.choice(args.faults.split(",")),
+                    rng.choice(args.targets.split(",")),
+                    rng.choice(args.phases.split(",")),
+                )
+            )
+            scenario = Scenario(fault, target, phase, n=args.nodes, seed=rng.randrange(1 << 30))
+            workdir = root / f"run{k:04d}"
+            try:
+                outcome = run(scenario, workdir, model, secret, Bounds(recover_bound_s=args.recover_bound))
+            except Exception as exc:  # a run that could not even start is reported, not fatal
+                errors.append(f"{scenario}: {exc}")
+                print(f"[{k}] {scenario}: ERROR {exc}", flush=True)
+                shutil.copytree(workdir, keep / workdir.name, dirs_exist_ok=True)
+                continue
+            outcomes.append(outcome)
+            took = f"{outcome.recovery_s:.1f}s" if outcome.recovery_s is not None else "never"
+            verdict = "ok" if not outcome.violations else f"{len(outcome.violations)} VIOLATIONS"
+            print(
+                f"[{k}] {scenario} (struck in {outcome.fault_phase_seen}): recovered {took}, {verdict}",
+                flush=True,
+            )
+            for v in outcome.violations[:5]:
+                print(f"      {v}", flush=True)
+            if outcome.violations:
+                shutil.copytree(workdir, keep / workdir.name, dirs_exist_ok=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        shutil.rmtree(root / "model", ignore_errors=True)
+    failed = [o for o in outcomes if o.violations]
+    rules = Counter(_rule(v) for o in failed for v in set(o.violations))
+    runs_by_rule = Counter(r for o in failed for r in {_rule(v) for v in o.violations})
+    recoveries = [o.recovery_s for o in outcomes if o.recovery_s is not None]
+    print(f"\nruns {len(outcomes)} (+{len(errors)} could not run), {len(failed)} with violations")
+    for rule, count in runs_by_rule.most_common():
+        print(f"  {rule}: {count} runs ({rules[rule]} distinct lines)")
+    if recoveries:
+        print(
+            f"recovery after heal: p50 {_pct(recoveries, 0.5):.1f}s p90 {_pct(recoveries, 0.9):.1f}s "
+            f"max {max(recoveries):.1f}s"
+        )
+    by_kind = Counter(f"{o.scenario.fault}/{o.scenario.target}" for o in failed)
+    if by_kind:
+        print("failing scenarios:", ", ".join(f"{k} x{v}" for k, v in by_kind.most_common()))
+    print(f"kept: {keep}" if failed or errors else f"work dir: {root}")
+    return 1 if failed or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

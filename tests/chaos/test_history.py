@@ -1,0 +1,190 @@
+"""The chaos checker judged on hand-made histories: a clean one passes, and each kind of bad history
+fails on the rule it breaks (a checker that cannot fail proves nothing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.chaos.history import Answer, Bounds, Fault, History, check, load, recovery_time
+
+NODES = ["n1", "n2", "n3"]
+
+
+def status(
+    t: float,
+    node: str,
+    *,
+    term: int = 2,
+    epoch: int = 1,
+    coordinator: str | None = "n1",
+    state: str = "OPERATIONAL",
+) -> Answer:
+    body = {"node_id": node, "state": state, "term": term, "epoch": epoch, "coordinator": coordinator}
+    return Answer(t, node, "status", 200, body)
+
+
+def ready(t: float, node: str, *, epoch: int = 1, code: int = 200, state: str = "OPERATIONAL") -> Answer:
+    return Answer(t, node, "ready", code, {"ready": code == 200, "state": state, "epoch": epoch, "term": 2})
+
+
+def clean() -> History:
+    """Three nodes serve epoch 1; n3 is killed at t=10 and restarted at t=15; the others stop serving
+    at once, commit epoch 2 at t=11 and serve it; n3 comes back in epoch 2 at t=20."""
+    h = History(nodes=list(NODES), healed_at=15.0, ended_at=25.0)
+    a = h.answers
+    for t in range(0, 10):
+        for n in NODES:
+            a += [status(t, n), ready(t + 0.5, n)]
+    a += [ready(10.5, "n1", code=503, state="READY"), ready(10.5, "n2", code=503, state="READY")]
+    a += [Answer(10.5, "n3", "ready", None, None)]
+    for t in range(11, 25):
+        for n in ("n1", "n2"):
+            a += [status(t, n, epoch=2), ready(t + 0.5, n, epoch=2)]
+    a += [
+        status(16, "n3", term=0, epoch=0, coordinator=None, state="COLD"),
+        ready(16.5, "n3", code=503, state="COLD"),
+    ]
+    for t in range(20, 25):
+        a += [status(t, "n3", epoch=2), ready(t + 0.5, "n3", epoch=2)]
+    h.faults.append(Fault("kill", "n3", 10.0, 15.0))
+    h.answers.sort(key=lambda x: x.t)
+    return h
+
+
+def test_a_clean_history_passes_and_its_recovery_is_measured() -> None:
+    h = clean()
+    assert check(h) == []
+    assert recovery_time(h) == pytest.approx(20.5 - 15.0)
+
+
+def _with(h: History, *extra: Answer) -> History:
+    h.answers = sorted([*h.answers, *extra], key=lambda x: x.t)
+    return h
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "expected"),
+    [
+        (
+            "two leaders in one term",
+            lambda: _with(clean(), status(5.2, "n2", coordinator="n2")),
+            "term 2 had 2 leaders",
+        ),
+        (
+            "ready 200 while not operational",
+            lambda: _with(clean(), ready(5.3, "n2", state="READY")),
+            "in state READY",
+        ),
+        (
+            "ready 200 for an epoch never committed",
+            lambda: _with(clean(), ready(12.3, "n2", epoch=7)),
+            "never committed",
+        ),
+        (
+            "ready 200 for epoch 0",
+            lambda: _with(clean(), ready(3.3, "n2", epoch=0)),
+            "epoch 0, never committed",
+        ),
+        (
+            "a stale epoch served after a newer one",
+            lambda: _with(clean(), ready(14.0, "n1", epoch=1)),
+            "after epoch 2 was reported",
+        ),
+        (
+            "a node serves through its own isolation",
+            lambda: _isolated(serve_through=True),
+            "into its own isolate",
+        ),
+        (
+            "a survivor serves the dead node's epoch",
+            lambda: _with(clean(), ready(12.6, "n2", epoch=1)),
+            "whose layers epoch 1 needs",
+        ),
+        (
+            "an epoch goes back",
+            lambda: _with(clean(), status(13.2, "n1", epoch=1)),
+            "epoch went back from 2 to 1",
+        ),
+        (
+            "a term goes back",
+            lambda: _with(clean(), status(13.2, "n1", term=1, epoch=2)),
+            "term went back from 2 to 1",
+        ),
+        ("a committed epoch is lost at the end", lambda: _lost(), "below committed epoch 2"),
+        ("never operational again", lambda: _never_recovers(), "not OPERATIONAL on every node"),
+        ("operational again too late", lambda: _late(), "took 95.5 s"),
+    ],
+)
+def test_a_bad_history_fails_on_the_broken_rule(name: str, make: Any, expected: str) -> None:
+    violations = check(make())
+    assert violations, name
+    assert any(expected in v for v in violations), violations
+
+
+def _isolated(*, serve_through: bool) -> History:
+    h = History(nodes=list(NODES), healed_at=8.0, ended_at=12.0)
+    for t in range(0, 12):
+        for n in NODES:
+            h.answers += [status(t, n), ready(t + 0.5, n)]
+    if not serve_through:
+        h.answers = [x for x in h.answers if not (x.node == "n3" and x.kind == "ready" and 3 < x.t < 8)]
+    h.faults.append(Fault("isolate", "n3", 2.0, 8.0))
+    h.answers.sort(key=lambda x: x.t)
+    return h
+
+
+def test_a_node_may_answer_within_the_bound_of_its_fault_but_not_after() -> None:
+    within = _isolated(serve_through=False)  # its last 200 is at 2.5 s, 0.5 s into the fault
+    assert [v for v in check(within) if "into its own" in v] == []
+    tight = check(_isolated(serve_through=False), Bounds(serve_bound_s=0.1))
+    assert any("0.50 s into its own isolate" in v for v in tight)
+
+
+def _lost() -> History:
+    h = clean()
+    h.answers = [x for x in h.answers if not (x.node == "n3" and x.t >= 20)]
+    h.answers += [status(22, "n3", epoch=1), ready(22.5, "n3", epoch=1)]
+    h.answers.sort(key=lambda x: x.t)
+    return h
+
+
+def _never_recovers() -> History:
+    h = clean()
+    h.answers = [x for x in h.answers if not (x.node == "n3" and x.t >= 20)]
+    return h
+
+
+def _late() -> History:
+    h = clean()
+    for x in list(h.answers):
+        if x.node == "n3" and x.t >= 20:
+            h.answers.remove(x)
+    h.answers += [status(110, "n3", epoch=2), ready(110.5, "n3", epoch=2)]
+    for n in ("n1", "n2"):
+        h.answers += [status(110, n, epoch=2), ready(110.5, n, epoch=2)]
+    h.answers.sort(key=lambda x: x.t)
+    return h
+
+
+def test_a_history_round_trips_through_its_files(tmp_path: Path) -> None:
+    h = clean()
+    h.save(tmp_path / "history.json")
+    for n in NODES:
+        lines = [
+            json.dumps({"t": x.t, "node": x.node, "kind": x.kind, "code": x.code, "body": x.body})
+            for x in h.answers
+            if x.node == n
+        ]
+        (tmp_path / f"{n}.answers").write_text(
+            "\n".join(lines) + '\n{"t": 99, "node": "n1", "ki'
+        )  # torn line
+    back = load(tmp_path / "history.json", [tmp_path / f"{n}.answers" for n in NODES])
+    assert back.faults == h.faults and back.healed_at == h.healed_at
+    assert sorted(back.answers, key=lambda x: (x.t, x.node, x.kind)) == sorted(
+        h.answers, key=lambda x: (x.t, x.node, x.kind)
+    )
+    assert check(back) == []
