@@ -4,7 +4,8 @@
 #
 # On Debian/Ubuntu as root it installs the system tools the tests drive for real (dnsmasq for DNS SRV,
 # rpm and lintian for the packages, openssl for test certificates, node/npm for the S3 server, systemd
-# and util-linux for the service tests, python3.11 with headers and venv for the package build).
+# and util-linux for the service tests, iproute2 and nftables for the chaos suite's
+# network namespaces, python3.11 with headers and venv for the package build).
 # Otherwise it names what is missing; those tests then skip, each saying why, and the summary lists
 # them (.ci/run fails on any skip but a GPU test's).
 set -euo pipefail
@@ -23,6 +24,8 @@ tools=(
     "nsenter:util-linux"
     "setpriv:util-linux"
     "gcc:gcc"
+    "ip:iproute2"
+    "nft:nftables"
     "/usr/bin/python3.11:python3.11"
     "/usr/include/python3.11/Python.h:python3.11-dev"
     "/usr/lib/python3.11/ensurepip/__init__.py:python3.11-venv"
