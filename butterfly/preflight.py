@@ -162,10 +162,10 @@ def _is_self(config: Config, seed: HostPort) -> bool:
 
 def _quorum(config: Config) -> None:
     cluster = config.cluster
-    if cluster.discovery_method != "static" or config.node.role != "coordinator":
+    if cluster.discovery_method != "static" or config.node.role != "coordinator" or cluster.founder:
         return
-    # Voters are coordinator-eligible nodes this node knows from its seed list; more than the list
-    # (plus itself) can never be there, so no election can ever happen.
+    # Without a named founder every node lists the same set (seed_nodes plus itself), and the first
+    # voters are quorum_size of that set: a longer quorum than the set can never form.
     others = [seed for seed in cluster.seed_nodes if not _is_self(config, seed)]
     most = len(others) + 1
     if cluster.quorum_size > most:

@@ -218,6 +218,12 @@ def test_a_quorum_the_seed_list_cannot_reach_is_refused(
         _check(_config(tmp_path, model_dir, quorum=3, seeds='"127.0.0.2:7000"', role="worker"), capsys)[0]
         == 0
     )
+    # A named founder gathers the voters; this node need not list them all.
+    config = _config(tmp_path, model_dir, quorum=3, seeds='"127.0.0.2:7000"')
+    config.write_text(
+        config.read_text().replace("quorum_size = 3", 'quorum_size = 3\nfounder = "127.0.0.2:7000"')
+    )
+    assert _check(config, capsys)[0] == 0
 
 
 def test_a_filesystem_model_without_a_manifest_is_refused(
