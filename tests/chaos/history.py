@@ -2,8 +2,10 @@
 nodes answered and what faults were injected when; this module decides afterwards whether any
 answer broke a safety rule or the cluster failed to recover.
 
-The history is every ``/status`` and ``/ready`` answer of every node (see ``poller``), on the one
-monotonic clock of the machine, plus the faults with their start and heal times. The rules:
+The history is every ``/status`` and ``/ready`` answer and every request served of every node (see
+``poller``), on the one monotonic clock of the machine, plus the faults with their start and heal
+times. A served request counts as serving in the epoch of the node's /ready answer around it. The
+rules (each applies to /ready 200 and to served requests alike):
 
 * **one leader per term**: no two nodes are ever named coordinator for the same term;
 * **serve only committed epochs**: every ``/ready`` 200 is OPERATIONAL in an epoch >= 1 that was
@@ -97,7 +99,36 @@ def _statuses(h: History) -> list[tuple[Answer, dict[str, Any]]]:
 
 
 def _served(h: History) -> list[tuple[Answer, dict[str, Any]]]:
-    return [(a, a.body or {}) for a in h.answers if a.kind == "ready" and a.code == 200]
+    """Every /ready 200 and every request served (200), the latter judged as in the epoch and state of
+    the node's /ready answer just before it (a request served after a 503 is judged as not OPERATIONAL
+    only if the /ready just after it was not 200 either: the gate may have opened in between)."""
+    out: list[tuple[Answer, dict[str, Any]]] = []
+    last: dict[str, Answer] = {}
+    pending: dict[str, list[Answer]] = defaultdict(list)
+    for a in h.answers:
+        if a.kind == "ready":
+            for served in pending.pop(a.node, []):
+                before = last.get(a.node)
+                around = [x for x in (before, a) if x is not None and x.code == 200]
+                body = (around[0].body if around else (before or a).body) or {}
+                out.append(
+                    (served, body if around else {**body, "state": f"{body.get('state')} (/ready 503)"})
+                )
+            last[a.node] = a
+            if a.code == 200:
+                out.append((a, a.body or {}))
+        elif a.kind == "serve" and a.code == 200:
+            pending[a.node].append(a)
+    for node, served_list in pending.items():
+        for served in served_list:
+            tail = last[node].body if node in last else None
+            out.append((served, tail or {"state": "unknown (no /ready answer)"}))
+    out.sort(key=lambda pair: pair[0].t)
+    return out
+
+
+def _what(a: Answer) -> str:
+    return "served a request" if a.kind == "serve" else "answered /ready 200"
 
 
 def _committed_epochs(h: History) -> dict[int, float]:
@@ -135,9 +166,9 @@ def serve_only_committed(h: History) -> list[str]:
     for a, body in _served(h):
         epoch = int(body.get("epoch") or 0)
         if body.get("state") != "OPERATIONAL":
-            out.append(f"{a.node} answered /ready 200 at {a.t:.3f} in state {body.get('state')}")
+            out.append(f"{a.node} {_what(a)} at {a.t:.3f} in state {body.get('state')}")
         elif epoch not in committed:
-            out.append(f"{a.node} answered /ready 200 at {a.t:.3f} for epoch {epoch}, never committed")
+            out.append(f"{a.node} {_what(a)} at {a.t:.3f} for epoch {epoch}, never committed")
     return out
 
 
@@ -150,7 +181,7 @@ def no_stale_serving(h: History, serve_bound_s: float) -> list[str]:
         if newer:
             e, t = newer[0]
             out.append(
-                f"{a.node} answered /ready 200 for epoch {epoch} at {a.t:.3f}, "
+                f"{a.node} {_what(a)} for epoch {epoch} at {a.t:.3f}, "
                 f"{a.t - t:.2f} s after epoch {e} was reported"
             )
     return out
@@ -170,12 +201,12 @@ def faults_stop_serving(h: History, serve_bound_s: float, child_bound_s: float) 
             epoch = int(body.get("epoch") or 0)
             if a.node == f.target:
                 out.append(
-                    f"{a.node} answered /ready 200 at {a.t:.3f}, {a.t - f.t0:.2f} s into its own {f.kind} "
+                    f"{a.node} {_what(a)} at {a.t:.3f}, {a.t - f.t0:.2f} s into its own {f.kind} "
                     f"(bound {start - f.t0:g} s)"
                 )
             elif f.kind in NODE_FAULTS and epoch <= in_force:
                 out.append(
-                    f"{a.node} answered /ready 200 for epoch {epoch} at {a.t:.3f}, {a.t - f.t0:.2f} s after "
+                    f"{a.node} {_what(a)} for epoch {epoch} at {a.t:.3f}, {a.t - f.t0:.2f} s after "
                     f"{f.kind} of {f.target}, whose layers epoch {in_force} needs"
                 )
     return out

@@ -24,9 +24,11 @@ STATUS_KEYS = (
 )  # fmt: skip
 
 
-def _get(url: str, timeout: float) -> tuple[int | None, Any]:
+def _get(url: str, timeout: float, body: dict[str, Any] | None = None) -> tuple[int | None, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -52,8 +54,24 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     base = f"http://127.0.0.1:{args.port}"
+    model: str | None = None
+    rounds = 0
     with open(args.out, "a", buffering=1) as out:
         while not stop:
+            rounds += 1
+            if rounds % 3 == 0:
+                # A request served for real: one token. It records only whether it was served (200);
+                # the checker ties it to the node's /ready answers around it.
+                if model is None:
+                    _, models = _get(f"{base}/v1/models", timeout=0.5)
+                    listed = models.get("data") if isinstance(models, dict) else None
+                    model = listed[0].get("id") if listed else None
+                if model is not None:
+                    sent = time.monotonic()
+                    request = {"model": model, "prompt": "chaos", "max_tokens": 1}
+                    code, _ = _get(f"{base}/v1/completions", timeout=2.0, body=request)
+                    line = {"t": sent, "node": args.node, "kind": "serve", "code": code, "body": None}
+                    out.write(json.dumps(line) + "\n")
             for kind in ("ready", "status"):
                 sent = time.monotonic()
                 code, body = _get(f"{base}/{kind}", timeout=0.5)

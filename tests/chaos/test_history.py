@@ -188,3 +188,37 @@ def test_a_history_round_trips_through_its_files(tmp_path: Path) -> None:
         h.answers, key=lambda x: (x.t, x.node, x.kind)
     )
     assert check(back) == []
+
+
+def serve(t: float, node: str, code: int = 200) -> Answer:
+    return Answer(t, node, "serve", code, None)
+
+
+def test_served_requests_are_judged_by_the_ready_answers_around_them() -> None:
+    # Between a 503 and a 200 the gate may have opened: fine. Between two 503s: served while closed.
+    h = clean()
+    h.answers = [x for x in h.answers if not (x.node == "n2" and x.kind == "ready" and 5 < x.t < 7)]
+    h = _with(h, ready(5.5, "n2", code=503, state="READY"), serve(5.7, "n2"), ready(6.5, "n2"))
+    assert check(h) == []
+    h = _with(
+        clean(), serve(10.6, "n1", code=503), serve(11.55, "n1")
+    )  # before: 503 at 10.5; after: 200 at 11.5
+    assert check(h) == []
+    h = clean()
+    h.answers = [x for x in h.answers if not (x.node == "n2" and x.kind == "ready" and 5 < x.t < 7)]
+    h = _with(
+        h,
+        ready(5.5, "n2", code=503, state="READY"),
+        serve(5.7, "n2"),
+        ready(6.0, "n2", code=503, state="READY"),
+    )
+    assert any("n2 served a request at 5.700 in state READY (/ready 503)" in v for v in check(h))
+
+
+def test_a_request_served_through_a_fault_is_a_violation() -> None:
+    h = _with(_isolated(serve_through=False), serve(6.1, "n3"))
+    assert any("n3 served a request" in v and "into its own isolate" in v for v in check(h))
+    h = clean()  # n2 keeps answering in epoch 1 after n3's death, and serves in it
+    h.answers = [x for x in h.answers if not (x.node == "n2" and 12 < x.t < 14)]
+    h = _with(h, ready(12.5, "n2", epoch=1), serve(12.7, "n2"), ready(13.5, "n2", epoch=1))
+    assert any("n2 served a request for epoch 1" in v and "whose layers epoch 1 needs" in v for v in check(h))
