@@ -6,11 +6,16 @@ Two harnesses share one in-memory disk model:
   is persisted, its messages queued, :meth:`Lockstep.stabilize` delivers until the cluster is quiet.
   Links can be cut, nodes isolated, crashed and restarted.
 * :class:`Simulation` — one seeded chaos run: N nodes, a network with loss, duplication, reordering,
-  delay, random partitions and one-way link failures, crashes (also in the middle of handling a Ready)
-  and restarts from exactly what was persisted, on a fake clock of ticks. Raft's safety invariants are
-  checked after every step; then a liveness phase heals everything and requires one leader and
-  converged, identically applied logs within a bound. Every failure is an :class:`InvariantViolation`
-  whose message starts with the seed, so ``run_simulation(seed, params)`` replays it exactly.
+  delay, random partitions and one-way link failures, crashes (also in the middle of handling a Ready,
+  between its write and its fsync: the disk then loses what was never synced) and restarts from
+  exactly what was fsync'd, on a fake clock of ticks. The cluster is founded inside the run as the
+  driver does it (one founder writes entry 1 and sends it; members resend it), the leader changes
+  voters one at a time, and the log carries real plan and operational entries
+  (``butterfly.cluster.messages``) made by the real planner, with a model of the serving gate. Raft's
+  safety invariants and the plan/epoch invariants are checked after every step; then a liveness phase
+  heals everything and requires one leader and converged, identically applied logs within a bound.
+  Every failure is an :class:`InvariantViolation` whose message starts with the seed, so
+  ``run_simulation(seed, params)`` replays it exactly.
 
 Nothing here reads a clock or global randomness; Python's per-process hash seed only salts the chain
 hashes, which are compared within one process, so runs replay across processes too.
@@ -23,8 +28,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from butterfly.cluster.messages import Assignment, OperationalEntry, PlanEntry, decode_command, encode
+from butterfly.planner import Assignment as PlanAssignment
+from butterfly.planner import ModelSizes, NodeCapacity, Plan, plan_partition
 from butterfly.raft import (
+    AddVoter,
     AppendResponse,
+    Bootstrap,
     Entry,
     EntryKind,
     HardState,
@@ -35,10 +45,13 @@ from butterfly.raft import (
     RaftInvariantError,
     RaftNode,
     Ready,
+    RemoveVoter,
     Role,
     VoteResponse,
     bootstrap_state,
+    decode_conf_change,
 )
+from butterfly.weights.layout import LayerRange
 
 NodeFactory = Callable[[NodeId, RaftConfig, PersistedState | None, int], RaftNode]
 
@@ -48,23 +61,40 @@ class InvariantViolation(AssertionError):
 
 
 class MemDisk:
-    """What a node has fsync'd: the model of :class:`butterfly.raft.RaftStorage` (one save is atomic)."""
+    """The model of :class:`butterfly.raft.RaftStorage`: ``write`` puts a record in the page cache
+    (``hard``/``entries`` show it), ``fsync`` makes everything written durable (``durable_hard`` /
+    ``durable_entries``), and ``crash`` loses whatever was written but never synced. One record is
+    atomic (RaftStorage cuts a torn last record on open). ``save`` is write + fsync."""
 
     def __init__(self, initial: PersistedState | None = None) -> None:
         self.hard = initial.hard_state if initial is not None else HardState()
         self.entries: list[Entry] = list(initial.entries) if initial is not None else []
+        self.durable_hard = self.hard
+        self.durable_entries = list(self.entries)
 
-    def save(self, hard: HardState | None, entries: Sequence[Entry]) -> None:
+    def write(self, hard: HardState | None, entries: Sequence[Entry]) -> None:
         if entries:
             del self.entries[entries[0].index - 1 :]
             self.entries.extend(entries)
         if hard is not None:
             self.hard = hard
 
+    def fsync(self) -> None:
+        self.durable_hard = self.hard
+        self.durable_entries = list(self.entries)
+
+    def crash(self) -> None:
+        self.hard = self.durable_hard
+        self.entries = list(self.durable_entries)
+
+    def save(self, hard: HardState | None, entries: Sequence[Entry]) -> None:
+        self.write(hard, entries)
+        self.fsync()
+
     def load(self) -> PersistedState | None:
-        if self.hard == HardState() and not self.entries:
+        if self.durable_hard == HardState() and not self.durable_entries:
             return None
-        return PersistedState(hard_state=self.hard, entries=tuple(self.entries))
+        return PersistedState(hard_state=self.durable_hard, entries=tuple(self.durable_entries))
 
 
 def take(node: RaftNode) -> Ready:
@@ -213,6 +243,10 @@ class SimParams:
     """Fresh nodes the leader adds with ``propose_add_learner`` during the run."""
     election_ticks: int = 10
     heartbeat_ticks: int = 2
+    layers: int = 6
+    """Blocks of the model the plan entries split (0: no plan or operational entries)."""
+    membership: bool = True
+    """The leader demotes and promotes voters during the chaos (one at a time, through the log)."""
     chaos_ticks: int = 150
     liveness_bound: int = 250
     """Ticks after healing within which one leader and converged logs are required."""
@@ -226,7 +260,43 @@ class SimStats:
     crashes: int = 0
     delivered: int = 0
     ticks_to_converge: int = 0
+    plans: int = 0
+    operational: int = 0
+    voter_changes: int = 0
+    lost_unsynced: int = 0
     chaos: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FoundingMsg:
+    """Entry 1 as the driver's ``Founding`` message: sent by a member to the founding voters."""
+
+    src: NodeId
+    dst: NodeId
+    voters: tuple[NodeId, ...]
+    cluster_id: str
+
+
+@dataclass(frozen=True)
+class ValidationMsg:
+    """A node tells whom it follows that it loaded and validated its range of plan ``epoch``."""
+
+    src: NodeId
+    dst: NodeId
+    epoch: int
+
+
+SimMessage = Message | FoundingMsg | ValidationMsg
+
+
+@dataclass
+class NodeGate:
+    """One node's applied cluster state (the driver's plan / operational epoch) and its local load."""
+
+    plan: PlanEntry | None = None
+    operational_epoch: int = 0
+    validated: int = 0
+    loading: tuple[int, int] = (0, 0)  # (epoch, tick when its load and validation finish)
 
 
 _LEADER = Role.LEADER
@@ -276,11 +346,28 @@ class Simulation:
                 "check_quorum": check_quorum,
             },
         )
+        # Founding as the driver does it: only the founder (n0) writes entry 1; the other founding
+        # voters start empty and get it by a Founding message or from the leader's log.
         boot = bootstrap_state(voters, cluster_id=f"sim-{seed}")
-        self.disks = {n: MemDisk(boot if n in voters else None) for n in self.ids}
+        self.disks = {n: MemDisk(boot if n == "n0" else None) for n in self.ids}
         self.nodes: dict[NodeId, RaftNode | None] = {}
         self.now = 0
-        self.inflight: dict[int, list[Message]] = {}
+        self.inflight: dict[int, list[SimMessage]] = {}
+        # the serving gate
+        self.gates: dict[NodeId, NodeGate] = {n: NodeGate() for n in self.ids}
+        self.accepted: dict[NodeId, set[tuple[NodeId, int]]] = {n: set() for n in self.ids}
+        self.validated_ever: set[tuple[NodeId, int]] = set()
+        self.plan_by_epoch: dict[int, bytes] = {}
+        self.pending_cmd: dict[NodeId, int] = {}
+        self.sizes = (
+            ModelSizes(
+                block_bytes=tuple(1 << 20 for _ in range(params.layers)),
+                embed_bytes=1 << 19,
+                head_bytes=1 << 19,
+            )
+            if params.layers
+            else None
+        )
         self.group: dict[NodeId, int] = dict.fromkeys(self.ids, 0)
         self.oneway: set[tuple[NodeId, NodeId]] = set()
         self.next_value = 0
@@ -328,6 +415,7 @@ class Simulation:
             if node is not None and not (self.stall_rate and self.rng.random() < self.stall_rate):
                 node.tick()
                 self._process(n)
+                self._node_cycle(n)
         due = self.inflight.pop(self.now, [])
         self.rng.shuffle(due)
         for m in due:
@@ -335,8 +423,165 @@ class Simulation:
             if node is None or self._blocked(m.src, m.dst):
                 continue
             self.stats.delivered += 1
-            node.step(m)
-            self._process(m.dst)
+            if isinstance(m, FoundingMsg):
+                self._on_founding(m)
+            elif isinstance(m, ValidationMsg):
+                if node.role is _LEADER:
+                    self.accepted[m.dst].add((m.src, m.epoch))
+            else:
+                node.step(m)
+                self._process(m.dst)
+
+    # -- what the driver does around the core: founding, voters, the coordinator, the gate -------------
+
+    def _node_cycle(self, n: NodeId) -> None:
+        node = self.nodes[n]
+        if node is None:
+            return  # crashed while handling its Ready
+        if self.now % 5 == 0 and node.last_index > 0:
+            first = decode_conf_change(node.entries(1, 2)[0].data)
+            if isinstance(first, Bootstrap):
+                for v in first.voters:
+                    if v != n:
+                        self._send(FoundingMsg(n, v, first.voters, first.cluster_id))
+        gate = self.gates[n]
+        epoch, due = gate.loading
+        if epoch and self.now >= due:
+            gate.loading = (0, 0)
+            if gate.plan is not None and gate.plan.epoch == epoch:
+                gate.validated = epoch
+                self.validated_ever.add((n, epoch))
+                self._check_serving(n)
+        if gate.validated and self.now % 3 == 0 and node.leader is not None:
+            if gate.operational_epoch != gate.validated:
+                self._send(ValidationMsg(n, node.leader, gate.validated))
+
+    def _on_founding(self, m: FoundingMsg) -> None:
+        n = m.dst
+        node, disk = self.nodes[n], self.disks[n]
+        if node is None or node.last_index > 0 or disk.entries or n not in m.voters:
+            return
+        state = bootstrap_state(list(m.voters), m.cluster_id)
+        disk.write(state.hard_state, state.entries)
+        if self.ready_crash_rate and self.rng.random() < self.ready_crash_rate:
+            self._crash(n)  # crashed before the fsync: the founding entry is lost again
+            return
+        disk.fsync()
+        del self.chain[n][1:]
+        self._extend_chain(n, state.entries)
+        self._start(n)
+
+    def _coordinate(self) -> None:
+        """The leader's coordinator: plan when there is none or a planned node is down, and commit
+        "operational" once every assigned node's validation reached it. Like the real one it acts only
+        on what it applied, and only once an entry of its own term is committed."""
+        leader = self._leader()
+        if leader is None or self.sizes is None or leader.log_term(leader.commit) != leader.term:
+            return
+        if self.pending_cmd.get(leader.id, 0) > leader.commit:
+            return
+        gate = self.gates[leader.id]
+        plan = gate.plan
+        up = [n for n in self.ids if self.nodes[n] is not None]
+        if plan is None or any(a.node_id not in up for a in plan.assignments):
+            chosen = self.rng.sample(up, self.rng.randint(1, len(up)))
+            epoch = (plan.epoch if plan else 0) + 1
+            previous = None
+            if plan is not None:
+                previous = Plan(
+                    plan.epoch,
+                    tuple(PlanAssignment(a.node_id, LayerRange(a.start, a.stop)) for a in plan.assignments),
+                )
+            new = plan_partition(
+                [NodeCapacity(c, 1 << 30, 1.0) for c in chosen], self.sizes, epoch=epoch, previous=previous
+            )
+            cmd: PlanEntry | OperationalEntry = PlanEntry(
+                epoch=epoch,
+                term=leader.term,
+                manifest_root="sim",
+                num_units=len(self.sizes.block_bytes) + 2,
+                num_blocks=len(self.sizes.block_bytes),
+                assignments=tuple(
+                    Assignment(a.node_id, a.layers.start, a.layers.stop) for a in new.assignments
+                ),
+            )
+        elif gate.operational_epoch != plan.epoch and all(
+            (a.node_id, plan.epoch) in self.accepted[leader.id] for a in plan.assignments
+        ):
+            cmd = OperationalEntry(plan.epoch, leader.term)
+        else:
+            return
+        index = leader.propose(encode(cmd))
+        if index is not None:
+            self.pending_cmd[leader.id] = index
+            self._process(leader.id)
+
+    def _change_voters(self) -> None:
+        leader = self._leader()
+        if leader is None:
+            return
+        others = [n for n in self.ids if n not in leader.voters]
+        demotable = [v for v in leader.voters if v != leader.id]
+        change: AddVoter | RemoveVoter
+        if others and (len(leader.voters) <= 2 or self.rng.random() < 0.5):
+            change = AddVoter(self.rng.choice(others))
+        elif demotable and len(leader.voters) > 2:
+            change = RemoveVoter(self.rng.choice(demotable))
+        else:
+            return
+        if leader.propose_conf_change(change) is not None:
+            self.stats.voter_changes += 1
+            self._process(leader.id)
+
+    def _apply_command(self, n: NodeId, e: Entry) -> None:
+        """The driver's apply rule, with the plan and epoch invariants."""
+        try:
+            cmd = decode_command(e.data)
+        except Exception:
+            return  # a plain test value
+        gate = self.gates[n]
+        if isinstance(cmd, PlanEntry):
+            tiles = sorted((a.start, a.stop) for a in cmd.assignments)
+            cover = 0
+            for start, stop in tiles:
+                if start != cover or stop <= start:
+                    raise self._violation(f"plan epoch {cmd.epoch} does not cover every layer once: {tiles}")
+                cover = stop
+            if cover != cmd.num_blocks:
+                raise self._violation(f"plan epoch {cmd.epoch} covers {cover} of {cmd.num_blocks} layers")
+            if self.plan_by_epoch.setdefault(cmd.epoch, e.data) != e.data:
+                raise self._violation(f"two different plans committed for epoch {cmd.epoch}")
+            if gate.plan is None or cmd.epoch > gate.plan.epoch:
+                gate.plan = cmd
+                self.stats.plans = max(self.stats.plans, cmd.epoch)
+                if cmd.range_of(n) is not None:
+                    gate.loading = (cmd.epoch, self.now + self.rng.randint(1, 6))
+        elif isinstance(cmd, OperationalEntry):
+            if gate.plan is not None and cmd.epoch == gate.plan.epoch:
+                missing = [
+                    a.node_id
+                    for a in gate.plan.assignments
+                    if (a.node_id, cmd.epoch) not in self.validated_ever
+                ]
+                if missing:
+                    raise self._violation(
+                        f"operational at epoch {cmd.epoch} committed before {missing} validated"
+                    )
+                gate.operational_epoch = cmd.epoch
+                self.stats.operational = max(self.stats.operational, cmd.epoch)
+        self._check_serving(n)
+
+    def _check_serving(self, n: NodeId) -> None:
+        """No node operational outside the committed epoch it validated (in this incarnation)."""
+        gate = self.gates[n]
+        plan = gate.plan
+        if plan is None or gate.operational_epoch != plan.epoch or plan.range_of(n) is None:
+            return
+        if gate.validated == plan.epoch:
+            if plan.epoch not in self.plan_by_epoch or (n, plan.epoch) not in self.validated_ever:
+                raise self._violation(
+                    f"{n} serves epoch {plan.epoch} it never validated or that never committed"
+                )
 
     def _chaos(self) -> None:
         rng = self.rng
@@ -355,6 +600,10 @@ class Simulation:
             self._propose()
         if self.learner_ids and rng.random() < 0.02:
             self._add_learner(rng.choice(self.learner_ids))
+        if self.p.membership and rng.random() < 0.02:
+            self._change_voters()
+        if rng.random() < 0.3:
+            self._coordinate()
 
     def _partition(self) -> None:
         rng = self.rng
@@ -383,7 +632,7 @@ class Simulation:
             return
         if waited % 10 == 0:
             for learner in self.learner_ids:
-                if learner not in leader.learners:
+                if learner not in leader.learners and learner not in leader.voters:
                     self._add_learner(learner)
         if waited == 0:
             self._propose()
@@ -412,8 +661,9 @@ class Simulation:
         node = self.factory(n, self.configs[n], self.disks[n].load(), self.rng.getrandbits(32))
         self.nodes[n] = node
         self.applied[n] = 0
+        self.gates[n] = NodeGate()  # volatile: the log is applied again from index 1
         self.mem_commit[n] = node.commit
-        if node.commit != self.disks[n].hard.commit:
+        if node.commit != self.disks[n].durable_hard.commit:
             raise self._violation(
                 f"{n} restarted with commit {node.commit}, persisted {self.disks[n].hard.commit}"
             )
@@ -422,11 +672,19 @@ class Simulation:
     def _crash(self, n: NodeId) -> None:
         self.nodes[n] = None
         self.stats.crashes += 1
+        disk = self.disks[n]
+        if disk.entries != disk.durable_entries or disk.hard != disk.durable_hard:
+            self.stats.lost_unsynced += 1
+        disk.crash()  # what was written but never fsync'd is gone
+        self.chain[n] = [0]
+        self._extend_chain(n, disk.entries)
+        self.accepted[n] = set()
+        self.pending_cmd.pop(n, None)
 
     def _blocked(self, src: NodeId, dst: NodeId) -> bool:
         return self.group[src] != self.group[dst] or (src, dst) in self.oneway
 
-    def _send(self, m: Message) -> None:
+    def _send(self, m: SimMessage) -> None:
         rng = self.rng
         if self._blocked(m.src, m.dst) or (self.loss and rng.random() < self.loss):
             return
@@ -446,9 +704,13 @@ class Simulation:
             return
         rd = node.ready()
         if self.ready_crash_rate and self.rng.random() < self.ready_crash_rate:
-            self._crash(n)  # crashed before the fsync: nothing of this Ready happened
+            self._crash(n)  # crashed before writing: nothing of this Ready happened
             return
         self._persist(n, rd)
+        if self.ready_crash_rate and self.rng.random() < self.ready_crash_rate:
+            self._crash(n)  # written, never synced: the disk loses it
+            return
+        self._sync(n, node)
         if self.ready_crash_rate and self.rng.random() < self.ready_crash_rate:
             self._crash(n)  # crashed after the fsync, before sending
             return
@@ -481,8 +743,6 @@ class Simulation:
                 raise self._violation(f"{n} changed its vote in term {new.term}: {old.vote} -> {new.vote}")
             if new.commit < old.commit:
                 raise self._violation(f"{n} persisted commit {new.commit} after {old.commit}")
-            if new.vote is not None:
-                self._record_vote(n, new.term, new.vote)
         if rd.entries:
             first = rd.entries[0].index
             chain = self.chain[n]
@@ -493,14 +753,21 @@ class Simulation:
             if first != len(chain):
                 raise self._violation(f"{n} persisted entry {first} after last index {len(chain) - 1}")
             self._extend_chain(n, rd.entries)
-        disk.save(rd.hard_state, rd.entries)
+        disk.write(rd.hard_state, rd.entries)
         node = self.nodes[n]
         assert node is not None
         if node.last_index < len(disk.entries) or node.log_term(len(disk.entries)) != (
             disk.entries[-1].term if disk.entries else 0
         ):
             raise self._violation(f"{n}: Ready entries disagree with the in-memory log")
-        self._check_commit(n, disk.hard.commit, node.term)
+
+    def _sync(self, n: NodeId, node: RaftNode) -> None:
+        disk = self.disks[n]
+        disk.fsync()
+        # A vote counts once durable: one written but lost in a crash before its fsync never left.
+        if disk.durable_hard.vote is not None:
+            self._record_vote(n, disk.durable_hard.term, disk.durable_hard.vote)
+        self._check_commit(n, disk.durable_hard.commit, node.term)
 
     def _extend_chain(self, n: NodeId, entries: Sequence[Entry]) -> None:
         chain = self.chain[n]
@@ -541,19 +808,16 @@ class Simulation:
         """Messages leave only after what they promise is durable (the Ready contract)."""
         disk = self.disks[n]
         if isinstance(m, VoteResponse) and m.granted:
-            if disk.hard.term != m.term or disk.hard.vote != m.dst:
+            if disk.durable_hard.term != m.term or disk.durable_hard.vote != m.dst:
                 raise self._violation(f"{n} granted a vote for {m.dst} in term {m.term} before persisting it")
             self._record_vote(n, m.term, m.dst)
         elif isinstance(m, AppendResponse):
             # An acknowledgement (or a refusal's hint) tells the leader which prefix this node holds:
             # it must already be on disk, with the term the hint claims.
             held = m.index if m.success else m.reject_hint
-            if held > len(disk.entries) or (
-                not m.success and held and disk.entries[held - 1].term != m.hint_term
-            ):
-                raise self._violation(
-                    f"{n} told {m.dst} it holds index {held}, persisted {len(disk.entries)}"
-                )
+            durable = disk.durable_entries
+            if held > len(durable) or (not m.success and held and durable[held - 1].term != m.hint_term):
+                raise self._violation(f"{n} told {m.dst} it holds index {held}, persisted {len(durable)}")
 
     def _record_vote(self, n: NodeId, term: int, candidate: NodeId) -> None:
         if self.votes.setdefault((n, term), candidate) != candidate:
@@ -564,7 +828,7 @@ class Simulation:
     def _apply(self, n: NodeId, entries: Sequence[Entry]) -> None:
         log = self.applied_log
         for e in entries:
-            if e.index != self.applied[n] + 1 or e.index > self.disks[n].hard.commit:
+            if e.index != self.applied[n] + 1 or e.index > self.disks[n].durable_hard.commit:
                 raise self._violation(f"{n} applied {e.index} out of order or uncommitted")
             if e.index < len(log):
                 if log[e.index] != e:
@@ -572,6 +836,8 @@ class Simulation:
             else:
                 log.append(e)
             self.applied[n] = e.index
+            if e.kind is EntryKind.NORMAL and e.data:
+                self._apply_command(n, e)
 
     # -- liveness ------------------------------------------------------------------------------------
 
@@ -579,7 +845,7 @@ class Simulation:
         leader = self._leader()
         if leader is None or leader.log_term(leader.last_index) != leader.term:
             return False
-        if any(learner not in leader.learners for learner in self.learner_ids):
+        if any(n not in leader.learners and n not in leader.voters for n in self.ids):
             return False
         last, term = leader.last_index, leader.term
         for n in self.ids:

@@ -104,6 +104,29 @@ def test_a_new_leader_changes_no_voter_before_it_commits_an_entry_of_its_term() 
     assert n1.propose_conf_change(RemoveVoter("n3")) is not None
 
 
+def test_a_promoted_voter_that_has_not_heard_of_it_still_votes() -> None:
+    """Regression (found by the simulator): voters {n1,n2,l1} after promoting l1 and demoting n3, but l1
+    was cut off and still thinks it is a learner. With n1 gone, n2 needs l1's vote; a "learner" that
+    ignored vote requests left the cluster without a leader for good."""
+    net = Lockstep(THREE, learners=("l1",), config=CFG)
+    net.elect("n1")
+    learner_joined(net, "n1", "l1")
+    net.isolate("l1")
+    change(net, "n1", AddVoter("l1"))
+    net.tick_all(1)
+    change(net, "n1", RemoveVoter("n3"))
+    net.tick_all(1)
+    assert net.nodes["n2"].voters == ("l1", "n1", "n2") and not net.nodes["l1"].is_voter
+    net.crash("n1")
+    net.crash("n3")
+    net.heal()
+    net.tick_all(4 * T)
+    n2 = net.nodes["n2"]
+    assert n2.role is Role.LEADER
+    net.tick_all(2)
+    assert net.nodes["l1"].is_voter
+
+
 def test_one_voter_change_at_a_time_and_never_the_leader_itself() -> None:
     net = Lockstep(THREE, learners=("l1", "l2"), config=CFG)
     leader = net.elect("n1")

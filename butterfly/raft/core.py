@@ -455,8 +455,11 @@ class RaftNode:
         if m.dst != self._id:
             logger.warning("%s dropped %s addressed to %s", self._id, type(m).__name__, m.dst)
             return
-        if isinstance(m, PreVoteRequest | VoteRequest) and self._id not in self._voters:
-            return  # learners never vote, so a candidate's term is none of their business
+        if isinstance(m, PreVoteRequest | VoteRequest) and not self._log:
+            return  # not in any cluster yet
+        # A learner does answer: it may be a voter that has not yet learned of its promotion (the change
+        # commits on the leader first), and without its vote the new voter set may have no majority.
+        # Candidates count only the voters of their own configuration, so a real learner's vote is inert.
         if m.term > self._term:
             # Leader lease: while we hear from a leader, a higher-term vote request comes from a node
             # that cannot see that leader; letting it bump our term would depose a healthy one.
