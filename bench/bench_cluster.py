@@ -12,12 +12,12 @@ election, failover (in one process, on one uvloop loop)
   unavailable (the leader says so and plans nothing: election needs no model).
   A run starts the drivers (in random order, spread over one CYCLE_S, as separate processes would
   start) with every transport listening and given its peers; t_start is the first start. Then:
-    discovery  t_start -> every node has durably pledged to the voter set (quorum discovered: reports,
-               SETTLE_S of stable view, the pledge fsync)
-    bootstrap  every pledge made -> the last node has bootstrapped (pledges travel, CYCLE_S polling)
-    election   every pledge made -> one leader (term, id) is known by a majority of the N nodes (the
-               TARGET metric; "all" is when every node knows it). A node "knows" once the Ready that
-               tells it was fsync'd and its messages sent.
+    discovery  t_start -> the founder has saved entry 1 (quorum discovered: reports, SETTLE_S of
+               stable view, the fsync)
+    bootstrap  founded -> the last node has Raft state (the Founding message, or the leader's log)
+    election   founded -> one leader (term, id) is known by a majority of the N nodes (the TARGET
+               metric; "all" is when every node knows it). A node "knows" once the Ready that tells
+               it was fsync'd and its messages sent.
     failover   after the leader is known by all and a further 0.1-0.2 s (random, so the kill lands
                anywhere in the heartbeat cycle), the leader is killed: its driver task cancelled and
                every socket of its transport aborted (no Goodbye; what SIGKILL does) -> a new leader of
@@ -93,7 +93,7 @@ class Watch:
     def __init__(self) -> None:
         self.views: dict[str, tuple[int, str]] = {}
         self.dead: set[str] = set()
-        self.pledged: dict[str, float] = {}
+        self.founded: dict[str, float] = {}
         self.booted: dict[str, float] = {}
         self.booted_via_log: list[str] = []
         # (term, leader) -> times at which the number of live nodes knowing it first reached 1, 2, ...
@@ -186,7 +186,7 @@ class TimedDriver(ClusterDriver):
     async def _adopt(self, voters: tuple[str, ...], cluster_id: str) -> bool:
         adopted = await super()._adopt(voters, cluster_id)
         if adopted:
-            self.watch.pledged[self.node_id] = time.monotonic()
+            self.watch.founded[self.node_id] = time.monotonic()
         return adopted
 
     async def _try_bootstrap(self, now: float) -> str:
@@ -230,15 +230,15 @@ class RunResult:
     election_all_s: float | None = None
     election_after_last_boot_s: float | None = None
     election_term: int | None = None
-    # Why a slow election was slow: who pledged last (it bootstraps at once), who booted first, who led,
+    # Why a slow election was slow: who saved entry 1 last, who booted first, who led,
     # how many nodes had bootstrapped when n0 (the voter that campaigns at bootstrap) did, and how long
     # after that the first leader was known by a majority.
-    last_pledged: str = ""
+    last_founded: str = ""
     first_booted: str = ""
     leader: str = ""
     booted_with_n0: int = 0
     n0_boot_to_leader_s: float | None = None
-    # Voters that never bootstrapped from their pledges but got the log from an elected leader.
+    # Voters that never adopted the Founding message but got the log from an elected leader.
     booted_via_log: list[str] = field(default_factory=list)
     failover_majority_s: float | None = None
     failover_all_s: float | None = None
@@ -323,7 +323,7 @@ async def one_run(n: int, secret: bytes, *, failover: bool) -> RunResult:
             members.append(Member(ids[i], t, driver))
         majority = n // 2 + 1
         # Separate processes never start in lockstep: a random order and offset within one cycle keeps
-        # the drivers' cycle and tick phases (and so who pledges last) from lining up the same each run.
+        # the drivers' cycle and tick phases (and so who gets entry 1 last) from lining up the same each run.
         t_start = time.monotonic()
         for m in random.sample(members, n):
             m.task = asyncio.create_task(m.driver.run())
@@ -333,7 +333,7 @@ async def one_run(n: int, secret: bytes, *, failover: bool) -> RunResult:
             return len(watch.booted) == n and any(len(ts) >= n for ts in watch.known.values())
 
         await watch.until(elected_by_all, RUN_TIMEOUT_S, "a leader known by every node")
-        t_quorum = min(watch.pledged.values())  # the founder saved entry 1
+        t_quorum = min(watch.founded.values())  # the founder saved entry 1
         t_last_boot = max(watch.booted.values())
         view, t_major = watch.first_known_by(majority, lambda v: True)
         _, t_all = watch.first_known_by(n, lambda v: v == view)
@@ -344,7 +344,7 @@ async def one_run(n: int, secret: bytes, *, failover: bool) -> RunResult:
         res.election_after_last_boot_s = t_major - t_last_boot
         res.election_term = view[0]
         res.leader = view[1]
-        res.last_pledged = max(watch.pledged, key=lambda k: watch.pledged[k])
+        res.last_founded = max(watch.founded, key=lambda k: watch.founded[k])
         res.first_booted = min(watch.booted, key=lambda k: watch.booted[k])
         res.booted_with_n0 = sum(1 for t in watch.booted.values() if t <= watch.booted["n0"])
         res.n0_boot_to_leader_s = t_major - watch.booted["n0"]
@@ -605,7 +605,7 @@ def explain(raft: list[RunResult], formation: list[FormationResult], sizes: list
             f"{pct([r.election_majority_s or 0.0 for r in lost], 50) if lost else 0:.3f} s, "
             f"n0 booted with {min((r.booted_with_n0 for r in lost), default=0)}-"
             f"{max((r.booted_with_n0 for r in lost), default=0)} of {n} nodes; the other runs: p99 "
-            f"{pct(won, 99) if won else 0:.3f} s (pledge spread up to CYCLE_S {CYCLE_S:g} s + a vote round)"
+            f"{pct(won, 99) if won else 0:.3f} s (entry 1 reaching the voters + a vote round)"
         )
     for n in sizes:
         fo = [r.failover_majority_s for r in raft if r.n == n and r.failover_majority_s is not None]

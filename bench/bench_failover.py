@@ -20,6 +20,12 @@ that term. detect = kill -> the first survivor that has no leader or a new one. 
 restarted from its state dir (same id, address and Raft log) and the next run waits until all N follow
 one committed leader again. The cluster is formed once per size; every process and directory is removed
 at the end.
+
+``--node-death RUNS`` (real ``butterfly-node`` processes, ``tests.clusterharness.Cluster``): 4 nodes,
+quorum_size 3, all coordinators, on bench_cluster's generated 16-layer test model (~106 MiB), /status
+polled every 50 ms. Each run: every node OPERATIONAL; SIGKILL one node that is not the coordinator
+(in turn a voter and the learner); replan = kill -> every survivor OPERATIONAL again at a later epoch;
+then the node is restarted and rejoin = restart -> all 4 OPERATIONAL.
 """
 
 from __future__ import annotations
@@ -318,6 +324,96 @@ def bench_size(n: int, runs: int, secret_file: Path, progress: bool) -> SizeResu
         shutil.rmtree(root, ignore_errors=True)
 
 
+@dataclass
+class DeathRun:
+    victim: str = ""
+    was_voter: bool = False
+    stop_s: float | None = None
+    replan_s: float | None = None
+    rejoin_s: float | None = None
+    error: str = ""
+
+
+def node_death_bench(runs: int, progress: bool) -> list[DeathRun]:
+    from bench.bench_cluster import make_model
+    from butterfly.config import SupervisorConfig
+    from tests.clusterharness import Cluster
+    from tests.nodeharness import segments_of
+
+    root = Path(tempfile.mkdtemp(prefix="bench-death-"))
+    out: list[DeathRun] = []
+
+    class BenchCluster(Cluster):
+        def config(self, i: int) -> Path:  # the production child watchdog (see bench_cluster)
+            path = super().config(i)
+            default = SupervisorConfig().heartbeat_timeout_s
+            path.write_text(
+                path.read_text().replace("heartbeat_timeout_s = 3.0", f"heartbeat_timeout_s = {default}")
+            )
+            return path
+
+    from butterfly.net.auth import generate_secret
+
+    secret = root / "cluster.key"
+    generate_secret(secret)
+    model = make_model(root)
+    cluster = BenchCluster(root, model, secret, 4, quorum=3)
+
+    def statuses() -> dict[str, dict[str, Any] | None]:
+        return {k: n.status() for k, n in cluster.alive().items()}
+
+    def wait(pred: Any, timeout: float) -> tuple[float, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = statuses()
+            t = time.monotonic()
+            if all(v is not None for v in st.values()) and pred(st):
+                return t, st
+            time.sleep(0.05)
+        raise TimeoutError(f"states { ({k: (v or {}).get('state') for k, v in statuses().items()}) }")
+
+    def all_operational(st: dict[str, Any], after: int = 0) -> bool:
+        return all(v["state"] == "OPERATIONAL" and v["epoch"] > after for v in st.values())
+
+    try:
+        cluster.start_all()
+        wait(all_operational, 120.0)
+        for r in range(runs):
+            res = DeathRun()
+            try:
+                _, st = wait(all_operational, 60.0)
+                coord = next(iter(st.values()))["coordinator"]
+                epoch = max(v["epoch"] for v in st.values())
+                candidates = [k for k in cluster.ids if k != coord]
+                res.victim = candidates[r % len(candidates)]
+                voters = sorted(cluster.ids)[:3]
+                res.was_voter = res.victim in voters
+                t_kill = time.monotonic()
+                cluster.kill(res.victim)
+                t_stop, _ = wait(lambda st: any(v["state"] != "OPERATIONAL" for v in st.values()), 30.0)
+                res.stop_s = t_stop - t_kill
+                t_back, _ = wait(lambda st, e=epoch: all_operational(st, e), 60.0)
+                res.replan_s = t_back - t_kill
+                t_restart = time.monotonic()
+                cluster.start(cluster.ids.index(res.victim))
+                t_all, _ = wait(lambda st: len(st) == 4 and all_operational(st), 90.0)
+                res.rejoin_s = t_all - t_restart
+            except Exception as e:
+                res.error = f"{type(e).__name__}: {e}"
+                if res.victim and res.victim not in cluster.alive():
+                    cluster.start(cluster.ids.index(res.victim))
+            out.append(res)
+            if progress:
+                print(f"  node death run {r + 1}/{runs}: {res}", file=sys.stderr, flush=True)
+        return out
+    finally:
+        cluster.stop_all()
+        for node_id in cluster.ids:
+            for seg in segments_of(node_id):
+                Path("/dev/shm", seg).unlink(missing_ok=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
@@ -333,9 +429,27 @@ def main() -> None:
     ap.add_argument("--sizes", default="3,5,7")
     ap.add_argument("--json", default=str(REPO / "out" / "bench_failover.json"))
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--node-death", type=int, default=0, metavar="RUNS", help="node death runs (real nodes)")
     args = ap.parse_args()
     if args.member is not None:
         member_main(args)
+        return
+    if args.node_death:
+        deaths = node_death_bench(args.node_death, not args.quiet)
+        print(f"\n{'seconds':<40} {'runs':>4} {'p50':>7} {'p90':>7} {'max':>7}")
+        for name, key in (
+            ("kill -> a survivor stops serving", "stop_s"),
+            ("kill -> survivors OPERATIONAL again", "replan_s"),
+            ("restart -> all 4 OPERATIONAL", "rejoin_s"),
+        ):
+            values = [v for d in deaths if (v := getattr(d, key)) is not None]
+            if values:
+                print(
+                    f"  {name:<38} {len(values):>4} {pct(values, 50):>7.3f} {pct(values, 90):>7.3f} "
+                    f"{max(values):>7.3f}"
+                )
+        for d in deaths:
+            print(f"  {d}")
         return
 
     from butterfly.cluster.driver import ELECTION_JITTER_TICKS, ELECTION_TICKS, HEARTBEAT_TICKS, TICK_S

@@ -432,8 +432,9 @@ class ClusterConfig:
     """Seconds between discovery rounds."""
     founder: HostPort | None = _setting(_host_port, None)
     """The one node that founds a new cluster (writes its first voter set), named by the address it
-    advertises. Unset: the lowest of ``seed_nodes`` plus this node's own address, so every node must
-    list the same set. Needed with dns or consul discovery. Nodes that already hold Raft state ignore it."""
+    advertises. Unset: the lowest of ``seed_nodes`` plus a coordinator's own address, so every
+    coordinator must list the same set (workers never found unless named here). Needed with dns or
+    consul discovery. Nodes that already hold Raft state ignore it."""
     voter_grace_s: float = _setting(_number(0, inclusive=False), 30.0)
     """A voter silent this long is replaced by a live coordinator-eligible learner (one change at a
     time through the Raft log)."""

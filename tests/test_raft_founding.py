@@ -76,7 +76,14 @@ async def no_model() -> ModelInfo:
 
 
 def make_drivers(
-    root: Path, hub: Hub, n: int, quorum: int, *, grace: float = 30.0, roles: list[str] | None = None
+    root: Path,
+    hub: Hub,
+    n: int,
+    quorum: int,
+    *,
+    grace: float = 30.0,
+    roles: list[str] | None = None,
+    founder: HostPort | None = None,
 ) -> list[ClusterDriver]:
     addrs = [HostPort(f"10.0.0.{i + 1}", 7000) for i in range(n)]
     drivers = []
@@ -101,7 +108,7 @@ def make_drivers(
             voter_grace_s=grace,
         )
         # Every node lists every address (its own included), as the README asks of seed_nodes.
-        d.is_founder, d.founder = choose_founder("static", tuple(addrs), None, addrs[i])
+        d.is_founder, d.founder = choose_founder("static", tuple(addrs), founder, addrs[i], role)
         drivers.append(d)
     return drivers
 
@@ -154,6 +161,12 @@ def test_the_founder_is_the_same_on_every_node_and_only_one_node() -> None:
     assert [choose_founder("static", addrs, pinned, a)[0] for a in addrs] == [False, False, True, False]
     founds, why = choose_founder("dns", (), None, addrs[0])
     assert not founds and "set cluster.founder" in why
+    # A worker, often given one seed only, never founds by default, even at the lowest address...
+    low = HostPort("10.0.0.0", 7000)
+    assert choose_founder("static", addrs, None, low, "worker") == (False, "10.0.0.1:7000")
+    assert choose_founder("static", addrs, None, low, "coordinator") == (True, "10.0.0.0:7000")
+    # ...unless cluster.founder names it.
+    assert choose_founder("static", addrs, low, low, "worker") == (True, "10.0.0.0:7000")
     assert choose_founder("static", (), None, addrs[0])[0], "a node without seeds founds alone"
 
 
@@ -184,6 +197,30 @@ def test_any_number_of_coordinators_starting_together_found_exactly_one_cluster(
             assert len(ids) == 1
             voters = {d.raft.voters for d in drivers if d.raft is not None}
             assert voters == {tuple(f"n{i}" for i in range(quorum))}
+        finally:
+            await stop(tasks, drivers)
+
+    asyncio.run(main())
+
+
+def test_a_worker_named_founder_founds_without_being_a_voter(tmp_path: Path) -> None:
+    async def main() -> None:
+        hub = Hub()
+        roles = ["worker", "coordinator", "coordinator", "coordinator"]
+        drivers = make_drivers(tmp_path, hub, 4, 3, roles=roles, founder=HostPort("10.0.0.1", 7000))
+        assert drivers[0].is_founder
+        tasks = await run_cluster(drivers, 3)
+        try:
+            await wait_for(
+                lambda: (
+                    len(leaders(drivers, hub)) == 1
+                    and all(d.raft is not None and "n0" in d.raft.learners for d in drivers)
+                ),
+                20.0,
+                "one cluster, the worker a learner",
+            )
+            assert {d.raft.voters for d in drivers if d.raft is not None} == {("n1", "n2", "n3")}
+            assert leaders(drivers, hub)[0].node_id != "n0"
         finally:
             await stop(tasks, drivers)
 

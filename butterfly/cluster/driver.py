@@ -98,16 +98,24 @@ CLUSTER = "cluster"
 
 
 def choose_founder(
-    discovery_method: str, seeds: tuple[HostPort, ...], founder: HostPort | None, advertise: HostPort
+    discovery_method: str,
+    seeds: tuple[HostPort, ...],
+    founder: HostPort | None,
+    advertise: HostPort,
+    role: str = "coordinator",
 ) -> tuple[bool, str]:
     """(whether this node founds a new cluster, the founder for status). Safe only because every node
-    computes the same answer: ``cluster.founder`` when set, else the lowest of the seed list plus our
-    own address (so every node must list the same set). DNS and Consul views are not shared facts, so
-    with them nobody founds unless ``cluster.founder`` names the node."""
+    computes the same answer: ``cluster.founder`` when set, else the lowest of the seed list plus the
+    coordinator's own address (so every coordinator must list the same set; a worker, often started
+    with just one seed, never founds unless ``cluster.founder`` names it). DNS and Consul views are not
+    shared facts, so with them nobody founds unless ``cluster.founder`` names the node."""
     if founder is None:
         if discovery_method != "static":
             return False, f"unset: set cluster.founder, {discovery_method} discovery names no founder"
-        founder = min({*seeds, advertise}, key=lambda a: (a.host, a.port))
+        candidates = {*seeds, advertise} if role == "coordinator" else set(seeds)
+        if not candidates:
+            return False, "unset: a worker without seed_nodes founds nothing"
+        founder = min(candidates, key=lambda a: (a.host, a.port))
     return founder == advertise, str(founder)
 
 
@@ -356,12 +364,16 @@ class ClusterDriver:
         assert raft is not None
         if raft.last_index > 0:
             return ""
-        if self.role != "coordinator":
+        if self.role != "coordinator" and not self.is_founder:
             return "waiting to be added to the cluster by its coordinator (role worker never bootstraps)"
         alive = self.coordinator.alive(self.reports, now)
         if any(r.cluster_id for r in alive.values()):
             return "a bootstrapped cluster exists: waiting to be added as a learner"
-        eligible = frozenset(n for n, r in alive.items() if r.role == "coordinator") | {self.node_id}
+        # The founder need not be a voter itself (a worker may be the lowest address): it picks the
+        # first voters among the coordinator-eligible nodes it sees.
+        eligible = frozenset(n for n, r in alive.items() if r.role == "coordinator")
+        if self.role == "coordinator":
+            eligible |= {self.node_id}
         if eligible != self._view:
             self._view, self._view_since = eligible, now
         if len(eligible) < self.quorum_size:

@@ -195,7 +195,11 @@ class ClusterChild:
         )
         cluster = self.config.cluster
         self.driver.is_founder, self.driver.founder = choose_founder(
-            cluster.discovery_method, cluster.seed_nodes, cluster.founder, self.transport.advertise
+            cluster.discovery_method,
+            cluster.seed_nodes,
+            cluster.founder,
+            self.transport.advertise,
+            self.config.node.role,
         )
 
     def report(self) -> NodeReport:

@@ -26,7 +26,8 @@ and deadlocked when views differed while pledging.
 
 *The rule (one founder).* Exactly one node may ever write entry 1: the founder, which every node
 computes from the same configuration (``cluster.founder``, or the lowest address of ``seed_nodes``
-plus the node's own, which must then list the same set on every node). Once it sees quorum_size
+plus a coordinator's own, which must then list the same set on every coordinator; workers never found
+unless named). Once it sees quorum_size
 coordinator-eligible nodes with no bootstrapped peer, it picks the quorum_size lowest ids, saves entry 1
 (fsync'd) and sends it; a chosen voter with no state saves the entry it receives, and any member
 resends it to chosen voters still without state. Since only one node writes an entry 1, any number of
