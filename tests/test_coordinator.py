@@ -207,3 +207,35 @@ def test_a_failed_node_does_not_count_toward_forming_and_is_named() -> None:
     assert res.waiting_reason == (
         "only 2 node(s) alive; forming needs 3 (quorum_size 3); c failed: no manifest at /m"
     )
+
+
+def test_a_node_returning_to_an_operational_cluster_is_planned_in_when_that_is_faster() -> None:
+    """A node that died and came back used to wait forever with "no layers assigned"."""
+    c = Coordinator("a", quorum_size=3, reserve_bytes=0)
+    plan = first_plan(c, ["a", "b", "c"])
+    two = reports(["a", "b"], 20.0)
+    assert cycle(c, 20.0, two, plan, operational=plan.epoch).proposals == []  # c dead: settling
+    (replan,) = cycle(c, 20.0 + SETTLE_S + 0.01, two, plan, operational=plan.epoch).proposals
+    assert isinstance(replan, PlanEntry) and {a.node_id for a in replan.assignments} == {"a", "b"}
+    # c returns while the two serve epoch 2: six blocks on three nodes beat six on two.
+    reps = reports(["a", "b", "c"], 30.0)
+    assert cycle(c, 30.0, reps, replan, operational=replan.epoch).proposals == []  # settling
+    res = cycle(c, 30.0 + SETTLE_S + 0.01, reps, replan, operational=replan.epoch)
+    (again,) = res.proposals
+    assert isinstance(again, PlanEntry) and again.epoch == replan.epoch + 1
+    assert {a.node_id for a in again.assignments} == {"a", "b", "c"}
+    assert "rebalancing for c" in res.description
+
+
+def test_a_node_that_would_not_speed_the_pipeline_up_stays_spare_and_says_why() -> None:
+    c = Coordinator("a", quorum_size=1, reserve_bytes=0)
+    slow = NodeReport(node_id="d", cluster_name="c", role="worker", memory_bytes=GiB, throughput=0.01)
+    plan = first_plan(c, ["a", "b", "c"])
+    reps = {**reports(["a", "b", "c"], 30.0), "d": (slow, 30.0)}
+    cycle(c, 30.0, reps, plan, operational=plan.epoch)
+    res = cycle(c, 30.0 + SETTLE_S + 0.01, reps, plan, operational=plan.epoch)
+    assert res.proposals == []
+    assert "d kept spare" in res.description and "operational at epoch 1" in res.description
+    # Decided once for this membership: the planner is not rerun every cycle.
+    res = cycle(c, 31.0, {**reports(["a", "b", "c"], 31.0), "d": (slow, 31.0)}, plan, operational=plan.epoch)
+    assert res.proposals == [] and "d kept spare" in res.description

@@ -190,6 +190,17 @@ def test_a_worker_killed_while_serving_stops_everyone_then_the_rest_serve_a_new_
         assert first_stop(answers, n, killed) is not None, n
     assert {s["cluster_size"] for s in st.values()} == {3}
     print(f"worker death -> OPERATIONAL again in {back:.2f}s (polled)")
+    # The worker comes back (systemd restarts it): it is planned in again, not left waiting.
+    epoch = next(iter(st.values()))["epoch"]
+    c.start(3)
+    st = c.wait(
+        lambda st: (
+            len(st) == 4 and all(s["state"] == "OPERATIONAL" and s["epoch"] > epoch for s in st.values())
+        ),
+        timeout=90,
+        what="the restarted worker planned in and everyone operational",
+    )
+    assert st[c.ids[3]]["bytes_total"] > 0
 
 
 @pytest.mark.parametrize("what", ["node", "cluster child"])
@@ -222,7 +233,13 @@ def test_a_frozen_coordinator_stops_serving_and_the_others_move_on(
         for p in frozen:
             os.kill(p, signal.SIGCONT)
     resumed = time.monotonic()
-    time.sleep(1.0)
+    # It rejoins: the rebalanced plan gives it layers again (it used to wait, "no layers assigned").
+    now_epoch = max(c.nodes[n].status()["epoch"] for n in others)  # type: ignore[index]
+    c.wait(
+        lambda st: all(s["state"] == "OPERATIONAL" and s["epoch"] > now_epoch for s in st.values()),
+        timeout=90,
+        what="the resumed coordinator planned in again and everyone operational",
+    )
     answers = log.close()
     late = [
         a

@@ -5,7 +5,9 @@ and the committed plan; `Coordinator.run_cycle` answers with proposals and a one
 its decision (logged when it changes, Patroni style). It decides:
 - which reporting nodes to add to the log as learners;
 - when to plan: once quorum_size nodes are alive and the view has been stable for a settle period,
-  and again when a planned node is declared dead (survivors keep their layers where the planner can);
+  and again when a planned node is declared dead (survivors keep their layers where the planner can),
+  and when a node joins or returns to an operational cluster and planning it in makes the pipeline's
+  bottleneck at least ``REBALANCE_GAIN`` faster (otherwise it stays a spare, and says so);
   with fewer than quorum_size nodes alive it proposes nothing and says why. A node that reports
   itself failed (its NodeReport's ``failed``) is alive for Raft but not for planning: it cannot hold
   a range, so the others are planned around it and the waiting reason names it;
@@ -28,7 +30,7 @@ from butterfly.cluster.messages import (
     ValidationVerdict,
 )
 from butterfly.planner import Assignment as PlanAssignment
-from butterfly.planner import ModelSizes, NodeCapacity, Plan, PlanError, plan_partition
+from butterfly.planner import ModelSizes, NodeCapacity, Plan, PlanError, plan_bottleneck, plan_partition
 from butterfly.weights.layout import LayerRange
 from butterfly.weights.manifest import tree_size, unit_range_for_blocks
 from butterfly.weights.merkle import leaf_hash, verify_range
@@ -37,6 +39,9 @@ from butterfly.weights.merkle import leaf_hash, verify_range
 DEAD_AFTER_S = 1.5
 # Membership must be unchanged this long before a first plan, so nodes starting together share one.
 SETTLE_S = 0.2
+# An operational cluster re-plans for a node that joins (or returns) only when that makes the
+# pipeline's bottleneck at least this much faster: a re-plan stops serving while ranges reload.
+REBALANCE_GAIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -92,12 +97,18 @@ class Coordinator:
         self.proposed_operational = 0
         self.membership_changed_at = 0.0
         self._last_members: frozenset[str] = frozenset()
+        self._rebalance_checked: tuple[int, frozenset[str]] | None = None
+        self._spare_note = ""
 
     def on_validation(self, report: ValidationReport, plan: PlanEntry | None) -> ValidationVerdict:
         reason = "no plan is committed" if plan is None else check_validation(report, plan)
         if not reason and plan is not None:
             self.accepted.setdefault(plan.epoch, set()).add(report.node_id)
         return ValidationVerdict(report.epoch, report.node_id, ok=not reason, reason=reason)
+
+    @staticmethod
+    def _planned(plan: PlanEntry | None) -> set[str]:
+        return {a.node_id for a in plan.assignments} if plan else set()
 
     def alive(self, reports: dict[str, tuple[NodeReport, float]], now: float) -> dict[str, NodeReport]:
         return {n: r for n, (r, seen) in reports.items() if n == self.node_id or now - seen <= DEAD_AFTER_S}
@@ -152,10 +163,25 @@ class Coordinator:
             return self._plan(res, term, alive, plan, model, dead)
 
         assert plan is not None
+        spare = sorted(set(alive) - planned)
+        if (
+            spare
+            and operational_epoch == plan.epoch
+            and plan.epoch >= self.proposed_epoch
+            and now - self.membership_changed_at >= SETTLE_S
+            and self._rebalance_checked != (plan.epoch, names)
+        ):
+            self._rebalance_checked = (plan.epoch, names)
+            self._plan(res, term, alive, plan, model, dead, rebalance=True)
+            if res.proposals or res.waiting_reason:
+                return res
+            self._spare_note = res.description
         accepted = self.accepted.get(plan.epoch, set())
         missing = sorted(planned - accepted)
         if operational_epoch == plan.epoch:
             res.description = f"operational at epoch {plan.epoch} with {len(planned)} node(s)"
+            if spare and self._spare_note:
+                res.description += f"; {self._spare_note}"
         elif missing:
             res.description = f"epoch {plan.epoch}: waiting for validation from {', '.join(missing)}"
         elif self.proposed_operational < plan.epoch:
@@ -174,7 +200,10 @@ class Coordinator:
         previous: PlanEntry | None,
         model: ModelInfo,
         dead: set[str],
+        rebalance: bool = False,
     ) -> CycleResult:
+        """Plan for ``alive``; with ``rebalance``, only when that beats ``previous`` by REBALANCE_GAIN
+        (otherwise ``res`` gets no proposal and a description of why not)."""
         caps = [
             NodeCapacity(
                 node_id=r.node_id,
@@ -200,9 +229,24 @@ class Coordinator:
                 caps, model.sizes, epoch=epoch, reserve_bytes=self.reserve_bytes, previous=prev_plan
             )
         except PlanError as e:
+            if rebalance:  # the current plan still stands
+                res.description = (
+                    f"cannot plan in {', '.join(sorted(set(alive) - self._planned(previous)))}: {e}"
+                )
+                return res
             res.waiting_reason = f"cannot plan: {e}"
             res.description = f"waiting: {res.waiting_reason}"
             return res
+        if rebalance and prev_plan is not None:
+            now_cost = plan_bottleneck(prev_plan, caps, model.sizes)
+            new_cost = plan_bottleneck(plan, caps, model.sizes)
+            if not new_cost < now_cost * (1 - REBALANCE_GAIN):
+                idle = ", ".join(sorted(set(alive) - self._planned(previous)))
+                res.description = (
+                    f"{idle} kept spare: planning it in would make the bottleneck {new_cost:.4g}, "
+                    f"now {now_cost:.4g} (a re-plan needs {REBALANCE_GAIN:.0%} better)"
+                )
+                return res
         entry = PlanEntry(
             epoch=epoch,
             term=term,
@@ -216,7 +260,11 @@ class Coordinator:
         why = (
             f"{', '.join(sorted(dead))} dead"
             if dead
-            else ("first plan" if previous is None else "membership")
+            else "first plan"
+            if previous is None
+            else f"rebalancing for {', '.join(sorted(set(alive) - self._planned(previous)))}"
+            if rebalance
+            else "membership"
         )
         res.description = f"planning epoch {epoch} ({why}): " + ", ".join(
             f"{a.node_id} {a.start}-{a.stop - 1}" for a in entry.assignments
