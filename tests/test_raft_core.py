@@ -471,3 +471,35 @@ def test_appends_round_trip_for_any_content(
 def test_malformed_bodies_are_refused_not_half_decoded(body: bytes) -> None:
     with pytest.raises(msgspec.DecodeError):
         decode_message(body)
+
+
+def test_two_pre_candidates_at_once_do_not_split_the_vote() -> None:
+    """Regression (failover bench): the two survivors of a 3-node cluster timing out in the same tick
+    both passed pre-vote, stood, voted for themselves and waited another election timeout (a 2 s
+    failover). Now the better log, then the lower id, runs; the other stands down."""
+    for first, second in (("n2", "n3"), ("n3", "n2")):
+        net = Lockstep(THREE, config=CFG)
+        net.elect("n1")
+        term = net.nodes["n1"].term
+        net.crash("n1")
+        for n in (first, second):  # both campaign before either hears from the other
+            net.nodes[n].campaign()
+        net.flush(first)
+        net.flush(second)
+        net.stabilize()
+        assert net.nodes["n2"].role is Role.LEADER and net.nodes["n2"].term == term + 1
+        assert net.nodes["n3"].role is Role.FOLLOWER and net.nodes["n3"].leader == "n2"
+    # A longer log outranks a lower id.
+    net = Lockstep(THREE, config=CFG)
+    net.elect("n1")
+    net.cut.add(("n1", "n2"))
+    net.propose("n1", b"only n3 has this")
+    net.stabilize()
+    net.crash("n1")
+    net.heal()
+    for n in ("n2", "n3"):
+        net.nodes[n].campaign()
+    net.flush("n2")
+    net.flush("n3")
+    net.stabilize()
+    assert net.nodes["n3"].role is Role.LEADER and net.nodes["n2"].leader == "n3"

@@ -606,6 +606,20 @@ class RaftNode:
 
     def _handle_vote_request(self, m: PreVoteRequest | VoteRequest) -> None:
         pre = isinstance(m, PreVoteRequest)
+        if pre and self._role is Role.PRE_CANDIDATE and m.term == self._term + 1:
+            # Two pre-candidates for the same term would both pass pre-vote, both stand, vote for
+            # themselves and split the vote (another election timeout, 0.5 s or more). The one with
+            # the more up-to-date log, then the lower id, goes on; the other grants and stands down.
+            # Pre-votes promise nothing, so this only decides who runs first, never who may win.
+            ours = (self._term_at(len(self._log)), len(self._log))
+            theirs = (m.last_log_term, m.last_log_index)
+            if ours > theirs or (ours == theirs and self._id < m.src):
+                self._send(PreVoteResponse(self._term, self._id, m.src, granted=False))
+                return
+            if self._may_grant_vote(m):
+                self._become_follower(self._term, None)
+                self._send(PreVoteResponse(m.term, self._id, m.src, granted=True))
+                return
         if self._may_grant_vote(m):
             if pre:
                 self._send(PreVoteResponse(m.term, self._id, m.src, granted=True))
