@@ -114,17 +114,26 @@ find "$FINAL/venv" -name direct_url.json -path "*/butterfly-*.dist-info/*" -dele
 # ship them (see packaging/lintian-overrides).
 find "$FINAL/venv/lib" -path "*/site-packages/butterfly/*" -name "*.so" \
     -exec strip --strip-unneeded {} +
+site=$("$FINAL/venv/bin/python" -c "import sysconfig; print(sysconfig.get_path(\"purelib\"))")
+# torch's wheel carries its own C++ test suite (torch/test, test executables in torch/bin, test
+# libraries in torch/lib) and headers: ~200 MB the engine never loads. Only torch_shm_manager, which
+# torch's shared-memory tensors start, stays in torch/bin.
+rm -rf "$site/torch/test" "$site/torch/include"
+find "$site/torch/bin" -mindepth 1 -maxdepth 1 ! -name torch_shm_manager -exec rm -rf {} +
+rm -f "$site"/torch/lib/lib*test*.so "$site/torch/lib/libbackend_with_compiler.so" \
+    "$site/torch/lib/libaoti_custom_ops.so"
 # unchecked-hash byte code: valid whatever mtimes the package manager gives the sources, and
 # never rewritten (the service cannot write /opt anyway).
 # torch ships a test helper written in 3.12-only syntax (torch/testing/_internal/py312_intrinsics.py)
 # that only 3.12 ever imports: it is left uncompiled rather than failing the build.
 "$FINAL/venv/bin/python" -m compileall -q -j 0 --invalidation-mode unchecked-hash \
     -x '/torch/testing/_internal/py312_intrinsics\.py$' "$FINAL/venv/lib"
-site=$("$FINAL/venv/bin/python" -c "import sysconfig; print(sysconfig.get_path(\"purelib\"))")
-# Modules are imported, never run: no executable bits on them. Libraries that auditwheel
-# bundled beside an extension (numpy.libs/...) need none either.
+# Modules are imported, never run: no executable bits on them. Shared libraries (extensions, and
+# what auditwheel bundled beside them: numpy.libs/..., torch/lib/...) and the licence files some
+# wheels mark executable need none either.
 find "$site" -name "*.py" -type f -perm /111 -exec chmod a-x {} +
-find "$site" -path "*.libs/*.so*" -type f -exec chmod 0644 {} +
+find "$site" -name "*.so*" -type f -exec chmod 0644 {} +
+find "$site" -path "*.dist-info/*" -type f -perm /111 -exec chmod a-x {} +
 # include/ stays empty: nothing is ever compiled against this environment.
 find "$FINAL/venv/include" -depth -type d -empty -delete
 "$FINAL/venv/bin/butterfly-node" --version

@@ -29,6 +29,9 @@ from tests.systemdharness import SystemdContainer, unavailable_reason, wait_unti
 REPO = Path(__file__).resolve().parent.parent
 # scripts/test.sh points this at its temp dir, so a test run leaves no packages behind.
 DIST = Path(os.environ.get("BUTTERFLY_DIST_DIR") or REPO / "dist")
+# Tests that need the packages: the first builds them (a few minutes: the environment bundles torch)
+# and lintian then reads a ~250 MB .deb, which takes minutes on a busy 2-core machine.
+PACKAGE_TEST_TIMEOUT_S = 1800
 UNIT = "butterfly-node.service"
 # Everything packaging/build.sh puts into the packages; a newer file here means a rebuild.
 BUILD_INPUTS = ("butterfly", "csrc", "systemd", "packaging", "pyproject.toml", "setup.py", "README.md")
@@ -193,18 +196,20 @@ def test_default_config_documents_every_key_with_its_default() -> None:
 
 
 @needs_systemd
+@pytest.mark.timeout(PACKAGE_TEST_TIMEOUT_S)
 def test_deb_is_lintian_clean(packages: Packages) -> None:
     lintian = _tool("lintian", "lintian")
     proc = subprocess.run(
         [lintian, "--fail-on", "error,warning", "--no-tag-display-limit", str(packages.deb)],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=PACKAGE_TEST_TIMEOUT_S,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @needs_systemd
+@pytest.mark.timeout(PACKAGE_TEST_TIMEOUT_S)
 def test_rpm_contents_scripts_and_scratch_root_install(packages: Packages, tmp_path: Path) -> None:
     rpm = _tool("rpm", "rpm")
 
@@ -309,6 +314,7 @@ def _status(c: SystemdContainer) -> str:
 
 
 @needs_systemd
+@pytest.mark.timeout(PACKAGE_TEST_TIMEOUT_S)
 def test_node_as_a_systemd_service(container: SystemdContainer, packages: Packages) -> None:
     c = container
     deb = f"/opt/under-test/{packages.deb.name}"
