@@ -578,7 +578,7 @@ def test_gpu_and_disk_verdicts_against_the_model_size(
 
     def machine(*memories: int) -> None:
         gpus = [GpuInfo(i, "Test GPU", m) for i, m in enumerate(memories)]
-        monkeypatch.setattr(butterfly.hardware, "detect", lambda: Hardware(2, 8 << 30, gpus))
+        monkeypatch.setattr(butterfly.hardware, "detect", lambda mode="auto": Hardware(2, 8 << 30, gpus))
 
     machine()
     assert diagnosis("required").gpu().status == "FAIL"

@@ -63,7 +63,10 @@ def test_a_fault_found_in_memory_stops_serving_before_the_supervisor_reacts(boar
     from butterfly.board import NodeSection
 
     now = time.monotonic_ns()
-    board.update(ClusterSection, heartbeat_mono_ns=now, epoch=1)
+    # A node serving epoch 1 under a live lease from its coordinator.
+    board.update(
+        ClusterSection, heartbeat_mono_ns=now, epoch=1, lease_epoch=1, lease_until_mono_ns=now + 10**9
+    )
     board.update(LoaderSection, heartbeat_mono_ns=now)
     board.update(
         NodeSection,

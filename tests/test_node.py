@@ -29,14 +29,16 @@ def node_factory(tmp_path: Path, model_dir: Path):  # type: ignore[no-untyped-de
         quorum: int = 1,
         model: Path | None = None,
         args: list[str] | None = None,
+        seeds: list[str] | None = None,
     ) -> Node:
         port = free_port()
         d = tmp_path / name
         d.mkdir(exist_ok=True)
         node_id = f"t{os.getpid()}-{name}-{port}"
         cfg = write_config(
-            d / "node.toml", model or model_dir, node_id=node_id, api_port=port, quorum=quorum, extra=extra
-        )
+            d / "node.toml", model or model_dir, node_id=node_id, api_port=port, quorum=quorum, extra=extra,
+            seeds=seeds,
+        )  # fmt: skip
         node = Node(cfg, port, env=env, args=args)
         node.node_id = node_id  # type: ignore[attr-defined]
         started.append(node)
@@ -268,7 +270,8 @@ def test_a_whole_node_stall_is_not_mistaken_for_hung_children(node_factory) -> N
 
 
 def test_quorum_above_one_waits_visibly_in_discovery(node_factory) -> None:  # type: ignore[no-untyped-def]
-    node = node_factory(quorum=3)
+    # Two seeds that never answer: quorum 3 is reachable on paper (start-up accepts it), never found.
+    node = node_factory(quorum=3, seeds=[f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"])
     st = node.wait_for(lambda s: s["waiting_reason"] is not None, what="waiting reason")
     assert st["state"] == "JOINING" and st["phase"] == "discovery"
     assert "found 1 of quorum_size 3" in st["waiting_reason"]
