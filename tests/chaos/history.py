@@ -54,6 +54,8 @@ class Fault:
     """When it was healed (killed node restarted, SIGCONT sent, link up, rules deleted)."""
     peer: str | None = None
     """For a one-way drop: the node whose packets ``target`` stops receiving."""
+    pid: int | None = None
+    """For a child fault: the frozen child's pid. The fault ends early if the supervisor replaces it."""
 
 
 @dataclass
@@ -194,9 +196,10 @@ def faults_stop_serving(h: History, serve_bound_s: float, child_bound_s: float) 
         if f.kind not in NODE_FAULTS and f.kind not in CHILD_FAULTS:
             continue
         start = f.t0 + (serve_bound_s if f.kind in NODE_FAULTS else child_bound_s)
+        end = _replaced(h, f) if f.pid is not None else f.t1
         in_force = max((e for t, e in epochs_before if t < f.t0), default=0)
         for a, body in _served(h):
-            if not start < a.t < f.t1:
+            if not start < a.t < end:
                 continue
             epoch = int(body.get("epoch") or 0)
             if a.node == f.target:
@@ -210,6 +213,20 @@ def faults_stop_serving(h: History, serve_bound_s: float, child_bound_s: float) 
                     f"{f.kind} of {f.target}, whose layers epoch {in_force} needs"
                 )
     return out
+
+
+def _replaced(h: History, f: Fault) -> float:
+    """When the frozen child stopped being the target's child of that name (the supervisor killed it
+    and started another): from then on the node may serve again, though the old pid is only resumed
+    at ``t1``."""
+    name = f.kind.removeprefix("stop_").removesuffix("_child")
+    for a, s in _statuses(h):
+        if a.node != f.target or not f.t0 < a.t < f.t1:
+            continue
+        for child in s.get("children") or []:
+            if child.get("name") == name and child.get("pid") not in (None, f.pid):
+                return a.t
+    return f.t1
 
 
 def nothing_committed_lost(h: History) -> list[str]:

@@ -82,8 +82,8 @@ class Topology:
     def drop_from(self, i: int, j: int) -> None:
         """Host ``i`` stops receiving anything from host ``j`` (one way: ``j`` still hears ``i``)."""
         rules = (
-            "table inet chaos { chain input { type filter hook input priority 0; policy accept; "
-            f"ip saddr {self.address(j)} drop; }} }}"
+            "table inet chaos {\n chain input {\n  type filter hook input priority 0; policy accept;\n"
+            f"  ip saddr {self.address(j)} drop\n }}\n}}\n"
         )
         _run("ip", "netns", "exec", self.host(i), "nft", "-f", "-", input=rules)
 

@@ -254,8 +254,9 @@ def run(
             node.signal_tree(signal.SIGSTOP)
         elif scenario.fault in ("stop_cluster_child", "stop_loader_child"):
             stopped = _child_pid(watch, target, scenario.fault.split("_")[1])
-            if stopped is not None:
-                os.kill(stopped, signal.SIGSTOP)
+            if stopped is None:
+                raise RuntimeError(f"{scenario}: {target} has no live {scenario.fault} to stop")
+            os.kill(stopped, signal.SIGSTOP)
         elif scenario.fault == "isolate":
             topo.link(topo_index(ids, target), up=False)
         elif scenario.fault == "drop_in":
@@ -280,7 +281,7 @@ def run(
             topo.heal_drops(topo_index(ids, target))
         t1 = time.monotonic()
         history.faults.append(
-            Fault(scenario.fault, target, t0, t1, peer if scenario.fault == "drop_in" else None)
+            Fault(scenario.fault, target, t0, t1, peer if scenario.fault == "drop_in" else None, stopped)
         )
         history.healed_at = t1
         watch.wait(_phase_reached("operational", ids), bounds.recover_bound_s + 5.0)
