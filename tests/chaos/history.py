@@ -17,7 +17,9 @@ rules (each applies to /ready 200 and to served requests alike):
   answers 200 for an epoch at or below the one in force when the fault began (its layers are gone);
 * **nothing committed is lost**: a node's term and epoch never go backwards, across restarts too,
   and at the end every node reports at least the highest epoch ever committed;
-* **recovery**: after the last heal every node answers ``/ready`` 200 within ``recover_bound_s``.
+* **recovery**: after the last heal, within ``recover_bound_s``, every node answers ``/ready`` 200 in
+  one epoch, or says it is a spare of that epoch (the coordinator keeps a returning node out of the
+  plan when it would not speed the pipeline up).
 
 ``check`` returns the violations as sentences (empty: the run passed); ``load`` reads a run's files.
 """
@@ -256,14 +258,37 @@ def nothing_committed_lost(h: History) -> list[str]:
     return out
 
 
+SPARE = "no layers assigned to this node in epoch "
+"""How a node left out of the committed plan says so (the coordinator keeps a returning node spare
+when planning it in would not speed the pipeline up): it has nothing to serve, and that is no fault."""
+
+
 def recovery_time(h: History) -> float | None:
-    """Seconds from the last heal until every node answered /ready 200 (its latest answer), or None."""
-    latest: dict[str, int | None] = {}
+    """Seconds from the last heal until the cluster served again: every node answering /ready 200 in
+    one epoch, except spares of that very epoch (at least a majority serving), or None if never."""
+    ready: dict[str, Answer] = {}
+    spare: dict[str, int] = {}
+    majority = len(h.nodes) // 2 + 1
     for a in h.answers:
-        if a.kind != "ready":
+        if a.kind == "ready":
+            ready[a.node] = a
+        elif a.kind == "status" and a.code == 200 and a.body:
+            reason = str(a.body.get("waiting_reason") or "")
+            spare[a.node] = (
+                int(reason[len(SPARE) :])
+                if reason.startswith(SPARE) and reason[len(SPARE) :].isdigit()
+                else 0
+            )
+        else:
             continue
-        latest[a.node] = a.code
-        if a.t >= h.healed_at and all(latest.get(n) == 200 for n in h.nodes):
+        if a.t < h.healed_at:
+            continue
+        serving = {n: int((r.body or {}).get("epoch") or 0) for n, r in ready.items() if r.code == 200}
+        epochs = set(serving.values())
+        if len(serving) < majority or len(epochs) != 1:
+            continue
+        (epoch,) = epochs
+        if all(n in serving or spare.get(n) == epoch for n in h.nodes):
             return a.t - h.healed_at
     return None
 

@@ -243,3 +243,18 @@ def test_a_frozen_child_replaced_by_the_supervisor_ends_its_fault() -> None:
     assert any(
         "n3 answered /ready 200 at 5.500, 4.50 s into its own stop_loader_child" in v for v in violations
     )
+
+
+def test_a_spare_of_the_current_epoch_counts_as_recovered_but_not_of_an_older_one() -> None:
+    def spare_history(spare_epoch: int) -> History:
+        h = _never_recovers()  # n3 back at 16 s, never serving again
+        reason = f"no layers assigned to this node in epoch {spare_epoch}"
+        a = status(20, "n3", epoch=2, state="JOINING")
+        h.answers += [Answer(20, "n3", "status", 200, {**(a.body or {}), "waiting_reason": reason})]
+        h.answers += [ready(20.5, "n3", code=503, state="JOINING", epoch=2)]
+        h.answers.sort(key=lambda x: x.t)
+        return h
+
+    assert recovery_time(spare_history(2)) == pytest.approx(20.0 - 15.0)
+    assert check(spare_history(2)) == []
+    assert recovery_time(spare_history(1)) is None
