@@ -265,3 +265,36 @@ def test_a_voter_silent_past_the_grace_is_replaced_by_a_live_learner(tmp_path: P
             await stop(tasks, drivers)
 
     asyncio.run(main())
+
+
+def test_a_founder_that_lost_its_state_does_not_found_a_second_cluster(tmp_path: Path) -> None:
+    async def main() -> None:
+        hub = Hub()
+        drivers = make_drivers(tmp_path, hub, 3, 3)
+        tasks = await run_cluster(drivers, 1)
+        try:
+            await wait_for(lambda: len(leaders(drivers, hub)) == 1, 20.0, "a leader")
+            first = {d.raft.cluster_id for d in drivers if d.raft is not None}
+        finally:
+            await stop(tasks, drivers)
+        import shutil
+
+        shutil.rmtree(tmp_path / "n0")  # the founder's disk is replaced
+        hub2 = Hub()
+        again = make_drivers(tmp_path, hub2, 3, 3)
+        assert again[0].is_founder
+        tasks = await run_cluster(again, 2)
+        try:
+            await wait_for(
+                lambda: (
+                    len(leaders(again, hub2)) == 1
+                    and all(d.raft is not None and d.raft.cluster_id for d in again)
+                ),
+                20.0,
+                "one cluster again",
+            )
+            assert {d.raft.cluster_id for d in again if d.raft is not None} == first
+        finally:
+            await stop(tasks, again)
+
+    asyncio.run(main())
