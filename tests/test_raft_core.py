@@ -122,7 +122,8 @@ def test_pre_vote_asks_at_term_plus_one_without_raising_or_persisting_the_term()
     assert node.role is Role.PRE_CANDIDATE and node.term == 1
     assert rd.hard_state is None, "a pre-campaign changes nothing durable"
     requests = [m for m in rd.messages if isinstance(m, PreVoteRequest)]
-    assert sorted((m.dst, m.term) for m in requests) == [("n2", 2), ("n3", 2)]
+    # (a pre-candidate repeats unanswered requests every heartbeat interval: the same request)
+    assert sorted({(m.dst, m.term) for m in requests}) == [("n2", 2), ("n3", 2)]
 
 
 def test_pre_candidate_with_a_majority_of_pre_votes_starts_a_real_election() -> None:
@@ -503,3 +504,22 @@ def test_two_pre_candidates_at_once_do_not_split_the_vote() -> None:
     net.flush("n3")
     net.stabilize()
     assert net.nodes["n3"].role is Role.LEADER and net.nodes["n2"].leader == "n3"
+
+
+def test_a_candidate_asks_again_a_voter_that_dropped_its_request_inside_its_lease() -> None:
+    """Regression (failover bench, 3 nodes): the other survivor was one tick short of leaving its leader
+    lease, dropped the pre-vote request silently, and the candidate waited a whole election timeout."""
+    net = Lockstep(THREE, config=CFG)
+    net.elect("n1")
+    net.crash("n1")
+    net.tick("n3", T - 2)  # n3 heard the leader more recently than n2: still inside its lease
+    n2 = net.nodes["n2"]
+    n2.campaign()
+    net.flush("n2")
+    net.stabilize()
+    assert n2.role is Role.PRE_CANDIDATE, "n3 dropped the request"
+    for _ in range(2 * CFG.heartbeat_ticks + 2):
+        net.tick("n2")
+        net.tick("n3")
+        net.stabilize()
+    assert n2.role is Role.LEADER, "asked again once n3's lease ran out, well before another timeout"

@@ -385,6 +385,22 @@ class RaftNode:
         elif self._promotable() and self._election_elapsed >= self._timeout:
             self._election_elapsed = 0
             self._start_campaign()
+        elif self._role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+            if self._election_elapsed % self._cfg.heartbeat_ticks == 0:
+                self._resend_vote_requests()
+
+    def _resend_vote_requests(self) -> None:
+        """Ask again the voters that have not answered. A follower still inside its leader lease drops
+        a (pre-)vote request without a word; it may be out of it a tick later, and waiting a whole
+        election timeout for that made one failover in nine of a 3-node cluster take ~1.1 s instead
+        of ~0.5 s. Requests are idempotent: a repeated grant is the same vote."""
+        pre = self._role is Role.PRE_CANDIDATE
+        term = self._term + 1 if pre else self._term
+        last_index, last_term = len(self._log), self._term_at(len(self._log))
+        request = PreVoteRequest if pre else VoteRequest
+        for voter in self._voters:
+            if voter != self._id and voter not in self._votes:
+                self._send(request(term, self._id, voter, last_index, last_term))
 
     def campaign(self) -> bool:
         """Start an election now (with pre-vote if configured); False if this node may not campaign
