@@ -9,7 +9,8 @@ It is NOT Consul. What it implements, with the documented request and response s
 * ``PUT /v1/agent/service/deregister/<service id>``;
 * ``PUT /v1/agent/check/pass|warn|fail/<check id>`` -- a passed TTL check turns ``critical`` when its
   TTL runs out, and a service critical for longer than DeregisterCriticalServiceAfter is removed;
-  an unknown check id is a 404, as in Consul;
+  an unknown check id is a 500 with Consul's text ``CheckID "<id>" does not have associated TTL``
+  (the agent's updateTTLCheck error, which its HTTP layer answers as an internal error);
 * ``GET /v1/health/service/<name>`` with ``passing`` (``?passing`` or ``?passing=true``), answering
   entries of ``Node`` / ``Service`` / ``Checks`` (a ``serfHealth`` node check and the service's
   checks) and an ``X-Consul-Index`` header;
@@ -187,7 +188,7 @@ class FakeConsul:
                     check.critical_since = now if status == "critical" else None
                     self.index += 1
                     return web.Response(status=200)
-        return web.Response(status=404, text=f'Unknown check ID "{check_id}"')
+        return web.Response(status=500, text=f'CheckID "{check_id}" does not have associated TTL')
 
     def _entries(self, name: str, passing_only: bool) -> list[Instance]:
         self._expire()

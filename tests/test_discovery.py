@@ -251,6 +251,9 @@ def test_consul_registers_this_node_and_lists_passing_instances() -> None:
             # The refresher keeps the TTL check passing well past one TTL.
             await asyncio.sleep(0.8)
             assert PeerAddress("127.0.0.1", 7001, "a") in await provider.resolve()
+            # An unknown TTL check is Consul's 500 (the agent's updateTTLCheck error), not a 404.
+            status, body = await provider._call("PUT", "/v1/agent/check/pass/service:nobody")
+            assert (status, body) == (500, b'CheckID "service:nobody" does not have associated TTL')
             # The agent restarts and forgets us: the next refresh registers again.
             del consul.instances["butterfly-a"]
             await wait_until(lambda: "butterfly-a" in consul.instances, what="re-registration")
@@ -343,3 +346,12 @@ def test_make_provider_follows_discovery_method(tmp_path: Path) -> None:
     )
     assert isinstance(consul, ConsulProvider)
     assert (consul.base, consul.service, consul.check_ttl_s) == ("http://127.0.0.1:8500", "llm", 15.0)
+
+
+def test_only_a_forgotten_check_re_registers() -> None:
+    from butterfly.discovery.consul import _check_unknown
+
+    assert _check_unknown(500, b'CheckID "service:butterfly-a" does not have associated TTL')
+    assert _check_unknown(404, b'Unknown check ID "service:butterfly-a"')
+    assert not _check_unknown(500, b"rpc error making call: No cluster leader")  # the agent failing
+    assert not _check_unknown(403, b"ACL not found")

@@ -9,7 +9,8 @@ are unmaintained):
 * ``PUT  /v1/agent/service/register`` -- this node as ``<service>-<node id>`` with a TTL check
   (``DeregisterCriticalServiceAfter`` so a node that died is eventually removed).
 * ``PUT  /v1/agent/check/pass/service:<id>`` -- every TTL/3 from a task of its own while registered;
-  a 404 (the agent restarted and forgot us) re-registers.
+  an agent that no longer knows the check (restarted and forgot us) answers 500 "CheckID ... does
+  not have associated TTL" (404 on agents that word it as not found): either re-registers.
 * ``PUT  /v1/agent/service/deregister/<id>`` -- on ``deregister``/``close``.
 
 ``CONSUL_HTTP_TOKEN`` from the environment (or ``token=``) is sent as ``X-Consul-Token``. The reply
@@ -56,6 +57,13 @@ _health_decoder = msgspec.json.Decoder(list[_HealthEntry])
 def _duration(seconds: float) -> str:
     """Consul's duration syntax ("1500ms"); milliseconds keep fractional seconds exact enough."""
     return f"{max(1, round(seconds * 1000))}ms"
+
+
+def _check_unknown(status: int, body: bytes) -> bool:
+    """Whether the agent answered a TTL update with "no such check": Consul's agent returns its
+    updateTTLCheck error as HTTP 500 ``CheckID "..." does not have associated TTL``; a 404 says the
+    same. Any other 500 is the agent failing, and re-registering would not help."""
+    return status == 404 or (status == 500 and b"does not have associated TTL" in body)
 
 
 class ConsulProvider(DiscoveryProvider):
@@ -166,7 +174,7 @@ class ConsulProvider(DiscoveryProvider):
     async def _pass_check(self) -> None:
         path = f"/v1/agent/check/pass/service:{self.service_id}"
         status, reply = await self._call("PUT", path)
-        if status == 404:
+        if _check_unknown(status, reply):
             await self._register_once()  # the agent lost our registration (restarted): put it back
             status, reply = await self._call("PUT", path)
         if status != 200:
