@@ -385,7 +385,9 @@ def test_diagnose_a_good_config_before_and_while_the_node_runs(
     assert checks["manifest"][0] == "PASS" and "4 blocks" in checks["manifest"][1]
     assert (
         checks["disk"][0] == "PASS"
-        and "the model needs 1.8 MiB more (0 B already cached)" in checks["disk"][1]
+        and "this node caches the whole model (quorum_size 1), 1.8 MiB: "
+        "it needs 1.8 MiB more (0 B already cached)"
+        in checks["disk"][1]
     )
     assert checks["gpu"][0] in ("PASS", "SKIP")
     assert re.search(r"^\d PASS, 0 FAIL, \d SKIP$", r.stdout, re.MULTILINE), r.stdout
@@ -569,11 +571,12 @@ def test_gpu_and_disk_verdicts_against_the_model_size(
     to_cache = sum({t.blake3: t.length for t in manifest.tensors}.values())
 
     def diagnosis(gpu_mode: str = "auto", quorum: int = 1) -> _Diagnosis:
-        text = cfg.read_text().replace("quorum_size = 1", f"quorum_size = {quorum}")
+        original = cfg.read_text()
+        text = original.replace("quorum_size = 1", f"quorum_size = {quorum}")
         cfg.write_text(text.replace("[node]\n", f'[node]\ngpu = "{gpu_mode}"\n', 1))
         d = _Diagnosis(load_config(cfg))
         d.manifest = manifest
-        cfg.write_text(text)
+        cfg.write_text(original)  # the next call starts from quorum_size = 1 again
         return d
 
     def machine(*memories: int) -> None:
@@ -602,6 +605,20 @@ def test_gpu_and_disk_verdicts_against_the_model_size(
     assert low.status == "FAIL" and "needs 1.8 MiB more" in low.message and "cache_dir" in low.hint
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(to_cache))
     assert diagnosis().disk().status == "PASS"
+    # Over a quorum of two the node caches about half the model, not all of it.
+    share = -(-to_cache // 2)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(share))
+    half = diagnosis(quorum=2).disk()
+    assert half.status == "PASS" and "its share, about 1/2 of the model (quorum_size 2)" in half.message
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(share - 1))
+    assert diagnosis(quorum=2).disk().status == "FAIL"
+    # A running node's range is what it says it loads.
+    ranged = diagnosis(quorum=2)
+    ranged.running_node = {"node_id": "n", "bytes_total": 1000}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(1000))
+    assert (
+        ranged.disk().status == "PASS" and "its layer range (from the running node)" in ranged.disk().message
+    )
     # Without a manifest only a nearly full disk fails.
     d = diagnosis()
     d.manifest = None

@@ -859,11 +859,23 @@ class _Diagnosis:
                 )
             return _passed(name, f"{cache_dir}: {human_bytes(free)} free (model size unknown: no manifest)")
         missing, held = self._missing_bytes(self.manifest)
+        model = missing + held
+        # The node caches only its own layer range: the running node knows its range's size; before
+        # the plan, an even share over quorum_size nodes (what the loader itself first assumes).
+        running_total = int((self.running_node or {}).get("bytes_total") or 0)
+        nodes = max(1, self.config.cluster.quorum_size)
+        if running_total > 0:
+            need, basis = min(running_total, model), "its layer range (from the running node)"
+        elif nodes == 1:
+            need, basis = model, "the whole model (quorum_size 1)"
+        else:
+            need, basis = -(-model // nodes), f"its share, about 1/{nodes} of the model (quorum_size {nodes})"
+        more = max(0, min(missing, need - held))
         text = (
-            f"{cache_dir}: {human_bytes(free)} free, the model needs {human_bytes(missing)} more "
-            f"({human_bytes(held)} already cached)"
+            f"{cache_dir}: {human_bytes(free)} free; this node caches {basis}, {human_bytes(need)}: "
+            f"it needs {human_bytes(more)} more ({human_bytes(held)} already cached)"
         )
-        return _passed(name, text) if free >= missing else _failed(name, text, hint)
+        return _passed(name, text) if free >= more else _failed(name, text, hint)
 
     def gpu(self) -> Check:
         from butterfly.hardware import detect
