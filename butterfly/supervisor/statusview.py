@@ -15,19 +15,53 @@ from butterfly.gate import ServeVerdict, may_serve
 from butterfly.states import LoadStep, NodeState, Phase
 from butterfly.status import ChildStatus, IntegrityStatus, NodeStatus, Notes, PeerFaultStatus
 
+# What /status's progress_percent covers in the LOADING state: the weights' bytes (download, verify
+# and upload stream together, chunk by chunk), then compile, warmup and validation (re-hashing the
+# bytes in memory), each sub-step weighted by its usual share of a load's time on a real model
+# (bytes dominate; warmup runs a few tokens; validation hashes at memory speed). Only READY is 100%:
+# a node that has every byte but still compiles, warms up or validates is not done.
+PROGRESS_WEIGHTS: dict[str, float] = {"bytes": 80.0, "compile": 5.0, "warmup": 5.0, "validation": 10.0}
+VALIDATION_BPS_ESTIMATE = 1 << 30
+"""Hashing speed assumed for the ETA until validation has measured its own (BLAKE3, one core)."""
+_BEFORE_DONE = 99.9
 
-def _progress(snap: BoardSnapshot, phase: Phase) -> tuple[float, int | None]:
-    ld, va = snap.loader, snap.validator
-    if phase is Phase.LOADING_WEIGHTS and ld.bytes_total:
-        pct = 100.0 * ld.bytes_done / ld.bytes_total
-        eta = None
+
+def _progress(snap: BoardSnapshot, phase: Phase, now: int) -> tuple[float, int | None]:
+    """(percent, ETA in seconds or None when unknown). The ETA counts what can be estimated from
+    measured rates (the bytes still to stream, then validation); it is None during compile and
+    warmup, whose length is not known, and 0 only once the node is READY."""
+    ld, va, node = snap.loader, snap.validator, snap.node
+    w = PROGRESS_WEIGHTS
+    validation_s = (ld.bytes_total or va.bytes_total) / VALIDATION_BPS_ESTIMATE
+    eta: int | None = None
+    if phase is Phase.LOADING_WEIGHTS:
+        try:
+            step = LoadStep(ld.step)
+        except ValueError:
+            step = LoadStep.NONE
+        if step is LoadStep.COMPILE:
+            return w["bytes"], None
+        if step is LoadStep.WARMUP:
+            return w["bytes"] + w["compile"], None
+        if not ld.bytes_total:
+            return 0.0, None
+        done = min(ld.bytes_done, ld.bytes_total) / ld.bytes_total
         if ld.rate_bps > 0 and ld.bytes_done < ld.bytes_total:
-            eta = int((ld.bytes_total - ld.bytes_done) / ld.rate_bps + 0.999)
-        elif ld.bytes_done >= ld.bytes_total:
-            eta = 0
-        return round(pct, 1), eta
-    if phase is Phase.VALIDATION and va.bytes_total:
-        return round(100.0 * va.bytes_hashed / va.bytes_total, 1), None
+            eta = int((ld.bytes_total - ld.bytes_done) / ld.rate_bps + validation_s + 0.999)
+        return round(w["bytes"] * done, 1), eta
+    if phase is Phase.VALIDATION:
+        base = w["bytes"] + w["compile"] + w["warmup"]
+        if not va.bytes_total:
+            return base, None
+        done = min(va.bytes_hashed, va.bytes_total) / va.bytes_total
+        elapsed_s = (now - node.phase_started_mono_ns) / 1e9 if node.phase_started_mono_ns else 0.0
+        if va.bytes_hashed >= va.bytes_total:
+            eta = None  # hashed; the coordinator's acceptance of the range takes what the network takes
+        elif va.bytes_hashed > 0 and elapsed_s > 0:
+            eta = int((va.bytes_total - va.bytes_hashed) / (va.bytes_hashed / elapsed_s) + 0.999)
+        else:
+            eta = int(validation_s + 0.999)
+        return min(_BEFORE_DONE, round(base + w["validation"] * done, 1)), eta
     if phase is Phase.READY:
         return 100.0, 0
     return 0.0, None
@@ -52,8 +86,8 @@ def build_status(
     node, cl, ld, va = snap.node, snap.cluster, snap.loader, snap.validator
     phase = Phase(node.phase)
     state = NodeState(node.state)
-    pct, eta = _progress(snap, phase)
     now = time.monotonic_ns() if now is None else now
+    pct, eta = _progress(snap, phase, now)
     durations = {Phase(i).label: d for i, d in enumerate(node.phase_durations) if d >= 0 and i < len(Phase)}
     if state in (NodeState.READY, NodeState.OPERATIONAL) and durations:
         durations["total"] = sum(durations.values())
