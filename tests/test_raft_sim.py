@@ -5,8 +5,8 @@ and proof that the checker catches a broken core, a driver that sends before fsy
 Seeds, every run: a fixed regression set (seeds 0.. per size, plus any seed that once failed, in
 ``REGRESSION``) and a fresh random block whose base is in the test id (``fresh-base<B>``) and in every
 failure message. Replay a fresh block with ``RAFT_SIM_SEED_BASE=<B>``; replay one seed with
-``run_simulation(seed, PARAMS[nodes])``. ``RAFT_SIM_SEEDS=N`` scales the fresh block (default 525 seeds,
-in the 4:2:1 proportion of 3, 5 and 7 nodes; about 30 s with the rest of this file on one core).
+``run_simulation(seed, PARAMS[nodes])``. ``RAFT_SIM_SEEDS=N`` scales the fresh block (default 1050 seeds,
+in the 4:2:1 proportion of 3, 5 and 7 nodes; about 20 s with the rest of this file on one core).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from raftsim import InvariantViolation, MemDisk, NodeFactory, SimParams, Simulat
 from butterfly.raft import Message, RaftNode, bootstrap_state
 from butterfly.raft.messages import PreVoteRequest, VoteRequest
 
-FRESH_SEEDS = int(os.environ.get("RAFT_SIM_SEEDS", "525"))
+FRESH_SEEDS = int(os.environ.get("RAFT_SIM_SEEDS", "1050"))
 REGRESSION_SEEDS = 210  # seeds 0.. of every size, in the same 4:2:1 proportion
 
 
