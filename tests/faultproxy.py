@@ -21,6 +21,7 @@ import re
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -118,8 +119,18 @@ class _Response:
 class FaultProxy:
     """Start with ``start()``; point clients at ``endpoint``; script with ``inject``; read ``log()``."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        upstream_port: int,
+        upstream_host: str = "127.0.0.1",
+        *,
+        resign: Callable[[str, str, list[tuple[str, str]]], list[tuple[str, str]]] | None = None,
+    ) -> None:
+        """``resign(method, target, headers)``: new headers for a request the proxy rewrote (a Range
+        dropped or stretched), so an upstream that checks signatures sees a correctly signed request,
+        as it would from a server that itself answers the wrong range."""
         self.upstream = (upstream_host, upstream_port)
+        self.resign = resign
         self.port = 0
         self._lock = threading.Lock()
         self._script: list[Fault] = []
@@ -245,6 +256,10 @@ class FaultProxy:
         if fault is not None and kind == "delay" and fault.after is None:
             await asyncio.sleep(fault.delay_s)
         upstream_req = _rewrite_request(req, kind)
+        if upstream_req is not req and self.resign is not None:
+            upstream_req = replace(
+                upstream_req, headers=self.resign(req.method, req.target, upstream_req.headers)
+            )
         resp = await self._forward(upstream_req)
         body = resp.body
         if fault is not None and kind == "flip" and body:

@@ -38,9 +38,12 @@ REGION = "us-east-1"
 _START_TIMEOUT_S = 30.0
 _INSTALL_TIMEOUT_S = 300.0
 
-# Started with `node -e`. Any access key maps to s3rver's built-in account: s3rver does not check
-# SigV4 signatures at all, only that the key id is known, so this is the "allow any credentials" it
-# lacks as an option. Prints {"port": N} once listening; exits when stdin closes (our end of the pipe).
+# Started with `node -e`. Any access key but DENIED* maps to s3rver's built-in account, and every
+# request signed with SigV4 must carry the signature SECRET_KEY gives: s3rver 3.7.1 checks only V2
+# signatures (allowMismatchedSignatures: false), so the middleware below checks V4 the way S3 does
+# (canonical request, string to sign, derived key) and answers SignatureDoesNotMatch otherwise.
+# Unsigned (anonymous) requests pass to s3rver unchanged. Prints {"port": N} once listening; exits
+# when stdin closes (our end of the pipe).
 _LAUNCHER = r"""
 const S3rver = require('s3rver');
 const AWSAccount = require('s3rver/lib/models/account');
@@ -50,10 +53,10 @@ registry.get = (key) => {
   if (typeof key === 'string' && key.startsWith('DENIED')) return undefined;
   return known(key) || AWSAccount.DUMMY_ACCOUNT;
 };
-const [directory, buckets] = [process.argv[1], JSON.parse(process.argv[2])];
+const [directory, buckets, secretKey] = [process.argv[1], JSON.parse(process.argv[2]), process.argv[3]];
 const server = new S3rver({
   address: '127.0.0.1', port: 0, directory, silent: true,
-  allowMismatchedSignatures: true, vhostBuckets: false,
+  allowMismatchedSignatures: false, vhostBuckets: false,
   configureBuckets: buckets.map((name) => ({ name, configs: [] })),
 });
 // s3rver 3.7.1 treats a range end of 0 as "no end" (`if (end)`, `options.end || Infinity`), so
@@ -76,6 +79,58 @@ server.middleware.unshift(async (ctx, next) => {
   }
   return next();
 });
+// SigV4 (docs.aws.amazon.com/IAM/latest/UserGuide/create-signed-request.html), header form.
+const crypto = require('crypto');
+const hmac = (key, text) => crypto.createHmac('sha256', key).update(text, 'utf8').digest();
+const sha256 = (text) => crypto.createHash('sha256').update(text, 'utf8').digest('hex');
+const uriEncode = (text) => encodeURIComponent(text).replace(/[!'()*]/g,
+  (c) => '%' + c.charCodeAt(0).toString(16).toUpperCase());
+const decode = (text) => decodeURIComponent(text.replace(/\+/g, '%20'));
+function canonicalQuery(raw) {
+  if (!raw) return '';
+  return raw.split('&').filter((p) => p.length > 0).map((p) => {
+    const i = p.indexOf('=');
+    const [k, v] = i < 0 ? [p, ''] : [p.slice(0, i), p.slice(i + 1)];
+    return [uriEncode(decode(k)), uriEncode(decode(v))];
+  }).sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : a[1] < b[1] ? -1 : a[1] > b[1] ? 1 : 0))
+    .map(([k, v]) => `${k}=${v}`).join('&');
+}
+function signatureError(ctx, message) {
+  ctx.status = 403;
+  ctx.type = 'application/xml';
+  ctx.body = '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SignatureDoesNotMatch</Code>' +
+    `<Message>${message}</Message></Error>`;
+}
+server.middleware.unshift(async (ctx, next) => {
+  const auth = ctx.headers['authorization'];
+  if (!auth || !auth.startsWith('AWS4-HMAC-SHA256 ')) return next();
+  const fields = {};
+  for (const part of auth.slice('AWS4-HMAC-SHA256 '.length).split(',')) {
+    const i = part.indexOf('=');
+    fields[part.slice(0, i).trim()] = part.slice(i + 1).trim();
+  }
+  const [accessKey, ...scopeParts] = (fields.Credential || '').split('/');
+  if (accessKey.startsWith('DENIED')) return next();  // s3rver answers InvalidAccessKeyId
+  const scope = scopeParts.join('/');
+  const signed = (fields.SignedHeaders || '').split(';');
+  const [path, query] = (() => { const i = ctx.req.url.indexOf('?');
+    return i < 0 ? [ctx.req.url, ''] : [ctx.req.url.slice(0, i), ctx.req.url.slice(i + 1)]; })();
+  const headers = ctx.req.headers;
+  const canonical = [
+    ctx.method, path, canonicalQuery(query),
+    signed.map((h) => `${h}:${String(headers[h] ?? '').trim().replace(/\s+/g, ' ')}\n`).join(''),
+    signed.join(';'), headers['x-amz-content-sha256'] || sha256(''),
+  ].join('\n');
+  const toSign = ['AWS4-HMAC-SHA256', headers['x-amz-date'], scope, sha256(canonical)].join('\n');
+  const [date, region, service] = scopeParts;
+  let key = hmac('AWS4' + secretKey, date || '');
+  for (const part of [region || '', service || '', 'aws4_request']) key = hmac(key, part);
+  const expected = crypto.createHmac('sha256', key).update(toSign, 'utf8').digest('hex');
+  if (!signed.includes('host') || scopeParts.length !== 4 || fields.Signature !== expected) {
+    return signatureError(ctx, 'The request signature we calculated does not match the one you sent.');
+  }
+  return next();
+});
 server.run().then((addr) => {
   process.stdout.write(JSON.stringify({ port: addr.port }) + '\n');
 }, (err) => { console.error(err); process.exit(2); });
@@ -83,6 +138,21 @@ process.stdin.on('end', () => process.exit(0));
 process.stdin.on('error', () => process.exit(0));
 process.stdin.resume();
 """
+
+
+def resign_sigv4(method: str, target: str, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Sign a request again with the test credentials after a proxy changed its headers (the S3
+    server checks SigV4): ``target`` is the request's path and query, the Host header its host."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    dropped = {"authorization", "x-amz-date", "x-amz-content-sha256"}
+    kept = [(k, v) for k, v in headers if k.lower() not in dropped]
+    host = next(v for k, v in headers if k.lower() == "host")
+    request = AWSRequest(method=method, url=f"http://{host}{target}", headers=dict(kept), data=b"")
+    S3SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", REGION).add_auth(request)
+    return kept + [(k, v) for k, v in request.headers.items() if k.lower() in dropped]
 
 
 class S3HarnessError(RuntimeError):
@@ -184,7 +254,7 @@ def start_s3rver(directory: Path, buckets: tuple[str, ...] = ()) -> S3Server:
     modules = ensure_s3rver()
     env = {**os.environ, "NODE_PATH": str(modules)}
     proc = subprocess.Popen(
-        ["node", "-e", _LAUNCHER, str(directory), json.dumps(list(buckets))],
+        ["node", "-e", _LAUNCHER, str(directory), json.dumps(list(buckets)), SECRET_KEY],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=None,  # s3rver is silent; anything on stderr is a crash worth seeing in the test log

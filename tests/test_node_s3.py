@@ -11,7 +11,7 @@ import pytest
 
 from tests.faultproxy import Fault, FaultProxy
 from tests.nodeharness import Node, free_port, segments_of, write_config
-from tests.s3harness import ACCESS_KEY, REGION, SECRET_KEY, S3Server, running_s3rver, upload_dir
+from tests.s3harness import ACCESS_KEY, REGION, SECRET_KEY, S3Server, resign_sigv4, running_s3rver, upload_dir
 
 BUCKET = "models"
 S3_ENV = {
@@ -64,7 +64,7 @@ def test_node_loading_through_a_source_slower_than_the_heartbeat_timeout_reaches
     timeouts: the loader must keep beating while it waits for bytes, or the supervisor kills it in a
     loop until the node fails."""
     timeout_s = 1.5
-    proxy = FaultProxy(int(s3_with_model.endpoint.rsplit(":", 1)[1])).start()
+    proxy = FaultProxy(int(s3_with_model.endpoint.rsplit(":", 1)[1]), resign=resign_sigv4).start()
     # 64 KiB chunks at 32 KiB/s: two seconds per range; the ~1.8 MB model takes ~14 s at 4 in flight.
     proxy.inject(Fault("throttle", times=None, rate_bps=32 << 10))
     node_id = f"slow-{os.getpid()}"

@@ -32,6 +32,7 @@ from tests.s3harness import (
     SECRET_KEY,
     S3Server,
     measure_throughput,
+    resign_sigv4,
     running_s3rver,
     upload_dir,
 )
@@ -66,7 +67,7 @@ def shard_bytes(s3_model: Path) -> bytes:
 
 @pytest.fixture(scope="session")
 def session_proxy(s3: S3Server) -> Iterator[FaultProxy]:
-    proxy = FaultProxy(s3.port).start()
+    proxy = FaultProxy(s3.port, resign=resign_sigv4).start()
     yield proxy
     proxy.stop()
 
@@ -627,3 +628,26 @@ def test_throughput_measurement_runs(s3: S3Server, capsys: pytest.CaptureFixture
     assert all(v > 0 for v in results.values())
     with capsys.disabled():
         print("\nloopback S3, 32 MiB:", {k: round(v, 2) for k, v in results.items()})
+
+
+def test_the_server_checks_sigv4_signatures(s3: S3Server, s3_model: Path, proxy: FaultProxy) -> None:
+    """The S3 server refuses a request signed with another secret, as S3 does, so every test that
+    passes through it proves our client signs correctly (through the proxy too: Host is signed)."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import ClientError
+
+    key = f"{PREFIX}/{CONFIG_FILE}"
+    good = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    assert good == (s3_model / CONFIG_FILE).read_bytes()
+    forged = boto3.session.Session(
+        aws_access_key_id=ACCESS_KEY, aws_secret_access_key="not-" + SECRET_KEY, region_name=REGION
+    ).client("s3", endpoint_url=s3.endpoint, config=BotoConfig(s3={"addressing_style": "path"}))
+    with pytest.raises(ClientError) as info:
+        forged.get_object(Bucket=BUCKET, Key=key)
+    assert info.value.response["Error"]["Code"] == "SignatureDoesNotMatch"
+    # Our source signs right, with query strings and ranges, directly and through the proxy.
+    for endpoint in (None, proxy.endpoint):
+        src = source(s3, endpoint)
+        assert src.read_small(CONFIG_FILE, 1 << 20) == good
+        src.close()
