@@ -390,10 +390,20 @@ def node_death_bench(runs: int, progress: bool) -> list[DeathRun]:
                 res.was_voter = res.victim in voters
                 t_kill = time.monotonic()
                 cluster.kill(res.victim)
-                t_stop, _ = wait(lambda st: any(v["state"] != "OPERATIONAL" for v in st.values()), 30.0)
-                res.stop_s = t_stop - t_kill
-                t_back, _ = wait(lambda st, e=epoch: all_operational(st, e), 60.0)
-                res.replan_s = t_back - t_kill
+                deadline = t_kill + 60.0
+                while True:  # one poll loop for both ends: a fast re-plan must not hide the stop
+                    st = statuses()
+                    t = time.monotonic()
+                    seen = [v for v in st.values() if v is not None]
+                    if res.stop_s is None and any(v["state"] != "OPERATIONAL" for v in seen):
+                        res.stop_s = t - t_kill
+                    if len(seen) == len(st) and all_operational(st, epoch):
+                        res.replan_s = t - t_kill
+                        break
+                    if t > deadline:
+                        states = {k: (v or {}).get("state") for k, v in st.items()}
+                        raise TimeoutError(f"not OPERATIONAL again: {states}")
+                    time.sleep(0.05)
                 t_restart = time.monotonic()
                 cluster.start(cluster.ids.index(res.victim))
                 t_all, _ = wait(lambda st: len(st) == 4 and all_operational(st), 90.0)

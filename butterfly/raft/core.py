@@ -626,10 +626,13 @@ class RaftNode:
             # Two pre-candidates for the same term would both pass pre-vote, both stand, vote for
             # themselves and split the vote (another election timeout, 0.5 s or more). The one with
             # the more up-to-date log, then the lower id, goes on; the other grants and stands down.
-            # Pre-votes promise nothing, so this only decides who runs first, never who may win.
+            # Pre-votes promise nothing, so this only decides who runs first, never who may win. A
+            # pre-candidate whose own round has not succeeded within two heartbeat intervals (its
+            # requests may not get through: a one-way link) no longer stands in the other's way.
             ours = (self._term_at(len(self._log)), len(self._log))
             theirs = (m.last_log_term, m.last_log_index)
-            if ours > theirs or (ours == theirs and self._id < m.src):
+            fresh = self._election_elapsed <= 2 * self._cfg.heartbeat_ticks
+            if fresh and (ours > theirs or (ours == theirs and self._id < m.src)):
                 self._send(PreVoteResponse(self._term, self._id, m.src, granted=False))
                 return
             if self._may_grant_vote(m):
