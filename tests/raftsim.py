@@ -331,7 +331,9 @@ class Simulation:
                 heartbeat_ticks=params.heartbeat_ticks,
                 pre_vote=pre_vote,
                 check_quorum=check_quorum,
-                can_campaign=n not in workers and n in voters,
+                # Learners may stand once promoted (the driver promotes only coordinator-eligible ones);
+                # workers never.
+                can_campaign=n not in workers,
                 max_append_entries=rng.choice((1, 4, 64)),
             )
             for n in self.ids
@@ -520,7 +522,9 @@ class Simulation:
         leader = self._leader()
         if leader is None:
             return
-        others = [n for n in self.ids if n not in leader.voters]
+        # As the driver: only nodes that may campaign become voters. A voter that never campaigns can
+        # hold the only up-to-date log and leave the others unable to win an election.
+        others = [n for n in self.ids if n not in leader.voters and self.configs[n].can_campaign]
         demotable = [v for v in leader.voters if v != leader.id]
         change: AddVoter | RemoveVoter
         if others and (len(leader.voters) <= 2 or self.rng.random() < 0.5):
