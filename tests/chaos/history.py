@@ -218,16 +218,18 @@ def faults_stop_serving(h: History, serve_bound_s: float, child_bound_s: float) 
 
 
 def _replaced(h: History, f: Fault) -> float:
-    """When the frozen child stopped being the target's child of that name (the supervisor killed it
-    and started another): from then on the node may serve again, though the old pid is only resumed
+    """When the frozen child stopped being the target's child of that name (the supervisor killed it,
+    seen dead or replaced): from then on the node may serve again, though the old pid is only resumed
     at ``t1``."""
     name = f.kind.removeprefix("stop_").removesuffix("_child")
     for a, s in _statuses(h):
         if a.node != f.target or not f.t0 < a.t < f.t1:
             continue
         for child in s.get("children") or []:
-            if child.get("name") == name and child.get("pid") not in (None, f.pid):
-                return a.t
+            if child.get("name") != name:
+                continue
+            if child.get("pid") not in (None, f.pid) or not child.get("alive", True):
+                return a.t  # killed (a fresh one follows at once) or already replaced
     return f.t1
 
 

@@ -239,6 +239,20 @@ def test_a_frozen_child_replaced_by_the_supervisor_ends_its_fault() -> None:
         return h
 
     assert check(history(replaced=True)) == []  # serving again from t=5.5 with a fresh loader: fine
+    killed = history(replaced=False)  # the status at t=5 sees the frozen loader dead (killed)
+    killed.answers = [
+        Answer(
+            x.t,
+            x.node,
+            x.kind,
+            x.code,
+            {**(x.body or {}), "children": [{"name": "loader", "pid": 100, "alive": False}]},
+        )
+        if x.node == "n3" and x.kind == "status" and x.t == 5
+        else x
+        for x in killed.answers
+    ]
+    assert check(killed) == []
     violations = check(history(replaced=False))  # the frozen loader is still the one: 5.5 s is too late
     assert any(
         "n3 answered /ready 200 at 5.500, 4.50 s into its own stop_loader_child" in v for v in violations
