@@ -830,3 +830,16 @@ def test_models_lists_the_served_model(model: Model) -> None:
             assert "POST" in resp.headers["Allow"]
 
     run(_with(ScriptedBackend([1]), model.served, body))
+
+
+def test_the_supervisor_does_not_import_torch_for_the_api() -> None:
+    """The API runs in the supervisor, which must stay light: requests, sampling parameters and the
+    tokenizer are built without torch (the engine runs elsewhere)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, butterfly.supervisor.main, butterfly.api.v1, butterfly.api.served;"
+        "sys.exit(2 if 'torch' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

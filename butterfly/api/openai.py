@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from butterfly.engine.sampler import SamplingParams
+from butterfly.engine.samplingparams import SamplingParams
 
 __all__ = [
     "ApiError",

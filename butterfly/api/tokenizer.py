@@ -8,7 +8,8 @@ weights, so weights are never paired with another model version's tokenizer or c
 the chat template the way transformers' ``apply_chat_template`` does (a sandboxed jinja2 with
 trim_blocks/lstrip_blocks, ``raise_exception``, ``tojson``, ``strftime_now``).
 
-Must not: know HTTP, sample, or read files that the manifest does not cover.
+Must not: know HTTP, sample, read files that the manifest does not cover, or import torch (it runs in
+the supervisor's process): config.json's few keys it needs are read here, as the engine reads them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from butterfly.engine.config import ConfigUnsupported, ModelConfig
 from butterfly.weights.manifest import Manifest
 from butterfly.weights.verify import read_aux_file, verified_model_config
 
@@ -60,6 +60,25 @@ def _token_text(value: object) -> str | None:
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return str(value["content"])
     return None
+
+
+def _int_key(raw: Mapping[str, object], key: str, where: str, default: int | None = None) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise TokenizerError(f"{where}: {key} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _config_keys(raw: Mapping[str, object], where: str) -> tuple[int, int, tuple[int, ...]]:
+    """(context length, vocabulary size, end-of-sequence ids) from config.json, with the engine's
+    defaults (``butterfly.engine.config``): max_position_embeddings 2048, no eos_token_id."""
+    context = _int_key(raw, "max_position_embeddings", where, 2048)
+    vocab = _int_key(raw, "vocab_size", where)
+    value = raw.get("eos_token_id")
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab for v in items):
+        raise TokenizerError(f"{where}: eos_token_id must be token ids below vocab_size, got {value!r}")
+    return context, vocab, tuple(items)
 
 
 def _compile_template(source: str) -> jinja2.Template:
@@ -140,12 +159,9 @@ class ServingTokenizer:
             if not isinstance(parsed, dict):
                 raise TokenizerError(f"{where}/{TOKENIZER_CONFIG_FILE} is not a JSON object")
             config = parsed
-        try:
-            mc = ModelConfig.from_json(model_config, f"{where}/config.json")
-        except ConfigUnsupported as e:
-            raise TokenizerError(str(e)) from None
+        context, vocab, eos_ids = _config_keys(model_config, f"{where}/config.json")
         special = {k: t for k in _SPECIAL_KEYS if (t := _token_text(config.get(k))) is not None}
-        eos = set(mc.eos_token_ids)
+        eos = set(eos_ids)
         if not eos and "eos_token" in special:
             eos_id = tok.token_to_id(special["eos_token"])
             if eos_id is not None:
@@ -169,11 +185,11 @@ class ServingTokenizer:
                 ) from None
         return cls(
             tokenizer=tok,
-            context_length=mc.max_position_embeddings,
+            context_length=context,
             eos_token_ids=frozenset(eos),
             special_tokens=special,
             chat_template=template,
-            vocab_size=mc.vocab_size,
+            vocab_size=vocab,
         )
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:

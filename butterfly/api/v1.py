@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -34,6 +34,7 @@ from butterfly.api.openai import (
     parse_chat_request,
     parse_completion_request,
 )
+from butterfly.api.served import ServedModel
 from butterfly.api.servingmetrics import RequestTimer, ServingMetrics
 from butterfly.api.tokenizer import ChatTemplateError, IncrementalDecoder, ServingTokenizer
 from butterfly.serving.backend import Backend, Finished, GenerationRequest, ServingError, TokenEvent
@@ -49,16 +50,6 @@ BODY_BYTES_BASE = 64 * 1024
 MAX_V1_BODY_BYTES = 64 * 2**20
 _encoder = msgspec.json.Encoder()
 _NO_STORE = {"Cache-Control": "no-store"}
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """The model version this node serves: its id for clients, manifest root, tokenizer."""
-
-    id: str
-    root: str
-    tokenizer: ServingTokenizer
-    created: int = field(default_factory=lambda: int(time.time()))
 
 
 ModelSource = Callable[[], "ServedModel | None"]

@@ -1,45 +1,21 @@
 """Choosing the next token from a sequence's logits: greedy, temperature, top-p, a seed per sequence.
 
-Owns ``SamplingParams`` (checked at construction, so a bad request fails before it takes a cache
-reservation) and ``SeqSampler``, which holds one ``torch.Generator`` per sequence: a seeded sequence
-draws the same tokens whatever else shares its batch. Must not: decide when a sequence stops (stop
-strings, max_tokens and EOS are the caller's), or touch the model.
+Owns ``SeqSampler``, which holds one ``torch.Generator`` per sequence: a seeded sequence draws the
+same tokens whatever else shares its batch. ``SamplingParams`` lives in ``samplingparams``, free of
+torch, so the API can build requests in the supervisor without importing torch; it is re-exported
+here. Must not: decide when a sequence stops (stop strings, max_tokens and EOS are the caller's), or
+touch the model.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
+from butterfly.engine.samplingparams import SamplingParams
+
 __all__ = ["SamplingParams", "SeqSampler", "sample_batch"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """``temperature`` 0 is greedy (argmax); ``top_p`` keeps the smallest set of tokens whose
-    probability reaches it; ``seed`` makes the draws reproducible (None: a random seed)."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        t, p = self.temperature, self.top_p
-        if not isinstance(t, int | float) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(p, int | float) or isinstance(p, bool) or not 0 < p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {p!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
-        ):
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
 
 class SeqSampler:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from butterfly.engine.sampler import SamplingParams
+from butterfly.engine.samplingparams import SamplingParams
 
 __all__ = ["Backend", "Finished", "GenerationRequest", "ServingError", "TokenEvent"]
 

@@ -39,6 +39,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 
 from butterfly.api.http import ApiServer, make_app, start_api
+from butterfly.api.served import ServedModel, load_served_model
 from butterfly.board import Board, NodeSection
 from butterfly.board.shm import remove_stale_segments, unlink_segment
 from butterfly.config import Config
@@ -69,6 +70,7 @@ from butterfly.ipc import (
 )
 from butterfly.logs import LogControl
 from butterfly.notify import Notifier
+from butterfly.serving.backend import Backend
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
 from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S
@@ -108,6 +110,11 @@ class Supervisor:
         self.children = {k: ChildHandle(k, self.events, self.launcher) for k in KINDS}
         self.notifier = Notifier()
         self.api: ApiServer | None = None
+        # The model the API serves: its tokenizer, loaded through the manifest once this node's range
+        # is validated for an epoch (None until then, and /v1 answers 503).
+        self.served: ServedModel | None = None
+        # The inference backend behind /v1; None: /v1 answers 503 "serving not available".
+        self.backend: Backend | None = None
         self.stop_requested = asyncio.Event()
         self.reopen_logs_requested = False
         self.phase = Phase.COLD_START
@@ -430,10 +437,30 @@ class Supervisor:
             return
         await self.children["cluster"].send(self._fault(""))
         self.advance_to(Phase.READY)
+        self._in_background(self._load_tokenizer(r.epoch))
         if not self.ready_notified:
             self.ready_notified = True
             self.notifier.ready()
         await self._start_scrub()
+
+    async def _load_tokenizer(self, epoch: int) -> None:
+        """The API's tokenizer for the model version this epoch's range was validated against."""
+        root = self._board().snapshot().cluster.model_root
+        if not root or (self.served is not None and self.served.root == root):
+            return
+        try:
+            served = await asyncio.to_thread(load_served_model, self.config, root)
+        except Exception as e:  # every way of not having it ends the same: /v1 answers 503, say why
+            log.error("cannot load the model's tokenizer for epoch %d: %s", epoch, e)
+            return
+        if self._board().snapshot().cluster.model_root == root:
+            self.served = served
+            log.info(
+                "serving model %s (version %s, context %d tokens)",
+                served.id,
+                root[:16],
+                served.tokenizer.context_length,
+            )
 
     # ---- scrubbing and repair ----------------------------------------------------------------
 
@@ -589,7 +616,7 @@ class Supervisor:
             if self.config.node.gpu == "required" and not hw.gpus:
                 self.fail("cold_start", 'node.gpu = "required" but no GPU was found')
             host, port = self.config.api.listen
-            self.api = await start_api(make_app(self.status), host, port)
+            self.api = await start_api(make_app(self.status, self.backend, lambda: self.served), host, port)
             if self.phase is not Phase.FAILED:
                 await self._start_children()
                 self.advance_to(Phase.DISCOVERY)
