@@ -85,11 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("path", metavar="PATH")
     sc.set_defaults(func=cmd_secret_create)
 
-    from butterfly.cli import admin_ops, admin_raft, admin_weights
+    from butterfly.cli import admin_generate, admin_ops, admin_raft, admin_weights
 
     admin_ops.register(sub)
     admin_weights.register(sub)
     admin_raft.register(sub)
+    admin_generate.register(sub)
     return p
 
 
