@@ -832,6 +832,16 @@ class RaftNode:
             if index > self._commit and self._term_at(index) == self._term:
                 self._commit_to(index)
                 committed = True
+                if self._id not in self._voters:
+                    # It committed its own demotion (it won an election before learning of it): tell
+                    # everyone the new commit index, so they apply the new voter set, then step down.
+                    # A leader that is not a voter would count a majority it is not part of.
+                    for peer, pr in self._progress.items():
+                        if peer != self._id:
+                            pr.probe_sent = False  # even a peer with a probe in flight must hear it
+                            self._send_append(peer)
+                    self._become_follower(self._term, None)
+                    break
                 continue
             break
         return committed
@@ -955,10 +965,7 @@ class RaftNode:
                 self._become_follower(self._term, None)  # a candidate that stopped being a voter
             return
         if self._id not in self._voters:
-            # Demoted while leading (it won an election before learning the change had committed):
-            # a leader that is not a voter would count a majority it is not part of. Step down.
-            self._become_follower(self._term, None)
-            return
+            return  # its own demotion committed: _maybe_commit tells the others, then steps down
         if added is not None and added != self._id and added not in self._progress:
             self._progress[added] = _Progress(len(self._log) + 1)
             self._send_append(added)
