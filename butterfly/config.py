@@ -561,6 +561,9 @@ class EngineConfig:
     kv_cache_bytes: int = _setting(_integer(1 << 20), 1 << 30)
     """Memory for the key/value cache of this node's layers (all sequences together, at least 1 MiB).
     A request whose prompt plus max_tokens does not fit waits or is refused with the reason."""
+    port: int = _setting(_integer(0, 65535), 0)
+    """TCP port (on ``node.bind_address``'s host) of the encrypted stage links and of requests other
+    nodes forward to this node's stage; 0: the port after ``node.bind_address``'s."""
 
 
 @dataclass(frozen=True)
@@ -733,6 +736,11 @@ _FINISH: dict[type, Callable[[dict[str, Any], str, _Context], None]] = {
 }
 
 
+def engine_port(config: Config) -> int:
+    """The port the engine listens on: ``engine.port``, or the one after ``node.bind_address``'s."""
+    return config.engine.port or config.node.bind_address.port + 1
+
+
 def _check_across(config: Config, ctx: _Context) -> None:
     """Rules between keys; run after parsing and again after overrides."""
     cluster, security = config.cluster, config.security
@@ -757,6 +765,17 @@ def _check_across(config: Config, ctx: _Context) -> None:
         # Peer TLS is mutual: a node that checks others' certificates must present its own.
         raise ctx.error("security.tls_cert", "a path (tls_ca is set; TLS is mutual)", "nothing")
     bind, listen = config.node.bind_address, config.api.listen
+    port = engine_port(config)
+    if port > 65535:
+        raise ctx.error("engine.port", f"a port (node.bind_address's port + 1 is {port})", "nothing")
+    if port == bind.port or (
+        port == listen.port and (listen.host == bind.host or {listen.host, bind.host} & _WILDCARD_HOSTS)
+    ):
+        raise ctx.error(
+            "engine.port",
+            f"a port apart from node.bind_address ({bind}) and api.listen ({listen})",
+            _literal(str(config.engine.port)),
+        )
     if bind.port == listen.port and (
         bind.host == listen.host or bind.host in _WILDCARD_HOSTS or listen.host in _WILDCARD_HOSTS
     ):

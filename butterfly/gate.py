@@ -14,7 +14,11 @@ A node may serve epoch E only while every one of these holds (the first that fai
    deadlocked) or dead process stops serving, long before the supervisor kills it;
 4. the validator has not found weights in memory that are not the model's (``validator.fault``, set
    by scrubbing or a validation the moment it finds one, cleared when a validation passes again);
-5. the node holds a serving lease for epoch E (``cluster.lease_epoch == E`` and ``now <
+   the engine child (which runs the node's stage of the pipeline) is one of the children; a dead or
+   frozen engine elsewhere in the pipeline ends requests through the stage links' own bound
+   (butterfly.serving.stage);
+5. the engine child has built its stage of epoch E over the validated arena (``engine.serving``);
+6. the node holds a serving lease for epoch E (``cluster.lease_epoch == E`` and ``now <
    cluster.lease_until_mono_ns``): its coordinator granted it, and the coordinator held its own lease
    from a quorum of voters that promised not to elect another coordinator meanwhile
    (butterfly.cluster.lease). The coordinator names epoch 0 (no lease) while a planned node is
@@ -89,12 +93,15 @@ def may_serve(snap: BoardSnapshot, now_mono_ns: int) -> ServeVerdict:
         ("cluster child", cl.heartbeat_mono_ns),
         ("loader child", snap.loader.heartbeat_mono_ns),
         ("validator child", snap.validator.heartbeat_mono_ns),
+        ("engine child", snap.engine.heartbeat_mono_ns),
     ):
         why = _stale(name, beat, now_mono_ns)
         if why:
             return _no(why)
     if snap.validator.fault:
         return _no("the validator found weights in memory that are not the model's")
+    if not snap.engine.serving or snap.engine.epoch != epoch:
+        return _no(f"the engine has not built its stage of epoch {epoch}")
     if cl.lease_epoch != epoch or cl.lease_until_mono_ns == 0:
         return _no(f"no serving lease for epoch {epoch} from the coordinator")
     if now_mono_ns >= cl.lease_until_mono_ns:

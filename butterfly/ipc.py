@@ -135,14 +135,26 @@ class PeerFaults(msgspec.Struct, tag=True, frozen=True):
     faults: list[PeerFault]
 
 
+class StageEndpoint(msgspec.Struct, frozen=True, array_like=True):
+    """One stage of a committed plan: the node holding blocks [start, stop) and where its engine
+    listens for stage links and forwarded requests ("host:port"; "" while the node has not said)."""
+
+    node_id: str
+    start: int
+    stop: int
+    engine_address: str
+
+
 class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
-    """A committed plan gives this node blocks [start, stop) at (epoch, term)."""
+    """A committed plan gives this node blocks [start, stop) at (epoch, term). ``stages``: every stage
+    of the plan in pipeline order (the serving pipeline's ring)."""
 
     epoch: int
     term: int
     start: int
     stop: int
     num_blocks: int
+    stages: list[StageEndpoint] = []
 
 
 class RangeAccepted(msgspec.Struct, tag=True, frozen=True):
@@ -210,8 +222,18 @@ class Mismatch(msgspec.Struct, frozen=True, kw_only=True):
         return f"tensor {self.tensor} ({self.layer}, arena offset {self.arena_offset}){where}{digest}"
 
 
+class TensorSpec(msgspec.Struct, frozen=True, array_like=True):
+    """A placed tensor's safetensors dtype and shape, for the engine's views of the arena."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
 class Loaded(msgspec.Struct, tag=True, frozen=True):
-    """The loader filled the arena for (epoch, range); digests are the xxh3 of each chunk as read."""
+    """The loader filled the arena for (epoch, range); digests are the xxh3 of each chunk as read.
+    ``specs`` and ``model_config`` (config.json's text, covered by the manifest) are what the engine
+    child needs to build its stage over the arena without reading the source again."""
 
     epoch: int
     start: int
@@ -221,6 +243,36 @@ class Loaded(msgspec.Struct, tag=True, frozen=True):
     tensors: list[TensorPlacement]
     chunks: list[ChunkDigest]
     step_seconds: dict[str, float]
+    specs: list[TensorSpec] = []
+    model_config: str = ""
+    model_config_where: str = ""
+
+
+class StartEngine(msgspec.Struct, tag=True, frozen=True):
+    """Serve ``loaded``'s blocks as one stage of ``stages`` (plan ``epoch``): map the arena read-only,
+    build the engine's stage over it, join the ring."""
+
+    epoch: int
+    loaded: Loaded
+    stages: list[StageEndpoint]
+
+
+class StopEngine(msgspec.Struct, tag=True, frozen=True):
+    """Stop serving and let go of the arena (before the loader replaces it)."""
+
+
+class EngineState(msgspec.Struct, tag=True, frozen=True):
+    """The engine child's serving state: sent when it changes and every second while it serves.
+    ``hop_seconds``: per-hop transfer times observed since the last report (for the metrics)."""
+
+    epoch: int
+    serving: bool
+    reason: str
+    running: int
+    waiting: int
+    kv_bytes_in_use: int
+    kv_bytes_total: int
+    hop_seconds: list[float] = []
 
 
 class Validated(msgspec.Struct, tag=True, frozen=True):
@@ -269,6 +321,8 @@ Command = (
     | ValidateArena
     | StartScrub
     | StopScrub
+    | StartEngine
+    | StopEngine
 )
 Report = (
     ClusterProgress
@@ -282,6 +336,7 @@ Report = (
     | ScrubMismatch
     | Repaired
     | Failed
+    | EngineState
 )
 
 _enc = msgspec.msgpack.Encoder()

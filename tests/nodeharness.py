@@ -50,6 +50,8 @@ def write_config(
     key = secret or secret_for(path)
     seed_list = ", ".join(f'"{s}"' for s in (seeds or []))
     bind_address = bind or f"127.0.0.1:{free_port()}"
+    # Each node's engine on a port of its own (the default, bind port + 1, may be taken on a busy host).
+    engine = "" if "[engine]" in extra else f"\n[engine]\nport = {free_port()}\n"
     path.write_text(
         f"""
 [cluster]
@@ -82,7 +84,7 @@ chunk_bytes = 65536
 restart_backoff_s = 0.1
 stop_timeout_s = 6.0
 heartbeat_timeout_s = 3.0
-{extra}
+{engine}{extra}
 """
     )
     return path

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from butterfly.board import BoardSnapshot, ClusterSection, HeaderSection, LoaderSection, NodeSection
-from butterfly.board.layout import ValidatorSection
+from butterfly.board.layout import EngineSection, ValidatorSection
 from butterfly.gate import STALE_AFTER_NS, may_serve
 from butterfly.states import NodeState, Phase
 from butterfly.supervisor.statusview import build_status
@@ -38,6 +38,7 @@ def serving() -> BoardSnapshot:
         ),
         loader=LoaderSection(heartbeat_mono_ns=beat),
         validator=ValidatorSection(heartbeat_mono_ns=beat),
+        engine=EngineSection(heartbeat_mono_ns=beat, epoch=EPOCH, serving=1),
     )
 
 
@@ -64,6 +65,10 @@ def test_a_serving_node_may_serve_its_epoch() -> None:
         ("loader", {"heartbeat_mono_ns": NOW - 2 * 10**9}, "loader child silent for 2.0s"),
         ("validator", {"heartbeat_mono_ns": 0}, "validator child has not started"),
         ("validator", {"fault": 1}, "the validator found weights in memory that are not the model's"),
+        ("engine", {"heartbeat_mono_ns": NOW - 2 * 10**9}, "engine child silent for 2.0s"),
+        ("engine", {"heartbeat_mono_ns": 0}, "engine child has not started"),
+        ("engine", {"serving": 0}, "the engine has not built its stage of epoch 3"),
+        ("engine", {"epoch": EPOCH - 1}, "the engine has not built its stage of epoch 3"),
         ("cluster", {"lease_until_mono_ns": 0, "lease_epoch": 0}, "no serving lease for epoch 3"),
         ("cluster", {"lease_epoch": EPOCH - 1}, "no serving lease for epoch 3"),
         ("cluster", {"lease_until_mono_ns": NOW - 5 * 10**7}, "lease from the coordinator expired 0.05s"),

@@ -101,7 +101,7 @@ def test_single_node_goes_through_every_phase_and_stops_clean(node_factory) -> N
     assert 'init_duration_seconds{phase="total"}' in text
 
     pids = child_pids(st)
-    assert len(pids) == 3 and len(set(pids)) == 3
+    assert len(pids) == 4 and len(set(pids)) == 4
     t0 = time.monotonic()
     assert node.stop(signal.SIGTERM) == 0
     assert time.monotonic() - t0 < 10

@@ -27,6 +27,7 @@ from butterfly.board.layout import (
     SECTION_TYPES,
     SEQ_SIZE,
     ClusterSection,
+    EngineSection,
     HeaderSection,
     LoaderSection,
     NodeSection,
@@ -50,6 +51,7 @@ class BoardSnapshot:
     cluster: ClusterSection
     loader: LoaderSection
     validator: ValidatorSection
+    engine: EngineSection
 
 
 class Board:
@@ -190,6 +192,7 @@ class Board:
             cluster=self.read(ClusterSection, timeout_s),
             loader=self.read(LoaderSection, timeout_s),
             validator=self.read(ValidatorSection, timeout_s),
+            engine=self.read(EngineSection, timeout_s),
         )
 
     def write(self, section: Section) -> None:

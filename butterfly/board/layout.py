@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, ClassVar, TypeVar
 
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 # b"BFLY" as the first payload bytes of the header, read as a little-endian u32.
 MAGIC = int.from_bytes(b"BFLY", "little")
 SECTION_ALIGN = 64
@@ -170,6 +170,22 @@ class ValidatorSection(Section):
     scrub_last_pass_s: F64 = 0.0
 
 
+@dataclass(frozen=True)
+class EngineSection(Section):
+    """Writer: the engine child (``butterfly.serving.process``). ``serving``: its stage is built and
+    part of the pipeline of ``epoch``; ``running``/``waiting``: sequences at the entry stage."""
+
+    KEY: ClassVar[str] = "engine"
+    heartbeat_mono_ns: U64 = 0
+    pid: U32 = 0
+    epoch: U64 = 0
+    serving: U8 = 0
+    running: U32 = 0
+    waiting: U32 = 0
+    kv_bytes_in_use: U64 = 0
+    kv_bytes_total: U64 = 0
+
+
 MEMBERSHIP = ("none", "voter", "learner")
 
 # Board order. Appending a section (or a field) changes offsets: bump LAYOUT_VERSION.
@@ -179,6 +195,7 @@ SECTION_TYPES: tuple[type[Section], ...] = (
     ClusterSection,
     LoaderSection,
     ValidatorSection,
+    EngineSection,
 )
 
 S = TypeVar("S", bound=Section)

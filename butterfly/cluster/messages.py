@@ -38,6 +38,8 @@ class NodeReport(msgspec.Struct, tag=True, frozen=True):
     failed: bool = False
     fault_start: int = 0
     fault_stop: int = 0
+    # "host:port" of this node's inference engine (stage links, forwarded requests).
+    engine_address: str = ""
 
 
 class Founding(msgspec.Struct, tag=True, frozen=True):

@@ -27,7 +27,7 @@ from butterfly.board import ClusterSection
 from butterfly.cluster.coordinator import ModelInfo
 from butterfly.cluster.driver import ClusterDriver, Progress, choose_founder
 from butterfly.cluster.messages import NodeReport, PlanEntry
-from butterfly.config import Config, HostPort
+from butterfly.config import Config, HostPort, engine_port
 from butterfly.hardware import detect
 from butterfly.ipc import (
     AsyncChannel,
@@ -42,6 +42,7 @@ from butterfly.ipc import (
     PlanAssigned,
     RangeAccepted,
     Shutdown,
+    StageEndpoint,
     StartCluster,
     Waiting,
 )
@@ -118,7 +119,11 @@ class SupervisorEvents:
                 )
             )
             return
-        await self.chan.send(PlanAssigned(plan.epoch, term, mine.start, mine.stop, plan.num_blocks))
+        stages = [
+            StageEndpoint(a.node_id, a.start, a.stop, self.child.engine_address_of(a.node_id))
+            for a in plan.assignments
+        ]
+        await self.chan.send(PlanAssigned(plan.epoch, term, mine.start, mine.stop, plan.num_blocks, stages))
 
     async def operational(self, epoch: int, term: int) -> None:
         await self.chan.send(ClusterOperational(epoch, term))
@@ -214,7 +219,19 @@ class ClusterChild:
             failed=self.fault.failed,
             fault_start=self.fault.start,
             fault_stop=self.fault.stop,
+            engine_address=self.engine_address(),
         )
+
+    def engine_address(self) -> str:
+        """Where peers reach this node's engine: the transport's advertised host, the engine's port."""
+        host = self.transport.advertise.host
+        return f"[{host}]:{engine_port(self.config)}" if ":" in host else f"{host}:{engine_port(self.config)}"
+
+    def engine_address_of(self, node_id: str) -> str:
+        if node_id == self.config.node.id:
+            return self.engine_address()
+        seen = self.driver.reports.get(node_id)
+        return seen[0].engine_address if seen is not None else ""
 
     async def manifest_once(self) -> Manifest:
         if self.manifest is None:

@@ -19,6 +19,7 @@ This module owns the arena segment while the node runs; it must not talk to peer
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import time
@@ -38,6 +39,7 @@ from butterfly.ipc import (
     Shutdown,
     SyncChannel,
     TensorPlacement,
+    TensorSpec,
 )
 from butterfly.loader.arena import ArenaError, EarlyArena, allocate
 
@@ -474,6 +476,9 @@ class Loader:
             tensors=placements,
             chunks=chunks,
             step_seconds=steps,
+            specs=[TensorSpec(t.name, t.dtype, list(t.shape)) for t in tensors],
+            model_config=json.dumps(layout.model_config),
+            model_config_where=f"{layout.root}/{CONFIG_FILE}",
         )
 
     def repair(self, cmd: RepairTensors) -> Repaired:

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 from butterfly.serving.backend import Finished, GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.link import (
+    PING_S,
     ROLE_CLIENT,
+    SILENT_S,
     Cancel,
     Done,
     Error,
@@ -32,7 +34,6 @@ from butterfly.serving.link import (
     Token,
     dial_link,
 )
-from butterfly.serving.stage import PING_S, SILENT_S
 
 __all__ = ["EntryTarget", "RemoteBackend"]
 
@@ -64,11 +65,12 @@ class _Conn:
 
 
 class RemoteBackend:
-    """A ``Backend`` that forwards to the entry ``target()`` names (re-read for every request)."""
+    """A ``Backend`` that forwards to the entry ``target()`` names (re-read for every request);
+    ``secret`` is the cluster secret or a function reading it (when first needed)."""
 
     def __init__(
         self,
-        secret: bytes,
+        secret: bytes | Callable[[], bytes],
         target: Callable[[], EntryTarget],
         *,
         silent_s: float = SILENT_S,
@@ -93,10 +95,11 @@ class RemoteBackend:
             if conn is not None:
                 self._break(conn, "the pipeline changed")
             try:
+                secret = self.secret() if callable(self.secret) else self.secret
                 link = await dial_link(
                     target.host,
                     target.port,
-                    self.secret,
+                    secret,
                     role=ROLE_CLIENT,
                     epoch=target.epoch,
                     index=-1,

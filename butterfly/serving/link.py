@@ -20,7 +20,8 @@ fails to decrypt and the link is closed (``LinkError``). A link of another epoch
 
 Inside a frame: ``u32 header length | msgpack header (a tagged msgspec Struct) | raw tensor bytes``.
 Never pickle: the header decodes only into the message types below, and a tensor is the bytes of
-``dtype`` x ``shape`` named in the header, checked against its length.
+``dtype`` x ``shape`` named in the header, checked against its length (``butterfly.serving.tensors``).
+This module does not import torch, so the supervisor (which only forwards requests) stays light.
 
 This module owns the handshake, the keys, framing and the message vocabulary. It must not decide
 what a message means (``stage`` and ``client`` do) or keep more state than a link's counters.
@@ -38,7 +39,6 @@ from collections.abc import Callable
 from typing import Annotated, Final, TypeAlias
 
 import msgspec
-import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -60,6 +60,11 @@ MAX_FRAME: Final = 1 << 30
 NONCE_BYTES: Final = 32
 TAG_BYTES: Final = 16
 _LEN: Final = struct.Struct(">I")
+
+PING_S: Final = 0.25
+"""An idle link sends a ping this often."""
+SILENT_S: Final = 2.0
+"""A link silent this long is dead: the failure-detection bound of a request in flight."""
 
 ROLE_STAGE: Final = "stage"
 ROLE_CLIENT: Final = "client"
@@ -231,33 +236,13 @@ Message: TypeAlias = Ping | Abort | Probe | Step | Tokens | Free | Submit | Canc
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[Message] = msgspec.msgpack.Decoder(Message)
 
-DTYPES: Final = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-DTYPE_CODES: Final = {v: k for k, v in DTYPES.items()}
 
-
-def tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], memoryview]:
-    """(dtype code, shape, raw bytes) of a CPU copy of ``t``; no pickling, no copy when contiguous."""
-    if t.dtype not in DTYPE_CODES:
-        raise ValueError(f"cannot send a {t.dtype} tensor over a stage link")
-    t = t.detach().to("cpu").contiguous()
-    raw = t.view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
-    return DTYPE_CODES[t.dtype], list(t.shape), raw
-
-
-def tensor_from(dtype: str, shape: list[int], raw: bytes | bytearray | memoryview) -> torch.Tensor:
-    """The tensor a header and its raw bytes describe; LinkError if they disagree."""
-    tdtype = DTYPES.get(dtype)
-    if tdtype is None:
-        raise LinkError(f"a frame names tensor dtype {dtype!r}; known: {sorted(DTYPES)}")
-    count = 1
-    for d in shape:
-        count *= d
-    size = torch.empty((), dtype=tdtype).element_size()
-    if count * size != len(raw):
-        raise LinkError(f"a frame's tensor {dtype} {shape} needs {count * size} bytes, it carries {len(raw)}")
-    if count == 0:
-        return torch.empty(tuple(shape), dtype=tdtype)
-    return torch.frombuffer(bytearray(raw), dtype=tdtype, count=count).view(tuple(shape))
+def split_address(text: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"; ValueError naming the text otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"engine address {text!r} is not host:port")
+    return host.strip("[]"), int(port)
 
 
 # ---- the handshake --------------------------------------------------------------------------------

@@ -45,8 +45,10 @@ from butterfly.engine.model import SeqChunk, StageModel
 from butterfly.engine.sampler import SamplingParams, SeqSampler, sample_batch
 from butterfly.serving.backend import Finished, GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.link import (
+    PING_S,
     ROLE_CLIENT,
     ROLE_STAGE,
+    SILENT_S,
     Abort,
     Admit,
     Cancel,
@@ -67,18 +69,14 @@ from butterfly.serving.link import (
     Tokens,
     accept_link,
     dial_link,
-    tensor_bytes,
-    tensor_from,
 )
 from butterfly.serving.metrics import ServingStats
+from butterfly.serving.tensors import tensor_bytes, tensor_from
 
 __all__ = ["StageAddress", "StageServer"]
 
 log = logging.getLogger("butterfly.serving")
 
-PING_S = 0.25
-SILENT_S = 2.0
-"""A link silent this long is dead: the failure-detection bound of a request in flight."""
 MAX_WAITING = 64
 MAX_STEP_TOKENS = 256
 

@@ -24,7 +24,7 @@ from butterfly.supervisor.launcher import ChildProcess, Launcher
 
 log = logging.getLogger("butterfly.supervisor")
 
-KINDS = ("cluster", "loader", "validator")
+KINDS = ("cluster", "loader", "validator", "engine")
 
 
 @dataclass(frozen=True)

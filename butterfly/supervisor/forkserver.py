@@ -69,15 +69,17 @@ def recv(sock: socket.socket) -> tuple[dict[str, object] | None, int | None]:
     return msg, fds[0] if fds else None
 
 
-def _module_name(kind: str) -> str:
+def module_name(kind: str) -> str:
+    """The module a child of ``kind`` runs: ``butterfly.<kind>.process``, except the engine child,
+    which is the serving layer's (the engine package knows nothing of processes)."""
     if kind not in PRELOAD:
         raise ValueError(f"unknown child kind {kind!r}")
-    return f"butterfly.{kind}.process"
+    return "butterfly.serving.process" if kind == "engine" else f"butterfly.{kind}.process"
 
 
 def _preload(kind: str) -> None:
     try:
-        importlib.import_module(_module_name(kind))
+        importlib.import_module(module_name(kind))
     except ImportError:
         pass  # a kind this install does not have (or whose optional dependency is missing)
 
@@ -94,7 +96,7 @@ def _child(kind: str, fd: int, ctl: socket.socket, wake: tuple[int, int]) -> Non
         os.environ[CHILD_FD_ENV] = str(fd)
         # The child's parent is this server: that is whom its PR_SET_PDEATHSIG must watch.
         os.environ[SUPERVISOR_PID_ENV] = str(os.getppid())
-        module = importlib.import_module(_module_name(kind))
+        module = importlib.import_module(module_name(kind))
         sys.argv = [module.__file__ or kind]
         module.main()
         code = 0
@@ -131,7 +133,7 @@ def _spawn(ctl: socket.socket, msg: dict[str, object], fd: int | None, wake: tup
         send(ctl, {"failed": kind, "reason": "no channel descriptor came with the request"})
         return
     try:
-        _module_name(kind)
+        module_name(kind)
         _preload(kind)
         pid = os.fork()
     except (OSError, ValueError) as e:

@@ -158,7 +158,7 @@ class Launcher:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            f"butterfly.{kind}.process",
+            forkserver.module_name(kind),
             pass_fds=(sock.fileno(),),
             env=env,
             stdin=asyncio.subprocess.DEVNULL,

@@ -38,15 +38,19 @@ import time
 from collections.abc import Coroutine
 from pathlib import Path
 
+import msgspec
+
 from butterfly.api.http import ApiServer, make_app, start_api
 from butterfly.api.served import ServedModel, load_served_model
 from butterfly.board import Board, NodeSection
 from butterfly.board.shm import remove_stale_segments, unlink_segment
 from butterfly.config import Config
+from butterfly.gate import may_serve
 from butterfly.hardware import detect
 from butterfly.ipc import (
     ClusterOperational,
     ClusterProgress,
+    EngineState,
     Failed,
     Init,
     LoadAssignment,
@@ -62,15 +66,21 @@ from butterfly.ipc import (
     ScrubMismatch,
     Shutdown,
     StartCluster,
+    StartEngine,
     StartScrub,
+    StopEngine,
     StopScrub,
     ValidateArena,
     Validated,
     Waiting,
 )
 from butterfly.logs import LogControl
+from butterfly.net.auth import load_secret
 from butterfly.notify import Notifier
-from butterfly.serving.backend import Backend
+from butterfly.serving.backend import ServingError
+from butterfly.serving.client import EntryTarget, RemoteBackend
+from butterfly.serving.link import split_address
+from butterfly.serving.metrics import ServingStats
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
 from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S
@@ -113,8 +123,11 @@ class Supervisor:
         # The model the API serves: its tokenizer, loaded through the manifest once this node's range
         # is validated for an epoch (None until then, and /v1 answers 503).
         self.served: ServedModel | None = None
-        # The inference backend behind /v1; None: /v1 answers 503 "serving not available".
-        self.backend: Backend | None = None
+        # Serving: requests to this node go to the pipeline's entry over an encrypted stage link.
+        self._secret_bytes: bytes | None = None
+        self.serving_stats = ServingStats()
+        self.engine_reason = ""
+        self.backend = RemoteBackend(self._secret, self._entry_target)
         self.stop_requested = asyncio.Event()
         self.reopen_logs_requested = False
         self.phase = Phase.COLD_START
@@ -146,6 +159,7 @@ class Supervisor:
             "cluster": snap.cluster.heartbeat_mono_ns,
             "loader": snap.loader.heartbeat_mono_ns,
             "validator": snap.validator.heartbeat_mono_ns,
+            "engine": snap.engine.heartbeat_mono_ns,
         }
         children = [
             ChildStatus(
@@ -324,10 +338,13 @@ class Supervisor:
             await self.children["validator"].send(ValidateArena(self.loaded.epoch, self.loaded))
         elif kind == "validator" and self.phase is Phase.READY:
             await self._start_scrub()
+        elif kind == "engine" and self.phase is Phase.READY:
+            await self._start_engine()
 
     async def _load(self, plan: PlanAssigned, refetch: bool = False) -> None:
-        # The validator lets go of the arena it scrubs before the loader replaces it.
+        # The validator and the engine let go of the arena before the loader replaces it.
         await self.children["validator"].send(StopScrub())
+        await self.children["engine"].send(StopEngine())
         await self.children["loader"].send(
             LoadAssignment(plan.epoch, plan.term, plan.start, plan.stop, refetch=refetch)
         )
@@ -379,6 +396,8 @@ class Supervisor:
         elif isinstance(r, ClusterOperational):
             if self.phase is Phase.READY and self.plan is not None and r.epoch == self.plan.epoch:
                 self.set_operational(r.epoch)
+        elif isinstance(r, EngineState):
+            self.on_engine_state(r)
         elif isinstance(r, Failed):
             await self.on_failed(ev.kind, r)
 
@@ -400,16 +419,7 @@ class Supervisor:
         self.advance_to(Phase.LOADING_WEIGHTS)
         if self.loaded is not None and (self.loaded.start, self.loaded.stop) == (plan.start, plan.stop):
             # Same blocks still in the arena (a cluster-child restart): re-validate them, no reload.
-            self.loaded = Loaded(
-                plan.epoch,
-                self.loaded.start,
-                self.loaded.stop,
-                self.loaded.arena_name,
-                self.loaded.arena_bytes,
-                self.loaded.tensors,
-                self.loaded.chunks,
-                {},
-            )
+            self.loaded = msgspec.structs.replace(self.loaded, epoch=plan.epoch, step_seconds={})
             self.advance_to(Phase.VALIDATION)
             await self.children["validator"].send(ValidateArena(plan.epoch, self.loaded))
             return
@@ -442,6 +452,46 @@ class Supervisor:
             self.ready_notified = True
             self.notifier.ready()
         await self._start_scrub()
+        await self._start_engine()
+
+    # ---- serving -------------------------------------------------------------------------------
+
+    async def _start_engine(self) -> None:
+        """The engine child builds this node's stage over the validated arena and joins the ring."""
+        if self.loaded is not None and self.plan is not None and self.loaded.epoch == self.plan.epoch:
+            await self.children["engine"].send(StartEngine(self.plan.epoch, self.loaded, self.plan.stages))
+
+    def _entry_target(self) -> EntryTarget:
+        """Where requests to this node go: the pipeline's entry, if this node may serve now."""
+        verdict = may_serve(self._board().snapshot(), time.monotonic_ns())
+        if not verdict.ok:
+            raise ServingError(503, "service_unavailable", f"this node is not serving: {verdict.reason}")
+        plan = self.plan
+        if plan is None or plan.epoch != verdict.epoch or not plan.stages:
+            raise ServingError(503, "service_unavailable", "this node does not know the pipeline's stages")
+        entry = plan.stages[0]
+        try:
+            host, port = split_address(entry.engine_address)
+        except ValueError as e:
+            raise ServingError(503, "service_unavailable", f"the pipeline's entry is unknown: {e}") from None
+        return EntryTarget(
+            host, port, plan.epoch, f"the pipeline's entry (node {entry.node_id} at {host}:{port})"
+        )
+
+    def _secret(self) -> bytes:
+        if self._secret_bytes is None:
+            self._secret_bytes = load_secret(self.config.security.secret_file)
+        return self._secret_bytes
+
+    def on_engine_state(self, r: EngineState) -> None:
+        stats = self.serving_stats
+        stats.running, stats.waiting = r.running, r.waiting
+        stats.kv_bytes_in_use, stats.kv_bytes_total = r.kv_bytes_in_use, r.kv_bytes_total
+        stats.observe_hops(r.hop_seconds)
+        if r.reason != self.engine_reason:
+            self.engine_reason = r.reason
+            if r.reason:
+                log.warning("the pipeline is not serving: %s", r.reason)
 
     async def _load_tokenizer(self, epoch: int) -> None:
         """The API's tokenizer for the model version this epoch's range was validated against."""
@@ -654,6 +704,7 @@ class Supervisor:
         timeout = self.config.supervisor.stop_timeout_s
         await asyncio.gather(*(h.stop(Shutdown(), timeout) for h in self.children.values()))
         await self.launcher.close()
+        await self.backend.close()
         if self.api is not None:
             with contextlib.suppress(Exception):
                 await self.api.close()
