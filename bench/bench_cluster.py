@@ -170,6 +170,9 @@ class BenchEvents:
     async def peer_faults(self, faults: list[PeerFault]) -> None:
         return None
 
+    async def plan_applied(self, plan: PlanEntry) -> None:
+        return None
+
     def board(self, **fields: object) -> None:
         # _drain_ready ends every Ready with board(term=..., coordinator=...): the node's leader view.
         term, leader = fields.get("term"), fields.get("coordinator")

@@ -106,6 +106,9 @@ def member_main(args: argparse.Namespace) -> None:
         async def peer_faults(self, faults: list[PeerFault]) -> None:
             return None
 
+        async def plan_applied(self, plan: PlanEntry) -> None:
+            return None
+
         def board(self, **fields: object) -> None:
             term, leader = fields.get("term"), fields.get("coordinator")
             if isinstance(term, int) and isinstance(leader, str) and (term, leader) != self.view:

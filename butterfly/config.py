@@ -580,6 +580,9 @@ class SupervisorConfig:
     """Pause before restarting a child (doubled per restart within the window)."""
     heartbeat_timeout_s: float = _setting(_number(0, inclusive=False), 10.0)
     """A child whose heartbeat on the board is older than this is declared hung."""
+    failed_exit_after_s: float = _setting(_number(0, inclusive=True), 30.0)
+    """A node that failed for good keeps answering /status (and the journal has why) this long, then
+    exits 1 so that systemd restarts it (``Restart=on-failure``)."""
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,21 @@ class PlanAssigned(msgspec.Struct, tag=True, frozen=True):
     stages: list[StageEndpoint] = []
 
 
+class NodeLayers(msgspec.Struct, frozen=True, array_like=True):
+    """One node's blocks [start, stop) in a plan."""
+
+    node_id: str
+    start: int
+    stop: int
+
+
+class PlanView(msgspec.Struct, tag=True, frozen=True):
+    """The cluster's latest applied plan, every node's range (for status; PlanAssigned is what acts)."""
+
+    epoch: int
+    assignments: list[NodeLayers]
+
+
 class RangeAccepted(msgspec.Struct, tag=True, frozen=True):
     """The coordinator checked this node's unit digests for (epoch, its blocks) against the manifest
     root and accepted them: its own range passed validation (what READY means)."""
@@ -329,6 +344,7 @@ Report = (
     | Waiting
     | PeerFaults
     | PlanAssigned
+    | PlanView
     | RangeAccepted
     | ClusterOperational
     | Loaded

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from butterfly.ipc import Mismatch, PeerFault
+from butterfly.ipc import Mismatch, PeerFault, PlanView
 
 
 @dataclass
@@ -25,6 +25,8 @@ class Notes:
     peer_faults: list[PeerFault] = field(default_factory=list)
     mismatches: list[Mismatch] = field(default_factory=list)
     """The tensors of the last mismatch scrubbing found in memory (kept after the repair)."""
+    plan: PlanView | None = None
+    """The latest plan the cluster child applied: every node's range."""
 
 
 class IntegrityStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -72,6 +74,12 @@ class ServingStats(msgspec.Struct, frozen=True, kw_only=True):
     """Tokens generated per second over the last 10 seconds."""
 
 
+class NodeLayersStatus(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    layers: str
+    """Its blocks in the seed's inclusive form ("0-3")."""
+
+
 class ChildStatus(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     pid: int | None
@@ -114,5 +122,12 @@ class NodeStatus(msgspec.Struct, frozen=True, kw_only=True):
     children: list[ChildStatus]
     peer_faults: list[PeerFaultStatus] = []
     integrity: IntegrityStatus | None = None
+    cluster_role: str = "none"
+    """What this node is in the cluster now: coordinator (the Raft leader), voter, learner, worker (a
+    learner with role = "worker"), or none (not a member yet). ``role`` is the configured one."""
+    layers: str | None = None
+    """This node's blocks in the plan of ``epoch`` ("0-3"), None when it holds none."""
+    plan: list[NodeLayersStatus] = []
+    """Every node's blocks in the plan of ``epoch``, in pipeline order."""
     serving: ServingStats | None = None
     """Present when the node runs an inference backend."""

@@ -84,8 +84,9 @@ chunk_bytes = 65536
 restart_backoff_s = 0.1
 stop_timeout_s = 6.0
 heartbeat_timeout_s = 3.0
-{engine}{extra}
-"""
+{"" if "failed_exit_after_s" in extra else "failed_exit_after_s = 300.0  # tests of the exit lower it"}
+{extra}
+{engine}"""
     )
     return path
 

@@ -290,7 +290,12 @@ def test_status_table_and_json_of_a_running_node(live: Live) -> None:
             rows[parts[0]] = parts[1]
     assert rows["state"] == "OPERATIONAL"
     assert rows["phase"] == "ready"
-    assert rows["node"].startswith(f"{live.node_id} (coordinator, version ")
+    assert rows["node"].startswith(f"{live.node_id} (coordinator; configured coordinator, version ")
+    # The node's actual role and every node's layers (here: one node holding them all).
+    assert st["cluster_role"] == "coordinator" and st["layers"] is not None
+    assert st["plan"] == [{"node_id": live.node_id, "layers": st["layers"]}]
+    assert rows["layers"] == st["layers"]
+    assert rows["plan"] == f"{live.node_id} {st['layers']}"
     assert rows["coordinator"] == live.node_id
     assert rows["term"] == str(st["term"]) and rows["epoch"] == str(st["epoch"])
     assert rows["model root"] == st["model_root"]

@@ -686,3 +686,31 @@ def test_remove_stale_segments(node_id: str) -> None:
     finally:
         for name in names.values():
             unlink_segment(name)
+
+
+def test_orphaned_segments_of_any_node_id_are_reclaimed_once_old(node_id: str) -> None:
+    """A node killed and started again under another id (or never again) left its arena behind."""
+    from butterfly.board.shm import remove_orphaned_segments
+
+    dead, live = _dead_pid(), os.getpid()
+    names = {
+        "renamed_board": segment_name(f"{node_id}-old", dead, "board"),
+        "renamed_arena": segment_name(f"{node_id}-old", dead, "arena"),
+        "live_other": segment_name(f"{node_id}-other", live, "board"),
+        "odd_kind": f"butterfly-{node_id}-x-{dead}-scratch",
+    }
+    for name in names.values():
+        create_segment(name, 64).close()
+    try:
+        # Just written: kept (a node may be starting this moment), however dead its creator.
+        assert not set(remove_orphaned_segments(60.0)) & set(names.values())
+        later = time.time() + 120.0
+        removed = remove_orphaned_segments(60.0, now_unix=later)
+        assert sorted(set(removed) & set(names.values())) == sorted(
+            [names["renamed_board"], names["renamed_arena"]]
+        )
+        present = set(os.listdir(shm.SHM_DIR))
+        assert names["live_other"] in present and names["odd_kind"] in present
+    finally:
+        for name in names.values():
+            unlink_segment(name)

@@ -96,3 +96,61 @@ def test_status_follows_the_gate() -> None:
     st = build_status(hung, "coordinator", [], 10.0, NOW)
     assert (st.state, st.may_serve) == ("READY", False)
     assert st.waiting_reason is not None and "validator child silent" in st.waiting_reason
+
+
+def test_status_says_the_role_the_node_plays_now_not_the_configured_one() -> None:
+    from butterfly.status import Notes
+
+    base = serving()
+    leader = change(base, "cluster", is_coordinator=1, membership=1)
+    voter = change(base, "cluster", membership=1)
+    learner = change(base, "cluster", membership=2)
+    assert build_status(leader, "coordinator", [], 10.0, NOW).cluster_role == "coordinator"
+    assert build_status(voter, "coordinator", [], 10.0, NOW).cluster_role == "voter"
+    assert build_status(learner, "coordinator", [], 10.0, NOW).cluster_role == "learner"
+    assert build_status(learner, "worker", [], 10.0, NOW).cluster_role == "worker"
+    assert build_status(base, "coordinator", [], 10.0, NOW, Notes()).cluster_role == "none"
+
+
+def test_status_shows_every_node_layers_of_the_current_plan_only() -> None:
+    from butterfly.ipc import NodeLayers, PlanView
+    from butterfly.status import Notes
+
+    notes = Notes(plan=PlanView(EPOCH, [NodeLayers("n0", 0, 3), NodeLayers("n1", 3, 8)]))
+    st = build_status(serving(), "coordinator", [], 10.0, NOW, notes)
+    assert st.layers == "3-7"
+    assert [(r.node_id, r.layers) for r in st.plan] == [("n0", "0-2"), ("n1", "3-7")]
+    # A plan view of another epoch than the board's is not shown as the current one.
+    old = Notes(plan=PlanView(EPOCH - 1, [NodeLayers("n1", 0, 8)]))
+    st = build_status(serving(), "coordinator", [], 10.0, NOW, old)
+    assert st.layers is None and st.plan == []
+
+
+def test_waiting_reason_is_current_whole_and_names_what_blocks() -> None:
+    from butterfly.status import Notes
+
+    long = "epoch 3: waiting for validation from " + ", ".join(f"n{i} (blocks {i}-{i})" for i in range(40))
+    # Serving: no reason at all, whatever was said before.
+    assert (
+        build_status(serving(), "coordinator", [], 10.0, NOW, Notes(waiting_reason=long)).waiting_reason
+        is None
+    )
+    # Not yet operational: the cluster's reason, whole (never cut).
+    loading = change(
+        serving(), "node", state=int(NodeState.LOADING), phase=int(Phase.VALIDATION), serving_epoch=0
+    )
+    st = build_status(loading, "coordinator", [], 10.0, NOW, Notes(waiting_reason=long))
+    assert st.waiting_reason == long and len(long) > 500
+    # Committed and validated, but the lease ran out: the gate's reason first, then the cluster's.
+    expired = change(serving(), "cluster", lease_until_mono_ns=NOW - 10**8)
+    why = "n2 (blocks 4-5) is not reporting"
+    st = build_status(expired, "coordinator", [], 10.0, NOW, Notes(waiting_reason=why))
+    assert st.state == "READY" and st.waiting_reason is not None
+    assert st.waiting_reason.startswith(
+        "serving lease from the coordinator expired"
+    ) and st.waiting_reason.endswith(why)
+
+
+def test_operational_nodes_never_exceed_the_cluster_size() -> None:
+    snap = change(serving(), "cluster", operational_nodes=3, cluster_size=2)
+    assert build_status(snap, "coordinator", [], 10.0, NOW).cluster_operational_nodes == 2

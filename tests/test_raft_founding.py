@@ -67,6 +67,9 @@ class QuietEvents:
     async def peer_faults(self, faults: list[PeerFault]) -> None:
         return None
 
+    async def plan_applied(self, plan: PlanEntry) -> None:
+        return None
+
     def board(self, **fields: object) -> None:
         return None
 

@@ -201,6 +201,16 @@ def test_a_worker_killed_while_serving_stops_everyone_then_the_rest_serve_a_new_
         what="the restarted worker planned in and everyone operational",
     )
     assert st[c.ids[3]]["bytes_total"] > 0
+    # Status tells the truth: the role each plays, every node's layers, consistent counts.
+    st = c.wait(lambda st: len({s["epoch"] for s in st.values()}) == 1, what="one epoch everywhere")
+    roles = sorted(s["cluster_role"] for s in st.values())
+    assert roles == ["coordinator", "voter", "voter", "worker"], roles
+    plans = [[(r["node_id"], r["layers"]) for r in s["plan"]] for s in st.values()]
+    assert all(p == plans[0] for p in plans) and {n for n, _ in plans[0]} == set(c.ids)
+    for n, s in st.items():
+        assert s["layers"] == dict(plans[0])[n]
+        assert s["waiting_reason"] is None
+        assert s["cluster_operational_nodes"] <= s["cluster_size"] == 4
 
 
 @pytest.mark.parametrize("what", ["node", "cluster child"])

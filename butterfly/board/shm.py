@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import re
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Literal
@@ -232,5 +233,39 @@ def remove_stale_segments(node_id: str) -> list[str]:
         if pid <= 0 or _pid_alive(pid):
             continue
         if unlink_segment(entry):
+            removed.append(entry)
+    return removed
+
+
+_ANY = re.compile(r"butterfly-(?P<id>.+)-(?P<pid>[0-9]+)-(?P<kind>board|arena)")
+
+
+def remove_orphaned_segments(min_age_s: float, now_unix: float | None = None) -> list[str]:
+    """Unlink every butterfly segment, whatever its node id, whose creating pid is no longer
+    running and that was last written ``min_age_s`` or more ago; return their names.
+
+    A node killed with SIGKILL and then started under another id (or never again) would otherwise
+    hold its arena in /dev/shm (RAM) for good. Another id's segment may belong to a node starting
+    at this moment on the same host; its creator's pid is then alive and it is kept, and the age
+    guard keeps anything written recently.
+    """
+    now = time.time() if now_unix is None else now_unix
+    removed: list[str] = []
+    try:
+        entries = os.listdir(SHM_DIR)
+    except FileNotFoundError:
+        return removed
+    for entry in sorted(entries):
+        m = _ANY.fullmatch(entry)
+        if m is None:
+            continue
+        pid = int(m["pid"])
+        if pid <= 0 or _pid_alive(pid):
+            continue
+        try:
+            age = now - os.stat(os.path.join(SHM_DIR, entry)).st_mtime
+        except FileNotFoundError:
+            continue
+        if age >= min_age_s and unlink_segment(entry):
             removed.append(entry)
     return removed

@@ -219,6 +219,14 @@ def _yes(value: object) -> str:
     return "yes" if value is True else "no" if value is False else "?"
 
 
+def _plan_text(st: Mapping[str, Any]) -> str:
+    """Every node's blocks in the current plan, in pipeline order: "n0 0-2, n1 3-7"."""
+    plan = st.get("plan")
+    if not isinstance(plan, list):
+        return ""
+    return ", ".join(f"{r.get('node_id')} {r.get('layers')}" for r in plan if isinstance(r, dict))
+
+
 def _status_tables(st: Mapping[str, Any]) -> list[RenderableType]:
     from rich import box
     from rich.table import Table
@@ -231,7 +239,10 @@ def _status_tables(st: Mapping[str, Any]) -> list[RenderableType]:
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow="fold")
-    node = f"{st.get('node_id', '?')} ({st.get('role', '?')}, version {st.get('version', '?')})"
+    node = (
+        f"{st.get('node_id', '?')} ({st.get('cluster_role', '?')}; configured {st.get('role', '?')}, "
+        f"version {st.get('version', '?')})"
+    )
     state_style = {"FAILED": "bold red", "OPERATIONAL": "bold green", "READY": "green"}
     rows: list[tuple[str, Text]] = [
         ("node", cell(node)),
@@ -249,6 +260,8 @@ def _status_tables(st: Mapping[str, Any]) -> list[RenderableType]:
         ("coordinator", cell(st.get("coordinator"))),
         ("term", cell(st.get("term"))),
         ("epoch", cell(st.get("epoch"))),
+        ("layers", cell(st.get("layers"))),
+        ("plan", cell(_plan_text(st))),
         ("model root", cell(st.get("model_root"))),
         ("healthy", cell(f"{_yes(st.get('healthy'))} (may serve: {_yes(st.get('may_serve'))})")),
         ("uptime", cell(human_seconds(st.get("uptime_seconds")))),

@@ -183,13 +183,18 @@ class Coordinator:
             if spare and self._spare_note:
                 res.description += f"; {self._spare_note}"
         elif missing:
-            res.description = f"epoch {plan.epoch}: waiting for validation from {', '.join(missing)}"
+            ranges = {a.node_id: f"{a.start}-{a.stop - 1}" for a in plan.assignments}
+            res.waiting_reason = f"epoch {plan.epoch}: waiting for validation from " + ", ".join(
+                f"{n} (blocks {ranges[n]})" for n in missing
+            )
+            res.description = res.waiting_reason
         elif self.proposed_operational < plan.epoch:
             self.proposed_operational = plan.epoch
             res.proposals.append(OperationalEntry(plan.epoch, term))
             res.description = f"epoch {plan.epoch}: every range validated; proposing operational"
         else:
-            res.description = f"epoch {plan.epoch}: operational proposed, waiting for commit"
+            res.waiting_reason = f"epoch {plan.epoch}: operational proposed, waiting for it to commit"
+            res.description = res.waiting_reason
         return res
 
     def _plan(

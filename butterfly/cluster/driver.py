@@ -154,6 +154,9 @@ class Events(Protocol):
     async def peer_faults(self, faults: list[PeerFault]) -> None:
         """Live peers that report a fault (failed, or retrying, or repairing); called on every cycle."""
 
+    async def plan_applied(self, plan: PlanEntry) -> None:
+        """A newer plan was applied (every node's range, for status), whether or not it assigns us."""
+
     def board(self, **fields: object) -> None: ...
 
 
@@ -221,6 +224,10 @@ class ClusterDriver:
         self.heard: tuple[str, int, float] = ("", 0, 0.0)
         self.no_vote_until = 0.0
         self.serve_epoch = 0
+        # Why nobody may serve ('' when they may): the coordinator's own, and the one its pings carry.
+        self.serve_reason = ""
+        self.lead_waiting = ""
+        self.coordinator_reason = ""
         self._lease_on_board = (0, 0)
 
     # ---- raft plumbing -------------------------------------------------------------------------
@@ -293,6 +300,7 @@ class ClusterDriver:
                     extra={"fields": {"EPOCH": cmd.epoch, "TERM": cmd.term}},
                 )
                 self.events.board(epoch=cmd.epoch, model_root=cmd.manifest_root)
+                await self.events.plan_applied(cmd)
         elif isinstance(cmd, OperationalEntry):
             # Fenced: only the current plan's epoch can open the gate.
             if self.plan is not None and cmd.epoch == self.plan.epoch:
@@ -521,9 +529,12 @@ class ClusterDriver:
         now = time.monotonic()
         promise = 0.0
         lead, term, heard = self.heard
-        if raft.is_voter and (lead, term) == (peer, raft.term):
+        # Learners promise too: one may be a voter that has not yet applied its promotion, and a
+        # candidate counts the voters of its own configuration (one-at-a-time changes overlap).
+        if (lead, term) == (peer, raft.term):
             promise = max(0.0, heard + PROMISE_S - now)
             self.no_vote_until = max(self.no_vote_until, now + promise)
+        self.coordinator_reason = ping.reason
         pong = self.member_lease.on_ping(now, ping, promise)
         self.net.send(peer, CLUSTER, encode(pong))
         self._lease_to_board()
@@ -538,7 +549,7 @@ class ClusterDriver:
             ll.new_round(now)
             self.leader_end = max(self.leader_end, ll.end(now, raft.voters))
             for member in (set(raft.voters) | set(raft.learners)) - {self.node_id}:
-                ping = ll.ping(now, member, self.serve_epoch, self.leader_end)
+                ping = ll.ping(now, member, self.serve_epoch, self.leader_end, self.serve_reason)
                 self.net.send(member, CLUSTER, encode(ping))
         elif self.member_lease.until and (raft.leader != self.heard[0] or raft.term != self.heard[1]):
             self.member_lease.drop()  # granted by a coordinator that is no longer ours
@@ -555,23 +566,28 @@ class ClusterDriver:
             self._lease_on_board = value
             self.events.board(lease_until_mono_ns=value[0], lease_epoch=value[1])
 
-    def _leader_serve_epoch(self, now: float) -> int:
+    def _leader_serve_epoch(self, now: float) -> tuple[int, str]:
         """The epoch the coordinator lets members serve: the operational plan, while every planned
         node is alive, not failed and answering this coordinator's pings, and no newer plan is on its
-        way; otherwise 0 (everybody stops)."""
+        way; otherwise 0 (everybody stops) and why, naming the node and its blocks."""
         plan = self.plan
-        if plan is None or self.operational_epoch != plan.epoch:
-            return 0
+        if plan is None:
+            return 0, "no plan is committed yet"
         if self.coordinator.proposed_epoch > plan.epoch:
-            return 0
-        healthy = {n for n, r in self.coordinator.alive(self.reports, now).items() if not r.failed}
+            return 0, f"plan epoch {self.coordinator.proposed_epoch} proposed, waiting for it to commit"
+        if self.operational_epoch != plan.epoch:
+            return 0, self.lead_waiting or f"epoch {plan.epoch} is not operational yet"
+        alive = self.coordinator.alive(self.reports, now)
         ll = self.leader_lease
         for a in plan.assignments:
-            if a.node_id not in healthy or ll is None:
-                return 0
-            if not ll.following(now, a.node_id, SILENT_STOPS_SERVING_S):
-                return 0
-        return plan.epoch
+            who = f"{a.node_id} (blocks {a.start}-{a.stop - 1})"
+            if a.node_id not in alive:
+                return 0, f"{who} is not reporting"
+            if alive[a.node_id].failed:
+                return 0, f"{who} failed: {alive[a.node_id].fault}"
+            if ll is None or not ll.following(now, a.node_id, SILENT_STOPS_SERVING_S):
+                return 0, f"{who} has not answered the coordinator for over {SILENT_STOPS_SERVING_S:.1f}s"
+        return plan.epoch, ""
 
     def _log_verdict(self, v: ValidationVerdict) -> None:
         if v.ok:
@@ -686,7 +702,7 @@ class ClusterDriver:
         raft = self.raft
         assert raft is not None
         alive = self.coordinator.alive(self.reports, now)
-        self.events.board(cluster_size=len(alive))
+        self.events.board(cluster_size=len(alive), operational_nodes=self._operational_nodes(now, alive))
         await self.events.peer_faults(
             [
                 PeerFault(node_id=n, reason=r.fault, failed=r.failed, start=r.fault_start, stop=r.fault_stop)
@@ -726,7 +742,7 @@ class ClusterDriver:
     async def _lead(self, now: float) -> None:
         raft = self.raft
         assert raft is not None
-        serve = self._leader_serve_epoch(now)
+        serve, self.serve_reason = self._leader_serve_epoch(now)
         if serve != self.serve_epoch:
             self.serve_epoch = serve
             log.info(
@@ -763,7 +779,9 @@ class ClusterDriver:
         if res.description != self.last_description:
             self.last_description = res.description
             log.info("coordinator: %s", res.description, extra={"fields": {"TERM": raft.term}})
-        await self.events.waiting(res.waiting_reason)
+        self.lead_waiting = res.waiting_reason
+        if self.plan is None or self.plan.range_of(self.node_id) is None:
+            await self.events.waiting(res.waiting_reason)
         await self._process_ready()
 
     async def _report_to_supervisor(self, now: float) -> None:
@@ -802,11 +820,33 @@ class ClusterDriver:
             and self.verdict.epoch == plan.epoch
         ):
             self.reported_operational = plan.epoch
-            operational = sum(
-                1 for a in plan.assignments if a.node_id in self.coordinator.alive(self.reports, now)
-            )
-            self.events.board(operational_nodes=operational)
             await self.events.operational(plan.epoch, raft.term)
+        # The waiting reason is current: '' while the cluster serves this plan, else the coordinator's
+        # reason, which names the node and blocks that hold it up.
+        serving = self._lease_epoch(now) == plan.epoch
+        leading = raft.role is Role.LEADER
+        await self.events.waiting(
+            ""
+            if serving
+            else (self.lead_waiting or self.serve_reason)
+            if leading
+            else self.coordinator_reason
+        )
+
+    def _lease_epoch(self, now: float) -> int:
+        """The epoch this node holds a live serving lease for (0: none)."""
+        raft = self.raft
+        if raft is not None and raft.role is Role.LEADER and self.leader_lease is not None:
+            return self.serve_epoch if self.leader_end > now else 0
+        return self.member_lease.epoch if self.member_lease.until > now else 0
+
+    def _operational_nodes(self, now: float, alive: dict[str, NodeReport]) -> int:
+        """Planned nodes serving the current plan as far as this node knows: all live planned ones
+        while it holds a lease for that plan, none otherwise; never more than the nodes it sees."""
+        plan = self.plan
+        if plan is None or self._lease_epoch(now) != plan.epoch:
+            return 0
+        return sum(1 for a in plan.assignments if a.node_id in alive and not alive[a.node_id].failed)
 
     async def _progress(self, p: Progress) -> None:
         if p != self.last_progress:

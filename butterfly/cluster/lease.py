@@ -9,7 +9,8 @@ delay can only shorten a lease, never lengthen it. The exchange (cluster channel
 
 1. L sends ``LeasePing(term, seq, ...)`` to every member and remembers when it sent ``seq``.
 2. M answers ``LeasePong(term, seq, pong_seq, promise_s)`` at once, and remembers when it sent
-   ``pong_seq``. A voter that follows L at ``term`` promises ``promise_s``: it will not vote for
+   ``pong_seq``. A member that follows L at ``term`` (a learner too: it may be a voter that has not
+   applied its promotion yet) promises ``promise_s``: it will not vote for
    anyone (nor campaign) for that long. The promise is what Raft already guarantees: a follower's
    election timer was last reset when it heard L (``heard``) and cannot fire, nor can it grant a
    vote under check-quorum, within ``(ELECTION_TICKS - 1) * TICK_S`` of that (a tick may come at
@@ -70,11 +71,14 @@ class LeaderLease:
     pongs: dict[str, int] = field(default_factory=dict)
     seen: dict[str, float] = field(default_factory=dict)  # when each member's last pong arrived
 
-    def ping(self, now: float, member: str, epoch: int, leader_end: float) -> LeasePing:
-        """The ping for ``member``; all pings of one round share a seq (call ``new_round`` first)."""
+    def ping(self, now: float, member: str, epoch: int, leader_end: float, reason: str = "") -> LeasePing:
+        """The ping for ``member``; all pings of one round share a seq (call ``new_round`` first).
+        ``reason``: why nobody may serve, when ``epoch`` is 0."""
         pong = self.pongs.get(member, 0)
         grant = max(0.0, leader_end - now) * DRIFT if pong and epoch else 0.0
-        return LeasePing(self.term, self.seq, pong, grant, epoch if grant > 0 else 0)
+        if grant <= 0 and epoch and not reason:
+            reason = "the coordinator holds no lease from a quorum of voters"
+        return LeasePing(self.term, self.seq, pong, grant, epoch if grant > 0 else 0, reason)
 
     def new_round(self, now: float) -> None:
         self.seq += 1

@@ -68,18 +68,21 @@ class ValidationVerdict(msgspec.Struct, tag=True, frozen=True):
 class LeasePing(msgspec.Struct, tag=True, frozen=True):
     """Coordinator -> member, every lease round (butterfly.cluster.lease): ``seq`` numbers the round;
     ``grant_s`` seconds of serving lease counted from when the member sent its pong ``grant_seq``,
-    for plan ``epoch`` (0: the member may not serve)."""
+    for plan ``epoch`` (0: the member may not serve, and ``reason`` says why, naming the node or
+    blocks that hold the cluster up)."""
 
     term: int
     seq: int
     grant_seq: int
     grant_s: float
     epoch: int
+    reason: str = ""
 
 
 class LeasePong(msgspec.Struct, tag=True, frozen=True):
     """Member -> coordinator, answering ping ``seq``: the member's own ``pong_seq``, and for a voter
-    following that coordinator how long from now it will not vote for another (``promise_s``)."""
+    following that coordinator (learners too) how long from now it will not vote for another
+    (``promise_s``)."""
 
     term: int
     seq: int

@@ -37,9 +37,11 @@ from butterfly.ipc import (
     Failed,
     LocalValidated,
     NodeFault,
+    NodeLayers,
     PeerFault,
     PeerFaults,
     PlanAssigned,
+    PlanView,
     RangeAccepted,
     Shutdown,
     StageEndpoint,
@@ -139,6 +141,10 @@ class SupervisorEvents:
         if reason != self.last_waiting:
             self.last_waiting = reason
             await self.chan.send(Waiting(reason))
+
+    async def plan_applied(self, plan: PlanEntry) -> None:
+        rows = [NodeLayers(a.node_id, a.start, a.stop) for a in plan.assignments]
+        await self.chan.send(PlanView(plan.epoch, rows))
 
     async def peer_faults(self, faults: list[PeerFault]) -> None:
         if faults != self.last_faults:

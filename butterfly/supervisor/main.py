@@ -43,7 +43,7 @@ import msgspec
 from butterfly.api.http import ApiServer, make_app, start_api
 from butterfly.api.served import ServedModel, load_served_model
 from butterfly.board import Board, NodeSection
-from butterfly.board.shm import remove_stale_segments, unlink_segment
+from butterfly.board.shm import remove_orphaned_segments, remove_stale_segments, unlink_segment
 from butterfly.config import Config
 from butterfly.gate import may_serve
 from butterfly.hardware import detect
@@ -59,6 +59,7 @@ from butterfly.ipc import (
     NodeFault,
     PeerFaults,
     PlanAssigned,
+    PlanView,
     RangeAccepted,
     Repaired,
     RepairTensors,
@@ -83,7 +84,7 @@ from butterfly.serving.link import split_address
 from butterfly.serving.metrics import ServingStats
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
 from butterfly.status import ChildStatus, NodeStatus, Notes
-from butterfly.supervisor.childproc import HEARTBEAT_S
+from butterfly.supervisor.childproc import HEARTBEAT_S, held
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
 from butterfly.supervisor.launcher import Launcher
 from butterfly.supervisor.statusview import build_status, status_line
@@ -100,6 +101,12 @@ EXTEND_TIMEOUT_S = 30.0
 CHILD_START_TIMEOUT_S = 60.0
 # Fatal errors from the loader/validator are retried this many times before the node fails.
 PHASE_RETRIES = 1
+# A child that cannot even be started (fork server or interpreter failing) is retried forever, the
+# pause doubling from restart_backoff_s up to this cap; the node does not serve meanwhile.
+RESPAWN_BACKOFF_CAP_S = 30.0
+# Another node id's shared memory whose creator is gone is reclaimed once it is this old (seconds
+# since last written): a node starting at this moment on the same host is never touched.
+ORPHAN_SEGMENT_AGE_S = 60.0
 
 
 def segment_names(node_id: str) -> tuple[str, str]:
@@ -276,6 +283,18 @@ class Supervisor:
         log.error("node failed (%s): %s", source, reason, extra={"fields": {"ERROR_SOURCE": source}})
         self.notifier.status(f"FAILED: {reason}")
         self.exit_code = 1
+        self._in_background(self._exit_after_failure(reason))
+
+    async def _exit_after_failure(self, reason: str) -> None:
+        """Failed for good: /status shows why for failed_exit_after_s, then the node exits 1 and
+        systemd restarts it (a fresh start may well succeed: a disk that came back, a peer fixed)."""
+        await asyncio.sleep(self.config.supervisor.failed_exit_after_s)
+        log.error(
+            "exiting with status 1 after failing (%s) so that systemd restarts the node",
+            reason,
+            extra={"fields": {"EXIT_STATUS": 1}},
+        )
+        self.stop_requested.set()
 
     # ---- children ------------------------------------------------------------------------------
 
@@ -312,15 +331,47 @@ class Supervisor:
                 f"{self.config.supervisor.restart_window_s:.0f}s",
             )
             return
+        # Serving stops now, not when the dead child's heartbeat goes stale.
+        resume_epoch = self._node().serving_epoch
+        self._board().update(NodeSection, serving_epoch=0)
         await asyncio.sleep(self.config.supervisor.restart_backoff_s * (2 ** (deaths - 1)))
-        if self.stop_requested.is_set():
+        if not await self._respawn(handle):
             return
-        await handle.spawn(self._init())
         await self._resume_after_restart(ev.kind)
+        if resume_epoch and self.operational and self.phase is Phase.READY and self.plan is not None:
+            if self.plan.epoch == resume_epoch:
+                # Nothing this node serves died with the child (the validator only scrubs).
+                self._board().update(NodeSection, serving_epoch=resume_epoch)
         # Counted once the replacement runs and the node has fallen back to the phase it resumes from:
         # /status never shows a restart whose child (pid) and phase are still the dead one's.
         handle.restarts += 1
         self._board().update(NodeSection, child_restarts=sum(h.restarts for h in self.children.values()))
+
+    async def _respawn(self, handle: ChildHandle) -> bool:
+        """Start ``handle``'s child again, retrying a failed start forever with capped backoff;
+        False when the node is stopping."""
+        delay = max(self.config.supervisor.restart_backoff_s, 0.05)
+        attempt = 0
+        while not self.stop_requested.is_set():
+            try:
+                if held(f"spawn-{handle.kind}"):
+                    raise OSError("starting it is held by a test")
+                await handle.spawn(self._init())
+                if attempt:
+                    self.notes.last_error = ""
+                    log.info("%s child started after %d failed attempt(s)", handle.kind, attempt)
+                return True
+            except Exception as e:  # a start that fails (fork server, interpreter, fds) is retried
+                attempt += 1
+                self.notes.last_error = (
+                    f"{handle.kind} child could not be started ({type(e).__name__}: {e}); "
+                    f"retrying in {delay:.1f}s (attempt {attempt})"
+                )
+                self._board().update(NodeSection, error_source=handle.kind)
+                log.error("%s", self.notes.last_error, extra={"fields": {"CHILD": handle.kind}})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RESPAWN_BACKOFF_CAP_S)
+        return False
 
     async def _resume_after_restart(self, kind: str) -> None:
         if kind == "cluster":
@@ -357,6 +408,9 @@ class Supervisor:
         r: Report = ev.report
         if isinstance(r, PeerFaults):
             self.notes.peer_faults = r.faults
+            return
+        if isinstance(r, PlanView):
+            self.notes.plan = r
             return
         if self.phase is Phase.FAILED:
             return
@@ -638,6 +692,8 @@ class Supervisor:
         self._install_signals(loop)
         for name in remove_stale_segments(self.node_id):
             log.warning("removed stale shared memory %s left by a previous run", name)
+        for name in remove_orphaned_segments(ORPHAN_SEGMENT_AGE_S):
+            log.warning("removed shared memory %s of a node that is no longer running", name)
         self.board = Board.create(self.board_name, self.node_id)
         now = time.monotonic_ns()
         self.board.update(

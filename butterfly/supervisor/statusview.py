@@ -11,9 +11,17 @@ from collections.abc import Sequence
 
 from butterfly import __version__
 from butterfly.board import BoardSnapshot
+from butterfly.board.layout import MEMBERSHIP
 from butterfly.gate import ServeVerdict, may_serve
 from butterfly.states import LoadStep, NodeState, Phase
-from butterfly.status import ChildStatus, IntegrityStatus, NodeStatus, Notes, PeerFaultStatus
+from butterfly.status import (
+    ChildStatus,
+    IntegrityStatus,
+    NodeLayersStatus,
+    NodeStatus,
+    Notes,
+    PeerFaultStatus,
+)
 
 # What /status's progress_percent covers in the LOADING state: the weights' bytes (download, verify
 # and upload stream together, chunk by chunk), then compile, warmup and validation (re-hashing the
@@ -67,9 +75,36 @@ def _progress(snap: BoardSnapshot, phase: Phase, now: int) -> tuple[float, int |
     return 0.0, None
 
 
-def _gate_reason(state: NodeState, verdict: ServeVerdict) -> str | None:
-    """Once validated, what keeps the node from serving is the gate's reason."""
-    return verdict.reason if state is NodeState.READY else None
+def _waiting(snap: BoardSnapshot, state: NodeState, verdict: ServeVerdict, notes: Notes) -> str | None:
+    """Why the node does not serve now, whole: None while it serves. Once the cluster committed its
+    epoch, the gate's own reason comes first (a silent child, an expired lease); the cluster's reason
+    (which names the node or blocks holding it up) follows, or stands alone before that."""
+    if verdict.ok:
+        return None
+    parts = []
+    if state is NodeState.READY and (snap.node.serving_epoch or not notes.waiting_reason):
+        parts.append(verdict.reason)
+    if notes.waiting_reason and notes.waiting_reason not in parts:
+        parts.append(notes.waiting_reason)
+    return "; ".join(parts) or None
+
+
+def cluster_role(snap: BoardSnapshot, role: str) -> str:
+    """The role this node plays now (the board's Raft view), not the one configured."""
+    cl = snap.cluster
+    if cl.is_coordinator:
+        return "coordinator"
+    member = MEMBERSHIP[cl.membership] if cl.membership < len(MEMBERSHIP) else "none"
+    if member == "learner" and role == "worker":
+        return "worker"
+    return member
+
+
+def _plan_rows(snap: BoardSnapshot, notes: Notes) -> list[NodeLayersStatus]:
+    view = notes.plan
+    if view is None or view.epoch != snap.cluster.epoch:
+        return []
+    return [NodeLayersStatus(node_id=a.node_id, layers=f"{a.start}-{a.stop - 1}") for a in view.assignments]
 
 
 def build_status(
@@ -92,6 +127,7 @@ def build_status(
     if state in (NodeState.READY, NodeState.OPERATIONAL) and durations:
         durations["total"] = sum(durations.values())
     verdict = may_serve(snap, now)
+    plan = _plan_rows(snap, notes)
     if state is NodeState.OPERATIONAL and not verdict.ok:
         # The node's state follows the gate: validated and committed, but not serving this moment.
         state = NodeState.READY
@@ -114,7 +150,7 @@ def build_status(
         term=cl.term,
         epoch=cl.epoch,
         quorum_size=cl.quorum_size,
-        cluster_operational_nodes=cl.operational_nodes,
+        cluster_operational_nodes=min(cl.operational_nodes, cl.cluster_size),
         load_step=LoadStep(ld.step).label,
         bytes_done=ld.bytes_done,
         bytes_total=ld.bytes_total,
@@ -126,7 +162,7 @@ def build_status(
         may_serve=verdict.ok,
         healthy=healthy,
         last_error=notes.last_error or None,
-        waiting_reason=None if verdict.ok else (notes.waiting_reason or _gate_reason(state, verdict)),
+        waiting_reason=_waiting(snap, state, verdict, notes),
         children=list(children),
         peer_faults=[
             PeerFaultStatus(
@@ -148,6 +184,9 @@ def build_status(
             repairs=node.repairs,
             last_mismatch=list(notes.mismatches),
         ),
+        cluster_role=cluster_role(snap, role),
+        layers=next((r.layers for r in plan if r.node_id == snap.header.node_id), None),
+        plan=plan,
     )
 
 
