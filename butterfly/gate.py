@@ -26,11 +26,13 @@ A node may serve epoch E only while every one of these holds (the first that fai
 
 Bounds (from the moment the fact changes to the moment this function says no):
 - a new plan applied on this node: immediately (check 2);
-- a hung or dead child or supervisor: ``STALE_AFTER_NS`` (1.0 s, four missed heartbeats);
+- a hung child or supervisor: ``STALE_AFTER_NS`` (1.0 s, four missed heartbeats); a dead child: at
+  once (the supervisor clears ``serving_epoch`` on its exit, and while a child cannot be started
+  again it stays cleared; check 1);
 - weights found changed in memory: immediately (check 4; scrubbing finds them within a pass);
 - quorum lost, coordinator dead, frozen (node or cluster child) or cut off: the lease runs out at
   most ``PROMISE_S`` (0.44 s) after the coordinator last heard a quorum, and a member's at most that
-  long after its last lease exchange with the coordinator (check 5). A new coordinator needs at
+  long after its last lease exchange with the coordinator (check 6). A new coordinator needs at
   least an election timeout (0.5 s) after the voters last heard the old one, so leases never overlap
   a new coordinator's term; a non-voting node (learner, worker) times out the same way;
 - a planned node dead, frozen, cut off or failed: the coordinator revokes every lease once the node
