@@ -45,7 +45,7 @@ from butterfly.board import (
     shm,
     unlink_segment,
 )
-from butterfly.board.layout import SECTION_TYPES, layout_of, truncate_utf8
+from butterfly.board.layout import SECTION_TYPES, EngineSection, layout_of, truncate_utf8
 from butterfly.board.seqlock import SeqlockImpl
 
 IMPL_NAMES = ["cython", "python"]
@@ -316,6 +316,7 @@ def test_layout_sizes_and_alignment() -> None:
         ClusterSection: 186,
         LoaderSection: 69,
         ValidatorSection: 130,
+        EngineSection: 45,
     }
     offset = 0
     for cls in SECTION_TYPES:
@@ -325,7 +326,7 @@ def test_layout_sizes_and_alignment() -> None:
         assert lay.size % 64 == 0 and lay.size >= 8 + lay.payload_size
         assert [f.name for f in lay.fields] == [f.name for f in dataclasses.fields(cls)]
         offset += lay.size
-    assert BOARD_SIZE == offset == 896
+    assert BOARD_SIZE == offset == 960
 
 
 def test_adding_a_field_is_one_annotation() -> None:
