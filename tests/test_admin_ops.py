@@ -313,7 +313,7 @@ def test_status_table_and_json_of_a_running_node(live: Live) -> None:
     assert r.returncode == 0, r
     body = json.loads(r.stdout)
     assert body["node_id"] == live.node_id and body["state"] == "OPERATIONAL"
-    assert body["model_root"] == st["model_root"] and len(body["children"]) == 3
+    assert body["model_root"] == st["model_root"] and len(body["children"]) == 4
 
 
 def test_status_of_a_failed_node_exits_1_with_the_error(failed: Node) -> None:
