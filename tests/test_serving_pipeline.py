@@ -16,12 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry, generate_latest
 
 from butterfly.engine.kvcache import kv_bytes_per_token
 from butterfly.engine.sampler import SamplingParams
 from butterfly.engine.weights import ModelDir, open_model_dir
 from butterfly.serving.backend import GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.client import EntryTarget, RemoteBackend
+from butterfly.serving.metrics import ServingCollector, ServingStats
 from tests.hfmodels import make_hf_model, save_hf_model
 from tests.servinghelpers import SECRET, collect, start_pipeline, stop_pipeline, wait_freed
 
@@ -234,3 +236,26 @@ def test_bad_requests_are_400(model: tuple[ModelDir, Any]) -> None:
             await stop_pipeline(servers)
 
     asyncio.run(run())
+
+
+def test_hop_times_and_queue_gauges_reach_the_metrics(model: tuple[ModelDir, Any]) -> None:
+    md, _ = model
+    stats = ServingStats()
+
+    async def run() -> None:
+        servers = await start_pipeline(md, (0, 2, 4), stats=stats)
+        try:
+            await collect(servers[0], GenerationRequest(tuple(prompt(5, 1)), 4, GREEDY))
+        finally:
+            await stop_pipeline(servers)
+
+    asyncio.run(run())
+    # Every step crossed two hops (0 -> 1 activations, 1 -> 0 tokens): 4 steps, 8 observations.
+    assert stats.hop_count == 8
+    assert len(stats.take_pending_hops()) == 8 and stats.take_pending_hops() == []
+    registry = CollectorRegistry()
+    registry.register(ServingCollector(stats))
+    text = generate_latest(registry).decode()
+    assert "butterfly_pipeline_hop_seconds_count 8.0" in text
+    assert "butterfly_pipeline_requests_running 0.0" in text
+    assert "butterfly_pipeline_requests_waiting 0.0" in text

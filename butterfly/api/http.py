@@ -15,13 +15,14 @@ requests it answered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from butterfly.api.guard import ConnectionGuard, ConnectionLimits, GuardedSite, RateLimitedLog, track_requests
 from butterfly.api.metrics import make_registry
@@ -82,9 +83,13 @@ def _unhealthy_reason(status: NodeStatus) -> str:
 
 
 class _Handlers:
-    def __init__(self, status_source: StatusSource, serves: bool) -> None:
+    def __init__(
+        self, status_source: StatusSource, serves: bool, collectors: Sequence[Collector] = ()
+    ) -> None:
         self._source = status_source
         self._registry = make_registry(status_source)
+        for c in collectors:
+            self._registry.register(c)
         self.serving = ServingMetrics(self._registry)
         self._serves = serves
 
@@ -212,16 +217,18 @@ def make_app(
     status_source: StatusSource,
     backend: Backend | None = None,
     model_source: ModelSource = _no_model,
+    collectors: Sequence[Collector] = (),
 ) -> web.Application:
     """The API application; ``status_source`` must be cheap and synchronous (a board read).
 
     ``backend`` runs inference (None: /v1 answers 503 "serving not available"); ``model_source``
-    returns the model this node serves once its tokenizer is loaded, else None (also cheap).
+    returns the model this node serves once its tokenizer is loaded, else None (also cheap);
+    ``collectors`` join /metrics (the pipeline's own: ``butterfly.serving.metrics.ServingCollector``).
     """
     # client_max_size is /v1's ceiling; every other route refuses bodies over MAX_BODY_BYTES first.
     app = web.Application(middlewares=[track_requests, _guard], client_max_size=MAX_V1_BODY_BYTES)
     app[_FAILURES] = RateLimitedLog(ConnectionLimits().log_interval_s)
-    handlers = _Handlers(status_source, serves=backend is not None)
+    handlers = _Handlers(status_source, serves=backend is not None, collectors=collectors)
     v1 = V1Handlers(status_source, backend, model_source, handlers.serving)
     # add_get also registers HEAD; aiohttp then answers other methods with 405 and Allow: GET,HEAD.
     app.router.add_get("/status", handlers.status)

@@ -6,9 +6,12 @@ module keeps them in a ``ServingStats`` the engine updates, and the API renders 
 ``serving_families``: the engine child reports its hop samples and queue lengths to the supervisor
 (``butterfly.serving.process``), whose ``ServingStats`` the API's collector reads at scrape time.
 
-Names follow vLLM's where one exists: ``butterfly_pipeline_hop_seconds`` (histogram),
-``butterfly_requests_running`` / ``butterfly_requests_waiting`` (gauges, at the entry stage; 0 on the
-other nodes), ``butterfly_kv_cache_usage_ratio`` (this node's stage).
+Names: ``butterfly_pipeline_hop_seconds`` (histogram: from a stage sending a step's activations or
+tokens to the next stage receiving them, observed by the receiver),
+``butterfly_pipeline_requests_running`` / ``butterfly_pipeline_requests_waiting`` (gauges: sequences in
+the batch and queued for KV cache at the entry stage, 0 on the other nodes; the API's
+``butterfly_num_requests_*`` count what this node's API admitted), ``butterfly_kv_cache_usage_ratio``
+(this node's stage). ``ServingCollector`` renders them for the API's registry.
 
 Must not: do I/O or touch the global prometheus registry.
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
-__all__ = ["HOP_BUCKETS", "ServingStats", "serving_families"]
+__all__ = ["HOP_BUCKETS", "ServingCollector", "ServingStats", "serving_families"]
 
 HOP_BUCKETS: tuple[float, ...] = (
     0.0001,
@@ -80,11 +83,13 @@ class ServingStats:
 
 def serving_families(stats: ServingStats) -> Iterator[Metric]:
     """The serving metric families from ``stats``, for a custom collector's ``collect()``."""
-    running = GaugeMetricFamily("butterfly_requests_running", "Sequences in the batch at the entry stage")
+    running = GaugeMetricFamily(
+        "butterfly_pipeline_requests_running", "Sequences in the batch at the entry stage"
+    )
     running.add_metric([], stats.running)
     yield running
     waiting = GaugeMetricFamily(
-        "butterfly_requests_waiting", "Requests queued at the entry stage for KV cache"
+        "butterfly_pipeline_requests_waiting", "Requests queued at the entry stage for KV cache"
     )
     waiting.add_metric([], stats.waiting)
     yield waiting
@@ -106,3 +111,16 @@ def serving_families(stats: ServingStats) -> Iterator[Metric]:
     buckets.append(("+Inf", acc))
     hop.add_metric([], buckets, total)
     yield hop
+
+
+class ServingCollector:
+    """A custom collector over ``stats`` (the supervisor's, fed by its engine child's reports)."""
+
+    def __init__(self, stats: ServingStats) -> None:
+        self.stats = stats
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return serving_families(self.stats)

@@ -81,7 +81,7 @@ from butterfly.notify import Notifier
 from butterfly.serving.backend import ServingError
 from butterfly.serving.client import EntryTarget, RemoteBackend
 from butterfly.serving.link import split_address
-from butterfly.serving.metrics import ServingStats
+from butterfly.serving.metrics import ServingCollector, ServingStats
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
 from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S, held
@@ -722,7 +722,13 @@ class Supervisor:
             if self.config.node.gpu == "required" and not hw.gpus:
                 self.fail("cold_start", 'node.gpu = "required" but no GPU was found')
             host, port = self.config.api.listen
-            self.api = await start_api(make_app(self.status, self.backend, lambda: self.served), host, port)
+            self.api = await start_api(
+                make_app(
+                    self.status, self.backend, lambda: self.served, [ServingCollector(self.serving_stats)]
+                ),
+                host,
+                port,
+            )
             if self.phase is not Phase.FAILED:
                 await self._start_children()
                 self.advance_to(Phase.DISCOVERY)
