@@ -7,7 +7,9 @@ The only output is a :class:`Ready`: what to persist, what to send, what to appl
 :meth:`RaftNode.advance`.
 
 This module owns the Raft rules: elections with randomized timeouts (from a seeded ``random.Random``,
-never the global one), pre-vote, check-quorum with the follower-side leader lease, heartbeats, log
+never the global one; candidates re-ask silent voters every heartbeat interval, and of two
+pre-candidates for one term the better log, then the lower id, runs first, so two nodes timing out
+together do not split the vote), pre-vote, check-quorum with the follower-side leader lease, heartbeats, log
 replication with the consistency check and fast back-off, commitment by counting only entries of the
 current term (Raft §5.4.2), a no-op entry when a leader takes office, learners and ``can_campaign``.
 It must not touch a socket, the disk, a clock or global randomness, and must not block: that is what
