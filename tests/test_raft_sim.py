@@ -49,7 +49,12 @@ SHARE = {3: 4, 5: 2, 7: 1}
 # the new voter set could elect no one. 2124265727, 2124266496: a promoted voter that could never
 # campaign held the only up-to-date log (the simulator now promotes as the driver does). 2241651534:
 # a leader that committed its own demotion stepped down without telling anyone the commit index.
-REGRESSION: dict[int, tuple[int, ...]] = {3: (3798006136,), 5: (2124265727, 2124266496, 2241651534), 7: ()}
+# 820848566: repeated real vote requests (without pre-vote) kept a 2-voter cluster electing.
+REGRESSION: dict[int, tuple[int, ...]] = {
+    3: (3798006136, 820848566),
+    5: (2124265727, 2124266496, 2241651534),
+    7: (),
+}
 
 
 def share(total: int, nodes: int) -> int:

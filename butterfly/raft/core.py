@@ -7,7 +7,7 @@ The only output is a :class:`Ready`: what to persist, what to send, what to appl
 :meth:`RaftNode.advance`.
 
 This module owns the Raft rules: elections with randomized timeouts (from a seeded ``random.Random``,
-never the global one; candidates re-ask silent voters every heartbeat interval, and of two
+never the global one; pre-candidates re-ask silent voters every heartbeat interval, and of two
 pre-candidates for one term the better log, then the lower id, runs first, so two nodes timing out
 together do not split the vote), pre-vote, check-quorum with the follower-side leader lease, heartbeats, log
 replication with the consistency check and fast back-off, commitment by counting only entries of the
@@ -387,22 +387,21 @@ class RaftNode:
         elif self._promotable() and self._election_elapsed >= self._timeout:
             self._election_elapsed = 0
             self._start_campaign()
-        elif self._role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+        elif self._role is Role.PRE_CANDIDATE:
             if self._election_elapsed % self._cfg.heartbeat_ticks == 0:
                 self._resend_vote_requests()
 
     def _resend_vote_requests(self) -> None:
-        """Ask again the voters that have not answered. A follower still inside its leader lease drops
-        a (pre-)vote request without a word; it may be out of it a tick later, and waiting a whole
-        election timeout for that made one failover in nine of a 3-node cluster take ~1.1 s instead
-        of ~0.5 s. Requests are idempotent: a repeated grant is the same vote."""
-        pre = self._role is Role.PRE_CANDIDATE
-        term = self._term + 1 if pre else self._term
+        """Pre-vote again at the voters that have not answered. A follower still inside its leader lease
+        drops a pre-vote request without a word; it may be out of it a tick later, and waiting a whole
+        election timeout for that made one failover in nine of a 3-node cluster take ~1.1 s instead of
+        ~0.5 s. Pre-votes change nothing, so asking again is free. (Real vote requests are not
+        repeated: without pre-vote, repeated requests from a candidate that cannot win kept a 2-voter
+        cluster electing for 250 ticks in the simulator, seed 820848566.)"""
         last_index, last_term = len(self._log), self._term_at(len(self._log))
-        request = PreVoteRequest if pre else VoteRequest
         for voter in self._voters:
             if voter != self._id and voter not in self._votes:
-                self._send(request(term, self._id, voter, last_index, last_term))
+                self._send(PreVoteRequest(self._term + 1, self._id, voter, last_index, last_term))
 
     def campaign(self) -> bool:
         """Start an election now (with pre-vote if configured); False if this node may not campaign
