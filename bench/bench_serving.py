@@ -170,7 +170,7 @@ async def hop_link(payload: bytes, hidden: int, tokens: int, reps: int) -> float
             while True:
                 msg, raw = await link.recv()
                 await link.send(msg, raw)
-        except LinkError:
+        except (LinkError, asyncio.CancelledError):
             link.abort()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)

@@ -129,7 +129,7 @@ def test_progress_is_live_while_loading_and_not_ready_before_validation(node_fac
 @pytest.mark.parametrize(
     "phase", ["discovery", "election", "assignment", "loading_weights", "validation", "ready"]
 )
-@pytest.mark.parametrize("child", ["cluster", "loader", "validator"])
+@pytest.mark.parametrize("child", ["cluster", "loader", "validator", "engine"])
 def test_child_sigkilled_in_any_phase_is_restarted_and_node_recovers(
     node_factory, tmp_path, phase, child
 ) -> None:  # type: ignore[no-untyped-def]

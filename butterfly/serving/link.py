@@ -453,6 +453,7 @@ class Link:
         self.closed = False
 
     def send_nowait(self, msg: Message, tensor: memoryview | bytes = b"") -> None:
+        # One copy of the tensor (into the plaintext AES-GCM seals in one call) and the cipher's own.
         """Encrypt and queue one frame; synchronous, so frames of different tasks never interleave."""
         if self.closed:
             raise LinkClosed(f"the link to {self.peer} is closed")
@@ -473,8 +474,9 @@ class Link:
         except (ConnectionResetError, BrokenPipeError, OSError) as exc:
             raise LinkClosed(f"the connection to {self.peer} broke: {exc}") from None
 
-    async def recv(self) -> tuple[Message, bytes]:
-        """The next message and the raw tensor bytes after its header (b"" when none)."""
+    async def recv(self) -> tuple[Message, memoryview]:
+        """The next message and the raw tensor bytes after its header (empty when none), a view of
+        the decrypted frame (no copy)."""
         frame = await _read_frame(self.reader, MAX_FRAME)
         nonce = self._recv_seq.to_bytes(12, "big")
         try:
@@ -491,11 +493,12 @@ class Link:
         (hlen,) = _LEN.unpack_from(plain)
         if hlen > len(plain) - _LEN.size:
             raise LinkError(f"frame from {self.peer} announces a {hlen}-byte header it does not carry")
+        view = memoryview(plain)
         try:
-            msg = _decoder.decode(plain[_LEN.size : _LEN.size + hlen])
+            msg = _decoder.decode(view[_LEN.size : _LEN.size + hlen])
         except msgspec.DecodeError as exc:
             raise LinkError(f"bad frame from {self.peer}: {exc}") from None
-        return msg, plain[_LEN.size + hlen :]
+        return msg, view[_LEN.size + hlen :]
 
     def close(self) -> None:
         self.closed = True

@@ -357,7 +357,7 @@ class StageServer:
                 except LinkError:
                     return
 
-    async def _recv(self, link: Link, who: str) -> tuple[Message, bytes]:
+    async def _recv(self, link: Link, who: str) -> tuple[Message, memoryview]:
         try:
             return await asyncio.wait_for(link.recv(), self.silent_s)
         except asyncio.TimeoutError:
@@ -423,6 +423,8 @@ class StageServer:
 
     def _failure(self, reason: str) -> None:
         """This stage saw the pipeline break: drop everything and tell the others."""
+        if self._closed:
+            return
         log.warning("stage %d: pipeline broken: %s", self.index, reason)
         self._local_abort(reason)
         abort = Abort(reason[:1000], self.ring)
@@ -478,7 +480,7 @@ class StageServer:
         if self.next is not None:
             self.next.send_nowait(Probe(msg.nonce, [*msg.stages, self.info]))
 
-    async def _on_step(self, msg: Step, raw: bytes) -> None:
+    async def _on_step(self, msg: Step, raw: memoryview) -> None:
         self.stats.observe_hop(time.time() - msg.sent_unix)
         if self.gate is not None and (why := self.gate()):
             self._failure(f"{self._stage_name(self.index)} may not serve: {why}")

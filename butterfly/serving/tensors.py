@@ -3,6 +3,7 @@ pickle), and back, checked against each other."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Final
 
 import torch
@@ -37,4 +38,8 @@ def tensor_from(dtype: str, shape: list[int], raw: bytes | bytearray | memoryvie
         raise LinkError(f"a frame's tensor {dtype} {shape} needs {count * size} bytes, it carries {len(raw)}")
     if count == 0:
         return torch.empty(tuple(shape), dtype=tdtype)
-    return torch.frombuffer(bytearray(raw), dtype=tdtype, count=count).view(tuple(shape))
+    # A view of the received bytes, no copy: the stage only reads its input (every layer makes new
+    # tensors), so the buffer being read-only is fine.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        return torch.frombuffer(raw, dtype=tdtype, count=count).view(tuple(shape))
