@@ -1,0 +1,175 @@
+"""Serving on real nodes: the engine child of each node serves its stage over the validated arena.
+
+One node, and three nodes on 127.0.0.x: a request at the pipeline's entry gets the tokens the engine
+computes over the model files directly; an engine child SIGKILLed or SIGSTOPped mid-request ends the
+request with a 503 (never a hang) and the node serves again once the supervisor replaced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomllib
+
+from butterfly.engine.generate import Pipeline, generate
+from butterfly.engine.model import StageModel
+from butterfly.engine.sampler import SamplingParams
+from butterfly.engine.weights import open_model_dir
+from butterfly.net.auth import load_secret
+from butterfly.serving.backend import GenerationRequest, ServingError, TokenEvent
+from butterfly.serving.client import EntryTarget, RemoteBackend
+from butterfly.serving.link import ROLE_CLIENT, LinkRefused, dial_link
+from tests.clusterharness import Cluster
+from tests.nodeharness import Node, free_port, segments_of, write_config
+from tests.servinghelpers import collect
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPT = (5, 17, 300, 42, 7, 99, 123)
+HANG_GUARD_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> Iterator[list[int]]:
+    md = open_model_dir(model_dir)
+    pipe = Pipeline(
+        [StageModel(md.config, md.weights, 0, md.layout.num_blocks, md.layout.num_blocks)], 16 << 20
+    )
+    yield generate(pipe, list(PROMPT), 12)
+    del pipe
+    gc.collect()
+    md.close()
+
+
+def engine_target(config: Path, epoch: int) -> EntryTarget:
+    doc = tomllib.loads(config.read_text())
+    host = doc["node"]["bind_address"].rsplit(":", 1)[0]
+    return EntryTarget(host, int(doc["engine"]["port"]), epoch)
+
+
+def engine_pid(status: dict[str, Any]) -> int:
+    return next(c["pid"] for c in status["children"] if c["name"] == "engine")
+
+
+async def _is_entry(t: EntryTarget, secret: bytes) -> bool:
+    try:
+        link = await dial_link(t.host, t.port, secret, role=ROLE_CLIENT, epoch=t.epoch, index=-1)
+    except LinkRefused as e:
+        assert e.code == "role", e
+        return False
+    link.close()
+    return True
+
+
+async def _fault_mid_request(backend: RemoteBackend, fault: Any) -> ServingError:
+    got = 0
+    with pytest.raises(ServingError) as err:
+        async for ev in backend.generate(GenerationRequest(PROMPT, 400, GREEDY)):
+            assert isinstance(ev, TokenEvent)
+            got += 1
+            if got == 2:
+                fault()
+    assert 2 <= got < 400
+    return err.value
+
+
+async def _serve_again(backend: RemoteBackend, want: list[int]) -> None:
+    """Requests are refused (503) until the pipeline is back, then get the same tokens again."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + HANG_GUARD_S
+    while True:
+        try:
+            toks, _ = await asyncio.wait_for(
+                collect(backend, GenerationRequest(PROMPT, 12, GREEDY)), HANG_GUARD_S
+            )
+            assert toks == want
+            return
+        except ServingError as e:
+            assert e.status == 503, e.message
+            if loop.time() > end:
+                raise
+            await asyncio.sleep(0.2)
+
+
+def test_one_node_serves_and_survives_its_engine_dying(
+    tmp_path: Path, model_dir: Path, secret_file: Path, reference: list[int]
+) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path / "node.toml", model_dir, node_id=f"s{port}", api_port=port, secret=secret_file
+    )
+    node = Node(cfg, port)
+    try:
+        st = node.wait_state("OPERATIONAL", 90)
+        secret = load_secret(secret_file)
+        target = engine_target(cfg, st["epoch"])
+
+        async def run() -> None:
+            backend = RemoteBackend(secret, lambda: target)
+            try:
+                toks, fin = await asyncio.wait_for(
+                    collect(backend, GenerationRequest(PROMPT, 12, GREEDY)), HANG_GUARD_S
+                )
+                assert toks == reference and fin.completion_tokens == 12
+                pid = engine_pid(node.status() or {})
+                err = await asyncio.wait_for(
+                    _fault_mid_request(backend, lambda: os.kill(pid, signal.SIGKILL)), HANG_GUARD_S
+                )
+                assert err.status == 503
+                await _serve_again(backend, reference)
+            finally:
+                await backend.close()
+
+        asyncio.run(run())
+    finally:
+        node.stop(signal.SIGTERM)
+        for seg in segments_of(f"s{port}"):
+            Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+def test_three_nodes_serve_and_a_frozen_stage_ends_the_request(
+    tmp_path: Path, model_dir: Path, secret_file: Path, reference: list[int]
+) -> None:
+    c = Cluster(tmp_path, model_dir, secret_file, 3, quorum=3, heartbeat_timeout_s=20.0)
+    try:
+        c.start_all()
+        st = c.wait_operational(120)
+        epoch = next(iter(st.values()))["epoch"]
+        secret = load_secret(secret_file)
+        targets = {nid: engine_target(c.root / nid / "node.toml", epoch) for nid in c.ids}
+
+        async def run() -> None:
+            entries = [nid for nid, t in targets.items() if await _is_entry(t, secret)]
+            assert len(entries) == 1, entries
+            entry = entries[0]
+            backend = RemoteBackend(secret, lambda: targets[entry])
+            try:
+                toks, _ = await asyncio.wait_for(
+                    collect(backend, GenerationRequest(PROMPT, 12, GREEDY)), HANG_GUARD_S
+                )
+                assert toks == reference
+                # Freeze the engine of a node that is not the entry, mid-request.
+                other = next(n for n in c.ids if n != entry)
+                pid = engine_pid(c.nodes[other].status() or {})
+                try:
+                    err = await asyncio.wait_for(
+                        _fault_mid_request(backend, lambda: os.kill(pid, signal.SIGSTOP)), HANG_GUARD_S
+                    )
+                    assert err.status == 503 and ("silent" in err.message or "lost" in err.message), (
+                        err.message
+                    )
+                finally:
+                    os.kill(pid, signal.SIGCONT)
+                await _serve_again(backend, reference)
+            finally:
+                await backend.close()
+
+        asyncio.run(run())
+    finally:
+        c.stop_all()
