@@ -150,10 +150,8 @@ def test_three_nodes_serve_and_a_frozen_stage_ends_the_request(
             entry = entries[0]
             backend = RemoteBackend(secret, lambda: targets[entry])
             try:
-                toks, _ = await asyncio.wait_for(
-                    collect(backend, GenerationRequest(PROMPT, 12, GREEDY)), HANG_GUARD_S
-                )
-                assert toks == reference
+                # OPERATIONAL everywhere; the stages' ring may still be forming (503 "forming" meanwhile).
+                await _serve_again(backend, reference)
                 # Freeze the engine of a node that is not the entry, mid-request.
                 other = next(n for n in c.ids if n != entry)
                 pid = engine_pid(c.nodes[other].status() or {})
