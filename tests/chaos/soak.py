@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -76,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=0.0, help="stop starting runs after this long")
     args = parser.parse_args(argv)
     require_netns()
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwind through each run's cleanup: namespaces, nodes, shared memory
+
+    signal.signal(signal.SIGTERM, on_term)
     rng = random.Random(args.seed)
     print(f"chaos soak: seed {args.seed}, up to {args.runs} runs", flush=True)
     root = Path(tempfile.mkdtemp(prefix="butterfly-chaos-"))
