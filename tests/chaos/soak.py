@@ -89,44 +89,63 @@ def main(argv: list[str] | None = None) -> int:
     model, secret = make_model(root)
     outcomes: list[Outcome] = []
     errors: list[str] = []
-    started = time.monotonic()
     try:
-        for k in range(args.runs):
-            if args.minutes and time.monotonic() - started > args.minutes * 60:
-                break
-            fixed = [tuple(x.split("/")) for x in args.scenarios.split(",") if x]
-            fault, target, phase = (
-                fixed[k % len(fixed)]
-                if fixed
-                else (
-                    rng.choice(args.faults.split(",")),
-                    rng.choice(args.targets.split(",")),
-                    rng.choice(args.phases.split(",")),
-                )
-            )
-            scenario = Scenario(fault, target, phase, n=args.nodes, seed=rng.randrange(1 << 30))
-            workdir = root / f"run{k:04d}"
-            try:
-                outcome = run(scenario, workdir, model, secret, Bounds(recover_bound_s=args.recover_bound))
-            except Exception as exc:  # a run that could not even start is reported, not fatal
-                errors.append(f"{scenario}: {exc}")
-                print(f"[{k}] {scenario}: ERROR {exc}", flush=True)
-                shutil.copytree(workdir, keep / workdir.name, dirs_exist_ok=True)
-                continue
-            outcomes.append(outcome)
-            took = f"{outcome.recovery_s:.1f}s" if outcome.recovery_s is not None else "never"
-            verdict = "ok" if not outcome.violations else f"{len(outcome.violations)} VIOLATIONS"
-            print(
-                f"[{k}] {scenario} (struck in {outcome.fault_phase_seen}): recovered {took}, {verdict}",
-                flush=True,
-            )
-            for v in outcome.violations[:5]:
-                print(f"      {v}", flush=True)
-            if outcome.violations:
-                shutil.copytree(workdir, keep / workdir.name, dirs_exist_ok=True)
-            shutil.rmtree(workdir, ignore_errors=True)
+        _soak(args, rng, root, keep, model, secret, outcomes, errors)
+    except KeyboardInterrupt:
+        print("interrupted: the figures below cover the runs that finished", flush=True)
     finally:
         shutil.rmtree(root / "model", ignore_errors=True)
+    return _summary(outcomes, errors, keep, root)
+
+
+def _soak(
+    args: argparse.Namespace,
+    rng: random.Random,
+    root: Path,
+    keep: Path,
+    model: Path,
+    secret: Path,
+    outcomes: list[Outcome],
+    errors: list[str],
+) -> None:
+    started = time.monotonic()
+    for k in range(args.runs):
+        if args.minutes and time.monotonic() - started > args.minutes * 60:
+            break
+        fixed = [tuple(x.split("/")) for x in args.scenarios.split(",") if x]
+        fault, target, phase = (
+            fixed[k % len(fixed)]
+            if fixed
+            else (
+                rng.choice(args.faults.split(",")),
+                rng.choice(args.targets.split(",")),
+                rng.choice(args.phases.split(",")),
+            )
+        )
+        scenario = Scenario(fault, target, phase, n=args.nodes, seed=rng.randrange(1 << 30))
+        workdir = root / f"run{k:04d}"
+        try:
+            outcome = run(scenario, workdir, model, secret, Bounds(recover_bound_s=args.recover_bound))
+        except Exception as exc:  # a run that could not even start is reported, not fatal
+            errors.append(f"{scenario}: {exc}")
+            print(f"[{k}] {scenario}: ERROR {exc}", flush=True)
+            shutil.copytree(workdir, keep / workdir.name, dirs_exist_ok=True)
+            continue
+        outcomes.append(outcome)
+        took = f"{outcome.recovery_s:.1f}s" if outcome.recovery_s is not None else "never"
+        verdict = "ok" if not outcome.violations else f"{len(outcome.violations)} VIOLATIONS"
+        print(
+            f"[{k}] {scenario} (struck in {outcome.fault_phase_seen}): recovered {took}, {verdict}",
+            flush=True,
+        )
+        for v in outcome.violations[:5]:
+            print(f"      {v}", flush=True)
+        if outcome.violations:
+            shutil.copytree(workdir, keep / workdir.name, dirs_exist_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _summary(outcomes: list[Outcome], errors: list[str], keep: Path, root: Path) -> int:
     failed = [o for o in outcomes if o.violations]
     rules = Counter(_rule(v) for o in failed for v in set(o.violations))
     runs_by_rule = Counter(r for o in failed for r in {_rule(v) for v in o.violations})
