@@ -93,7 +93,8 @@ done
 # Killed outright (SIGKILL), the script runs no trap: this watcher then stops the nodes.
 (
     trap '' INT HUP
-    while kill -0 $$ 2>/dev/null; do sleep 1; done
+    # Until this script is gone: then the watcher is re-parented (a zombie parent still answers kill -0).
+    while read -r _ _ _ ppid _ </proc/$BASHPID/stat && [ "$ppid" = $$ ]; do sleep 1; done
     kill -TERM "${pids[@]}" 2>/dev/null
 ) &
 watcher=$!
