@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,5 +138,42 @@ def test_s3_cache_is_written_behind_ready_and_a_warm_restart_reads_nothing_from_
         assert "does not match the manifest" in third.log()
     finally:
         assert third.stop() == 0
+        for seg in segments_of(node_id):
+            Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+def test_a_missing_manifest_on_s3_is_shown_on_status_and_by_admin_status(
+    s3_with_model: S3Server, tmp_path: Path, model_dir: Path
+) -> None:
+    """Start-up cannot check an S3 source's manifest; the node fails with the reason where an operator
+    looks: /status's last_error and `butterfly-admin status`."""
+    from butterfly.weights.manifest import MANIFEST_FILE
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != MANIFEST_FILE:
+            (bare / f.name).symlink_to(f)
+    upload_dir(s3_with_model.client(), bare, BUCKET, "bare")
+    node_id = f"nomf-{os.getpid()}"
+    port = free_port()
+    cfg = s3_config(tmp_path, model_dir, node_id, port, s3_with_model.endpoint)
+    cfg.write_text(cfg.read_text().replace(f"s3://{BUCKET}/llama", f"s3://{BUCKET}/bare"))
+    node = Node(cfg, port, env=S3_ENV)
+    try:
+        st = node.wait_state("FAILED", timeout=60)
+        where = f"s3://{BUCKET}/bare/{MANIFEST_FILE}"
+        assert st["last_error"].startswith(f"cannot use the model's manifest: no manifest at {where}: run ")
+        r = subprocess.run(
+            [sys.executable, "-m", "butterfly.cli.admin", "status", "--url", f"http://127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "400"},
+        )
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert f"no manifest at {where}" in r.stdout, r.stdout
+    finally:
+        node.stop()
         for seg in segments_of(node_id):
             Path("/dev/shm", seg).unlink(missing_ok=True)
