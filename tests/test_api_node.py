@@ -1,6 +1,6 @@
 """The API in a real node: the supervisor loads the model's tokenizer through the manifest once its
-range is validated, /v1/models names the model, and /v1 answers 503 "serving not available" while the
-node runs no inference backend."""
+range is validated, /v1/models names the model, and /v1 serves completions through the node's
+inference pipeline."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def test_operational_node_loads_the_tokenizer_and_names_the_model(tmp_path: Path
             == json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
         )
         assert "serving model" in node.log()
-        code, body = post(node, "/v1/completions", {"prompt": "Hello", "max_tokens": 4})
-        assert code == 503 and set(body["error"]) == {"message", "type", "param", "code"}, body
+        code, body = post(node, "/v1/completions", {"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+        assert code == 200, body
+        assert body["usage"]["completion_tokens"] == 4 and body["choices"][0]["finish_reason"] == "length"
     finally:
         if node.proc.poll() is None:
             node.stop(signal.SIGTERM)

@@ -29,6 +29,7 @@ from butterfly.serving.link import ROLE_CLIENT, LinkRefused, dial_link
 from tests.clusterharness import Cluster
 from tests.nodeharness import Node, free_port, segments_of, write_config
 from tests.servinghelpers import collect
+from tests.test_api_node import post
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = (5, 17, 300, 42, 7, 99, 123)
@@ -152,8 +153,16 @@ def test_three_nodes_serve_and_a_frozen_stage_ends_the_request(
             try:
                 # OPERATIONAL everywhere; the stages' ring may still be forming (503 "forming" meanwhile).
                 await _serve_again(backend, reference)
-                # Freeze the engine of a node that is not the entry, mid-request.
+                # Any node's API serves: a node that is not the entry forwards to it.
                 other = next(n for n in c.ids if n != entry)
+                code, body = await asyncio.to_thread(
+                    post,
+                    c.nodes[other],
+                    "/v1/completions",
+                    {"prompt": "Hi", "max_tokens": 3, "temperature": 0},
+                )
+                assert code == 200 and body["usage"]["completion_tokens"] == 3, body
+                # Freeze the engine of a node that is not the entry, mid-request.
                 pid = engine_pid(c.nodes[other].status() or {})
                 try:
                     err = await asyncio.wait_for(
