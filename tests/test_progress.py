@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from butterfly.board import BoardSnapshot, ClusterSection, HeaderSection, LoaderSection, NodeSection
-from butterfly.board.layout import ValidatorSection
+from butterfly.board.layout import EngineSection, ValidatorSection
 from butterfly.states import LoadStep, NodeState, Phase
 from butterfly.supervisor.statusview import PROGRESS_WEIGHTS, build_status
 
@@ -21,6 +21,7 @@ def snap(phase: Phase, **loader: object) -> BoardSnapshot:
         cluster=ClusterSection(),
         loader=LoaderSection(bytes_total=TOTAL, **loader),  # type: ignore[arg-type]
         validator=ValidatorSection(),
+        engine=EngineSection(),
     )
 
 
