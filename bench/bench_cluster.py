@@ -152,8 +152,8 @@ class BenchEvents:
     async def progress(self, p: Progress) -> None:
         return None
 
-    async def plan(self, plan: PlanEntry, term: int) -> None:
-        return None
+    async def plan(self, plan: PlanEntry, term: int) -> bool:
+        return True
 
     async def operational(self, epoch: int, term: int) -> None:
         return None

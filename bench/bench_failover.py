@@ -88,8 +88,8 @@ def member_main(args: argparse.Namespace) -> None:
         async def progress(self, p: Progress) -> None:
             return None
 
-        async def plan(self, plan: PlanEntry, term: int) -> None:
-            return None
+        async def plan(self, plan: PlanEntry, term: int) -> bool:
+            return True
 
         async def operational(self, epoch: int, term: int) -> None:
             return None

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,5 +179,48 @@ def test_three_nodes_serve_and_a_frozen_stage_ends_the_request(
                 await backend.close()
 
         asyncio.run(run())
+    finally:
+        c.stop_all()
+
+
+def test_a_restarted_cluster_child_waits_for_its_peers_engine_addresses_and_serves_again(
+    tmp_path: Path, model_dir: Path, secret_file: Path
+) -> None:
+    # Regression: a worker whose cluster child was SIGKILLed got the plan from the log before any
+    # peer's report said where its engine listens; the engine was started with an empty address and
+    # the node failed for good. The plan now waits for every stage's address.
+    c = Cluster(
+        tmp_path,
+        model_dir,
+        secret_file,
+        2,
+        quorum=1,
+        roles=["coordinator", "worker"],
+        heartbeat_timeout_s=20.0,
+    )
+    try:
+        c.start_all()
+        c.wait_operational(120)
+        worker = c.nodes[c.ids[1]]
+        cluster_pid = next(ch["pid"] for ch in (worker.status() or {})["children"] if ch["name"] == "cluster")
+        os.kill(cluster_pid, signal.SIGKILL)
+
+        def restarted(st: dict[str, Any]) -> bool:
+            kids = {ch["name"]: ch for ch in st[c.ids[1]]["children"]}
+            return kids["cluster"]["pid"] != cluster_pid and kids["cluster"]["alive"]
+
+        c.wait(restarted, 60, "the worker's cluster child restarted")
+        end = time.monotonic() + 90
+        while True:
+            st = c.statuses()
+            assert all(s is None or s["state"] != "FAILED" for s in st.values()), st
+            code, body = post(worker, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+            if code == 200:
+                assert body["usage"]["completion_tokens"] == 3, body
+                break
+            assert code == 503, body
+            assert time.monotonic() < end, f"never served again: {body}; statuses {st}"
+            time.sleep(0.3)
+        assert all(s["state"] == "OPERATIONAL" for s in c.wait_operational(60).values())
     finally:
         c.stop_all()

@@ -140,7 +140,8 @@ class Progress:
 class Events(Protocol):
     async def progress(self, p: Progress) -> None: ...
 
-    async def plan(self, plan: PlanEntry, term: int) -> None: ...
+    async def plan(self, plan: PlanEntry, term: int) -> bool:
+        """Hand this node's part of ``plan`` on; False: not yet (asked again next cycle)."""
 
     async def operational(self, epoch: int, term: int) -> None: ...
 
@@ -809,9 +810,10 @@ class ClusterDriver:
             )
             return
         if self.reported_plan_epoch != plan.epoch:
+            if not await self.events.plan(plan, raft.term):
+                return
             self.reported_plan_epoch = plan.epoch
             self.last_progress = None
-            await self.events.plan(plan, raft.term)
         if (
             self.operational_epoch == plan.epoch
             and self.reported_operational != plan.epoch

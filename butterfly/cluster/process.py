@@ -99,17 +99,36 @@ class SupervisorEvents:
         self.chan = chan
         self.child = child
         self.last_waiting = ""
+        self.plan_waiting = ""
         self.last_faults: list[PeerFault] = []
 
     async def progress(self, p: Progress) -> None:
         await self.chan.send(ClusterProgress(p.phase, p.waiting_reason))
 
-    async def plan(self, plan: PlanEntry, term: int) -> None:
+    async def plan(self, plan: PlanEntry, term: int) -> bool:
         mine = plan.range_of(self.ctx.config.node.id)
         assert mine is not None
+        stages = [
+            StageEndpoint(a.node_id, a.start, a.stop, self.child.engine_address_of(a.node_id))
+            for a in plan.assignments
+        ]
+        unknown = [s for s in stages if not s.engine_address]
+        if unknown:
+            # A restarted cluster child has not yet heard every peer's report (each says where its
+            # engine listens); the stages' ring cannot be formed without it. Asked again next cycle.
+            s = unknown[0]
+            reason = (
+                f"waiting for node {s.node_id} (blocks {s.start}-{s.stop - 1}) to say where its engine "
+                f"listens (plan epoch {plan.epoch})"
+            )
+            if reason != self.plan_waiting:
+                self.plan_waiting = reason
+                await self.progress(Progress("assignment", reason))
+            return False
+        self.plan_waiting = ""
         own = await self.child.checked_manifest()
         if own is None:
-            return  # reported as a manifest failure
+            return True  # reported as a manifest failure
         if own.merkle_root != plan.manifest_root:
             await self.chan.send(
                 Failed(
@@ -120,12 +139,9 @@ class SupervisorEvents:
                     fatal=True,
                 )
             )
-            return
-        stages = [
-            StageEndpoint(a.node_id, a.start, a.stop, self.child.engine_address_of(a.node_id))
-            for a in plan.assignments
-        ]
+            return True
         await self.chan.send(PlanAssigned(plan.epoch, term, mine.start, mine.stop, plan.num_blocks, stages))
+        return True
 
     async def operational(self, epoch: int, term: int) -> None:
         await self.chan.send(ClusterOperational(epoch, term))
