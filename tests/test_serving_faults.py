@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -169,6 +170,7 @@ def test_a_worker_killed_while_serving_stops_everyone_then_the_rest_serve_a_new_
     c.start_all()
     st = c.wait_operational(timeout=90)
     old_epoch = next(iter(st.values()))["epoch"]
+    old_layers = {n: s["layers"] for n, s in st.items()}
     survivors = c.ids[:3]
     log = ReadyLog(c, survivors)
     c.wait(lambda st: all(a in {x.node for x in log.served(0)} for a in survivors), what="polled serving")
@@ -190,6 +192,18 @@ def test_a_worker_killed_while_serving_stops_everyone_then_the_rest_serve_a_new_
         assert first_stop(answers, n, killed) is not None, n
     assert {s["cluster_size"] for s in st.values()} == {3}
     print(f"worker death -> OPERATIONAL again in {back:.2f}s (polled)")
+    # Survivors load only what they gain: a survivor whose range is unchanged only re-validates; what
+    # a new range keeps of the old is copied from the old arena (checked against the manifest like
+    # any read), not read from the source again.
+    for n in survivors:
+        (a, b), (x, y) = (map(int, old_layers[n].split("-")), map(int, st[n]["layers"].split("-")))
+        loads = re.findall(
+            r"(\d+) tensors kept from the previous range in memory, \d+ from cache, (\d+) from",
+            c.nodes[n].log(),
+        )
+        assert len(loads) == (1 if (a, b) == (x, y) else 2), (n, old_layers[n], st[n]["layers"], loads)
+        if (a, b) != (x, y) and max(a, x) <= min(b, y):
+            assert int(loads[-1][0]) > 0, (n, old_layers[n], st[n]["layers"], loads)
     # The worker comes back (systemd restarts it): it is planned in again, not left waiting.
     epoch = next(iter(st.values()))["epoch"]
     c.start(3)

@@ -139,12 +139,43 @@ class Progress:
                 raise Interrupted(cmd)
 
 
+HELD_FILE = "held"
+
+
+@dataclass
+class HeldBytes:
+    """The previous load's arena, kept readable (``fd``) after its name went to the new arena: the
+    tensors a new plan leaves on this node are copied from it (``offsets``: name -> where it lies)
+    instead of read from the source again."""
+
+    fd: int
+    offsets: dict[str, int]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class Fetch:
-    """One load's download step: cached tensors from the local cache, the rest from the source, every
-    chunk compared inline with the manifest's xxh3 when there is one. A cache entry whose bytes do not
-    match is quarantined and its tensor read from the source instead; the cache is never trusted.
-    A load reads the cache only for a remote source (a local one is read in place); a repair tries
-    the cache first either way. What came from the source is written to the cache behind the load
+    """One load's download step: tensors the previous plan already had here from the old arena, cached
+    tensors from the local cache, the rest from the source, every chunk compared inline with the
+    manifest's xxh3 when there is one. A kept tensor or a cache entry whose bytes do not match is read
+    from the source instead (a bad cache entry is quarantined); neither is ever trusted. A load reads
+    the cache only for a remote source (a local one is read in place); a repair tries the cache first
+    either way. What came from the source is written to the cache behind the load
     (butterfly.loader.writebehind), never before READY."""
 
     def __init__(
@@ -157,8 +188,10 @@ class Fetch:
         total: int,
         refetch: bool,
         repair: bool = False,
+        held: HeldBytes | None = None,
     ) -> None:
         self.loader = loader
+        self.held = held
         self.source = source
         self.manifest = manifest
         self.records = {t.name: t for t in manifest.tensors} if manifest else {}
@@ -177,6 +210,7 @@ class Fetch:
         )
         self.results: dict[str, list[ChunkResult]] = {}
         self.fetched: list[str] = []
+        self.from_held = 0
         self.from_cache = 0
         self.from_source = 0
 
@@ -222,6 +256,30 @@ class Fetch:
         for r in results:
             self.results.setdefault(r.chunk.tensor, []).append(r)
 
+    def _from_held(self, names: list[str]) -> list[str]:
+        """Copies what the previous arena holds (checked chunk by chunk like any read); returns the
+        names it could not serve."""
+        held = self.held
+        if held is None:
+            return names
+        hits = {n: (HELD_FILE, held.offsets[n]) for n in names if n in held.offsets}
+        missing = [n for n in names if n not in hits]
+        while hits:
+            try:
+                self._stream_elsewhere(hits, {HELD_FILE: held.fd})
+                self.from_held += len(hits)
+                break
+            except ChunkMismatch as e:
+                bad = e.chunk.tensor
+                log.warning(
+                    "%s as held in memory does not match the manifest (chunk %d): read from the source",
+                    bad,
+                    e.chunk.index,
+                )
+                del hits[bad]
+                missing.append(bad)
+        return missing
+
     def _from_cache(self, names: list[str]) -> list[str]:
         """Streams what the cache holds; returns the names it could not serve."""
         assert self.cache is not None
@@ -234,8 +292,11 @@ class Fetch:
                 hits[n] = rec.blake3
         missing = [n for n in names if n not in hits]
         while hits:
+            fds: dict[str, int] = {}
             try:
-                self._stream_cached(hits)
+                for digest in hits.values():
+                    fds[f"cache/{digest}"] = self.cache.open_for_read(digest)
+                self._stream_elsewhere({n: (f"cache/{d}", 0) for n, d in hits.items()}, fds)
                 self.from_cache += len(hits)
                 break
             except ChunkMismatch as e:
@@ -244,33 +305,31 @@ class Fetch:
                     hits.pop(bad), f"chunk {e.chunk.index} of {bad} does not match the manifest"
                 )
                 missing.append(bad)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
         return missing
 
-    def _stream_cached(self, hits: dict[str, str]) -> None:
-        """Streams cache entries (file key "cache/<digest>") into the tensors' arena ranges."""
-        assert self.cache is not None
-        source_jobs = {n: self.jobs[n] for n in hits}
-        fds: dict[str, int] = {}
+    def _stream_elsewhere(self, where: dict[str, tuple[str, int]], fds: FdTable) -> None:
+        """Streams tensors from other files than the source's into their arena ranges:
+        ``where[name] = (file key in fds, offset there)``."""
+        source_jobs = {n: self.jobs[n] for n in where}
         done_before = self.progress.done
         try:
-            for n, digest in hits.items():
-                key = f"cache/{digest}"
-                fds[key] = self.cache.open_for_read(digest)
-                self.jobs[n] = ReadJob(key, 0, source_jobs[n].length, source_jobs[n].arena_offset, n)
-            self._stream(list(hits), fds, downloaded=False)
+            for n, (key, offset) in where.items():
+                self.jobs[n] = ReadJob(key, offset, source_jobs[n].length, source_jobs[n].arena_offset, n)
+            self._stream(list(where), fds, downloaded=False)
         except ChunkMismatch:
-            # Everything of this pass is read again (rare: a corrupt cache entry).
-            for n in hits:
+            # Everything of this pass is read again (rare: a corrupt copy).
+            for n in where:
                 self.results.pop(n, None)
             self.progress.done = done_before
             raise
         finally:
             self.jobs.update(source_jobs)
-            for fd in fds.values():
-                os.close(fd)
 
     def run(self) -> list[ChunkDigest]:
-        names = list(self.jobs)
+        names = self._from_held(list(self.jobs))
         if self.cache is not None and self.read_cache:
             names = self._from_cache(names)
         if names:
@@ -398,6 +457,38 @@ class Loader:
             self.arena = None
         unlink_segment(self.ctx.init.arena_name)
 
+    def _keep_held(self, tensors: list[TensorEntry], arena_bytes: int) -> HeldBytes | None:
+        """The tensors of ``tensors`` that the current arena already holds, kept readable for the next
+        load to copy (a survivor of a re-plan loads only what it gains). Only where the machine has
+        the memory for both arenas at once beside the reserve; on a GPU node the host arena is not
+        the weights' home, so nothing is kept."""
+        if self.arena is None or self.held is None or self.gpus:
+            return None
+        _, old_tensors, old_placements = self.held
+        old = {t.name: (t, p) for t, p in zip(old_tensors, old_placements, strict=True)}
+        offsets = {
+            t.name: old[t.name][1].arena_offset
+            for t in tensors
+            if t.name in old and old[t.name][0].length == t.length
+        }
+        if not offsets:
+            return None
+        free = available_memory()
+        if free is None or free < arena_bytes + self.ctx.config.node.memory_reserve_bytes:
+            log.info(
+                "not enough memory to hold the previous range beside the new one (%s available, %d "
+                "needed beside the reserve): reading every tensor again",
+                "unknown" if free is None else f"{free}",
+                arena_bytes,
+            )
+            return None
+        try:
+            fd = os.open(self.arena.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("cannot keep the previous arena readable (%s): reading every tensor again", e)
+            return None
+        return HeldBytes(fd, offsets)
+
     def _source(self) -> Source:
         try:
             return run_beside(lambda: open_source(self.ctx.config), self._beat)
@@ -426,22 +517,31 @@ class Loader:
                 layer_start=cmd.start,
                 layer_stop=cmd.stop,
             )
+            kept = None if cmd.refetch else self._keep_held(tensors, arena_bytes)
             self.held = None
-            # Pre-faulted: first-touch page faults during the stream cost several times the copy.
-            t0 = time.monotonic()
-            self.arena = self._new_arena(arena_bytes)
-            steps["allocate"] = time.monotonic() - t0
+            try:
+                # Pre-faulted: first-touch page faults during the stream cost several times the copy.
+                t0 = time.monotonic()
+                self.arena = self._new_arena(arena_bytes)
+                steps["allocate"] = time.monotonic() - t0
 
-            t0 = self._step(LoadStep.DOWNLOAD)
-            fetch = Fetch(self, source, manifest, tensors, placements, total, refetch=cmd.refetch)
-            chunks = fetch.run()
-            steps["download"] = time.monotonic() - t0
+                t0 = self._step(LoadStep.DOWNLOAD)
+                fetch = Fetch(
+                    self, source, manifest, tensors, placements, total, refetch=cmd.refetch, held=kept
+                )
+                chunks = fetch.run()
+                steps["download"] = time.monotonic() - t0
+            finally:
+                if kept is not None:
+                    kept.close()
 
             t0 = self._step(LoadStep.VERIFY)
             log.info(
-                "%d chunks matched model version %s inline; %d tensors from cache, %d from %s",
+                "%d chunks matched model version %s inline; %d tensors kept from the previous range in "
+                "memory, %d from cache, %d from %s",
                 len(chunks),
                 manifest.merkle_root[:16],
+                fetch.from_held,
                 fetch.from_cache,
                 fetch.from_source,
                 source.description,
