@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts a local Butterfly cluster on the embedded default: a generated Llama test model on local
 # files, N nodes (default 3, `scripts/demo.sh 1` for a single node) on 127.0.0.1..N, their APIs on
-# 127.0.0.1:8080, 8081, ... It waits until the cluster is OPERATIONAL and says where to look.
+# 127.0.0.1:8080, 8081, ... It waits until the cluster is OPERATIONAL, prints a completion the
+# cluster serves, and says where to look.
 # Ctrl-C, SIGTERM or closing the terminal stops every node it started (and so does killing the
 # script outright: a watcher stops them), leaving nothing running.
 # Everything it writes lives under ./run/ (model, manifest, key, per-node state and cache).
@@ -38,7 +39,7 @@ stop() {
     set +e
     trap - INT TERM HUP EXIT
     [ -n "$watcher" ] && kill "$watcher" 2>/dev/null
-    [ -n "$poller" ] && kill "$poller" 2>/dev/null
+    [ -n "$poller" ] && kill -- -"$poller" 2>/dev/null   # its own process group (set -m): children too
     if [ ${#pids[@]} -gt 0 ]; then
         say "stopping ${#pids[@]} node(s)"
         kill -TERM "${pids[@]}" 2>/dev/null || true
@@ -139,6 +140,26 @@ poller=$!
 wait "$poller"
 poller=
 say "cluster OPERATIONAL, $((SECONDS - T0)) s after the demo started"
+# A completion served by the cluster: through node1's API (any node forwards to the pipeline's
+# entry). Just OPERATIONAL, the stages' ring may still be linking up (503): asked again meanwhile.
+# In the background like the poller, so that a signal stops the demo at once.
+prompt="The cluster says"
+say "asking node1 for a completion: butterfly-admin generate --url ${urls[0]} --max-tokens 24 --temperature 0 \"$prompt\""
+(
+    for _ in $(seq 1 60); do
+        if out=$(.venv/bin/butterfly-admin generate --url "${urls[0]}" --max-tokens 24 --temperature 0 "$prompt" 2>&1); then
+            printf '%s\n' "$out" | sed 's/^/[demo] completion: /'
+            exit 0
+        fi
+        sleep 0.5
+    done
+    printf '%s\n' "$out" | sed 's/^/[demo] no completion: /'
+    exit 1
+) &
+poller=$!
+wait "$poller" || true
+poller=
+say "(the test model's weights are random, so are its words; every token was computed by the ${N} node(s)' layers in turn)"
 say "where to look next:"
 say "  .venv/bin/butterfly-admin status                     each node's state, role, term and layers (add --url ${urls[0]})"
 say "  .venv/bin/butterfly-admin watch --url ${urls[0]}   live phase and progress"

@@ -1,10 +1,11 @@
-"""scripts/demo.sh, run for real (one node): it reaches OPERATIONAL, says where to look, and however
-it is stopped (Ctrl-C, SIGTERM, the terminal closing, even SIGKILL of the script) no node it started
-is left running and no shared memory is left behind."""
+"""scripts/demo.sh, run for real (one node): it reaches OPERATIONAL, prints a completion the node
+served, says where to look, and however it is stopped (Ctrl-C, SIGTERM, the terminal closing, even
+SIGKILL of the script) no node it started is left running and no shared memory is left behind."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -60,10 +61,18 @@ def test_the_demo_reaches_operational_and_stops_every_node(run_dir: Path, how: s
             start_new_session=True, cwd=REPO,
         )  # fmt: skip
         try:
-            _wait(lambda: "cluster OPERATIONAL" in log.read_text() or demo.poll() is not None, "OPERATIONAL")
+            _wait(
+                lambda: "Ctrl-C stops every node." in log.read_text() or demo.poll() is not None, "the demo"
+            )
             text = log.read_text()
             assert "[demo] cluster OPERATIONAL" in text, text[-3000:]
             assert "butterfly-admin status" in text and "Ctrl-C stops every node." in text
+            # It shows a completion the cluster served.
+            served = re.search(
+                r"\[demo\] completion: \[finish_reason=\w+, prompt_tokens=\d+, completion_tokens=(\d+)\]",
+                text,
+            )
+            assert served and int(served[1]) > 0, text[-3000:]
             pids = _node_pids(run_dir)
             assert len(pids) == 1
             assert [n for n in os.listdir("/dev/shm") if n.startswith(f"butterfly-demo-node1-{pids[0]}-")]

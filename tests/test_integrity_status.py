@@ -32,7 +32,7 @@ def board() -> Iterator[Board]:
 
 
 def test_reasons_reach_status_status_line_and_admin_whole(board: Board) -> None:
-    from butterfly.board import NodeSection
+    from butterfly.board import EngineSection, NodeSection
 
     board.update(NodeSection, state=int(NodeState.READY), phase=int(Phase.READY))
     notes = Notes(
@@ -60,7 +60,7 @@ def test_reasons_reach_status_status_line_and_admin_whole(board: Board) -> None:
 
 
 def test_a_fault_found_in_memory_stops_serving_before_the_supervisor_reacts(board: Board) -> None:
-    from butterfly.board import NodeSection
+    from butterfly.board import EngineSection, NodeSection
 
     now = time.monotonic_ns()
     # A node serving epoch 1 under a live lease from its coordinator.
@@ -77,6 +77,7 @@ def test_a_fault_found_in_memory_stops_serving_before_the_supervisor_reacts(boar
         repairs=2,
     )
     board.update(ValidatorSection, heartbeat_mono_ns=now)
+    board.update(EngineSection, heartbeat_mono_ns=now, serving=1, epoch=1)
     assert build_status(board.snapshot(), "worker", [], 10.0, now, Notes()).may_serve
     board.update(ValidatorSection, fault=1, mismatches=3, scrub_passes=4, scrub_bytes=4096, scrub_cpu_s=0.5)
     mismatch = Mismatch(
