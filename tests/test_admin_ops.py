@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from butterfly.cli.admin_ops import human_bytes, human_seconds, status_line
+from butterfly.cli.admin_client import human_bytes, human_seconds
+from butterfly.cli.admin_status import status_line
 from tests.nodeharness import Node, free_port, segments_of, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -564,7 +565,7 @@ def test_gpu_and_disk_verdicts_against_the_model_size(
     """The GPU and disk checks' arithmetic, in-process with the machine's answers replaced: the
     test machines have no GPU and a roomy disk, so the other verdicts cannot be reached for real."""
     import butterfly.hardware
-    from butterfly.cli.admin_ops import _Diagnosis
+    from butterfly.cli.admin_diagnose import _Diagnosis
     from butterfly.config import load_config
     from butterfly.hardware import GpuInfo, Hardware
     from butterfly.weights.manifest import MANIFEST_FILE, read_manifest

@@ -13,7 +13,8 @@ import pytest
 
 from butterfly.api.metrics import render_families
 from butterfly.board import Board, ClusterSection, LoaderSection, ValidatorSection
-from butterfly.cli.admin_ops import _status_tables, make_console
+from butterfly.cli.admin_client import make_console
+from butterfly.cli.admin_status import _status_tables
 from butterfly.ipc import Mismatch, PeerFault
 from butterfly.states import NodeState, Phase
 from butterfly.status import Notes

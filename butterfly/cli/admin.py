@@ -1,7 +1,7 @@
 """`butterfly-admin`: operator commands.
 
 Exit status: 0 success, 1 the command ran and found a problem (node FAILED, a check failed, ...),
-2 usage error, 3 node unreachable, 4 ``watch`` timed out, 78 bad config (see ``admin_ops``).
+2 usage error, 3 node unreachable, 4 ``watch`` timed out, 78 bad config (see ``admin_client``).
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("path", metavar="PATH")
     sc.set_defaults(func=cmd_secret_create)
 
-    from butterfly.cli import admin_generate, admin_ops, admin_raft, admin_weights
+    from butterfly.cli import admin_diagnose, admin_generate, admin_raft, admin_status, admin_weights
 
-    admin_ops.register(sub)
+    admin_status.register(sub)
+    admin_diagnose.register(sub)
     admin_weights.register(sub)
     admin_raft.register(sub)
     admin_generate.register(sub)

@@ -19,12 +19,12 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from butterfly.cli.admin_ops import (
+from butterfly.cli.admin_client import (
     EXIT_OK,
     EXIT_PROBLEM,
     EXIT_UNREACHABLE,
-    _add_target,
-    _resolve_url_or_exit,
+    add_target,
+    resolve_url_or_exit,
 )
 
 __all__ = ["cmd_generate", "register"]
@@ -143,7 +143,7 @@ def generate(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> in
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    url = _resolve_url_or_exit(args)
+    url = resolve_url_or_exit(args)
     if isinstance(url, int):
         return url
     return generate(url, args, sys.stdout, sys.stderr)
@@ -157,7 +157,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "the answer as it streams; the finish reason and token counts go to stderr. Exit status: 0 "
         "answered, 1 refused or broken off, 3 node unreachable, 78 bad --config.",
     )
-    _add_target(g)
+    add_target(g)
     g.add_argument("prompt", metavar="PROMPT")
     g.add_argument("--chat", action="store_true", help="send PROMPT as a user message (chat template)")
     g.add_argument("--max-tokens", type=int, default=32, metavar="N", help="at most N tokens (default 32)")

@@ -50,7 +50,7 @@ def _held_by(config: Config) -> Callable[[HostPort], bool]:
     """Whether a port in use is held by a running node with this config's node id (its API says)."""
 
     def held(_: HostPort) -> bool:
-        from butterfly.cli.admin_ops import Unreachable, fetch_status, url_for
+        from butterfly.cli.admin_client import Unreachable, fetch_status, url_for
 
         try:
             status = fetch_status(url_for(config.api.listen), timeout=2.0)
