@@ -26,8 +26,9 @@ import msgspec
 from butterfly import __version__
 from butterfly.config import Config
 from butterfly.hardware import Hardware
+from butterfly.net.connection import PeerEvent
 from butterfly.net.frames import CHANNEL_CAPABILITY, PROTOCOL_VERSION, NodeIdText
-from butterfly.net.transport import PeerEvent, Transport, default_advertise
+from butterfly.net.transport import Transport, default_advertise
 
 log = logging.getLogger("butterfly.capabilities")
 

@@ -652,19 +652,19 @@ def test_a_newcomer_evicts_the_oldest_handshake_of_the_busiest_host() -> None:
         port = a.address.port
         try:
             first = await _raw("127.0.0.1", port, source="127.0.0.2")
-            await wait_until(lambda: a.stats.evicted_handshakes == 0 and len(a._handshaking) == 1)
+            await wait_until(lambda: a.stats.evicted_handshakes == 0 and len(a._slots.handshaking) == 1)
             second = await _raw("127.0.0.1", port, source="127.0.0.2")
             lone = await _raw("127.0.0.1", port, source="127.0.0.3")
-            await wait_until(lambda: len(a._handshaking) == 3, what="three handshakes held")
+            await wait_until(lambda: len(a._slots.handshaking) == 3, what="three handshakes held")
             newcomer = await _raw("127.0.0.1", port, source="127.0.0.4")
             await wait_until(lambda: a.stats.evicted_handshakes == 1, what="an eviction")
             assert await _is_closed(first[0])  # the oldest of 127.0.0.2, which held two
             for reader, _ in (second, lone, newcomer):
                 assert not await _is_closed(reader, 0.2)
-            assert len(a._handshaking) == 3 and a._open == 3
+            assert len(a._slots.handshaking) == 3 and a._slots.open == 3
             for _, writer in (first, second, lone, newcomer):
                 writer.close()
-            await wait_until(lambda: a._open == 0 and not a._handshaking, what="every slot freed")
+            await wait_until(lambda: a._slots.open == 0 and not a._slots.handshaking, what="every slot freed")
         finally:
             await a.close()
 
@@ -725,12 +725,14 @@ def test_half_open_handshakes_from_many_addresses_never_lock_out_a_peer(
             _flood(a.address.port, hosts, stop, tls["mitm"].client if tls else None)
         )
         try:
-            await wait_until(lambda: len(a._handshaking) == 16, what="the flood to fill the handshake slots")
+            await wait_until(
+                lambda: len(a._slots.handshaking) == 16, what="the flood to fill the handshake slots"
+            )
             await mesh(a, b)
             b.send("a", "raft", b"through the flood")
             assert await next_message(a) == ("b", "raft", b"through the flood")
             assert a.stats.evicted_handshakes > 0
-            assert a._open <= limits.max_connections
+            assert a._slots.open <= limits.max_connections
         finally:
             stop.set()
             opened = await flood
@@ -751,7 +753,7 @@ def test_a_silent_tls_connection_is_dropped_and_takes_no_handshake_slot(pki: Pat
         )
         try:
             silent = [await _raw("127.0.0.1", a.address.port, source="127.0.0.5") for _ in range(3)]
-            assert not a._handshaking
+            assert not a._slots.handshaking
             for reader, writer in silent:
                 assert await _is_closed(reader, 5.0)
                 writer.close()

@@ -48,7 +48,8 @@ from butterfly.ipc import (
     StartCluster,
     Waiting,
 )
-from butterfly.net.transport import Incoming, Transport, transport_from_config
+from butterfly.net.connection import Incoming
+from butterfly.net.transport import Transport, transport_from_config
 from butterfly.planner import ModelSizes
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,

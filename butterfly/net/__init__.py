@@ -1,5 +1,6 @@
-"""Node-to-node networking: the wire format (``frames``), authentication (``auth``) and the
-connection manager (``transport``).
+"""Node-to-node networking: the wire format (``frames``), authentication (``auth``), the connection
+manager (``transport``) and its parts: one connection's life (``connection``), connection slots
+(``slots``), bounds and counters (``limits``).
 
 This package owns everything between a socket and "peer X sent these bytes on channel C". It must not
 know what the bytes mean (Raft, capabilities and validation decode their own channels), find peers
@@ -16,6 +17,7 @@ from butterfly.net.auth import (
     load_secret,
     make_tls_contexts,
 )
+from butterfly.net.connection import Incoming, PeerEvent, PeerInfo
 from butterfly.net.frames import (
     CHANNEL_CAPABILITY,
     CHANNEL_RAFT,
@@ -25,16 +27,8 @@ from butterfly.net.frames import (
     FrameError,
     FrameTooLarge,
 )
-from butterfly.net.transport import (
-    Incoming,
-    PeerEvent,
-    PeerInfo,
-    Transport,
-    TransportLimits,
-    TransportStats,
-    default_advertise,
-    transport_from_config,
-)
+from butterfly.net.limits import TransportLimits, TransportStats
+from butterfly.net.transport import Transport, default_advertise, transport_from_config
 
 __all__ = [
     "CHANNEL_CAPABILITY",

@@ -30,16 +30,14 @@ in total, and connections in total; session frames are capped at ``max_frame_byt
 connection, never the node), and a connection that receives nothing for ``idle_timeout_s`` is closed
 (each side pings when idle).
 
-Unauthenticated connections can never lock an authenticated peer out: handshakes in progress may hold
-at most ``max_pending_total`` of the ``max_connections`` slots (the rest are reserved for connections
-that proved the secret), and when a new connection finds the handshake slots or all slots taken, the
-oldest handshake of the host holding the most is evicted for it. A peer completes its handshake in a
-few round trips while a slow or half-open one sits in its slot, so the slow ones go first; only a
-transport full of *authenticated* connections refuses a newcomer.
+Unauthenticated connections can never lock an authenticated peer out (``butterfly.net.slots`` says how
+handshakes share the connection slots and which one is evicted for a newcomer).
 
-This module owns sockets, connection lifecycles, queues, reconnects and the refusal log lines (rate
-limited). It must not interpret channel payloads, import their message types, discover peers or
-decide cluster membership: it reports peers up and down and leaves the rest to its callers.
+This module owns sockets, reconnects, the one-connection rule, the send queues and the refusal log
+lines (rate limited); a connection's own reading, writing and keepalive are ``butterfly.net.connection``,
+the bounds and counters ``butterfly.net.limits``. It must not interpret channel payloads, import their
+message types, discover peers or decide cluster membership: it reports peers up and down and leaves the
+rest to its callers.
 """
 
 from __future__ import annotations
@@ -50,10 +48,9 @@ import random
 import re
 import secrets
 import socket
-import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
@@ -77,8 +74,17 @@ from butterfly.net.auth import (
     server_handshake,
     tls_binding,
 )
+from butterfly.net.connection import (
+    REFUSED_DUPLICATE_CONNECTION,
+    Connection,
+    Incoming,
+    Link,
+    MessageHandler,
+    PeerEvent,
+    PeerInfo,
+    PeerListener,
+)
 from butterfly.net.frames import (
-    DEFAULT_MAX_FRAME,
     MAC_BYTES,
     PROTOCOL_VERSION,
     ConnectionLost,
@@ -86,229 +92,16 @@ from butterfly.net.frames import (
     FrameError,
     FrameStream,
     FrameTooLarge,
-    Goodbye,
     PeerIdentity,
-    Ping,
-    SessionMessage,
-    decode_session,
     encode,
 )
+from butterfly.net.limits import LogLimiter, TransportLimits, TransportStats
+from butterfly.net.slots import ConnectionSlots
 
 log = logging.getLogger("butterfly.net")
 
 _CHANNEL = re.compile(r"[a-z0-9_.-]{1,32}")
 _WILDCARDS: Final = frozenset({"0.0.0.0", "::", ""})
-_DRAIN_ABOVE: Final = 1 << 20
-"""Bytes buffered for one peer before the writer waits for the kernel to take them."""
-_REFUSED_DUPLICATE_CONNECTION: Final = "duplicate-connection"
-
-
-@dataclass(frozen=True)
-class TransportLimits:
-    """Every bound the transport enforces; the defaults suit a LAN cluster of up to a few hundred nodes."""
-
-    max_frame_bytes: int = DEFAULT_MAX_FRAME
-    """Largest session frame (body and MAC) sent or accepted; a larger one received drops the connection."""
-    max_connections: int = 512
-    """Connections in total, handshaking or established, inbound and outbound."""
-    max_pending_per_host: int = 8
-    """Handshakes in progress from one remote IP address (a peer has one connection once established)."""
-    max_pending_total: int = 128
-    """Handshakes in progress in total, inbound; the other ``max_connections`` slots are kept for
-    authenticated connections. A newcomer past it evicts the oldest handshake of the busiest host."""
-    handshake_timeout_s: float = 5.0
-    """The whole handshake (and TLS) must finish within this, however the peer trickles its bytes."""
-    connect_timeout_s: float = 3.0
-    keepalive_interval_s: float = 1.0
-    """A connection with nothing to send for this long sends a Ping."""
-    idle_timeout_s: float = 5.0
-    """A connection that received nothing (not even a Ping) for this long is closed."""
-    queue_max_messages: int = 1024
-    """Messages waiting for one peer before the oldest is dropped."""
-    queue_max_bytes: int = 64 << 20
-    """Bytes waiting for one peer before the oldest message is dropped."""
-    inbox_max_messages: int = 4096
-    """Messages waiting in ``inbox`` (channels without a handler) before new ones are dropped."""
-    backoff_initial_s: float = 0.1
-    backoff_max_s: float = 5.0
-    log_interval_s: float = 10.0
-    """At most one refusal line per (reason, remote host) in this many seconds; the rest are counted."""
-
-    def __post_init__(self) -> None:
-        positive = [f.name for f in fields(self) if getattr(self, f.name) <= 0 and f.name != "log_interval_s"]
-        if positive:
-            raise ValueError(f"transport limits must be > 0: {', '.join(positive)}")
-        if self.log_interval_s < 0:
-            raise ValueError("log_interval_s must be >= 0 (0: log every refusal)")
-        if self.idle_timeout_s <= self.keepalive_interval_s:
-            raise ValueError("idle_timeout_s must be longer than keepalive_interval_s")
-        if self.queue_max_bytes < self.max_frame_bytes:
-            raise ValueError("queue_max_bytes must hold at least one max_frame_bytes frame")
-        if self.max_pending_total >= self.max_connections:
-            raise ValueError("max_pending_total must be below max_connections (the rest are reserved)")
-        if self.backoff_max_s < self.backoff_initial_s:
-            raise ValueError("backoff_max_s must be >= backoff_initial_s")
-
-
-@dataclass
-class TransportStats:
-    """Counters for /metrics; each names what happened, never a gauge."""
-
-    messages_sent: int = 0
-    messages_received: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    dropped_queue_full: int = 0
-    dropped_no_route: int = 0
-    dropped_inbox_full: int = 0
-    connections_accepted: int = 0
-    connections_dialed: int = 0
-    connect_failures: int = 0
-    refused_limit: int = 0
-    evicted_handshakes: int = 0
-    refused_auth: int = 0
-    refused_version: int = 0
-    refused_cluster: int = 0
-    refused_duplicate_id: int = 0
-    refused_other: int = 0
-    handshake_timeouts: int = 0
-    protocol_errors: int = 0
-    integrity_failures: int = 0
-    oversized_frames: int = 0
-    idle_timeouts: int = 0
-
-    def snapshot(self) -> dict[str, int]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class PeerInfo:
-    """An authenticated peer as its connection knows it."""
-
-    node_id: str
-    advertise: str
-    incarnation: bytes
-    version: tuple[int, int]
-    dialed_by: str
-    remote: str
-    cluster_id: str = ""
-
-
-@dataclass(frozen=True)
-class PeerEvent:
-    """A peer came up (a connection was kept) or went down (its last connection closed)."""
-
-    up: bool
-    peer: PeerInfo
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One received message on a channel without a subscribed handler."""
-
-    peer_id: str
-    channel: str
-    payload: bytes
-
-
-MessageHandler = Callable[[str, bytes], None]
-"""``handler(peer_id, payload)``, called on the event loop for each message; it must not block."""
-PeerListener = Callable[[PeerEvent], None]
-
-
-class _LogLimiter:
-    """One line per key per interval; the next line says how many were held back. Keys are capped so
-    a peer cycling source addresses cannot grow this without bound."""
-
-    def __init__(self, interval_s: float) -> None:
-        self.interval_s = interval_s
-        self._seen: dict[tuple[str, ...], tuple[float, int]] = {}
-
-    def log(self, level: int, key: tuple[str, ...], message: str) -> None:
-        now = time.monotonic()
-        last, held = self._seen.get(key, (-1e18, 0))
-        if now - last < self.interval_s:
-            self._seen[key] = (last, held + 1)
-            return
-        if len(self._seen) >= 1024:
-            self._seen.clear()
-        self._seen[key] = (now, 0)
-        log.log(level, "%s%s", message, f" ({held} more like this suppressed)" if held else "")
-
-
-class _Connection:
-    """One authenticated connection. ``write`` seals and queues a frame synchronously, so the sequence
-    numbers follow write order whichever task writes."""
-
-    def __init__(self, stream: FrameStream, session: Session, dialed_by: str) -> None:
-        self.stream = stream
-        self.session = session
-        peer = session.peer
-        self.info = PeerInfo(
-            peer.node_id,
-            peer.advertise,
-            peer.incarnation,
-            session.peer_version,
-            dialed_by,
-            stream.peer_host(),
-            peer.cluster_id,
-        )
-        self.wake = asyncio.Event()
-        self.closed = asyncio.Event()
-        self.closing = False
-        self.retired_at: float | None = None
-        self.last_rx = self.last_tx = time.monotonic()
-
-    def write(self, body: bytes) -> None:
-        sealer = self.session.sealer
-        self.stream.write(body, sealer.seal(body) if sealer is not None else b"")
-        self.last_tx = time.monotonic()
-
-    def close(self, code: str = "", reason: str = "") -> None:
-        """Stop using the connection; with a ``code`` the peer is told why first (a sealed Goodbye)."""
-        if self.closing:
-            return
-        self.closing = True
-        if code:
-            try:
-                self.write(encode(Goodbye(code, reason[:512])))
-            except (OSError, RuntimeError):
-                pass  # the socket is already gone; there is nobody left to tell
-        self.stream.close()  # flushes what was written, then closes
-        self.wake.set()
-
-    def retire(self, code: str, reason: str) -> None:
-        """Stop writing and say Goodbye, but keep reading until the peer's Goodbye: frames it wrote before
-        it too saw the other connection are still delivered (the one-connection rule loses nothing)."""
-        if self.closing or self.retired_at is not None:
-            return
-        self.retired_at = time.monotonic()
-        try:
-            self.write(encode(Goodbye(code, reason[:512])))
-        except (OSError, RuntimeError):
-            self.close()
-
-
-@dataclass
-class _Link:
-    """Everything about one peer id that outlives its connections: the send queue and the live one."""
-
-    queue: deque[bytes] = field(default_factory=deque)
-    queued_bytes: int = 0
-    conn: _Connection | None = None
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One accepted connection's claim on ``max_connections``, and on the handshake slots until it
-    authenticates. Released exactly once, by its own task's end or by an eviction."""
-
-    host: str
-    writer: asyncio.StreamWriter
-    task: asyncio.Task[None] | None = None
-    handshaking: bool = True
-    released: bool = False
-    evicted: bool = False
 
 
 @dataclass
@@ -374,17 +167,14 @@ class Transport:
         self._cluster_id = ""
         self._identity: PeerIdentity | None = None
         self._server: asyncio.AbstractServer | None = None
-        self._links: dict[str, _Link] = {}
+        self._links: dict[str, Link] = {}
         self._dialers: dict[HostPort, _Dialer] = {}
         self._handlers: dict[str, MessageHandler] = {}
         self._listeners: list[PeerListener] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._open = 0
-        self._pending: dict[str, int] = {}
-        self._handshaking: dict[_Slot, None] = {}
-        """Inbound connections still in their handshake, oldest first (an ordered set)."""
         self._closing = False
-        self._limiter = _LogLimiter(self.limits.log_interval_s)
+        self._limiter = LogLimiter(self.limits.log_interval_s)
+        self._slots = ConnectionSlots(self.limits, self.stats, self._limiter)
         self.address: HostPort = bind
         """The address actually listened on (the real port when ``bind`` asked for port 0)."""
 
@@ -545,7 +335,7 @@ class Transport:
         """The next message of a channel that has no handler."""
         return await self.inbox.get()
 
-    def _enqueue(self, link: _Link, body: bytes) -> None:
+    def _enqueue(self, link: Link, body: bytes) -> None:
         limits = self.limits
         while link.queue and (
             len(link.queue) >= limits.queue_max_messages
@@ -617,10 +407,10 @@ class Transport:
             )
         return None
 
-    def _register(self, conn: _Connection) -> bool:
+    def _register(self, conn: Connection) -> bool:
         """Make ``conn`` its peer's live connection, or retire it if the one already there wins."""
         peer_id = conn.info.node_id
-        link = self._links.setdefault(peer_id, _Link())
+        link = self._links.setdefault(peer_id, Link())
         old = link.conn
         if old is None or old.closing:
             link.conn = conn
@@ -634,11 +424,11 @@ class Transport:
         elif self._prefer(conn.info, old.info):
             link.conn = conn
             old.retire(
-                _REFUSED_DUPLICATE_CONNECTION, f"keeping the connection dialed by {conn.info.dialed_by}"
+                REFUSED_DUPLICATE_CONNECTION, f"keeping the connection dialed by {conn.info.dialed_by}"
             )
         else:
             conn.retire(
-                _REFUSED_DUPLICATE_CONNECTION, f"keeping the connection dialed by {old.info.dialed_by}"
+                REFUSED_DUPLICATE_CONNECTION, f"keeping the connection dialed by {old.info.dialed_by}"
             )
             return False
         if link.queue:
@@ -672,7 +462,7 @@ class Transport:
         if exc.code == REFUSED_SELF:
             log.debug("%s is this node itself; not dialing it again", where)
             return
-        if exc.code == _REFUSED_DUPLICATE_CONNECTION:
+        if exc.code == REFUSED_DUPLICATE_CONNECTION:
             return
         setattr(self.stats, counter, getattr(self.stats, counter) + 1)
         mine = f"{self._version[0]}.{self._version[1]}"
@@ -698,7 +488,7 @@ class Transport:
         stream = FrameStream(reader, writer)
         host = stream.peer_host()
         limits = self.limits
-        slot = self._claim_inbound(host, writer)
+        slot = None if self._closing else self._slots.claim_inbound(host, writer)
         if slot is None:
             stream.close()
             return
@@ -709,9 +499,9 @@ class Transport:
             try:
                 session = await asyncio.wait_for(self._server_side(stream), limits.handshake_timeout_s)
             finally:
-                self._end_handshake(slot)
+                self._slots.end_handshake(slot)
             self.stats.connections_accepted += 1
-            await self._run(_Connection(stream, session, dialed_by=session.peer.node_id))
+            await self._run(Connection(stream, session, dialed_by=session.peer.node_id))
         except HandshakeError as exc:
             self._refused(exc, f"connection from {host}")
         except asyncio.TimeoutError:
@@ -731,7 +521,7 @@ class Transport:
             # (CPython < 3.12): end normally instead; nothing waits on this task's result.
             pass
         finally:
-            self._free(slot)
+            self._slots.free(slot)
             await stream.aclose()
             if task is not None:
                 self._tasks.discard(task)
@@ -745,70 +535,6 @@ class Transport:
             tls_binding=self._binding(stream, is_client=False),
             version=self._version,
         )
-
-    def _claim_inbound(self, host: str, writer: asyncio.StreamWriter) -> _Slot | None:
-        """A slot for a new inbound connection, evicting a handshake for it if need be; None: refused."""
-        limits = self.limits
-        if self._closing:
-            return None
-        if self._pending.get(host, 0) >= limits.max_pending_per_host:
-            self._refuse_limit(host, f"{limits.max_pending_per_host} handshakes from it already in progress")
-            return None
-        if len(self._handshaking) >= limits.max_pending_total or self._open >= limits.max_connections:
-            if not self._evict_handshake():
-                self._refuse_limit(host, f"all {limits.max_connections} connections are authenticated peers")
-                return None
-        slot = _Slot(host, writer)
-        self._open += 1
-        self._pending[host] = self._pending.get(host, 0) + 1
-        self._handshaking[slot] = None
-        return slot
-
-    def _refuse_limit(self, host: str, why: str) -> None:
-        self.stats.refused_limit += 1
-        self._limiter.log(
-            logging.WARNING, ("limit", host), f"refused a connection from {host}: connection limit ({why})"
-        )
-
-    def _evict_handshake(self) -> bool:
-        """Make room by dropping the oldest handshake of the host with the most in progress: a flood
-        loses its own slots first, and a real peer, through its handshake in a few round trips, is
-        rarely the oldest. False when no handshake is in progress."""
-        if not self._handshaking:
-            return False
-        busiest = max(self._pending.values())
-        victim = next(slot for slot in self._handshaking if self._pending.get(slot.host, 0) == busiest)
-        self._limiter.log(
-            logging.WARNING,
-            ("evicted", victim.host),
-            f"dropped an unfinished handshake from {victim.host} to make room for a new connection "
-            f"({len(self._handshaking)} handshakes in progress, {busiest} from that host; "
-            f"{self._open} connections)",
-        )
-        victim.evicted = True
-        self._free(victim)
-        victim.writer.transport.abort()
-        if victim.task is not None:
-            victim.task.cancel()
-        self.stats.evicted_handshakes += 1
-        return True
-
-    def _end_handshake(self, slot: _Slot) -> None:
-        if not slot.handshaking:
-            return
-        slot.handshaking = False
-        self._handshaking.pop(slot, None)
-        left = self._pending.get(slot.host, 0) - 1
-        if left > 0:
-            self._pending[slot.host] = left
-        else:
-            self._pending.pop(slot.host, None)
-
-    def _free(self, slot: _Slot) -> None:
-        self._end_handshake(slot)
-        if not slot.released:
-            slot.released = True
-            self._open -= 1
 
     def _binding(self, stream: FrameStream, *, is_client: bool) -> bytes | None:
         return tls_binding(stream, self._tls.certificate, is_client=is_client) if self._tls else None
@@ -851,11 +577,9 @@ class Transport:
         """One connection attempt, run until the connection ends; True if a session was established."""
         limits = self.limits
         address = dialer.address
-        if self._open >= limits.max_connections and not self._evict_handshake():
-            self.stats.refused_limit += 1
+        if not self._slots.claim_outbound():
             return False
         local = None if self._bind.host in _WILDCARDS else (self._bind.host, 0)
-        self._open += 1
         stream: FrameStream | None = None
         where = f"peer {address}"
         try:
@@ -886,7 +610,7 @@ class Transport:
                 ),
                 limits.handshake_timeout_s,
             )
-            conn = _Connection(stream, session, dialed_by=self.node_id)
+            conn = Connection(stream, session, dialed_by=self.node_id)
             verdict = self._admit(session.peer)
             if verdict is not None:
                 conn.close(*verdict)
@@ -899,7 +623,7 @@ class Transport:
                     session.peer.node_id,
                 )
             dialer.peer_id = session.peer.node_id
-            link = self._links.setdefault(dialer.peer_id, _Link())
+            link = self._links.setdefault(dialer.peer_id, Link())
             while dialer.pending:
                 self._enqueue(link, dialer.pending.popleft())
             dialer.in_session = True
@@ -928,13 +652,13 @@ class Transport:
             )
             return False
         finally:
-            self._open -= 1
+            self._slots.release_outbound()
             if stream is not None:
                 await stream.aclose()
 
     # ---- a connection's life ---------------------------------------------------------------------
 
-    async def _run(self, conn: _Connection) -> None:
+    async def _run(self, conn: Connection) -> None:
         """Serve one authenticated connection until it ends; its writer and keepalive run beside. A
         connection that loses the one-connection rule is read until the peer's Goodbye, then closed."""
         peer_id = conn.info.node_id
@@ -946,9 +670,12 @@ class Transport:
                 "we dialed" if conn.info.dialed_by == self.node_id else "it dialed",
                 *conn.session.version,
             )
-        helpers = [self._spawn(self._write_loop(conn)), self._spawn(self._keepalive_loop(conn))]
+        helpers = [
+            self._spawn(conn.write_loop(self._links[peer_id], self.stats)),
+            self._spawn(conn.keepalive_loop(self.limits, self.stats)),
+        ]
         try:
-            await self._read_loop(conn)
+            await conn.read_loop(self.limits.max_frame_bytes, self.stats, self._limiter, self._deliver)
         except IntegrityError as exc:
             self.stats.integrity_failures += 1
             log.warning("dropping the connection to node %s: %s", peer_id, exc)
@@ -971,72 +698,6 @@ class Transport:
                 link.conn = None
                 self._notify(PeerEvent(False, conn.info))
             conn.closed.set()
-
-    async def _read_loop(self, conn: _Connection) -> None:
-        opener = conn.session.opener
-        limit = self.limits.max_frame_bytes
-        while True:
-            frame = await conn.stream.read(limit)
-            body = opener.open(frame) if opener is not None else frame
-            message: SessionMessage = decode_session(body)
-            conn.last_rx = time.monotonic()
-            self.stats.bytes_received += len(frame)
-            if isinstance(message, Data):
-                self._deliver(conn.info.node_id, message)
-            elif isinstance(message, Goodbye):
-                if message.code != _REFUSED_DUPLICATE_CONNECTION:
-                    level = logging.ERROR if message.code == REFUSED_DUPLICATE_ID else logging.INFO
-                    text = (
-                        f"node {conn.info.node_id} closed the connection ({message.code}): {message.reason}"
-                    )
-                    self._limiter.log(level, ("goodbye", message.code, conn.info.node_id), text)
-                return
-
-    async def _write_loop(self, conn: _Connection) -> None:
-        link = self._links[conn.info.node_id]
-        stream = conn.stream
-        try:
-            while not conn.closing:
-                await conn.wake.wait()
-                conn.wake.clear()
-                while link.queue and link.conn is conn and not conn.closing and conn.retired_at is None:
-                    body = link.queue.popleft()
-                    link.queued_bytes -= len(body)
-                    conn.write(body)
-                    self.stats.messages_sent += 1
-                    self.stats.bytes_sent += len(body)
-                    if stream.buffered() > _DRAIN_ABOVE:
-                        await stream.drain()
-                await stream.drain()
-        except (ConnectionLost, OSError, RuntimeError):
-            conn.close()
-
-    async def _keepalive_loop(self, conn: _Connection) -> None:
-        limits = self.limits
-        ping = encode(Ping())
-        while not conn.closing:
-            await asyncio.sleep(limits.keepalive_interval_s / 2)
-            now = time.monotonic()
-            if now - conn.last_rx > limits.idle_timeout_s:
-                self.stats.idle_timeouts += 1
-                log.warning(
-                    "closing the connection to node %s: nothing received for %.1f s",
-                    conn.info.node_id,
-                    now - conn.last_rx,
-                )
-                conn.close("idle", f"nothing received for {limits.idle_timeout_s:g} s")
-                return
-            if conn.retired_at is not None:
-                if now - conn.retired_at > limits.idle_timeout_s:
-                    conn.close()  # the peer never said its Goodbye on the connection we gave up
-                    return
-                continue
-            if now - conn.last_tx >= limits.keepalive_interval_s and conn.stream.buffered() == 0:
-                try:
-                    conn.write(ping)
-                except (OSError, RuntimeError):
-                    conn.close()
-                    return
 
 
 def transport_from_config(config: Config, *, limits: TransportLimits | None = None) -> Transport:
