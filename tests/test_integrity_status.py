@@ -33,7 +33,7 @@ def board() -> Iterator[Board]:
 
 
 def test_reasons_reach_status_status_line_and_admin_whole(board: Board) -> None:
-    from butterfly.board import EngineSection, NodeSection
+    from butterfly.board import NodeSection
 
     board.update(NodeSection, state=int(NodeState.READY), phase=int(Phase.READY))
     notes = Notes(

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from butterfly.cli.admin_client import print_error
+
 # butterfly.weights.manifest and .cache pull in numpy and blake3 (~0.25 s): they are imported by
 # the commands that need them, so `butterfly-admin status` stays quick. The help texts below restate two of
 # their constants; test_admin_weights checks they agree.
@@ -23,10 +25,6 @@ DEFAULT_CHUNK_TEXT = "8M"
 
 _SIZE = re.compile(r"(\d+)\s*([KMG]i?B?|)", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def _err(message: str) -> None:
-    print(f"butterfly-admin: {message}", file=sys.stderr)
 
 
 def parse_size(text: str) -> int:
@@ -49,7 +47,7 @@ def cmd_manifest_build(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
-        _err(f"{model_dir} is not a directory")
+        print_error(f"{model_dir} is not a directory")
         return 2
     out = Path(args.output) if args.output else model_dir / MANIFEST_FILE
     started = time.monotonic()
@@ -61,10 +59,10 @@ def cmd_manifest_build(args: argparse.Namespace) -> int:
         manifest, stats = build_manifest(model_dir, args.chunk_bytes, on_file=on_file)
         write_manifest(manifest, out)
     except (ModelFormatError, ManifestError, SourceError, OSError) as e:
-        _err(f"cannot build a manifest: {e}")
+        print_error(f"cannot build a manifest: {e}")
         return 1
     except ValueError as e:  # a bad --chunk-bytes
-        _err(str(e))
+        print_error(str(e))
         return 2
     seconds = time.monotonic() - started
     print(f"root:   {manifest.merkle_root}")
@@ -82,11 +80,13 @@ def _manifest_path(args: argparse.Namespace) -> Path | None:
     """MODEL_DIR/butterfly-manifest.json or --manifest; None (said why) when there is none."""
     model_dir = Path(args.model)
     if not model_dir.is_dir():
-        _err(f"{model_dir} is not a directory")
+        print_error(f"{model_dir} is not a directory")
         return None
     path = Path(args.manifest) if args.manifest else model_dir / MANIFEST_FILE_NAME
     if not path.is_file():
-        _err(f"no manifest at {path}: build one with `butterfly-admin manifest build` or pass --manifest")
+        print_error(
+            f"no manifest at {path}: build one with `butterfly-admin manifest build` or pass --manifest"
+        )
         return None
     return path
 
@@ -111,19 +111,19 @@ def _pins(args: argparse.Namespace) -> tuple[str | None, str | None] | int:
         try:
             model = load_config(args.config).model
         except ConfigError as e:
-            _err(str(e))
+            print_error(str(e))
             return EX_CONFIG
         root, key = model.expected_root, model.manifest_public_key
     if args.expected_root is not None:
         if not is_root(args.expected_root):
-            _err(f"--expected-root must be 64 lowercase hex digits, not {args.expected_root!r}")
+            print_error(f"--expected-root must be 64 lowercase hex digits, not {args.expected_root!r}")
             return 2
         root = args.expected_root
     if args.public_key is not None:
         try:
             parse_public_key(args.public_key)
         except ValueError as e:
-            _err(f"--public-key is not an Ed25519 public key in base64: {e}")
+            print_error(f"--public-key is not an Ed25519 public key in base64: {e}")
             return 2
         key = args.public_key
     return root, key
@@ -135,7 +135,7 @@ def cmd_manifest_verify(args: argparse.Namespace) -> int:
     from butterfly.weights.verify import verify_dir
 
     if args.model.startswith("s3://"):
-        _err("verifying an S3 prefix is not supported by this build yet; pass a model directory")
+        print_error("verifying an S3 prefix is not supported by this build yet; pass a model directory")
         return 2
     pins = _pins(args)
     if isinstance(pins, int):
@@ -156,7 +156,7 @@ def cmd_manifest_verify(args: argparse.Namespace) -> int:
             where=str(path),
         )
     except (ManifestError, ManifestRefused, OSError) as e:
-        _err(f"refusing the manifest: {e}")
+        print_error(f"refusing the manifest: {e}")
         return 1
     started = time.monotonic()
     problems = verify_dir(manifest, model_dir)
@@ -165,7 +165,7 @@ def cmd_manifest_verify(args: argparse.Namespace) -> int:
         print(p)
     total = sum(f.size for f in manifest.files.values())
     if problems:
-        _err(f"{model_dir} does NOT match {path}: {len(problems)} problems")
+        print_error(f"{model_dir} does NOT match {path}: {len(problems)} problems")
         return 1
     print(
         f"ok: {len(manifest.files)} files, {len(manifest.tensors)} tensors, {total} bytes match root "
@@ -187,7 +187,7 @@ def cmd_manifest_show(args: argparse.Namespace) -> int:
     try:
         manifest = read_manifest(path)
     except ManifestError as e:
-        _err(f"refusing the manifest: {e}")
+        print_error(f"refusing the manifest: {e}")
         return 1
     signed = _signature_of(path) is not None
     print(f"root:     {manifest.merkle_root}")
@@ -210,10 +210,10 @@ def cmd_manifest_keygen(args: argparse.Namespace) -> int:
         # O_EXCL: never overwrite a key (the manifests it signed would become unverifiable).
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        _err(f"{out} exists; refusing to overwrite a key")
+        print_error(f"{out} exists; refusing to overwrite a key")
         return 1
     except OSError as e:
-        _err(f"cannot write {out}: {e.strerror or e}")
+        print_error(f"cannot write {out}: {e.strerror or e}")
         return 1
     with os.fdopen(fd, "wb") as f:
         f.write(pair.private_pem)
@@ -233,13 +233,13 @@ def cmd_manifest_sign(args: argparse.Namespace) -> int:
     try:
         key = load_private_key(Path(args.key).read_bytes())
     except (OSError, ValueError) as e:
-        _err(f"cannot use {args.key} as the signing key: {e}")
+        print_error(f"cannot use {args.key} as the signing key: {e}")
         return 1
     try:
         raw = path.read_bytes()
         manifest = decode_manifest(raw, str(path))  # never sign what a node would refuse to read
     except (ManifestError, OSError) as e:
-        _err(f"refusing to sign: {e}")
+        print_error(f"refusing to sign: {e}")
         return 1
     sig = path.with_name(path.name + SIGNATURE_SUFFIX)
     tmp = sig.with_name(f".{sig.name}.tmp-{os.getpid()}")
@@ -248,7 +248,7 @@ def cmd_manifest_sign(args: argparse.Namespace) -> int:
         os.replace(tmp, sig)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        _err(f"cannot write {sig}: {e.strerror or e}")
+        print_error(f"cannot write {sig}: {e.strerror or e}")
         return 1
     print(f"signed root {manifest.merkle_root}: wrote {sig}")
     return 0
@@ -262,7 +262,7 @@ def cmd_clear_cache(args: argparse.Namespace) -> int:
         try:
             cache_dir = load_config(args.config).node.cache_dir
         except ConfigError as e:
-            _err(str(e))
+            print_error(str(e))
             return EX_CONFIG
     else:
         cache_dir = Path(args.cache_dir)
@@ -272,10 +272,10 @@ def cmd_clear_cache(args: argparse.Namespace) -> int:
     try:
         result = clear_cache(cache_dir)
     except CacheBusy:
-        _err(f"a node is using the cache in {cache_dir} (it holds the cache lock); stop it first")
+        print_error(f"a node is using the cache in {cache_dir} (it holds the cache lock); stop it first")
         return 1
     except (CacheError, OSError) as e:
-        _err(f"cannot clear {cache_dir}: {e}")
+        print_error(f"cannot clear {cache_dir}: {e}")
         return 1
     if args.verbose:
         for digest, size in sorted(result.removed):
