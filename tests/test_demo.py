@@ -33,6 +33,11 @@ def _wait(check: object, what: str) -> None:
         time.sleep(0.2)
 
 
+def _terminal_signals() -> None:
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("demo") / "run"
@@ -56,9 +61,11 @@ def test_the_demo_reaches_operational_and_stops_every_node(run_dir: Path, how: s
     }
     with open(log, "wb") as out:
         # Its own session, like a terminal's foreground job: Ctrl-C and hang-up go to the whole group.
+        # And their default dispositions, as a terminal gives them: a suite started in the background
+        # or under nohup passes SIGINT/SIGHUP ignored, which no shell can trap again.
         demo = subprocess.Popen(
             [str(REPO / "scripts" / "demo.sh"), "1"], stdout=out, stderr=subprocess.STDOUT, env=env,
-            start_new_session=True, cwd=REPO,
+            start_new_session=True, cwd=REPO, preexec_fn=_terminal_signals,
         )  # fmt: skip
         try:
             _wait(

@@ -358,7 +358,9 @@ def test_a_local_source_is_read_in_place_and_cached_only_behind_ready(node_facto
     try:
         st = again.wait_state("OPERATIONAL")
         assert st["model_bytes_downloaded_total"] == st["bytes_total"]
-        assert re.search(r"0 tensors from cache, \d+ from /", again.log())
+        assert re.search(
+            r"tensors: 0 kept in memory from the previous range, 0 from cache, \d+ from /", again.log()
+        )
     finally:
         assert again.stop() == 0
 

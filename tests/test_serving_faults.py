@@ -198,7 +198,7 @@ def test_a_worker_killed_while_serving_stops_everyone_then_the_rest_serve_a_new_
     for n in survivors:
         (a, b), (x, y) = (map(int, old_layers[n].split("-")), map(int, st[n]["layers"].split("-")))
         loads = re.findall(
-            r"(\d+) tensors kept from the previous range in memory, \d+ from cache, (\d+) from",
+            r"tensors: (\d+) kept in memory from the previous range, \d+ from cache, (\d+) from",
             c.nodes[n].log(),
         )
         assert len(loads) == (1 if (a, b) == (x, y) else 2), (n, old_layers[n], st[n]["layers"], loads)

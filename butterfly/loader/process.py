@@ -537,8 +537,8 @@ class Loader:
 
             t0 = self._step(LoadStep.VERIFY)
             log.info(
-                "%d chunks matched model version %s inline; %d tensors kept from the previous range in "
-                "memory, %d from cache, %d from %s",
+                "%d chunks matched model version %s inline; tensors: %d kept in memory from the previous "
+                "range, %d from cache, %d from %s",
                 len(chunks),
                 manifest.merkle_root[:16],
                 fetch.from_held,
