@@ -23,15 +23,21 @@ class Hardware(msgspec.Struct, frozen=True):
     gpus: list[GpuInfo]
 
 
-def _meminfo_total() -> int:
+def meminfo(field: str) -> int | None:
+    """A field of /proc/meminfo (``MemTotal``, ``MemAvailable``...) in bytes; None where there is none."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def _meminfo_total() -> int:
+    total = meminfo("MemTotal")
+    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def detect_gpus() -> list[GpuInfo]:

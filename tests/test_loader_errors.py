@@ -1,9 +1,12 @@
 """Every way a load or a repair fails says what an operator needs, in the reason that reaches /status
-(the supervisor keeps Failed.reason whole; tests/test_integrity_node.py follows it there)."""
+(the supervisor keeps Failed.reason whole; tests/test_integrity_node.py follows it there); and a
+re-plan's load, which copies what it keeps from the previous arena, never trusts those bytes."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +18,7 @@ import pytest
 from butterfly.board import Board
 from butterfly.board.shm import unlink_segment
 from butterfly.config import parse_config
-from butterfly.ipc import LoadAssignment, RepairTensors
+from butterfly.ipc import LoadAssignment, Loaded, RepairTensors
 from butterfly.loader import process as loader_process
 from butterfly.loader.process import Loader, LoadFailed
 from butterfly.loader.warmup import WarmupError
@@ -140,3 +143,73 @@ def test_repairs_of_nothing_held_or_of_tensors_not_held_are_refused(make_loader,
     assert str(e) == "cannot repair tensors not loaded here: ['lm_head.weight']"
     done = loader.repair(RepairTensors(1, ["model.embed_tokens.weight"]))
     assert (done.tensors, done.from_cache, done.from_source) == (["model.embed_tokens.weight"], 1, 0)
+
+
+# ---- a re-plan's load: what the new range keeps is copied from the previous arena, checked ----------
+
+
+def _kept_and_read(caplog: pytest.LogCaptureFixture) -> tuple[int, int, int]:
+    """(kept in memory, from cache, from the source) of the last load logged."""
+    found = re.findall(
+        r"tensors: (\d+) kept in memory from the previous range, (\d+) from cache, (\d+) from", caplog.text
+    )
+    assert found, caplog.text
+    kept, cached, read = map(int, found[-1])
+    return kept, cached, read
+
+
+def _assert_arena_is_the_source(loader: Loader, loaded: Loaded, model: Path) -> None:
+    records = {t.name: t for t in read_manifest(model / MANIFEST_FILE).tensors}
+    assert loader.arena is not None
+    for p in loaded.tensors:
+        rec = records[p.name]
+        with open(model / rec.file, "rb") as f:
+            f.seek(rec.offset)
+            want = f.read(rec.length)
+        assert loader.arena.buf[p.arena_offset : p.arena_offset + p.length] == want, p.name
+
+
+def _block_tensors(model: Path, block: int) -> list[str]:
+    return [t.name for t in read_manifest(model / MANIFEST_FILE).tensors if f".layers.{block}." in t.name]
+
+
+def test_a_new_range_copies_what_it_keeps_and_reads_only_what_it_gains(make_loader, model, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="butterfly.loader")
+    loader = make_loader(model)
+    loader.load(LoadAssignment(1, 1, 1, 3))
+    loaded = loader.load(LoadAssignment(2, 1, 2, 4))  # keeps block 2, gains block 3 and the head
+    kept, cached, read = _kept_and_read(caplog)
+    assert kept == len(_block_tensors(model, 2)) > 0
+    assert cached == 0 and read == len(loaded.tensors) - kept
+    _assert_arena_is_the_source(loader, loaded, model)
+    # The previous arena's name went to the new one, and nothing else of it is left named.
+    assert loader.arena is not None and Path(loader.arena.path).stat().st_size == loaded.arena_bytes
+
+
+def test_a_kept_tensor_changed_in_memory_is_read_from_the_source(make_loader, model, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="butterfly.loader")
+    loader = make_loader(model)
+    first = loader.load(LoadAssignment(1, 1, 1, 3))
+    bad = next(p for p in first.tensors if p.name == "model.layers.2.mlp.up_proj.weight")
+    assert loader.arena is not None
+    loader.arena.buf[bad.arena_offset + 100] ^= 0x01  # a bit flipped in memory since validation
+    loaded = loader.load(LoadAssignment(2, 1, 2, 4))
+    assert f"{bad.name} as held in memory does not match the manifest (chunk 0): read from the source" in (
+        caplog.text
+    )
+    kept, _, read = _kept_and_read(caplog)
+    assert kept == len(_block_tensors(model, 2)) - 1 and read == len(loaded.tensors) - kept
+    _assert_arena_is_the_source(loader, loaded, model)
+
+
+def test_without_memory_for_both_arenas_everything_is_read_again(
+    make_loader, model, caplog, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO, logger="butterfly.loader")
+    loader = make_loader(model)
+    loader.load(LoadAssignment(1, 1, 1, 3))
+    monkeypatch.setattr(loader_process, "meminfo", lambda field: 1 << 20)
+    loaded = loader.load(LoadAssignment(2, 1, 2, 4))
+    assert "not enough memory to hold the previous range beside the new one" in caplog.text
+    assert _kept_and_read(caplog) == (0, 0, len(loaded.tensors))
+    _assert_arena_is_the_source(loader, loaded, model)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from butterfly.board import LoaderSection
 from butterfly.board.shm import Segment, unlink_segment
-from butterfly.hardware import SERVING_DEVICE, detect
+from butterfly.hardware import SERVING_DEVICE, detect, meminfo
 from butterfly.ipc import (
     ChunkDigest,
     Command,
@@ -155,18 +155,6 @@ class HeldBytes:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class Fetch:
@@ -473,7 +461,7 @@ class Loader:
         }
         if not offsets:
             return None
-        free = available_memory()
+        free = meminfo("MemAvailable")
         if free is None or free < arena_bytes + self.ctx.config.node.memory_reserve_bytes:
             log.info(
                 "not enough memory to hold the previous range beside the new one (%s available, %d "
