@@ -62,9 +62,9 @@ class CycleResult:
 
 
 def check_validation(report: ValidationReport, plan: PlanEntry) -> str:
-    """'' when the report proves the node holds exactly its assigned part of the manifest root."""
-    if report.epoch != plan.epoch:
-        return f"report is for epoch {report.epoch}, the plan is epoch {plan.epoch}"
+    """'' when the report proves the node holds exactly its assigned part of ``plan`` (the report's
+    epoch) of the manifest root."""
+    assert report.epoch == plan.epoch
     mine = plan.range_of(report.node_id)
     if mine is None:
         return f"{report.node_id} has no assignment in epoch {plan.epoch}"
@@ -100,9 +100,15 @@ class Coordinator:
         self._rebalance_checked: tuple[int, frozenset[str]] | None = None
         self._spare_note = ""
 
-    def on_validation(self, report: ValidationReport, plan: PlanEntry | None) -> ValidationVerdict:
-        reason = "no plan is committed" if plan is None else check_validation(report, plan)
-        if not reason and plan is not None:
+    def on_validation(self, report: ValidationReport, plan: PlanEntry | None) -> ValidationVerdict | None:
+        """The verdict on a node's proof of its range; None (no verdict) for a report of another epoch
+        than the plan this coordinator has applied: that is not a fault of the node's weights (its
+        plan was superseded while it validated, or this coordinator has not applied the newest plan
+        yet). The node validates the newer plan, or sends its report again."""
+        if plan is None or report.epoch != plan.epoch:
+            return None
+        reason = check_validation(report, plan)
+        if not reason:
             self.accepted.setdefault(plan.epoch, set()).add(report.node_id)
         return ValidationVerdict(report.epoch, report.node_id, ok=not reason, reason=reason)
 

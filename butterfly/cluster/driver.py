@@ -491,8 +491,11 @@ class ClusterDriver:
         elif isinstance(pm, ValidationReport):
             if pm.node_id == peer and raft.role is Role.LEADER:
                 verdict = self.coordinator.on_validation(pm, self.plan)
-                self._log_verdict(verdict)
-                self.net.send(peer, CLUSTER, encode(verdict))
+                if verdict is None:
+                    self._log_no_verdict(pm)
+                else:
+                    self._log_verdict(verdict)
+                    self.net.send(peer, CLUSTER, encode(verdict))
         elif isinstance(pm, ValidationVerdict):
             if raft.leader == peer and pm.node_id == self.node_id:
                 await self._on_verdict(pm)
@@ -596,8 +599,22 @@ class ClusterDriver:
         else:
             log.warning("validation of %s at epoch %d rejected: %s", v.node_id, v.epoch, v.reason)
 
+    def _log_no_verdict(self, r: ValidationReport) -> None:
+        log.info(
+            "validation of %s is for epoch %d, the applied plan is epoch %s: no verdict",
+            r.node_id,
+            r.epoch,
+            self.plan.epoch if self.plan else None,
+        )
+
     async def _on_verdict(self, v: ValidationVerdict) -> None:
-        if self.validated is None or v.epoch != self.validated.epoch:
+        # A verdict on a superseded plan says nothing about this node's weights for the current one.
+        if (
+            self.validated is None
+            or v.epoch != self.validated.epoch
+            or self.plan is None
+            or v.epoch != self.plan.epoch
+        ):
             return
         self.verdict = v
         if v.ok:
@@ -640,8 +657,11 @@ class ClusterDriver:
             return
         if raft.leader == self.node_id:
             verdict = self.coordinator.on_validation(self.validated, self.plan)
-            self._log_verdict(verdict)
-            await self._on_verdict(verdict)
+            if verdict is None:
+                self._log_no_verdict(self.validated)
+            else:
+                self._log_verdict(verdict)
+                await self._on_verdict(verdict)
         else:
             self.net.send(raft.leader, CLUSTER, encode(self.validated))
 
