@@ -487,9 +487,32 @@ def test_partition_is_best_over_its_candidate_orders_and_order_independent(
     _check_plan_against(plan, expect, nodes, model, reserve, previous)
     shuffled = data.draw(st.permutations(nodes))
     assert plan_partition(shuffled, model, epoch=1, reserve_bytes=reserve, previous=previous) == plan
-    # Re-planning the unchanged cluster with this plan as the previous one changes nothing.
+    # Re-planning the unchanged cluster with this plan as the previous one changes nothing, unless the
+    # previous plan's own order (a candidate only on a re-plan) gives a strictly smaller bottleneck:
+    # node orders are a heuristic, and a plan that much better may move blocks. It is then stable.
     again = plan_partition(shuffled, model, epoch=2, reserve_bytes=reserve, previous=plan)
-    assert again.assignments == plan.assignments
+    if again.assignments != plan.assignments:
+        assert plan_bottleneck(again, nodes, model) < plan_bottleneck(plan, nodes, model)
+        third = plan_partition(nodes, model, epoch=3, reserve_bytes=reserve, previous=again)
+        assert third.assignments == again.assignments
+
+
+def test_a_replan_moves_an_unchanged_cluster_only_for_a_strictly_smaller_bottleneck() -> None:
+    # Found by the property above in CI: the first plan's candidate orders (canonical, memory first)
+    # missed n1, n0, n2; the re-plan tries the previous plan's order first and finds 2.0 instead of 3.0.
+    nodes = [
+        NodeCapacity("n0", 4, 0.5, frozenset()),
+        NodeCapacity("n1", 3, 1.0, frozenset()),
+        NodeCapacity("n2", 1, 1.5, frozenset()),
+    ]
+    model = ModelSizes(block_bytes=(0, 1, 0), embed_bytes=2, head_bytes=1, tied_embeddings=False)
+    first = plan_partition(nodes, model, epoch=1, reserve_bytes=0)
+    again = plan_partition(nodes, model, epoch=2, reserve_bytes=0, previous=first)
+    assert plan_bottleneck(again, nodes, model) < plan_bottleneck(first, nodes, model)
+    assert (
+        plan_partition(nodes, model, epoch=3, reserve_bytes=0, previous=again).assignments
+        == again.assignments
+    )
 
 
 @settings(max_examples=80, deadline=None)
