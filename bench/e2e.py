@@ -92,8 +92,9 @@ def _status(port: int) -> dict[str, object]:
         return dict(json.loads(r.read()))
 
 
-def run_node(model: Path, timeout_s: float = 600.0) -> NodeRun:
-    """Start a node on ``model``, wait for READY=1 (then OPERATIONAL), stop it; raise if it fails."""
+def run_node(model: Path, timeout_s: float = 600.0, keep_log: Path | None = None) -> NodeRun:
+    """Start a node on ``model``, wait for READY=1 (then OPERATIONAL), stop it; raise if it fails.
+    ``keep_log``: copy the node's log there before its work dir goes."""
     from butterfly.net.auth import generate_secret
 
     work = Path(tempfile.mkdtemp(prefix="butterfly-bench-node-"))
@@ -145,6 +146,8 @@ def run_node(model: Path, timeout_s: float = 600.0) -> NodeRun:
                 proc.wait()
         log.close()
         sock.close()
+        if keep_log is not None:
+            shutil.copyfile(work / "node.log", keep_log)
         for seg in os.listdir("/dev/shm"):
             if seg.startswith(f"butterfly-{node_id}-"):
                 os.unlink(f"/dev/shm/{seg}")
@@ -180,3 +183,23 @@ def _steps(log: str) -> dict[str, float]:
             if name and secs.endswith("s"):
                 out[name] = float(secs[:-1])
     return out
+
+
+def main() -> None:
+    """One node start on a model directory: its time to READY and its log (the timeline), for looking
+    at where a start's seconds go: ``python bench/e2e.py MODEL_DIR [LOG_COPY]``."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("model", type=Path)
+    p.add_argument("log", type=Path, nargs="?", help="keep the node's log here")
+    args = p.parse_args()
+    ensure_manifest(args.model)
+    run = run_node(args.model, keep_log=args.log)
+    print(f"start -> READY {run.ready_s:.2f}s, -> OPERATIONAL {run.operational_s or float('nan'):.2f}s")
+    print("phases:", ", ".join(f"{k} {v:.3f}" for k, v in run.phases.items()))
+    print("loader steps:", ", ".join(f"{k} {v:.3f}" for k, v in run.steps.items()))
+
+
+if __name__ == "__main__":
+    main()
