@@ -38,6 +38,9 @@ class Init(msgspec.Struct, tag=True, frozen=True):
     config_base_dir: str
     board_name: str
     arena_name: str
+    # The supervisor began the arena under arena_name (butterfly.loader.prewarm): the first loader
+    # of a node adopts it; for any other child, and any later loader, False.
+    arena_prewarmed: bool = False
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):

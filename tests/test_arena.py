@@ -133,3 +133,61 @@ def test_an_early_arena_that_failed_or_had_no_size_gives_none(monkeypatch: pytes
     assert EarlyArena(name, lambda: 8192).take(4096, lambda: None) is None
     assert not os.path.exists(f"/dev/shm/{name}")
     assert open_segment_count() == 0
+
+
+def _shmem_pages(name: str) -> int:
+    """Pages the tmpfs file of segment ``name`` holds (its blocks), mapped by anyone or not."""
+    return os.stat(f"/dev/shm/{name}").st_blocks * 512 // os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_handed_over_arena_keeps_its_pages_for_the_loader_to_adopt() -> None:
+    """The supervisor's part (butterfly.loader.prewarm): the file keeps its faulted pages after the
+    maker lets go; the first loader maps that very file (a byte written through it is there) and
+    takes it to the plan's size."""
+    name = _name()
+    made = EarlyArena(name, lambda: 4 << 20, hand_over=True)
+    made.wait(lambda: None)
+    try:
+        assert made.error is None and made.seg is None and open_segment_count() == 0
+        assert _shmem_pages(name) * os.sysconf("SC_PAGE_SIZE") >= 4 << 20
+        with open(f"/dev/shm/{name}", "r+b") as f:
+            f.seek(100)
+            f.write(b"\x05")
+        adopted = EarlyArena(name, lambda: 4 << 20, adopt=True)
+        seg = adopted.take(3 << 20, lambda: None)
+        assert seg is not None and adopted.adopted and seg.size == 3 << 20
+        try:
+            with memoryview(seg.buf) as mv:
+                assert mv[100] == 5
+                assert _resident_pages(mv) * os.sysconf("SC_PAGE_SIZE") >= 3 << 20
+        finally:
+            seg.close()
+    finally:
+        unlink_segment(name)
+    assert open_segment_count() == 0
+
+
+def test_adopting_where_no_arena_was_begun_makes_one() -> None:
+    """The supervisor's arena never came (no manifest yet, no memory, or still being created: an empty
+    file): the loader makes its own, zeroed and faulted in."""
+    name = _name()
+    seg = EarlyArena(name, lambda: 2 << 20, adopt=True).take(2 << 20, lambda: None)
+    try:
+        assert seg is not None
+    finally:
+        if seg is not None:
+            seg.close()
+        unlink_segment(name)
+    with open(f"/dev/shm/{name}", "wb"):
+        pass  # created, not yet sized
+    early = EarlyArena(name, lambda: 2 << 20, adopt=True)
+    seg = early.take(2 << 20, lambda: None)
+    try:
+        assert seg is not None and not early.adopted and seg.size == 2 << 20
+        with memoryview(seg.buf) as mv:
+            assert bytes(mv) == bytes(2 << 20)
+    finally:
+        if seg is not None:
+            seg.close()
+        unlink_segment(name)
+    assert open_segment_count() == 0

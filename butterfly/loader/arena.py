@@ -22,14 +22,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from butterfly.board.shm import Segment, create_segment, segment_path, unlink_segment
+from butterfly.board.shm import Segment, attach_segment, create_segment, segment_path, unlink_segment
 from butterfly.supervisor.childproc import HEARTBEAT_S
 from butterfly.weights import streamer
 
-__all__ = ["ArenaError", "EarlyArena", "allocate", "populate"]
+__all__ = ["ARENA_ALIGN", "ArenaError", "EarlyArena", "allocate", "populate"]
 
 log = logging.getLogger("butterfly.loader")
 
+# Every tensor's place in the arena is aligned to this (vectorised reads).
+ARENA_ALIGN = 64
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 MADV_HUGEPAGE = 14
 # Bytes faulted per call: big enough that the call's overhead vanishes, small enough that the caller
@@ -127,9 +129,22 @@ class EarlyArena:
     """An arena made before the plan, on a helper thread, while discovery and election run: the
     manifest and this node's capacity give its likely size before the coordinator says which layers
     are ours. ``take(size)`` then resizes it to the real size (mremap keeps the faulted pages; a
-    larger arena faults only its new tail), or returns None if it could not be made."""
+    larger arena faults only its new tail), or returns None if it could not be made.
 
-    def __init__(self, name: str, size: Callable[[], int | None], threads: int | None = None) -> None:
+    Two processes share the work at a node's start (``butterfly.loader.prewarm``): the supervisor
+    makes the arena first, ``hand_over``: once faulted in, its mapping is closed and the file keeps
+    the pages; the first loader ``adopt``s it: it maps the file and faults in whatever is not there
+    yet (pages already there cost a page-table entry), or makes the arena itself if there is none."""
+
+    def __init__(
+        self,
+        name: str,
+        size: Callable[[], int | None],
+        threads: int | None = None,
+        *,
+        adopt: bool = False,
+        hand_over: bool = False,
+    ) -> None:
         """Start making arena ``name`` of ``size()`` bytes (worked out on the helper thread too: it may
         read the manifest from the source); ``size()`` None or 0 means "do not make one"."""
         self.name = name
@@ -137,23 +152,48 @@ class EarlyArena:
         self.seg: Segment | None = None
         self.error: BaseException | str | None = None
         self.seconds = 0.0
+        self.adopted = False
         self._thread = threading.Thread(
-            target=self._make, args=(size, threads), name="early-arena", daemon=True
+            target=self._make, args=(size, threads, adopt, hand_over), name="early-arena", daemon=True
         )
         self._thread.start()
 
-    def _make(self, size: Callable[[], int | None], threads: int | None) -> None:
+    def _make(
+        self, size: Callable[[], int | None], threads: int | None, adopt: bool, hand_over: bool
+    ) -> None:
         t0 = time.monotonic()
         try:
             self.size = size() or 0
             if self.size <= 0:
                 self.error = "no size estimate"
                 return
-            self.seg = allocate(self.name, self.size, lambda: None, threads)
+            seg = self._adopt(threads) if adopt else None
+            self.seg = seg or allocate(self.name, self.size, lambda: None, threads)
+            if hand_over:
+                self.seg.close()
+                self.seg = None
         except BaseException as e:  # reported by take(); the load then allocates as usual
             self.error = e
         finally:
             self.seconds = time.monotonic() - t0
+
+    def _adopt(self, threads: int | None) -> Segment | None:
+        """The arena another process made under this name, sized and faulted in; None if there is none."""
+        try:
+            seg = attach_segment(self.name, writable=True)
+        except (FileNotFoundError, ValueError):  # none, or one still being created: make our own
+            with contextlib.suppress(OSError):
+                unlink_segment(self.name)
+            return None
+        try:
+            if seg.size != self.size:
+                seg.resize(self.size)
+            populate(seg, lambda: None, threads)
+        except BaseException:
+            seg.close()
+            raise
+        self.adopted = True
+        return seg
 
     def wait(self, beat: Callable[[], None]) -> None:
         while self._thread.is_alive():
@@ -171,7 +211,13 @@ class EarlyArena:
         seg.resize(size)
         if size > old:
             populate(seg, beat, start=old)
-        log.info("arena made before the plan: %d bytes in %.3fs, resized to %d", old, self.seconds, size)
+        log.info(
+            "arena made before the plan%s: %d bytes in %.3fs, resized to %d",
+            " (begun by the supervisor)" if self.adopted else "",
+            old,
+            self.seconds,
+            size,
+        )
         return seg
 
     def discard(self, beat: Callable[[], None]) -> None:

@@ -41,7 +41,8 @@ from butterfly.ipc import (
     TensorPlacement,
     TensorSpec,
 )
-from butterfly.loader.arena import ArenaError, EarlyArena, allocate
+from butterfly.loader.arena import ARENA_ALIGN, ArenaError, EarlyArena, allocate
+from butterfly.loader.prewarm import likely_arena_bytes
 
 # The engine, and so torch: seconds to import (far more on a busy machine). Imported here, before the
 # child's first heartbeat, where the supervisor allows a starting child CHILD_START_TIMEOUT_S; imported
@@ -73,7 +74,6 @@ from butterfly.weights.provenance import ManifestRefused
 from butterfly.weights.sources import FilesystemSource, Source, SourceError, open_source
 from butterfly.weights.streamer import ChunkMismatch, ChunkResult, FdTable, ReadJob, open_files, stream_into
 
-ARENA_ALIGN = 64
 # Board progress writes are cheap, but not free: publish at most this often.
 PUBLISH_EVERY_S = 0.05
 
@@ -388,24 +388,18 @@ class Loader:
                 raise LoadFailed(f"cannot read the model's manifest: {e}", False) from e
         return self.manifest
 
-    def _early_size(self) -> int | None:
-        """What this node will most likely load, from the manifest and its share of the cluster: the
-        whole model for a one-voter cluster, else an even share of quorum_size nodes; never more than
-        the machine's memory less the reserve."""
-        manifest = self._manifest()
-        model = sum(t.length + ARENA_ALIGN for t in manifest.tensors)
-        share = -(-model // max(1, self.ctx.config.cluster.quorum_size))
-        cap = (
-            os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            - self.ctx.config.node.memory_reserve_bytes
-        )
-        return min(share, cap)
-
     def start_early_arena(self) -> None:
         """Make the arena while the cluster forms (the plan comes later): its faults are most of the
-        allocation's cost, and they need only its size."""
-        unlink_segment(self.ctx.init.arena_name)  # a dead predecessor's; readers keep their mappings
-        self.early = EarlyArena(self.ctx.init.arena_name, self._early_size)
+        allocation's cost, and they need only its size. The first loader of a node adopts the arena the
+        supervisor began (butterfly.loader.prewarm); any later one starts afresh."""
+        adopt = self.ctx.init.arena_prewarmed
+        if not adopt:
+            unlink_segment(self.ctx.init.arena_name)  # a dead predecessor's; readers keep their mappings
+        self.early = EarlyArena(
+            self.ctx.init.arena_name,
+            lambda: likely_arena_bytes(self.ctx.config, self._manifest()),
+            adopt=adopt,
+        )
 
     def _new_arena(self, size: int) -> Segment:
         early, self.early = self.early, None

@@ -75,6 +75,8 @@ from butterfly.ipc import (
     Validated,
     Waiting,
 )
+from butterfly.loader.arena import EarlyArena
+from butterfly.loader.prewarm import prewarm
 from butterfly.logs import LogControl
 from butterfly.net.auth import load_secret
 from butterfly.notify import Notifier
@@ -141,6 +143,8 @@ class Supervisor:
         self.operational = False
         self.plan: PlanAssigned | None = None
         self.loaded: Loaded | None = None
+        # The arena begun for the first loader (butterfly.loader.prewarm); None until run() starts it.
+        self.prewarm: EarlyArena | None = None
         self.phase_failures = 0
         # Reasons kept whole for /status (the board holds none: its fields are fixed-size).
         self.notes = Notes()
@@ -298,12 +302,21 @@ class Supervisor:
 
     # ---- children ------------------------------------------------------------------------------
 
-    def _init(self) -> Init:
-        return Init(self.config.to_toml(), str(self.base_dir), self.board_name, self.arena_name)
+    def _init(self, kind: str) -> Init:
+        adopt = kind == "loader" and self.prewarm is not None and self.children[kind].generation == 0
+        return Init(self.config.to_toml(), str(self.base_dir), self.board_name, self.arena_name, adopt)
 
     async def _start_children(self) -> None:
+        """The cluster child first, and discovery at once: the others (the engine waits for the fork
+        server's torch import) start while the cluster forms, and the loader makes its arena meanwhile.
+        Their reports queue until every child is started."""
+        cluster = self.children["cluster"]
+        await cluster.spawn(self._init("cluster"))
+        self.advance_to(Phase.DISCOVERY)
+        await cluster.send(StartCluster())
         for handle in self.children.values():
-            await handle.spawn(self._init())
+            if handle is not cluster:
+                await handle.spawn(self._init(handle.kind))
 
     async def on_exit(self, ev: ChildExited) -> None:
         handle = self.children[ev.kind]
@@ -356,7 +369,7 @@ class Supervisor:
             try:
                 if held(f"spawn-{handle.kind}"):
                     raise OSError("starting it is held by a test")
-                await handle.spawn(self._init())
+                await handle.spawn(self._init(handle.kind))
                 if attempt:
                     self.notes.last_error = ""
                     log.info("%s child started after %d failed attempt(s)", handle.kind, attempt)
@@ -710,7 +723,9 @@ class Supervisor:
         )
         tasks: list[asyncio.Task[None]] = [asyncio.create_task(self.beat_loop())]
         try:
-            # First: the fork server imports the children's modules while we detect and open the API.
+            # First: the arena's pages fault in and the fork server imports the children's modules
+            # while we detect and open the API.
+            self.prewarm = prewarm(self.config, self.arena_name)
             await self.launcher.start()
             hw = await asyncio.to_thread(detect, self.config.node.gpu)
             log.info(
@@ -731,8 +746,6 @@ class Supervisor:
             )
             if self.phase is not Phase.FAILED:
                 await self._start_children()
-                self.advance_to(Phase.DISCOVERY)
-                await self.children["cluster"].send(StartCluster())
             tasks.append(asyncio.create_task(self.health_loop()))
             await self._event_loop()
         finally:
