@@ -61,7 +61,7 @@ def test_allocate_without_memory_is_an_arena_error_and_leaves_no_segment(
     monkeypatch: pytest.MonkeyPatch, err: int
 ) -> None:
     """The kernel refusing pages (a full /dev/shm answers EFAULT) is a clear error before the load."""
-    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length: err)
+    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length, cancel=None: err)
     name = _name()
     with pytest.raises(ArenaError, match="cannot fault in 8192 bytes"):
         allocate(name, 8192, lambda: None)
@@ -70,7 +70,7 @@ def test_allocate_without_memory_is_an_arena_error_and_leaves_no_segment(
 
 
 def test_allocate_falls_back_to_touching_on_an_old_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length: errno.EINVAL)
+    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length, cancel=None: errno.EINVAL)
     name = _name()
     seg = allocate(name, 3 * 4096, lambda: None)
     try:
@@ -128,7 +128,7 @@ def test_an_early_arena_grows_and_faults_in_its_new_tail() -> None:
 
 def test_an_early_arena_that_failed_or_had_no_size_gives_none(monkeypatch: pytest.MonkeyPatch) -> None:
     assert EarlyArena(_name(), lambda: None).take(4096, lambda: None) is None
-    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length: errno.ENOMEM)
+    monkeypatch.setattr(arena, "_populate_piece", lambda addr, length, cancel=None: errno.ENOMEM)
     name = _name()
     assert EarlyArena(name, lambda: 8192).take(4096, lambda: None) is None
     assert not os.path.exists(f"/dev/shm/{name}")
@@ -190,4 +190,20 @@ def test_adopting_where_no_arena_was_begun_makes_one() -> None:
         if seg is not None:
             seg.close()
         unlink_segment(name)
+    assert open_segment_count() == 0
+
+
+def test_a_cancelled_early_arena_is_never_left_behind() -> None:
+    """A node stopped in its first seconds cancels the supervisor's arena: made or not when the cancel
+    comes, no file of that name is left once the maker is done (the supervisor then unlinks the name)."""
+    name = _name()
+    def size() -> int:
+        time.sleep(0.05)  # the cancel comes before the arena exists
+        return 256 << 20
+
+    early = EarlyArena(name, size, hand_over=True)
+    early.cancel()
+    early.wait(lambda: None)
+    assert isinstance(early.error, ArenaError) and "cancelled" in str(early.error)
+    assert not os.path.exists(f"/dev/shm/{name}")
     assert open_segment_count() == 0

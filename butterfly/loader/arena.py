@@ -48,17 +48,25 @@ class ArenaError(Exception):
     """The arena could not be made: no memory (or no room in /dev/shm) for it."""
 
 
-def _populate_piece(addr: int, length: int) -> int:
+def _populate_piece(addr: int, length: int, cancel: threading.Event | None = None) -> int:
     """madvise(MADV_POPULATE_WRITE) one piece; 0 or the errno. ctypes drops the GIL for the call."""
+    if cancel is not None and cancel.is_set():
+        return errno.ECANCELED
     if _libc.madvise(addr, length, MADV_POPULATE_WRITE) == 0:
         return 0
     return ctypes.get_errno() or errno.EIO
 
 
-def populate(seg: Segment, beat: Callable[[], None], threads: int | None = None, start: int = 0) -> str:
+def populate(
+    seg: Segment,
+    beat: Callable[[], None],
+    threads: int | None = None,
+    start: int = 0,
+    cancel: threading.Event | None = None,
+) -> str:
     """Fault every page of ``seg`` from byte ``start`` on in, writable, on ``threads`` threads (default:
     one per core), calling ``beat`` on this thread every HEARTBEAT_S or sooner; returns how
-    ("populate_write" or "touch").
+    ("populate_write" or "touch"). ``cancel`` set stops it between pieces with an ``ArenaError``.
 
     Huge pages are asked for first (MADV_HUGEPAGE): where the kernel gives them to shared memory
     (``shmem_enabled=advise``, or the arena on a tmpfs mounted with ``huge=``), a 2 MiB fault replaces
@@ -73,7 +81,7 @@ def populate(seg: Segment, beat: Callable[[], None], threads: int | None = None,
     try:
         base = ctypes.addressof(anchor)
         with ThreadPoolExecutor(threads, thread_name_prefix="arena") as pool:
-            futures = [pool.submit(_populate_piece, base + off, n) for off, n in pieces]
+            futures = [pool.submit(_populate_piece, base + off, n, cancel) for off, n in pieces]
             pending = set(futures)
             while pending:
                 beat()
@@ -83,6 +91,8 @@ def populate(seg: Segment, beat: Callable[[], None], threads: int | None = None,
         del anchor
     if not errs:
         return "populate_write"
+    if errno.ECANCELED in errs:
+        raise ArenaError("making the arena was cancelled")
     if errs == {errno.EINVAL}:
         return _touch(seg, beat)  # a kernel older than 5.14
     err = min(errs)
@@ -111,11 +121,17 @@ def _touch(seg: Segment, beat: Callable[[], None]) -> str:
     return "touch"
 
 
-def allocate(name: str, size: int, beat: Callable[[], None], threads: int | None = None) -> Segment:
+def allocate(
+    name: str,
+    size: int,
+    beat: Callable[[], None],
+    threads: int | None = None,
+    cancel: threading.Event | None = None,
+) -> Segment:
     """A new segment ``name`` of ``size`` bytes with every page faulted in (see ``populate``)."""
     seg = create_segment(name, size)
     try:
-        how = populate(seg, beat, threads)
+        how = populate(seg, beat, threads, cancel=cancel)
     except BaseException:
         seg.close()
         with contextlib.suppress(OSError):
@@ -153,6 +169,7 @@ class EarlyArena:
         self.error: BaseException | str | None = None
         self.seconds = 0.0
         self.adopted = False
+        self._cancel = threading.Event()
         self._thread = threading.Thread(
             target=self._make, args=(size, threads, adopt, hand_over), name="early-arena", daemon=True
         )
@@ -168,7 +185,7 @@ class EarlyArena:
                 self.error = "no size estimate"
                 return
             seg = self._adopt(threads) if adopt else None
-            self.seg = seg or allocate(self.name, self.size, lambda: None, threads)
+            self.seg = seg or allocate(self.name, self.size, lambda: None, threads, self._cancel)
             if hand_over:
                 self.seg.close()
                 self.seg = None
@@ -188,12 +205,17 @@ class EarlyArena:
         try:
             if seg.size != self.size:
                 seg.resize(self.size)
-            populate(seg, lambda: None, threads)
+            populate(seg, lambda: None, threads, cancel=self._cancel)
         except BaseException:
             seg.close()
             raise
         self.adopted = True
         return seg
+
+    def cancel(self) -> None:
+        """Stop making it (between pieces): a made arena's name is then the caller's to unlink, one not
+        yet made is never made."""
+        self._cancel.set()
 
     def wait(self, beat: Callable[[], None]) -> None:
         while self._thread.is_alive():

@@ -777,7 +777,11 @@ class Supervisor:
         self.notifier.stopping()
         log.info("stopping: children first, then the API and shared memory")
         timeout = self.config.supervisor.stop_timeout_s
+        if self.prewarm is not None:
+            self.prewarm.cancel()  # a node stopped in its first seconds: no arena made after the unlink
         await asyncio.gather(*(h.stop(Shutdown(), timeout) for h in self.children.values()))
+        if self.prewarm is not None:
+            await asyncio.to_thread(self.prewarm.wait, lambda: None)
         await self.launcher.close()
         await self.backend.close()
         if self.api is not None:
