@@ -85,6 +85,26 @@ class LoadAssignment(msgspec.Struct, tag=True, frozen=True):
 class ValidateArena(msgspec.Struct, tag=True, frozen=True):
     epoch: int
     loaded: Loaded
+    # The validator followed this load (``Landing``, ``TensorsLanded``): the digests it took of tensors
+    # as they landed count, and only the rest are hashed now. False: every tensor is hashed now.
+    follow: bool = False
+
+
+class Landing(msgspec.Struct, tag=True, frozen=True):
+    """The loader streams ``tensors`` (placement order) into ``arena_name`` for ``epoch`` now; relayed
+    to the validator, which hashes each tensor as ``TensorsLanded`` names it, beside the stream."""
+
+    epoch: int
+    arena_name: str
+    tensors: list[TensorPlacement]
+
+
+class TensorsLanded(msgspec.Struct, tag=True, frozen=True):
+    """Tensors of the current ``Landing`` (indices into its list) that are in the arena with every chunk
+    matched against the manifest; the loader does not write them again in this load."""
+
+    epoch: int
+    indices: list[int]
 
 
 class StartScrub(msgspec.Struct, tag=True, frozen=True):
@@ -337,6 +357,8 @@ Command = (
     | LoadAssignment
     | RepairTensors
     | ValidateArena
+    | Landing
+    | TensorsLanded
     | StartScrub
     | StopScrub
     | StartEngine
@@ -350,6 +372,8 @@ Report = (
     | PlanView
     | RangeAccepted
     | ClusterOperational
+    | Landing
+    | TensorsLanded
     | Loaded
     | Validated
     | ScrubMismatch

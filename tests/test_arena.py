@@ -197,6 +197,7 @@ def test_a_cancelled_early_arena_is_never_left_behind() -> None:
     """A node stopped in its first seconds cancels the supervisor's arena: made or not when the cancel
     comes, no file of that name is left once the maker is done (the supervisor then unlinks the name)."""
     name = _name()
+
     def size() -> int:
         time.sleep(0.05)  # the cancel comes before the arena exists
         return 256 << 20

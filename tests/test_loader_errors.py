@@ -8,17 +8,18 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
+import blake3
 import pytest
 
 from butterfly.board import Board
 from butterfly.board.shm import unlink_segment
 from butterfly.config import parse_config
-from butterfly.ipc import LoadAssignment, Loaded, RepairTensors
+from butterfly.ipc import Landing, LoadAssignment, Loaded, RepairTensors, TensorsLanded
 from butterfly.loader import process as loader_process
 from butterfly.loader.process import Loader, LoadFailed
 from butterfly.loader.warmup import WarmupError
@@ -34,6 +35,19 @@ class NoCommands:
         return None
 
 
+class Recorder:
+    """The loader's channel to the supervisor: what it sends during a load, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[object] = []
+        self.on_send: Callable[[object], None] | None = None
+
+    def send(self, msg: object) -> None:
+        if self.on_send is not None:
+            self.on_send(msg)
+        self.sent.append(msg)
+
+
 @pytest.fixture
 def make_loader(tmp_path: Path) -> Iterator[object]:
     made: list[tuple[Loader, Board, str]] = []
@@ -46,7 +60,7 @@ def make_loader(tmp_path: Path) -> Iterator[object]:
             f'[node]\ngpu = "off"\ncache_dir = "{tmp_path / "cache"}"\n[loader]\nchunk_bytes = 65536\n'
         )
         ctx = SimpleNamespace(config=config, board=board, init=SimpleNamespace(arena_name=f"{base}-arena"))
-        loader = Loader(cast(ChildContext, ctx), None, cast(CommandInbox, NoCommands()))  # type: ignore[arg-type]
+        loader = Loader(cast(ChildContext, ctx), Recorder(), cast(CommandInbox, NoCommands()))  # type: ignore[arg-type]
         made.append((loader, board, f"{base}-arena"))
         return loader
 
@@ -213,3 +227,62 @@ def test_without_memory_for_both_arenas_everything_is_read_again(
     assert "not enough memory to hold the previous range beside the new one" in caplog.text
     assert _kept_and_read(caplog) == (0, 0, len(loaded.tensors))
     _assert_arena_is_the_source(loader, loaded, model)
+
+
+def _landed(loader: Loader, epoch: int) -> tuple[Landing, list[int]]:
+    """The ``Landing`` of ``epoch``'s load and every tensor index its ``TensorsLanded`` named, in order."""
+    sent = cast(Recorder, loader.chan).sent
+    (landing,) = [m for m in sent if isinstance(m, Landing) and m.epoch == epoch]
+    indices = [i for m in sent if isinstance(m, TensorsLanded) and m.epoch == epoch for i in m.indices]
+    return landing, indices
+
+
+def _check_landed_bytes(loader: Loader, model: Path) -> None:
+    """At the moment each ``TensorsLanded`` is sent, the tensors it names must already be the model's
+    bytes in the arena: what the validator hashes then is what the node serves."""
+    digests = {t.name: t.blake3 for t in read_manifest(model / MANIFEST_FILE).tensors}
+    landing: list[Landing] = []
+
+    def check(msg: object) -> None:
+        if isinstance(msg, Landing):
+            landing.append(msg)
+        elif isinstance(msg, TensorsLanded):
+            assert loader.arena is not None
+            for i in msg.indices:
+                p = landing[-1].tensors[i]
+                got = blake3.blake3(loader.arena.buf[p.arena_offset : p.arena_offset + p.length]).hexdigest()
+                assert got == digests[p.name], f"{p.name} told landed before its bytes were right"
+
+    cast(Recorder, loader.chan).on_send = check
+
+
+def test_a_load_tells_the_validator_each_tensor_once_as_it_lands(make_loader, model) -> None:  # type: ignore[no-untyped-def]
+    """What the validator hashes beside the stream (validator/follow.py): the load's placements first,
+    then every tensor exactly once, each only once its bytes are right, all before the load is
+    reported."""
+    loader = make_loader(model)
+    _check_landed_bytes(loader, model)
+    loaded = loader.load(LoadAssignment(1, 1, 0, 4))
+    landing, indices = _landed(loader, 1)
+    assert landing.arena_name == loaded.arena_name and landing.tensors == loaded.tensors
+    assert sorted(indices) == list(range(len(loaded.tensors)))
+    sent = cast(Recorder, loader.chan).sent
+    assert sent.index(landing) < min(k for k, m in enumerate(sent) if isinstance(m, TensorsLanded))
+    # A re-plan's load: the kept tensors (copied from the old arena) and the gained ones alike.
+    second = loader.load(LoadAssignment(2, 1, 2, 4))
+    landing, indices = _landed(loader, 2)
+    assert landing.tensors == second.tensors and sorted(indices) == list(range(len(second.tensors)))
+
+
+def test_a_tensor_that_failed_its_copy_lands_only_once_read_again(make_loader, model) -> None:  # type: ignore[no-untyped-def]
+    """A kept tensor whose old bytes do not match is read from the source: it is told landed once, after
+    that read, never while its bad copy was in the arena."""
+    loader = make_loader(model)
+    first = loader.load(LoadAssignment(1, 1, 1, 3))
+    bad = next(p for p in first.tensors if p.name == "model.layers.2.mlp.up_proj.weight")
+    assert loader.arena is not None
+    loader.arena.buf[bad.arena_offset + 100] ^= 0x01
+    _check_landed_bytes(loader, model)
+    loaded = loader.load(LoadAssignment(2, 1, 2, 4))
+    _, indices = _landed(loader, 2)
+    assert sorted(indices) == list(range(len(loaded.tensors)))

@@ -14,10 +14,21 @@ import xxhash
 
 from butterfly.board import Board, ValidatorSection
 from butterfly.board.shm import Segment, create_segment, open_segment_count, unlink_segment
-from butterfly.ipc import ChunkDigest, Failed, Loaded, TensorPlacement, ValidateArena, Validated
+from butterfly.ipc import (
+    ChunkDigest,
+    Failed,
+    Landing,
+    Loaded,
+    TensorPlacement,
+    TensorsLanded,
+    ValidateArena,
+    Validated,
+)
 from butterfly.loader.process import place
 from butterfly.supervisor.childproc import ChildContext
+from butterfly.validator import check
 from butterfly.validator import process as validator
+from butterfly.validator.follow import Follow
 from butterfly.weights.layout import LayerRange, load_layout
 from butterfly.weights.manifest import MANIFEST_FILE, Manifest, read_manifest
 
@@ -173,3 +184,118 @@ def test_an_error_of_the_validator_itself_is_reported_as_such(
     assert isinstance(got, Failed)
     assert got.reason == "the validator could not check the weights: RuntimeError: out of threads"
     assert "validation of epoch 1 failed: the validator could not check" in caplog.text
+
+
+# ---- hashing beside the stream (butterfly.validator.follow) -----------------------------------------
+
+
+def _follow(arena: Arena, name: str, landed: list[int]) -> Follow:
+    """A follow of ``arena``'s load with ``landed`` told landed and hashed."""
+    follow = Follow(Landing(1, name, arena.placements), threads=2)
+    follow.landed(TensorsLanded(1, landed))
+    follow.landed(TensorsLanded(7, [0]))  # another epoch's: ignored
+    while follow.step(max_bytes=1 << 16):
+        pass
+    return follow
+
+
+def _count_hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the tensors the validation itself hashes from now on."""
+    hashed: list[str] = []
+    real = check.digest_tensors
+
+    def counting(buf: memoryview, tensors: list[TensorPlacement], threads: int) -> list[bytes]:
+        hashed.extend(t.name for t in tensors)
+        return real(buf, tensors, threads)
+
+    monkeypatch.setattr(check, "digest_tensors", counting)
+    return hashed
+
+
+def test_a_followed_load_hashes_only_what_had_not_landed(
+    env: Env, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx, manifest, name = env
+    arena = Arena(model_dir, manifest, LayerRange(0, 4), name)
+    half = list(range(0, len(arena.placements), 2))
+    follow = _follow(arena, name, half)
+    hashed = _count_hashed(monkeypatch)
+    try:
+        got = validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=True), follow)
+    finally:
+        follow.close()
+        arena.seg.close()
+    assert isinstance(got, Validated)
+    assert [d.hex() for d in got.unit_digests] == [manifest.units[u].digest for u in got.units]
+    rest = [p.name for k, p in enumerate(arena.placements) if k not in half]
+    assert sorted(hashed) == sorted(rest) and rest
+
+
+def test_a_tensor_wrong_when_it_landed_is_named_as_ever(env: Env, model_dir: Path) -> None:
+    ctx, manifest, name = env
+    arena = Arena(model_dir, manifest, LayerRange(1, 3), name)
+    victim = next(k for k, p in enumerate(arena.placements) if p.name == "model.layers.2.mlp.up_proj.weight")
+    arena.flip(arena.placements[victim].arena_offset + 3)
+    follow = _follow(arena, name, list(range(len(arena.placements))))
+    try:
+        got = validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=True), follow)
+    finally:
+        follow.close()
+        arena.seg.close()
+    assert isinstance(got, Failed)
+    assert "1 tensor(s) differ: tensor model.layers.2.mlp.up_proj.weight (layer 2" in got.reason
+    assert "at byte 0 (" in got.reason
+
+
+def test_digests_of_another_arena_file_or_without_follow_are_never_used(
+    env: Env, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The follow hashed the good bytes of one arena file. A load that replaced the file under the same
+    name (same epoch, same placements) must be hashed whole, and so must a validation that does not say
+    it followed (a repair's): a byte wrong there is found either way."""
+    ctx, manifest, name = env
+    arena = Arena(model_dir, manifest, LayerRange(1, 3), name)
+    follow = _follow(arena, name, list(range(len(arena.placements))))
+    arena.flip(arena.placements[0].arena_offset)  # after it was hashed: a "repair" case
+    try:
+        got = validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=False), follow)
+        assert isinstance(got, Failed) and arena.placements[0].name in got.reason
+        arena.seg.close()
+        unlink_segment(name)
+        again = Arena(model_dir, manifest, LayerRange(1, 3), name)  # a new file under the name
+        again.flip(again.placements[0].arena_offset)
+        try:
+            hashed = _count_hashed(monkeypatch)
+            got = validator.answer(ctx, ValidateArena(1, again.cmd.loaded, follow=True), follow)
+        finally:
+            again.seg.close()
+    finally:
+        follow.close()
+        if arena.seg._mmap is not None:
+            arena.seg.close()
+    assert isinstance(got, Failed) and arena.placements[0].name in got.reason
+    assert len(hashed) == len(arena.placements)
+
+
+def test_a_byte_changed_after_it_was_hashed_is_still_caught_and_named(
+    env: Env, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hashing as tensors land must not open a window: a flip between a tensor's landing and the load's
+    report (warmup runs in between) is found by the xxh3 re-check of every chunk, and only that tensor
+    is hashed again, so its mismatch reads as it always did."""
+    ctx, manifest, name = env
+    arena = Arena(model_dir, manifest, LayerRange(1, 3), name)
+    follow = _follow(arena, name, list(range(len(arena.placements))))
+    victim = next(p for p in arena.placements if p.name == "model.layers.2.mlp.up_proj.weight")
+    arena.flip(victim.arena_offset + manifest.chunk_bytes + 5)
+    hashed = _count_hashed(monkeypatch)
+    try:
+        got = validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=True), follow)
+    finally:
+        follow.close()
+        arena.seg.close()
+    assert isinstance(got, Failed)
+    where = f"(layer 2, arena offset {victim.arena_offset})"
+    assert f"1 tensor(s) differ: tensor {victim.name} {where}" in got.reason
+    assert f"at byte {manifest.chunk_bytes} (" in got.reason
+    assert hashed == [victim.name]

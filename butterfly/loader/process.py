@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from butterfly.board import LoaderSection
@@ -32,6 +33,7 @@ from butterfly.ipc import (
     ChunkDigest,
     Command,
     Failed,
+    Landing,
     LoadAssignment,
     Loaded,
     Repaired,
@@ -39,6 +41,7 @@ from butterfly.ipc import (
     Shutdown,
     SyncChannel,
     TensorPlacement,
+    TensorsLanded,
     TensorSpec,
 )
 from butterfly.loader.arena import ARENA_ALIGN, ArenaError, EarlyArena, allocate
@@ -177,6 +180,7 @@ class Fetch:
         refetch: bool,
         repair: bool = False,
         held: HeldBytes | None = None,
+        on_landed: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.loader = loader
         self.held = held
@@ -201,13 +205,50 @@ class Fetch:
         self.from_held = 0
         self.from_cache = 0
         self.from_source = 0
+        # Tensors in the arena for good, told to ``on_landed`` by index (placement order) in batches:
+        # the validator hashes them beside the stream (butterfly.validator.follow).
+        self.on_landed = on_landed
+        self.index = {n: i for i, n in enumerate(self.jobs)}
+        self.missing = {n: j.length for n, j in self.jobs.items()}
+        self.unsent: list[int] = []
+        self.last_sent = 0.0
 
     def _expected(self, names: list[str]) -> list[list[int]] | None:
         if not self.records:
             return None
         return [list(self.records[n].chunks) for n in names]
 
-    def _stream(self, names: list[str], reader: FdTable | Source, downloaded: bool) -> None:
+    def _landed(self, names: list[str]) -> None:
+        """``names`` are in the arena for good: queue them for ``on_landed``."""
+        for n in names:
+            if self.missing.pop(n, None) is not None:
+                self.unsent.append(self.index[n])
+        self._send_landed(force=not self.missing)
+
+    def _chunk_landed(self, r: ChunkResult) -> None:
+        """A chunk of the source pass landed intact (that pass writes each chunk once)."""
+        n = r.chunk.tensor
+        left = self.missing.get(n)
+        if left is None:
+            return
+        if left - r.chunk.length > 0:
+            self.missing[n] = left - r.chunk.length
+        else:
+            self._landed([n])
+        self._send_landed()
+
+    def _send_landed(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.on_landed is not None and self.unsent and (force or now - self.last_sent >= PUBLISH_EVERY_S):
+            self.on_landed(self.unsent)
+            self.unsent = []
+            self.last_sent = now
+
+    def _stream(
+        self, names: list[str], reader: FdTable | Source, downloaded: bool, live: bool = False
+    ) -> None:
+        """Stream ``names`` into the arena; ``live``: each tensor counts as landed as its last chunk lands
+        (a pass nothing reads again on a mismatch), else the caller says when the pass's are for good."""
         if not names:
             return
         jobs = [self.jobs[n] for n in names]
@@ -222,9 +263,9 @@ class Fetch:
         if held("loading_weights") and len(names) > 1:
             # Test hook: stop half-way through this node's tensors until the hold file goes away.
             half = len(names) // 2
-            self._stream(names[:half], reader, downloaded)
+            self._stream(names[:half], reader, downloaded, live)
             hold_if_requested("loading_weights", self.loader._beat)
-            self._stream(names[half:], reader, downloaded)
+            self._stream(names[half:], reader, downloaded, live)
             return
 
         assert self.loader.arena is not None
@@ -239,6 +280,7 @@ class Fetch:
                 concurrency=conc,
                 expected=self._expected(names),
                 progress=progress,
+                on_chunk=self._chunk_landed if live and self.on_landed is not None else None,
                 tick=tick,
             )
         for r in results:
@@ -307,6 +349,7 @@ class Fetch:
             for n, (key, offset) in where.items():
                 self.jobs[n] = ReadJob(key, offset, source_jobs[n].length, source_jobs[n].arena_offset, n)
             self._stream(list(where), fds, downloaded=False)
+            self._landed(list(where))
         except ChunkMismatch:
             # Everything of this pass is read again (rare: a corrupt copy).
             for n in where:
@@ -317,15 +360,17 @@ class Fetch:
             self.jobs.update(source_jobs)
 
     def run(self) -> list[ChunkDigest]:
+        self._landed([n for n, left in self.missing.items() if left == 0])  # empty tensors
         names = self._from_held(list(self.jobs))
         if self.cache is not None and self.read_cache:
             names = self._from_cache(names)
         if names:
             if isinstance(self.source, FilesystemSource):
                 with open_files(self.source.root, {self.jobs[n].file for n in names}) as fds:
-                    self._stream(names, fds, downloaded=True)
+                    self._stream(names, fds, downloaded=True, live=True)
             else:
-                self._stream(names, self.source, downloaded=True)
+                self._stream(names, self.source, downloaded=True, live=True)
+            self._landed(names)
             self.fetched = names
             self.from_source = len(names)
         self.loader.downloaded_total = self.progress.downloaded_total
@@ -508,8 +553,19 @@ class Loader:
                 steps["allocate"] = time.monotonic() - t0
 
                 t0 = self._step(LoadStep.DOWNLOAD)
+                # The validator hashes each tensor beside the stream as it lands (validator/follow.py).
+                epoch = cmd.epoch
+                self.chan.send(Landing(epoch, self.ctx.init.arena_name, placements))
                 fetch = Fetch(
-                    self, source, manifest, tensors, placements, total, refetch=cmd.refetch, held=kept
+                    self,
+                    source,
+                    manifest,
+                    tensors,
+                    placements,
+                    total,
+                    refetch=cmd.refetch,
+                    held=kept,
+                    on_landed=lambda idx: self.chan.send(TensorsLanded(epoch, idx)),
                 )
                 chunks = fetch.run()
                 steps["download"] = time.monotonic() - t0

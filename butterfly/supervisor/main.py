@@ -53,6 +53,7 @@ from butterfly.ipc import (
     EngineState,
     Failed,
     Init,
+    Landing,
     LoadAssignment,
     Loaded,
     LocalValidated,
@@ -71,6 +72,7 @@ from butterfly.ipc import (
     StartScrub,
     StopEngine,
     StopScrub,
+    TensorsLanded,
     ValidateArena,
     Validated,
     Waiting,
@@ -143,6 +145,8 @@ class Supervisor:
         self.operational = False
         self.plan: PlanAssigned | None = None
         self.loaded: Loaded | None = None
+        # The load the validator follows (epoch, arena): what the loader's ``Landing`` announced.
+        self.following: tuple[int, str] | None = None
         # The arena begun for the first loader (butterfly.loader.prewarm); None until run() starts it.
         self.prewarm: EarlyArena | None = None
         self.phase_failures = 0
@@ -407,6 +411,7 @@ class Supervisor:
 
     async def _load(self, plan: PlanAssigned, refetch: bool = False) -> None:
         # The validator and the engine let go of the arena before the loader replaces it.
+        self.following = None
         await self.children["validator"].send(StopScrub())
         await self.children["engine"].send(StopEngine())
         await self.children["loader"].send(
@@ -443,6 +448,13 @@ class Supervisor:
             self.notes.waiting_reason = r.reason
         elif isinstance(r, PlanAssigned):
             await self.on_plan(r)
+        elif isinstance(r, Landing | TensorsLanded):
+            # The validator hashes the tensors beside the stream (butterfly.validator.follow).
+            if self.plan is None or r.epoch != self.plan.epoch or self.phase is not Phase.LOADING_WEIGHTS:
+                return
+            if isinstance(r, Landing):
+                self.following = (r.epoch, r.arena_name)
+            await self.children["validator"].send(r)
         elif isinstance(r, Loaded):
             if self.plan is None or r.epoch != self.plan.epoch:
                 log.info("dropping load result for stale epoch %d", r.epoch)
@@ -451,7 +463,8 @@ class Supervisor:
             steps = ", ".join(f"{k} {v:.3f}s" for k, v in r.step_seconds.items())
             log.info("loaded blocks %d-%d: %d bytes (%s)", r.start, r.stop - 1, r.arena_bytes, steps)
             self.advance_to(Phase.VALIDATION)
-            await self.children["validator"].send(ValidateArena(r.epoch, r))
+            follow, self.following = self.following == (r.epoch, r.arena_name), None
+            await self.children["validator"].send(ValidateArena(r.epoch, r, follow=follow))
         elif isinstance(r, Validated):
             await self.on_validated(r)
         elif isinstance(r, RangeAccepted):

@@ -28,18 +28,21 @@ import logging
 import os
 import time
 
-from butterfly.board import ValidatorSection
+from butterfly.board import LoaderSection, ValidatorSection
 from butterfly.board.shm import Segment, attach_segment
 from butterfly.ipc import (
     Failed,
+    Landing,
     ScrubMismatch,
     Shutdown,
     StartScrub,
     StopScrub,
     SyncChannel,
+    TensorsLanded,
     ValidateArena,
     Validated,
 )
+from butterfly.states import LoadStep
 from butterfly.supervisor.childproc import (
     HEARTBEAT_S,
     ChildContext,
@@ -49,11 +52,22 @@ from butterfly.supervisor.childproc import (
     hold_if_requested,
     run_beside,
 )
-from butterfly.validator.check import ArenaDigests, Mismatch, describe, digest_arena, mismatches
+from butterfly.validator.check import (
+    ArenaDigests,
+    Mismatch,
+    changed_chunks,
+    describe,
+    digest_arena,
+    mismatches,
+)
+from butterfly.validator.follow import Follow, attach_identified
 from butterfly.validator.scrub import HostArena, Scrubber
 from butterfly.weights.merkle import leaf_hash, merkle_root
 
 log = logging.getLogger("butterfly.validator")
+
+# How often a follow paused by the loader's warmup looks whether it may go on.
+WARMUP_POLL_S = 0.05
 
 
 def _close(seg: Segment) -> None:
@@ -64,8 +78,10 @@ def _close(seg: Segment) -> None:
         log.error("validator: arena %s still has views after the check; left mapped", seg.name)
 
 
-def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
-    """The verdict on ``cmd.loaded``'s bytes: their digests, or a ``Failed`` naming what differs."""
+def validate(ctx: ChildContext, cmd: ValidateArena, follow: Follow | None = None) -> Validated | Failed:
+    """The verdict on ``cmd.loaded``'s bytes: their digests, or a ``Failed`` naming what differs. With
+    ``follow`` the digests it took of this very load's tensors as they landed count; the rest are
+    hashed now."""
     loaded = cmd.loaded
     blocks = f"blocks {loaded.start}-{loaded.stop - 1}"
 
@@ -78,9 +94,19 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
         ValidatorSection, bytes_hashed=0, bytes_total=total, heartbeat_mono_ns=time.monotonic_ns()
     )
     try:
-        seg = attach_segment(loaded.arena_name, writable=False)
+        seg, inode = attach_identified(loaded.arena_name)
     except FileNotFoundError:
         return Failed("validate", f"the arena {loaded.arena_name} of {blocks} is gone (its loader exited)")
+    known = dict(follow.digests) if follow is not None and follow.serves(loaded, inode) else {}
+    if known:
+        early = sum(loaded.tensors[i].length for i in known)
+        ctx.board.update(ValidatorSection, bytes_hashed=early)
+        log.info(
+            "validating epoch %d: %d of %d bytes were hashed as they landed, the rest now",
+            cmd.epoch,
+            early,
+            total,
+        )
     try:
         end = max((t.arena_offset + t.length for t in loaded.tensors), default=0)
         if seg.size < end:
@@ -91,7 +117,17 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
         with seg.view() as buf:
 
             def hash_arena() -> tuple[ArenaDigests, list[Mismatch]]:
-                d = digest_arena(buf, loaded.tensors, threads=os.cpu_count() or 1)
+                threads = os.cpu_count() or 1
+                # What changed since it was hashed (a stray write, a flipped bit) is hashed again,
+                # so its mismatch is found and named as if nothing had been hashed before.
+                if known:
+                    followed = list(known)
+                    changed = changed_chunks(
+                        buf, [loaded.tensors[i] for i in followed], loaded.chunks, threads
+                    )
+                    for k in changed:
+                        del known[followed[k]]
+                d = digest_arena(buf, loaded.tensors, threads=threads, known=known)
                 return d, mismatches(buf, loaded.tensors, loaded.chunks, d.tensor_digests)
 
             # Hashing gigabytes takes many heartbeat periods: beat beside it.
@@ -121,10 +157,10 @@ def validate(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
     )
 
 
-def answer(ctx: ChildContext, cmd: ValidateArena) -> Validated | Failed:
+def answer(ctx: ChildContext, cmd: ValidateArena, follow: Follow | None = None) -> Validated | Failed:
     """``validate``, with an error of the validator itself turned into a report that says so."""
     try:
-        result = validate(ctx, cmd)
+        result = validate(ctx, cmd, follow if cmd.follow else None)
     except Exception as e:  # a bug or a broken environment, never a verdict on the weights
         log.exception("validation of epoch %d could not run", cmd.epoch)
         result = Failed("validate", f"the validator could not check the weights: {type(e).__name__}: {e}")
@@ -219,6 +255,7 @@ class Scrub:
 
 def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
     scrub: Scrub | None = None
+    follow: Follow | None = None
 
     def stop() -> None:
         nonlocal scrub
@@ -226,26 +263,51 @@ def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
             scrub.close()
             scrub = None
 
+    def unfollow() -> None:
+        nonlocal follow
+        if follow is not None:
+            follow.close()
+            follow = None
+
     try:
         while True:
             wait = HEARTBEAT_S
             if scrub is not None:
                 wait = min(wait, max(0.0, scrub.scrubber.due() - time.monotonic()))
+            hashing = follow is not None and bool(follow.pending) and not _loader_warming_up(ctx)
+            if hashing:
+                wait = 0.0
+            elif follow is not None and follow.pending:
+                wait = min(wait, WARMUP_POLL_S)
             cmd = inbox.get(timeout=wait)
             ctx.board.update(ValidatorSection, heartbeat_mono_ns=time.monotonic_ns())
             if isinstance(cmd, Shutdown):
                 return
-            if isinstance(cmd, ValidateArena):
+            if isinstance(cmd, Landing):
                 stop()
-                chan.send(answer(ctx, cmd))
+                unfollow()
+                follow = start_follow(ctx, cmd)
+            elif isinstance(cmd, TensorsLanded):
+                if follow is not None:
+                    follow.landed(cmd)
+            elif isinstance(cmd, ValidateArena):
+                stop()
+                chan.send(answer(ctx, cmd, follow))
+                unfollow()  # one validation per followed load: a later one re-hashes everything
             elif isinstance(cmd, StartScrub):
                 stop()
                 if ctx.config.validator.scrub:
                     scrub = start_scrub(ctx, cmd)
             elif isinstance(cmd, StopScrub):
                 stop()
+                unfollow()  # a load is about to replace the arena: let go of the old one
             elif cmd is not None:
                 log.warning("validator ignores %s", type(cmd).__name__)
+            if follow is not None and follow.pending and not _loader_warming_up(ctx):
+                follow.step()
+                ctx.board.update(
+                    ValidatorSection, bytes_hashed=follow.bytes_hashed, heartbeat_mono_ns=time.monotonic_ns()
+                )
             if scrub is not None and time.monotonic() >= scrub.scrubber.due():
                 found = scrub.step()
                 if found is not None:
@@ -253,6 +315,27 @@ def serve(ctx: ChildContext, chan: SyncChannel, inbox: CommandInbox) -> None:
                     chan.send(found)
     finally:
         stop()
+        unfollow()
+
+
+def _loader_warming_up(ctx: ChildContext) -> bool:
+    """The loader runs the engine's warmup: a forward pass on every core, whose threads wait for each
+    other at every operation, so a core taken by hashing stalls all of them (measured on 2 cores: warmup
+    0.55 s alone, 1.5 s beside the hashing). Hashing beside the stream pauses meanwhile."""
+    return ctx.board.read(LoaderSection).step == int(LoadStep.WARMUP)
+
+
+def start_follow(ctx: ChildContext, cmd: Landing) -> Follow | None:
+    """Hashing ``cmd``'s tensors as they land, or None (logged) when its arena cannot be mapped: the
+    load's validation then hashes everything after it, as it always could."""
+    try:
+        follow = Follow(cmd, threads=max(1, (os.cpu_count() or 1) - 1))
+    except (OSError, ValueError) as e:
+        log.warning("cannot follow the load of epoch %d (%s): validating it after the load", cmd.epoch, e)
+        return None
+    total = sum(t.length for t in cmd.tensors)
+    ctx.board.update(ValidatorSection, bytes_hashed=0, bytes_total=total)
+    return follow
 
 
 def start_scrub(ctx: ChildContext, cmd: StartScrub) -> Scrub | None:
