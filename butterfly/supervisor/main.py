@@ -145,6 +145,9 @@ class Supervisor:
         self.operational = False
         self.plan: PlanAssigned | None = None
         self.loaded: Loaded | None = None
+        # Every child started once (the cluster child first, the others beside the event loop).
+        self.children_started = asyncio.Event()
+        self.starting: asyncio.Task[None] | None = None
         # The load the validator follows (epoch, arena): what the loader's ``Landing`` announced.
         self.following: tuple[int, str] | None = None
         # The arena begun for the first loader (butterfly.loader.prewarm); None until run() starts it.
@@ -311,16 +314,27 @@ class Supervisor:
         return Init(self.config.to_toml(), str(self.base_dir), self.board_name, self.arena_name, adopt)
 
     async def _start_children(self) -> None:
-        """The cluster child first, and discovery at once: the others (the engine waits for the fork
-        server's torch import) start while the cluster forms, and the loader makes its arena meanwhile.
-        Their reports queue until every child is started."""
+        """The cluster child first, and discovery at once; the others start beside the event loop (the
+        loader's fork waits for the fork server's torch import, a second or more), so the cluster's
+        progress is followed as it comes. A plan waits for them (``children_started``)."""
         cluster = self.children["cluster"]
         await cluster.spawn(self._init("cluster"))
         self.advance_to(Phase.DISCOVERY)
         await cluster.send(StartCluster())
-        for handle in self.children.values():
-            if handle is not cluster:
-                await handle.spawn(self._init(handle.kind))
+        self.starting = asyncio.create_task(self._start_others())
+
+    async def _start_others(self) -> None:
+        kind = ""
+        try:
+            for handle in self.children.values():
+                if handle.proc is None:
+                    kind = handle.kind
+                    await handle.spawn(self._init(kind))
+        except Exception as e:
+            log.exception("cannot start the %s child", kind)
+            self.fail("cold_start", f"cannot start the {kind} child: {type(e).__name__}: {e}")
+        finally:
+            self.children_started.set()
 
     async def on_exit(self, ev: ChildExited) -> None:
         handle = self.children[ev.kind]
@@ -497,6 +511,7 @@ class Supervisor:
             extra={"fields": {"EPOCH": plan.epoch, "TERM": plan.term}},
         )
         self.advance_to(Phase.LOADING_WEIGHTS)
+        await self.children_started.wait()  # at a node's start, the loader may still be starting
         if self.loaded is not None and (self.loaded.start, self.loaded.stop) == (plan.start, plan.stop):
             # Same blocks still in the arena (a cluster-child restart): re-validate them, no reload.
             self.loaded = msgspec.structs.replace(self.loaded, epoch=plan.epoch, step_seconds={})
@@ -792,6 +807,10 @@ class Supervisor:
         timeout = self.config.supervisor.stop_timeout_s
         if self.prewarm is not None:
             self.prewarm.cancel()  # a node stopped in its first seconds: no arena made after the unlink
+        if self.starting is not None and not self.starting.done():
+            self.starting.cancel()  # no child started after the others were told to stop
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.starting
         await asyncio.gather(*(h.stop(Shutdown(), timeout) for h in self.children.values()))
         if self.prewarm is not None:
             await asyncio.to_thread(self.prewarm.wait, lambda: None)
