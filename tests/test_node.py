@@ -183,6 +183,42 @@ def test_sigterm_during_loading_stops_everything_within_bound(node_factory, tmp_
     assert "stopped" in node.log()
 
 
+def test_the_cluster_forms_while_the_loader_starts_and_the_plan_waits_for_it(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The cluster child starts first and the node follows discovery, election and the plan while the
+    others start (the loader's fork waits for torch's import); the plan's load waits for the loader,
+    and nothing is served meanwhile."""
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-spawn-loader").touch()
+    node = node_factory(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    st = node.wait_for(lambda s: s["phase"] == "loading_weights", what="the plan applied")
+    assert st["state"] == "LOADING" and st["layers"]
+    assert next(c for c in st["children"] if c["name"] == "loader")["pid"] is None
+    time.sleep(0.5)
+    assert node.get("/ready")[0] == 503 and node.status()["phase"] == "loading_weights"
+    (hold / "hold-spawn-loader").unlink()
+    node.wait_state("OPERATIONAL")
+    assert node.stop() == 0
+
+
+def test_sigterm_while_children_start_stops_everything_and_leaves_no_arena(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Stopped before its loader exists: the children that did start stop, none starts after, and the
+    arena the supervisor began is gone with the rest of its shared memory."""
+    hold = tmp_path / "holds"
+    hold.mkdir()
+    (hold / "hold-spawn-loader").touch()
+    node = node_factory(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
+    st = node.wait_for(lambda s: s["phase"] == "loading_weights", what="the plan applied")
+    pids = child_pids(st)
+    assert len(pids) == 1  # the cluster child
+    t0 = time.monotonic()
+    assert node.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < 8
+    assert pids_alive(pids) == []
+    assert segments_of(node.node_id) == []
+    assert "started loader child" not in node.log()
+
+
 def test_sigkilled_supervisor_leaves_no_children_and_next_start_removes_its_segments(
     node_factory, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]

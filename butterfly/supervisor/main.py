@@ -323,12 +323,24 @@ class Supervisor:
         await cluster.send(StartCluster())
         self.starting = asyncio.create_task(self._start_others())
 
+    async def _children_up(self) -> bool:
+        """Wait until every child has been started once (at a node's start the loader may still be
+        starting); False when the node is stopping meanwhile."""
+        if not self.children_started.is_set():
+            waits = [asyncio.create_task(e.wait()) for e in (self.children_started, self.stop_requested)]
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
+        return not self.stop_requested.is_set()
+
     async def _start_others(self) -> None:
         kind = ""
         try:
             for handle in self.children.values():
                 if handle.proc is None:
                     kind = handle.kind
+                    while held(f"spawn-{kind}"):  # test hook: a child that takes long to start
+                        await asyncio.sleep(0.05)
                     await handle.spawn(self._init(kind))
         except Exception as e:
             log.exception("cannot start the %s child", kind)
@@ -511,7 +523,8 @@ class Supervisor:
             extra={"fields": {"EPOCH": plan.epoch, "TERM": plan.term}},
         )
         self.advance_to(Phase.LOADING_WEIGHTS)
-        await self.children_started.wait()  # at a node's start, the loader may still be starting
+        if not await self._children_up():
+            return
         if self.loaded is not None and (self.loaded.start, self.loaded.stop) == (plan.start, plan.stop):
             # Same blocks still in the arena (a cluster-child restart): re-validate them, no reload.
             self.loaded = msgspec.structs.replace(self.loaded, epoch=plan.epoch, step_seconds={})
