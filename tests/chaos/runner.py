@@ -253,7 +253,10 @@ def run(
         elif scenario.fault == "stop_node":
             node.signal_tree(signal.SIGSTOP)
         elif scenario.fault in ("stop_cluster_child", "stop_loader_child"):
-            stopped = _child_pid(watch, target, scenario.fault.split("_")[1])
+            kind = scenario.fault.split("_")[1]
+            # At a node's start the cluster child comes first: the loader may still be starting.
+            watch.wait(lambda w: _child_pid(w, target, kind) is not None, 15)
+            stopped = _child_pid(watch, target, kind)
             if stopped is None:
                 raise RuntimeError(f"{scenario}: {target} has no live {scenario.fault} to stop")
             os.kill(stopped, signal.SIGSTOP)
