@@ -208,3 +208,17 @@ def test_a_cancelled_early_arena_is_never_left_behind() -> None:
     assert isinstance(early.error, ArenaError) and "cancelled" in str(early.error)
     assert not os.path.exists(f"/dev/shm/{name}")
     assert open_segment_count() == 0
+
+
+def test_waiting_for_an_arena_whose_size_never_comes_is_bounded() -> None:
+    """The supervisor's arena takes its size from the manifest, read from the store: a store that hangs
+    must not hang the node's stop, which waits a bounded time and goes on."""
+    release = threading.Event()
+    early = EarlyArena(_name(), lambda: (release.wait(10), None)[1], hand_over=True)
+    early.cancel()
+    t0 = time.monotonic()
+    assert early.wait(lambda: None, timeout_s=0.2) is False
+    assert time.monotonic() - t0 < 2
+    release.set()
+    assert early.wait(lambda: None, timeout_s=5) is True and early.error == "no size estimate"
+    assert open_segment_count() == 0

@@ -217,10 +217,17 @@ class EarlyArena:
         yet made is never made."""
         self._cancel.set()
 
-    def wait(self, beat: Callable[[], None]) -> None:
+    def wait(self, beat: Callable[[], None], timeout_s: float | None = None) -> bool:
+        """Until it is made (or failed), beating meanwhile; False if ``timeout_s`` passed first (its size
+        may come from a store that does not answer: a stopping node does not wait for that)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while self._thread.is_alive():
             beat()
-            self._thread.join(HEARTBEAT_S)
+            left = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, deadline - time.monotonic())
+            if left <= 0:
+                return False
+            self._thread.join(left)
+        return True
 
     def take(self, size: int, beat: Callable[[], None]) -> Segment | None:
         """The arena resized to ``size`` and faulted in; None if the early one failed (logged)."""

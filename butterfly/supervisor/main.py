@@ -103,6 +103,9 @@ EXTEND_TIMEOUT_S = 30.0
 # A child that has not beaten once since its spawn is still starting (interpreter start-up and imports
 # can take many seconds on a loaded machine); it is killed as hung only after this long.
 CHILD_START_TIMEOUT_S = 60.0
+# How long a stop waits for the arena begun at start (cancelled between pieces, so seconds at most
+# unless reading the manifest for its size hangs on a store that does not answer).
+PREWARM_STOP_WAIT_S = 5.0
 # Fatal errors from the loader/validator are retried this many times before the node fails.
 PHASE_RETRIES = 1
 # A child that cannot even be started (fork server or interpreter failing) is retried forever, the
@@ -825,8 +828,12 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.starting
         await asyncio.gather(*(h.stop(Shutdown(), timeout) for h in self.children.values()))
-        if self.prewarm is not None:
-            await asyncio.to_thread(self.prewarm.wait, lambda: None)
+        if self.prewarm is not None and not await asyncio.to_thread(
+            self.prewarm.wait, lambda: None, PREWARM_STOP_WAIT_S
+        ):
+            log.warning(
+                "the arena begun at start is still being made (its manifest read hangs?); not waiting"
+            )
         await self.launcher.close()
         await self.backend.close()
         if self.api is not None:
