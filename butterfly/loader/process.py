@@ -231,11 +231,11 @@ class Fetch:
         left = self.missing.get(n)
         if left is None:
             return
-        if left - r.chunk.length > 0:
+        if left > r.chunk.length:
             self.missing[n] = left - r.chunk.length
+            self._send_landed()  # what an earlier tensor left unsent, once PUBLISH_EVERY_S has passed
         else:
             self._landed([n])
-        self._send_landed()
 
     def _send_landed(self, force: bool = False) -> None:
         now = time.monotonic()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 
 from butterfly.board.shm import Segment, attach_segment, segment_path
 from butterfly.ipc import Landing, Loaded, TensorsLanded
@@ -64,7 +63,6 @@ class Follow:
         self.digests: dict[int, bytes] = {}
         self.pending: list[int] = []
         self.bytes_hashed = 0
-        self.seconds = 0.0
         self.seg, self.inode = attach_identified(cmd.arena_name)
         self._views = contextlib.ExitStack()
         try:
@@ -97,10 +95,8 @@ class Follow:
             size += self.tensors[i].length
         if not batch:
             return 0
-        t0 = time.monotonic()
         digests = digest_tensors(self.buf, [self.tensors[i] for i in batch], self.threads)
         self.digests.update(zip(batch, digests, strict=True))
-        self.seconds += time.monotonic() - t0
         self.bytes_hashed += size
         return size
 
