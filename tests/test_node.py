@@ -60,6 +60,15 @@ def child_pids(status: dict) -> list[int]:  # type: ignore[type-arg]
     return [c["pid"] for c in status["children"] if c["pid"]]
 
 
+def stops_clean(node, pids: list[int], within_s: float) -> None:  # type: ignore[no-untyped-def]
+    """SIGTERM: the node exits 0 within ``within_s``, none of ``pids`` is left, nor its shared memory."""
+    t0 = time.monotonic()
+    assert node.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - t0 < within_s
+    assert pids_alive(pids) == []
+    assert segments_of(node.node_id) == []
+
+
 def test_single_node_goes_through_every_phase_and_stops_clean(node_factory) -> None:  # type: ignore[no-untyped-def]
     node = node_factory()
     seen_states = []
@@ -104,11 +113,7 @@ def test_single_node_goes_through_every_phase_and_stops_clean(node_factory) -> N
 
     pids = child_pids(st)
     assert len(pids) == 4 and len(set(pids)) == 4
-    t0 = time.monotonic()
-    assert node.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - t0 < 10
-    assert pids_alive(pids) == []
-    assert segments_of(node.node_id) == []
+    stops_clean(node, pids, within_s=10)
 
 
 def test_progress_is_live_while_loading_and_not_ready_before_validation(node_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -175,11 +180,7 @@ def test_sigterm_during_loading_stops_everything_within_bound(node_factory, tmp_
     node = node_factory(env={"BUTTERFLY_TEST_HOLD_DIR": str(hold)})
     st = node.wait_for(lambda s: s["phase"] == "loading_weights", what="loading")
     pids = child_pids(st)
-    t0 = time.monotonic()
-    assert node.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - t0 < 8
-    assert pids_alive(pids) == []
-    assert segments_of(node.node_id) == []
+    stops_clean(node, pids, within_s=8)
     assert "stopped" in node.log()
 
 
@@ -211,11 +212,7 @@ def test_sigterm_while_children_start_stops_everything_and_leaves_no_arena(node_
     st = node.wait_for(lambda s: s["phase"] == "loading_weights", what="the plan applied")
     pids = child_pids(st)
     assert len(pids) == 1  # the cluster child
-    t0 = time.monotonic()
-    assert node.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - t0 < 8
-    assert pids_alive(pids) == []
-    assert segments_of(node.node_id) == []
+    stops_clean(node, pids, within_s=8)
     assert "started loader child" not in node.log()
 
 

@@ -199,6 +199,16 @@ def _follow(arena: Arena, name: str, landed: list[int]) -> Follow:
     return follow
 
 
+def _validate_followed(ctx: ChildContext, arena: Arena, follow: Follow) -> Validated | Failed:
+    """The validation of ``arena``'s load as the supervisor asks for it after following it; the follow
+    and the arena are closed after."""
+    try:
+        return validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=True), follow)
+    finally:
+        follow.close()
+        arena.seg.close()
+
+
 def _count_hashed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the tensors the validation itself hashes from now on."""
     hashed: list[str] = []
@@ -220,11 +230,7 @@ def test_a_followed_load_hashes_only_what_had_not_landed(
     half = list(range(0, len(arena.placements), 2))
     follow = _follow(arena, name, half)
     hashed = _count_hashed(monkeypatch)
-    try:
-        got = validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=True), follow)
-    finally:
-        follow.close()
-        arena.seg.close()
+    got = _validate_followed(ctx, arena, follow)
     assert isinstance(got, Validated)
     assert [d.hex() for d in got.unit_digests] == [manifest.units[u].digest for u in got.units]
     rest = [p.name for k, p in enumerate(arena.placements) if k not in half]
@@ -237,11 +243,7 @@ def test_a_tensor_wrong_when_it_landed_is_named_as_ever(env: Env, model_dir: Pat
     victim = next(k for k, p in enumerate(arena.placements) if p.name == "model.layers.2.mlp.up_proj.weight")
     arena.flip(arena.placements[victim].arena_offset + 3)
     follow = _follow(arena, name, list(range(len(arena.placements))))
-    try:
-        got = validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=True), follow)
-    finally:
-        follow.close()
-        arena.seg.close()
+    got = _validate_followed(ctx, arena, follow)
     assert isinstance(got, Failed)
     assert "1 tensor(s) differ: tensor model.layers.2.mlp.up_proj.weight (layer 2" in got.reason
     assert "at byte 0 (" in got.reason
@@ -289,11 +291,7 @@ def test_a_byte_changed_after_it_was_hashed_is_still_caught_and_named(
     victim = next(p for p in arena.placements if p.name == "model.layers.2.mlp.up_proj.weight")
     arena.flip(victim.arena_offset + manifest.chunk_bytes + 5)
     hashed = _count_hashed(monkeypatch)
-    try:
-        got = validator.answer(ctx, ValidateArena(1, arena.cmd.loaded, follow=True), follow)
-    finally:
-        follow.close()
-        arena.seg.close()
+    got = _validate_followed(ctx, arena, follow)
     assert isinstance(got, Failed)
     where = f"(layer 2, arena offset {victim.arena_offset})"
     assert f"1 tensor(s) differ: tensor {victim.name} {where}" in got.reason
