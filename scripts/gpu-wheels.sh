@@ -11,7 +11,7 @@ for n in 2_17 2_27 2_28 2_31 2_34; do platforms+=(--platform "manylinux_${n}_x86
 platforms+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform any)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
     "${platforms[@]}" -d .whl \
-    msgspec blake3 "cryptography>=42" cffi pycparser boto3 botocore s3transfer jmespath \
+    msgspec blake3 "cryptography>=42" "pynacl>=1.6,<1.7" cffi pycparser boto3 botocore s3transfer jmespath \
     python-dateutil six urllib3 dnspython tokenizers huggingface-hub hf-xet filelock fsspec packaging \
     pyyaml tqdm requests idna charset-normalizer certifi typing-extensions "transformers>=4.56" \
     safetensors regex pytest pytest-timeout pluggy iniconfig hypothesis sortedcontainers attrs jinja2 \

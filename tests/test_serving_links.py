@@ -22,11 +22,13 @@ import torch
 from butterfly.engine.model import SeqChunk, StageModel
 from butterfly.engine.sampler import SamplingParams
 from butterfly.engine.weights import ModelDir, open_model_dir
+from butterfly.serving import aead
 from butterfly.serving.backend import GenerationRequest, ServingError
 from butterfly.serving.client import EntryTarget, RemoteBackend
 from butterfly.serving.link import (
     ROLE_CLIENT,
     ROLE_STAGE,
+    Free,
     Hello,
     LinkClosed,
     LinkError,
@@ -127,6 +129,75 @@ async def _listener(secret: bytes) -> tuple[asyncio.AbstractServer, asyncio.Queu
             w.close()
 
     return await asyncio.start_server(serve, "127.0.0.1", 0), results
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 33, 1536, 49152, (1 << 20) + 7])
+def test_in_place_sealing_is_libsodium_aegis128l_as_pynacl_publishes_it(size: int) -> None:
+    """aead calls PyNaCl's cffi module directly, in place: what it seals must be what PyNaCl's public
+    (copying) wrapper seals for the same key, nonce and data, and open the other's output."""
+    import nacl.bindings as nb
+
+    key, nonce, aad = os.urandom(aead.KEY_BYTES), os.urandom(aead.NONCE_BYTES), os.urandom(4)
+    plain = os.urandom(size)
+    buf = bytearray(plain + bytes(aead.TAG_BYTES))
+    aead.Aegis128L(key).seal(buf, nonce, aad)
+    assert bytes(buf) == nb.crypto_aead_aegis128l_encrypt(plain, aad, nonce, key)
+    assert aead.Aegis128L(key).open(bytes(buf), nonce, aad) == plain
+    assert nb.crypto_aead_aegis128l_decrypt(bytes(buf), aad, nonce, key) == plain
+
+
+def test_a_sealed_frame_opens_only_unaltered_with_its_key_nonce_and_length() -> None:
+    key, nonce, aad = os.urandom(aead.KEY_BYTES), os.urandom(aead.NONCE_BYTES), b"\0\0\1\0"
+    c = aead.Aegis128L(key)
+    buf = bytearray(os.urandom(200) + bytes(aead.TAG_BYTES))
+    c.seal(buf, nonce, aad)
+    sealed = bytes(buf)
+    assert c.open(sealed, nonce, aad) is not None
+    for i in (0, 100, 199, 200, len(sealed) - 1):  # ciphertext and tag
+        bad = bytearray(sealed)
+        bad[i] ^= 0x01
+        assert c.open(bytes(bad), nonce, aad) is None, i
+    assert c.open(sealed, (int.from_bytes(nonce, "big") ^ 1).to_bytes(aead.NONCE_BYTES, "big"), aad) is None
+    assert c.open(sealed, nonce, b"\0\0\1\1") is None
+    assert aead.Aegis128L(os.urandom(aead.KEY_BYTES)).open(sealed, nonce, aad) is None
+    assert c.open(sealed[: aead.TAG_BYTES - 1], nonce, aad) is None  # shorter than a tag
+    assert c.open(sealed[:-1], nonce, aad) is None  # truncated
+    with pytest.raises(ValueError, match="16 bytes"):
+        aead.Aegis128L(os.urandom(32))
+    with pytest.raises(ValueError, match="room for the tag"):
+        c.seal(bytearray(aead.TAG_BYTES - 1), nonce, aad)
+
+
+def test_frames_of_every_size_cross_a_link_intact_and_in_order() -> None:
+    """Tensor bytes from none to several MiB (a prefill chunk's activations) arrive as sent, each
+    frame's header with its own tensor, both ways over the keys of one handshake."""
+    sizes = [0, 1, 1536, 49152, 3 << 20]
+    blobs = [os.urandom(n) for n in sizes]
+
+    async def run() -> None:
+        received: list[tuple[object, bytes]] = []
+
+        async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            peer = await accept_link(r, w, SECRET, _admit_all)
+            for _ in sizes:
+                msg, raw = await peer.recv()
+                received.append((msg, bytes(raw)))
+                await peer.send(msg, raw)
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        link = await dial_link(
+            "127.0.0.1", server.sockets[0].getsockname()[1], SECRET, role=ROLE_STAGE, epoch=1, index=0
+        )
+        for i, blob in enumerate(blobs):
+            await link.send(Free([i]), blob)
+        back = [await asyncio.wait_for(link.recv(), 10) for _ in sizes]
+        sent = [(Free([i]), b) for i, b in enumerate(blobs)]
+        assert received == sent
+        assert [(m, bytes(r)) for m, r in back] == sent
+        link.close()
+        server.close()
+
+    asyncio.run(run())
 
 
 def test_a_dialer_without_the_secret_is_refused() -> None:

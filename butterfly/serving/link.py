@@ -13,10 +13,11 @@ A link is one TCP connection. The handshake (dialer = client, listener = server;
 Both MACs cover both fresh nonces, so a recorded proof is worthless on another connection, and the
 role is inside the MAC, so a server proof never passes as a client's. The server checks the client's
 proof before it says anything about itself. Keys: HKDF-SHA256 over the secret, salted with both nonces,
-with the whole transcript (role, epoch and stage index included) in ``info``: one AES-256-GCM key per
-direction. Every later frame is ``u32 length | AES-GCM(key, nonce = seq, aad = length)`` with an
-implicit per-direction sequence number, so a frame that was altered, replayed, reordered or dropped
-fails to decrypt and the link is closed (``LinkError``). A link of another epoch has other keys.
+with the whole transcript (role, epoch and stage index included) in ``info``: one AEGIS-128L key per
+direction (``butterfly.serving.aead`` says why not AES-GCM). Every later frame is
+``u32 length | AEGIS-128L(key, nonce = seq, aad = length)`` with an implicit per-direction sequence
+number, so a frame that was altered, replayed, reordered or dropped fails to decrypt and the link is
+closed (``LinkError``). A link of another epoch has other keys.
 
 Inside a frame: ``u32 header length | msgpack header (a tagged msgspec Struct) | raw tensor bytes``.
 Never pickle: the header decodes only into the message types below, and a tensor is the bytes of
@@ -39,10 +40,10 @@ from collections.abc import Callable
 from typing import Annotated, Final, TypeAlias
 
 import msgspec
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from butterfly.serving import aead
 
 __all__ = [
     "Link",
@@ -53,13 +54,14 @@ __all__ = [
     "dial_link",
 ]
 
-LINK_VERSION: Final = 1
+LINK_VERSION: Final = 2
+"""2: AEGIS-128L frames (1 sealed them with AES-256-GCM)."""
 HANDSHAKE_MAX: Final = 4096
 MAX_FRAME: Final = 1 << 30
 """Cap on an authenticated frame: a prefill chunk of 8192 tokens x 16384 hidden x 4 bytes is 512 MiB."""
 NONCE_BYTES: Final = 32
-TAG_BYTES: Final = 16
 _LEN: Final = struct.Struct(">I")
+_TAG_ROOM: Final = bytes(aead.TAG_BYTES)
 
 PING_S: Final = 0.25
 """An idle link sends a ping this often."""
@@ -258,9 +260,10 @@ def _joined(label: bytes, *parts: bytes) -> bytes:
 def _keys(
     secret: bytes, hello_c: bytes, hello_s: bytes, nonce_c: bytes, nonce_s: bytes
 ) -> tuple[bytes, bytes]:
-    info = _joined(b"butterfly-link/1 keys", hashlib.sha256(hello_c + hello_s).digest())
-    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=nonce_c + nonce_s, info=info).derive(secret)
-    return okm[:32], okm[32:]
+    info = _joined(b"butterfly-link/2 keys", hashlib.sha256(hello_c + hello_s).digest())
+    k = aead.KEY_BYTES
+    okm = HKDF(algorithm=hashes.SHA256(), length=2 * k, salt=nonce_c + nonce_s, info=info).derive(secret)
+    return okm[:k], okm[k:]
 
 
 async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
@@ -439,8 +442,8 @@ class Link:
     ) -> None:
         self.reader = reader
         self.writer = writer
-        self._send = AESGCM(send_key)
-        self._recv = AESGCM(recv_key)
+        self._send = aead.Aegis128L(send_key)
+        self._recv = aead.Aegis128L(recv_key)
         self._send_seq = 0
         self._recv_seq = 0
         self.peer = peer
@@ -453,18 +456,17 @@ class Link:
         self.closed = False
 
     def send_nowait(self, msg: Message, tensor: memoryview | bytes = b"") -> None:
-        # One copy of the tensor (into the plaintext AES-GCM seals in one call) and the cipher's own.
-        """Encrypt and queue one frame; synchronous, so frames of different tasks never interleave."""
+        """Encrypt and queue one frame; synchronous, so frames of different tasks never interleave.
+        One copy of the tensor, into the frame, which is then sealed where it lies."""
         if self.closed:
             raise LinkClosed(f"the link to {self.peer} is closed")
         header = _encoder.encode(msg)
-        plain = b"".join((_LEN.pack(len(header)), header, tensor))
-        length = _LEN.pack(len(plain) + TAG_BYTES)
-        nonce = self._send_seq.to_bytes(12, "big")
+        frame = bytearray().join((_LEN.pack(len(header)), header, tensor, _TAG_ROOM))
+        length = _LEN.pack(len(frame))
+        self._send.seal(frame, self._send_seq.to_bytes(aead.NONCE_BYTES, "big"), length)
         self._send_seq += 1
-        sealed = self._send.encrypt(nonce, plain, length)
-        self.writer.writelines((length, sealed))
-        self.bytes_sent += len(sealed) + len(length)
+        self.writer.writelines((length, frame))
+        self.bytes_sent += len(frame) + len(length)
         self.last_sent = time.monotonic()
 
     async def send(self, msg: Message, tensor: memoryview | bytes = b"") -> None:
@@ -478,14 +480,13 @@ class Link:
         """The next message and the raw tensor bytes after its header (empty when none), a view of
         the decrypted frame (no copy)."""
         frame = await _read_frame(self.reader, MAX_FRAME)
-        nonce = self._recv_seq.to_bytes(12, "big")
-        try:
-            plain = self._recv.decrypt(nonce, frame, _LEN.pack(len(frame)))
-        except InvalidTag:
+        nonce = self._recv_seq.to_bytes(aead.NONCE_BYTES, "big")
+        plain = self._recv.open(frame, nonce, _LEN.pack(len(frame)))
+        if plain is None:
             raise LinkError(
                 f"frame {self._recv_seq} from {self.peer} failed authentication (altered, replayed, "
                 "reordered, or sealed with another key)"
-            ) from None
+            )
         self._recv_seq += 1
         self.last_recv = time.monotonic()
         if len(plain) < _LEN.size:

@@ -38,8 +38,8 @@ def tensor_from(dtype: str, shape: list[int], raw: bytes | bytearray | memoryvie
         raise LinkError(f"a frame's tensor {dtype} {shape} needs {count * size} bytes, it carries {len(raw)}")
     if count == 0:
         return torch.empty(tuple(shape), dtype=tdtype)
-    # A view of the received bytes, no copy: the stage only reads its input (every layer makes new
-    # tensors), so the buffer being read-only is fine.
+    # A view of the received bytes, no copy: a link opens each frame into a buffer of its own.
+    # (torch warns on a read-only buffer; the stage only reads its input, so that would be fine too.)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         return torch.frombuffer(raw, dtype=tdtype, count=count).view(tuple(shape))
