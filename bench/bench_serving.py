@@ -14,6 +14,7 @@ beside transformers' generate() at batch 1 on the same weights. Reported: median
 (batch 1), aggregate tok/s of the 8 (all their tokens / the wall time until the last finished) and
 their mean ttft. Then the per-hop overhead: a stage link's round trip of a decode step's activations
 (and of a prefill chunk's) against a plain socket round trip of the same bytes over loopback.
+Everything runs on uvloop, as the engine child does (``--loop asyncio`` for asyncio's own loop).
 
 Goals: 1 stage batch 1 >= 1.0x transformers' tok/s; 8 concurrent >= 4x the batch-1 aggregate; a hop
 <= 1.3x the plain send.
@@ -29,10 +30,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,6 +49,12 @@ from butterfly.weights.testmodel import make_test_model  # noqa: E402
 
 SECRET = os.urandom(32)
 GREEDY = SamplingParams(temperature=0.0)
+T = TypeVar("T")
+LOOP = "uvloop"
+
+
+def run_loop(coro: Coroutine[Any, Any, T]) -> T:
+    return uvloop.run(coro) if LOOP == "uvloop" else asyncio.run(coro)
 
 
 def ensure_model(args: argparse.Namespace) -> Path:
@@ -230,7 +239,10 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=0, help="default: 2 (1 with --quick)")
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "butterfly-bench"))
+    p.add_argument("--loop", default="uvloop", choices=["uvloop", "asyncio"])
     args = p.parse_args()
+    global LOOP
+    LOOP = args.loop
     rounds = args.rounds or (1 if args.quick else 2)
     torch.set_num_threads(args.threads)
     path = ensure_model(args)
@@ -251,13 +263,13 @@ def run(md: ModelDir, path: Path, args: argparse.Namespace, rounds: int) -> None
     dtype = next(iter(md.weights.values())).dtype
     print(
         f"model {path.name}: {dtype}, {md.layout.num_blocks} blocks, hidden {cfg.hidden_size}; threads "
-        f"{torch.get_num_threads()}; prompt {args.prompt_len}, {n} new tokens; {rounds} round(s)"
+        f"{torch.get_num_threads()}; prompt {args.prompt_len}, {n} new tokens; {rounds} round(s); {LOOP}"
     )
     hf = bench_hf(path, dtype, prompts[0], n, max(rounds, 2))
     print(f"  transformers     batch 1: ttft {hf['ttft'] * 1e3:7.1f} ms  tok/s {hf['tps']:7.1f}")
     results: dict[int, dict[str, Any]] = {}
     for stages in (1, 2, 3):
-        r = asyncio.run(bench_pipeline(md, stages, prompts, n, rounds))
+        r = run_loop(bench_pipeline(md, stages, prompts, n, rounds))
         results[stages] = r
         print(
             f"  pipeline {stages} stage{'s' if stages > 1 else ' '} batch 1: ttft {r['ttft'] * 1e3:7.1f} ms  "
@@ -288,7 +300,7 @@ def run(md: ModelDir, path: Path, args: argparse.Namespace, rounds: int) -> None
             enc = await hop_link(payload, cfg.hidden_size, tokens, reps)
             return raw, enc
 
-        raw, enc = asyncio.run(both())
+        raw, enc = run_loop(both())
         print(
             f"  hop, {label}, {len(payload)} B: stage link {enc / 2 * 1e6:7.1f} us one way, plain socket "
             f"{raw / 2 * 1e6:7.1f} us: {enc / raw:.2f}x (goal <= 1.3)"

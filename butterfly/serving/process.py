@@ -252,7 +252,9 @@ def main() -> None:
         await run(ctx, chan)
 
     try:
-        asyncio.run(amain())
+        import uvloop  # links' frames cost ~11 us less each way than on asyncio's own loop (bench_serving)
+
+        uvloop.run(amain())
     finally:
         ctx.board.close()
         ctx.logs.close()
