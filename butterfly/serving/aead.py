@@ -23,10 +23,19 @@ from __future__ import annotations
 
 from typing import Final
 
+import nacl
 import nacl.bindings
 from nacl._sodium import ffi, lib
 
 __all__ = ["KEY_BYTES", "NONCE_BYTES", "TAG_BYTES", "Aegis128L"]
+
+if not all(
+    hasattr(lib, f) for f in ("crypto_aead_aegis128l_encrypt", "crypto_aead_aegis128l_decrypt")
+):  # pragma: no cover - an install that ignored pyproject.toml's pin
+    raise ImportError(
+        f"stage links need libsodium's AEGIS-128L, which PyNaCl {nacl.__version__} does not provide: "
+        "install PyNaCl >= 1.6, < 1.7 (pip install 'pynacl>=1.6,<1.7')"
+    )
 
 # Picks the AES-NI implementation: without it libsodium runs a portable one, 200x slower.
 nacl.bindings.sodium_init()
