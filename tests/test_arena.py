@@ -167,6 +167,20 @@ def test_a_handed_over_arena_keeps_its_pages_for_the_loader_to_adopt() -> None:
     assert open_segment_count() == 0
 
 
+def test_a_handed_over_arena_without_the_memory_says_so_and_leaves_no_file(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The supervisor's reservation meets a full /dev/shm: the error says so, no file of that name is
+    left (the loader then makes its arena itself, and fails with its own clear error if it must)."""
+    monkeypatch.setattr(arena, "_reserve_piece", lambda fd, off, length, cancel: errno.ENOSPC)
+    name = _name()
+    made = EarlyArena(name, lambda: 8 << 20, hand_over=True)
+    made.wait(lambda: None)
+    assert isinstance(made.error, ArenaError) and "/dev/shm is full" in str(made.error)
+    assert not os.path.exists(f"/dev/shm/{name}")
+    assert open_segment_count() == 0
+
+
 def test_adopting_where_no_arena_was_begun_makes_one() -> None:
     """The supervisor's arena never came (no manifest yet, no memory, or still being created: an empty
     file): the loader makes its own, zeroed and faulted in."""

@@ -4,10 +4,11 @@ At a node's start the loader is the last child up that matters (its fork waits f
 import the engine, torch, which takes a second or more), while faulting in a multi-gigabyte arena is
 the longest step before the stream (every page allocated and zeroed by the kernel). The supervisor
 therefore starts the arena itself, on a helper thread, as soon as it runs: same name, same likely
-size as the loader would pick, and once faulted in it lets go of its mapping (the pages stay in the
-file). The first loader adopts the file (``EarlyArena(adopt=True)``) and faults in whatever the
-supervisor has not yet. Nothing depends on the supervisor finishing, or starting at all: the loader
-makes the arena itself where there is none.
+size as the loader would pick, its pages allocated in the file but never mapped here (``reserve``:
+mapping them would cost a page-table pass to make and another to undo). The first loader adopts the
+file (``EarlyArena(adopt=True)``) and faults in whatever the supervisor has not yet. Nothing depends
+on the supervisor finishing, or starting at all: the loader makes the arena itself where there is
+none.
 
 Must not: write a byte of the arena, or outlive the node's start (a restarted loader never adopts:
 what it finds under the name may be what an engine still serves from).
