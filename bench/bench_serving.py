@@ -5,7 +5,8 @@
     python bench/bench_serving.py --model DIR
 
 In one process with ``torch.set_num_threads(--threads)``: the pipeline of 1, 2 and 3 ``StageServer``s
-(each its own listener and compute thread, linked by encrypted stage links over loopback TCP) serves
+(each its own listener, all computing on one thread, transformers too: see ``COMPUTE``; linked by
+encrypted stage links over loopback TCP) serves
 
 - batch 1: one greedy request of --prompt-len tokens and --new-tokens new tokens, alone;
 - 8 concurrent: eight such requests (different prompts) submitted at once, continuously batched;
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,6 +53,10 @@ SECRET = os.urandom(32)
 GREEDY = SamplingParams(temperature=0.0)
 T = TypeVar("T")
 LOOP = "uvloop"
+# Every torch computation of the bench runs on this one thread, transformers' included: a second thread
+# running torch's parallel operators gets an OpenMP team of its own, and with more threads than cores
+# both teams slow down by ~40% (StageServer's ``compute``). A node has one compute thread per process.
+COMPUTE = ThreadPoolExecutor(1, thread_name_prefix="compute")
 
 
 def run_loop(coro: Coroutine[Any, Any, T]) -> T:
@@ -83,7 +89,7 @@ async def start(md: ModelDir, n_stages: int) -> list[StageServer]:
     servers = []
     for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
         m = StageModel(md.config, md.weights, a, b, blocks)
-        s = StageServer(m, index=i, epoch=1, secret=SECRET, kv_cache_bytes=1 << 30)
+        s = StageServer(m, index=i, epoch=1, secret=SECRET, kv_cache_bytes=1 << 30, compute=COMPUTE)
         await s.listen()
         servers.append(s)
     addrs = [
@@ -265,7 +271,7 @@ def run(md: ModelDir, path: Path, args: argparse.Namespace, rounds: int) -> None
         f"model {path.name}: {dtype}, {md.layout.num_blocks} blocks, hidden {cfg.hidden_size}; threads "
         f"{torch.get_num_threads()}; prompt {args.prompt_len}, {n} new tokens; {rounds} round(s); {LOOP}"
     )
-    hf = bench_hf(path, dtype, prompts[0], n, max(rounds, 2))
+    hf = COMPUTE.submit(bench_hf, path, dtype, prompts[0], n, max(rounds, 2)).result()
     print(f"  transformers     batch 1: ttft {hf['ttft'] * 1e3:7.1f} ms  tok/s {hf['tps']:7.1f}")
     results: dict[int, dict[str, Any]] = {}
     for stages in (1, 2, 3):

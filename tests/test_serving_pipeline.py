@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,34 @@ def test_concurrent_mixed_requests_each_get_their_solo_tokens(model: tuple[Model
     alone, together = asyncio.run(run())
     assert together == alone
     assert [len(t) for t in alone] == [12, 5, 9, 14, 3]
+
+
+def test_stages_sharing_one_compute_thread_match_transformers_and_leave_it_running(
+    model: tuple[ModelDir, Any],
+) -> None:
+    """StageServer(compute=...): three stages of one process on one compute thread (what bench_serving
+    does) give transformers' tokens, concurrent requests included, and stopping them leaves the
+    thread they were lent working."""
+    md, ref = model
+    cases = [(prompt(n, 100 + n), 10) for n in (1, 7, 20)]  # as above: none meets an EOS early
+    want = [hf_greedy(ref, ids, k) for ids, k in cases]
+    compute = ThreadPoolExecutor(1, thread_name_prefix="shared")
+
+    async def run() -> list[list[int]]:
+        servers = await start_pipeline(md, (0, 1, 3, 4), compute=compute)
+        try:
+            got = await asyncio.gather(
+                *(collect(servers[0], GenerationRequest(tuple(ids), k, GREEDY)) for ids, k in cases)
+            )
+            return [t for t, _ in got]
+        finally:
+            await stop_pipeline(servers)
+
+    try:
+        assert asyncio.run(run()) == want
+        assert compute.submit(lambda: 41 + 1).result(timeout=10) == 42
+    finally:
+        compute.shutdown()
 
 
 def test_remote_backend_forwards_to_the_entry(model: tuple[ModelDir, Any]) -> None:
