@@ -6,9 +6,9 @@ the longest step before the stream (every page allocated and zeroed by the kerne
 therefore starts the arena itself, on a helper thread, as soon as it runs: same name, same likely
 size as the loader would pick, its pages allocated in the file but never mapped here (``reserve``:
 mapping them would cost a page-table pass to make and another to undo). The first loader adopts the
-file (``EarlyArena(adopt=True)``) and faults in whatever the supervisor has not yet. Nothing depends
-on the supervisor finishing, or starting at all: the loader makes the arena itself where there is
-none.
+file (``EarlyArena(adopt=True)``): it maps the pages and faults them in, allocating those the
+supervisor has not reserved yet. Nothing depends on the supervisor finishing, or starting at all:
+the loader makes the arena itself where there is none.
 
 Must not: write a byte of the arena, or outlive the node's start (a restarted loader never adopts:
 what it finds under the name may be what an engine still serves from).

@@ -767,7 +767,7 @@ class Supervisor:
         )
         tasks: list[asyncio.Task[None]] = [asyncio.create_task(self.beat_loop())]
         try:
-            # First: the arena's pages fault in and the fork server imports the children's modules
+            # First: the arena's pages are reserved and the fork server imports the children's modules
             # while we detect and open the API.
             self.prewarm = prewarm(self.config, self.arena_name)
             await self.launcher.start()

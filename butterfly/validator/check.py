@@ -34,6 +34,7 @@ from butterfly.weights.manifest import unit_digest
 __all__ = [
     "ArenaDigests",
     "Mismatch",
+    "arena_end",
     "changed_chunks",
     "describe",
     "digest_arena",
@@ -103,6 +104,11 @@ def locate(
         chunk_found=f"{got:016x}",
         chunks_bad=bad,
     )
+
+
+def arena_end(tensors: Sequence[TensorPlacement]) -> int:
+    """The arena bytes ``tensors`` need: the end of the last one."""
+    return max((t.arena_offset + t.length for t in tensors), default=0)
 
 
 def changed_chunks(

@@ -29,7 +29,7 @@ import os
 
 from butterfly.board.shm import Segment, attach_segment, segment_path
 from butterfly.ipc import Landing, Loaded, TensorsLanded
-from butterfly.validator.check import digest_tensors
+from butterfly.validator.check import arena_end, digest_tensors
 
 __all__ = ["BATCH_BYTES", "Follow", "attach_identified"]
 
@@ -66,7 +66,7 @@ class Follow:
         self.seg, self.inode = attach_identified(cmd.arena_name)
         self._views = contextlib.ExitStack()
         try:
-            end = max((t.arena_offset + t.length for t in cmd.tensors), default=0)
+            end = arena_end(cmd.tensors)
             if self.seg.size < end:
                 size = self.seg.size
                 raise ValueError(f"the arena {cmd.arena_name} is {size} bytes; its tensors need {end}")

@@ -55,6 +55,7 @@ from butterfly.supervisor.childproc import (
 from butterfly.validator.check import (
     ArenaDigests,
     Mismatch,
+    arena_end,
     changed_chunks,
     describe,
     digest_arena,
@@ -108,7 +109,7 @@ def validate(ctx: ChildContext, cmd: ValidateArena, follow: Follow | None = None
             total,
         )
     try:
-        end = max((t.arena_offset + t.length for t in loaded.tensors), default=0)
+        end = arena_end(loaded.tensors)
         if seg.size < end:
             return Failed(
                 "validate",
