@@ -119,6 +119,18 @@ def test_temperature_and_top_p_shape_the_distribution() -> None:
     assert {only(logits) for _ in range(50)} == {0}
 
 
+def test_the_smallest_temperature_and_top_p_sample_the_top_token() -> None:
+    """Any temperature > 0 and top_p > 0 is valid; the tiniest must not turn the logits into inf or
+    keep no token at all (torch.multinomial then raises, failing the whole step)."""
+    logits = torch.tensor([2.0, 9.0, -3.0, 8.5])
+    for t, top_p in [(5e-324, 1.0), (1e-40, 1.0), (1e-300, 0.5), (2.0, 5e-324), (1e-45, 1e-45)]:
+        s = SeqSampler(SamplingParams(temperature=t, top_p=top_p, seed=0))
+        assert {s(logits) for _ in range(20)} == {1}, (t, top_p)
+    assert sample_batch(
+        torch.stack([logits, -logits]), [SeqSampler(SamplingParams(temperature=1e-320)) for _ in range(2)]
+    ) == [1, 2]
+
+
 def test_arena_weights_are_views_of_shared_memory() -> None:
     name = f"bf-engine-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     seg = create_segment(name, 4096)

@@ -267,6 +267,35 @@ def test_bad_requests_are_400(model: tuple[ModelDir, Any]) -> None:
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("cuts", [(0, 4), (0, 2, 4)], ids=lambda c: f"{len(c) - 1}stages")
+def test_extreme_sampling_params_neither_break_nor_stall_the_pipeline(
+    model: tuple[ModelDir, Any], cuts: tuple[int, ...]
+) -> None:
+    """The smallest temperature and top_p a request may ask for sample the top token. They once made
+    the last stage's sampler raise: one stage broke the ring (503 for every request in flight), the
+    entry alone let the exception end its scheduler (every request from then on hung)."""
+    md, _ = model
+    ids = tuple(prompt(6, 4))
+
+    async def run() -> list[list[int]]:
+        servers = await start_pipeline(md, cuts)
+        try:
+            reqs = [
+                GenerationRequest(ids, 8, GREEDY),
+                GenerationRequest(ids, 8, SamplingParams(temperature=5e-324, seed=1)),
+                GenerationRequest(ids, 8, SamplingParams(temperature=1.0, top_p=5e-324, seed=1)),
+            ]
+            done = await asyncio.wait_for(asyncio.gather(*(collect(servers[0], r) for r in reqs)), 30)
+            # The pipeline still serves afterwards.
+            again, _ = await asyncio.wait_for(collect(servers[0], reqs[1]), 30)
+            return [toks for toks, _ in done] + [again]
+        finally:
+            await stop_pipeline(servers)
+
+    greedy, *extreme = asyncio.run(run())
+    assert len(greedy) == 8 and all(toks == greedy for toks in extreme)
+
+
 def test_hop_times_and_queue_gauges_reach_the_metrics(model: tuple[ModelDir, Any]) -> None:
     md, _ = model
     stats = ServingStats()

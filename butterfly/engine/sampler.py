@@ -36,12 +36,18 @@ class SeqSampler:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float().cpu() / p.temperature, dim=-1)
+        # Any temperature > 0 is valid, however small: dividing the raw logits by 1e-300 overflows to
+        # inf (and softmax of inf is NaN), so scale the logits less their maximum (all <= 0, the top
+        # one 0), in float64, where such a temperature does not round to 0 as it would in float32.
+        row = logits.detach().to(device="cpu", dtype=torch.float64)
+        probs = torch.softmax((row - row.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
             # Keep a token while the mass before it is still short of top_p: the first always stays.
-            sorted_probs = torch.where(before < p.top_p, sorted_probs, torch.zeros_like(sorted_probs))
+            keep = before < p.top_p
+            keep[0] = True
+            sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
             choice = torch.multinomial(sorted_probs, 1, generator=self.generator)
             return int(order[choice])
         return int(torch.multinomial(probs, 1, generator=self.generator))
