@@ -578,6 +578,35 @@ def test_malformed_bodies(model: Model) -> None:
     run(_with(ScriptedBackend([5]), model.served, body))
 
 
+def test_lone_surrogates_are_invalid_json_not_a_500(model: Model) -> None:
+    """JSON's \\ud800 escapes (and UTF-8-encoded surrogates) decode to strings that are not Unicode
+    text: the tokenizer raised on them, and an error quoting one could not be encoded (both a 500)."""
+    backend = ScriptedBackend([5])
+    cases = [
+        ("/v1/completions", rb'{"prompt": "\ud800"}'),
+        ("/v1/completions", rb'{"prompt": "hi", "suffix": "x\udfff"}'),
+        ("/v1/completions", rb'{"prompt": "hi", "\ud800": 1}'),
+        ("/v1/completions", b'{"prompt": "\xed\xa0\x80"}'),
+        (
+            "/v1/chat/completions",
+            rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udc00"}]}]}',
+        ),
+        ("/v1/chat/completions", rb'{"messages": [{"role": "\ud800", "content": "x"}]}'),
+    ]
+
+    async def body(c: Client) -> None:
+        for path, data in cases:
+            status, r = await c.raw(path, data, {"Content-Type": "application/json"})
+            err = assert_error(status, r, 400)
+            assert err["code"] == "invalid_json" and "surrogate" in err["message"], (data, err)
+        # A surrogate pair is one character, and fine.
+        status, r = await c.raw("/v1/completions", rb'{"prompt": "\ud83d\ude00"}')
+        assert status == 200, r
+
+    run(_with(backend, model.served, body))
+    assert len(backend.requests) == 1
+
+
 def test_prompt_up_to_the_context_is_accepted_and_longer_refused(model: Model) -> None:
     ctx = model.tok.context_length
     ids = model.tok.encode("Pack my box with five dozen liquor jugs. ")

@@ -260,9 +260,18 @@ class V1Handlers:
             )
         raw = await request.read()
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        bad = _lone_surrogate(body)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"the request body is not valid JSON: a string holds the lone UTF-16 surrogate {ascii(bad)}, "
+                "which is not a Unicode character",
+                code="invalid_json",
+            )
+        return body
 
     @staticmethod
     def _check_model(req: CompletionRequest, model: ServedModel) -> None:
@@ -460,6 +469,29 @@ class V1Handlers:
         except ConnectionResetError:
             pass  # the client went away: the caller's finally closes the backend's iterator
         return resp
+
+
+def _lone_surrogate(body: object) -> str | None:
+    """The first lone surrogate in any string of ``body`` (keys included), else None.
+
+    json.loads takes ``"\\ud800"`` (and UTF-8-encoded surrogates) as a str that cannot be encoded back:
+    the tokenizer refuses it and an error message quoting it cannot be sent, so such a body is refused
+    as a whole, before any field is read.
+    """
+    stack: list[object] = [body]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return v[e.start]
+        elif isinstance(v, dict):
+            stack.extend(v)
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+    return None
 
 
 def _echo(req: CompletionRequest, model: ServedModel, gen: GenerationRequest) -> str:
