@@ -8,6 +8,7 @@ or counts how it was closed. Every test runs its own server on 127.0.0.1 port 0 
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -21,7 +22,7 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from butterfly.api import make_app, start_api
+from butterfly.api import make_app, start_api, v1
 from butterfly.api.tokenizer import ServingTokenizer, load_serving_tokenizer
 from butterfly.api.v1 import ServedModel
 from butterfly.engine.generate import Pipeline, generate
@@ -605,6 +606,49 @@ def test_lone_surrogates_are_invalid_json_not_a_500(model: Model) -> None:
 
     run(_with(backend, model.served, body))
     assert len(backend.requests) == 1
+
+
+def test_undecodable_body_is_400_and_a_gzipped_one_is_read(model: Model) -> None:
+    """aiohttp decodes Content-Encoding as the body is read; a body that does not decode raised out of
+    the handler (a 500)."""
+    good = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+
+    async def body(c: Client) -> None:
+        for data in (b"{}", gzip.compress(good) + b"trailing"):
+            status, r = await c.raw("/v1/completions", data, {"Content-Encoding": "gzip"})
+            err = assert_error(status, r, 400)
+            assert err["code"] == "invalid_body" and "content-encoding: gzip" in err["message"], err
+        status, r = await c.raw("/v1/completions", gzip.compress(good), {"Content-Encoding": "gzip"})
+        assert status == 200 and r["usage"]["completion_tokens"] == 1, r
+
+    run(_with(ScriptedBackend([5]), model.served, body))
+
+
+def test_a_body_that_never_arrives_is_408(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's deadline covers a request's head only, and a connection whose request is being
+    handled is never evicted: a client that sent a head and withheld the body held it for good."""
+    monkeypatch.setattr(v1, "BODY_TIMEOUT_S", 0.5)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+
+    async def body(c: Client) -> None:
+        port = int(c.base.rsplit(":", 1)[1])
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            w.write(head + b'{"prompt": "hi"')
+            await w.drain()
+            status_line = await asyncio.wait_for(r.readline(), 5)
+            assert status_line.startswith(b"HTTP/1.1 408"), status_line
+            while await r.readline() not in (b"\r\n", b""):
+                pass
+            err = assert_error(408, json.loads(await r.readuntil(b"}}")), 408)
+            assert err["code"] == "request_timeout" and "100 bytes" in err["message"]
+            # The server then closes the connection: it is not kept for the rest of that body.
+            assert await asyncio.wait_for(r.read(), 10) == b""
+        finally:
+            w.close()
+        assert (await c.get("/status"))[0] == 200
+
+    run(_with(ScriptedBackend([5]), model.served, body))
 
 
 def test_prompt_up_to_the_context_is_accepted_and_longer_refused(model: Model) -> None:

@@ -1,9 +1,10 @@
 """The OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions.
 
 Owns admission (in this order: a backend exists, the serving gate says yes, the model's tokenizer is
-loaded, the body fits, the request is well formed, the model is the one served, the prompt fits the
-context), turning the backend's token events into text (incremental detokenizing, stop strings cut
-out of the answer and the backend's iterator closed at once), SSE framing, and the serving metrics.
+loaded, the body fits, arrives in time (``BODY_TIMEOUT_S``) and decodes, the request is well formed,
+the model is the one served, the prompt fits the context), turning the backend's token events into
+text (incremental detokenizing, stop strings cut out of the answer and the backend's iterator closed
+at once), SSE framing, and the serving metrics.
 Every error is OpenAI's error body (``openai.error_body``).
 
 A client that goes away ends its request: the handler is cancelled (the runner is started with
@@ -26,6 +27,7 @@ from typing import Any
 
 import msgspec
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from butterfly.api.openai import (
     ApiError,
@@ -50,6 +52,12 @@ BODY_BYTES_BASE = 64 * 1024
 MAX_V1_BODY_BYTES = 64 * 2**20
 _encoder = msgspec.json.Encoder()
 _NO_STORE = {"Cache-Control": "no-store"}
+# A body must arrive within this, plus a second per BODY_MIN_BYTES_PER_S of its length: the
+# connection guard's head deadline ends once the head is in, and a client that sends a head and then
+# trickles (or withholds) its body would otherwise hold a busy connection, which the guard never
+# evicts, for good.
+BODY_TIMEOUT_S = 10.0
+BODY_MIN_BYTES_PER_S = 256 * 1024
 
 
 ModelSource = Callable[[], "ServedModel | None"]
@@ -215,7 +223,12 @@ class V1Handlers:
             self._check_model(req, model)
             gen = await self._generation_request(req, model)
         except ApiError as e:
-            return error_response(e)
+            resp = error_response(e)
+            if not request.content.is_eof() or request.content.exception() is not None:
+                # The body was not read (refused before it, or it broke off): the connection closes
+                # after this answer, and says so, so a client does not send its next request on it.
+                resp.force_close()
+            return resp
         timer = self.metrics.request(len(gen.prompt_ids))
         outcome = _Outcome()
         deltas = _deltas(backend, gen, req, model.tokenizer, timer, outcome)
@@ -258,7 +271,21 @@ class V1Handlers:
                 f"request body of {length} bytes is over this model's limit of {limit} bytes",
                 code="request_too_large",
             )
-        raw = await request.read()
+        deadline = BODY_TIMEOUT_S + length / BODY_MIN_BYTES_PER_S
+        try:
+            async with asyncio.timeout(deadline):
+                raw = await request.read()
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"the request body of {length} bytes did not arrive within {deadline:.1f} s",
+                code="request_timeout",
+            ) from None
+        except RequestPayloadError as e:
+            # A body whose Content-Encoding does not decode (or decodes past aiohttp's limit), or that
+            # ends before its Content-Length: the parser's error, which names what was wrong, is the cause.
+            why = " ".join(str(getattr(e.__cause__, "message", None) or e).split())
+            raise ApiError(400, f"the request body could not be read: {why}", code="invalid_body") from None
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
