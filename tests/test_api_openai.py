@@ -541,6 +541,7 @@ BAD_CHATS: list[tuple[dict[str, Any], int, str | None, str]] = [
         "text",
     ),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 0}, 400, "logprobs", "true or false"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n", "only n=1"),
 ]
 

@@ -155,8 +155,13 @@ class _Fields:
         v = self.body.get(key)
         if v is None:
             return
-        if isinstance(v, bool) and not any(isinstance(a, bool) for a in allowed):
+        # Python's 0 == False: each type must be the one the neutral value has, or logprobs: 0 passes
+        # as false and n: true as 1.
+        wants_bool = any(isinstance(a, bool) for a in allowed)
+        if isinstance(v, bool) and not wants_bool:
             raise _bad(key, f"must be a number, got {_show(v)}")
+        if wants_bool and not isinstance(v, bool):
+            raise _bad(key, f"must be true or false, got {_show(v)}")
         if v not in allowed:
             raise ApiError(400, f"{key}: {why}, got {_show(v)}", param=key, code="unsupported_value")
 
