@@ -265,16 +265,17 @@ def _prompt(f: _Fields) -> tuple[str | None, tuple[int, ...] | None]:
     if "prompt" not in f.body or f.body["prompt"] is None:
         raise ApiError(400, "prompt: is required", param="prompt", code="missing_required_parameter")
     v = f.body["prompt"]
+    where = "prompt"
     if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str | list):
-        v = v[0]  # a batch of one prompt
+        v, where = v[0], "prompt[0]"  # a batch of one prompt: a string or token ids, nothing deeper
     if isinstance(v, str):
         if not v:
-            raise _bad("prompt", "must not be empty")
+            raise _bad(where, "must not be empty")
         return v, None
     if isinstance(v, list):
         if not v:
-            raise _bad("prompt", "must not be empty")
-        if all(isinstance(x, str) for x in v) or all(isinstance(x, list) for x in v):
+            raise _bad(where, "must not be empty")
+        if where == "prompt" and (all(isinstance(x, str) for x in v) or all(isinstance(x, list) for x in v)):
             raise ApiError(
                 400,
                 f"prompt: only one prompt per request is supported, got {len(v)}",
@@ -283,7 +284,7 @@ def _prompt(f: _Fields) -> tuple[str | None, tuple[int, ...] | None]:
             )
         for i, x in enumerate(v):
             if not isinstance(x, int) or isinstance(x, bool) or x < 0:
-                raise _bad(f"prompt[{i}]", f"must be a token id (an integer >= 0), got {_show(x)}")
+                raise _bad(f"{where}[{i}]", f"must be a token id (an integer >= 0), got {_show(x)}")
         return None, tuple(v)
     raise _bad("prompt", f"must be a string or a list of token ids, got {_show(v)}")
 
