@@ -407,6 +407,26 @@ def test_a_local_source_is_read_in_place_and_cached_only_behind_ready(node_facto
         assert again.stop() == 0
 
 
+def test_clear_cache_is_refused_while_the_node_runs(node_factory, capsys) -> None:  # type: ignore[no-untyped-def]
+    """README: `clear-cache` empties the weight cache, "refused while a node uses it"; a running node
+    holds the cache's shared lock from start to stop."""
+    from butterfly.cli.admin import main as admin
+
+    node = node_factory("clear")
+    node.wait_state("OPERATIONAL")
+    node.wait_for(lambda s: "behind the load (0 could not be)" in node.log(), 60, "the cache written")
+    cache = node.config.parent / "cache"
+    entries = sorted(p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64)
+    assert entries
+    capsys.readouterr()
+    assert admin(["clear-cache", "--config", str(node.config)]) == 1
+    assert "a node is using the cache" in capsys.readouterr().err
+    assert sorted(p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64) == entries
+    assert node.stop() == 0
+    assert admin(["clear-cache", "--config", str(node.config)]) == 0
+    assert f"removed {len(entries)} entries" in capsys.readouterr().out
+
+
 def _ppid(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         return int(f.read().rsplit(") ", 1)[1].split()[1])

@@ -93,6 +93,7 @@ from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, Child
 from butterfly.supervisor.launcher import Launcher
 from butterfly.supervisor.statusview import build_status, status_line
 from butterfly.supervisor.waitlog import WaitLog
+from butterfly.weights.cache import CacheBusy, CacheLock, lock_shared
 
 log = logging.getLogger("butterfly.supervisor")
 
@@ -119,6 +120,22 @@ ORPHAN_SEGMENT_AGE_S = 60.0
 def segment_names(node_id: str) -> tuple[str, str]:
     base = f"butterfly-{node_id}-{os.getpid()}"
     return f"{base}-board", f"{base}-arena"
+
+
+def hold_cache(cache_dir: Path) -> CacheLock | None:
+    """The weight cache's shared lock, held while the node runs (a running clear-cache is waited for)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return lock_shared(cache_dir, blocking=False)
+        except CacheBusy:
+            log.info("waiting for the weight cache %s: butterfly-admin clear-cache is emptying it", cache_dir)
+            return lock_shared(cache_dir)
+    except OSError as e:
+        # Preflight found the directory usable; if the lock still cannot be had, the node runs, but
+        # clear-cache can no longer tell that it is in use.
+        log.warning("cannot lock the weight cache %s (%s): clear-cache will not see this node", cache_dir, e)
+        return None
 
 
 class Supervisor:
@@ -163,6 +180,9 @@ class Supervisor:
         self.last_load_bytes = -1
         self.exit_code = 0
         self._background: set[asyncio.Task[object]] = set()
+        # A shared flock on the weight cache for as long as the node runs: `butterfly-admin
+        # clear-cache` takes it exclusively, so it is refused while a node uses the cache.
+        self.cache_lock: CacheLock | None = None
 
     # ---- board ---------------------------------------------------------------------------------
 
@@ -752,6 +772,7 @@ class Supervisor:
         for name in remove_orphaned_segments(ORPHAN_SEGMENT_AGE_S):
             log.warning("removed shared memory %s of a node that is no longer running", name)
         self.board = Board.create(self.board_name, self.node_id)
+        self.cache_lock = await asyncio.to_thread(hold_cache, self.config.node.cache_dir)
         now = time.monotonic_ns()
         self.board.update(
             NodeSection,
@@ -843,4 +864,6 @@ class Supervisor:
             self.board.close()
         unlink_segment(self.board_name)
         unlink_segment(self.arena_name)
+        if self.cache_lock is not None:
+            self.cache_lock.release()
         log.info("stopped", extra={"fields": {"PHASE": self.phase.label}})
