@@ -128,6 +128,9 @@ def test_progress_is_live_while_loading_and_not_ready_before_validation(node_fac
     assert st["bytes_total"] > st["bytes_done"]
     code, _ = node.get("/ready")
     assert code == 503
+    # The seed's `tail -f node.log | grep -E "phase|progress"` shows the load's progress as it goes.
+    node.wait_for(lambda s: "progress " in node.log(), 10, "a progress log line")
+    assert re.search(r"progress [0-9.]+% loading_weights/download: [0-9.]+ of [0-9.]+ MiB", node.log())
     (hold / "hold-loading_weights").unlink()
     node.wait_state("OPERATIONAL")
     assert node.stop() == 0

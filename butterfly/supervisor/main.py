@@ -91,7 +91,7 @@ from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S, held
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
 from butterfly.supervisor.launcher import Launcher
-from butterfly.supervisor.statusview import build_status, status_line
+from butterfly.supervisor.statusview import build_status, progress_line, status_line
 from butterfly.supervisor.waitlog import WaitLog
 from butterfly.weights.cache import CacheBusy, CacheLock, lock_shared
 
@@ -99,6 +99,8 @@ log = logging.getLogger("butterfly.supervisor")
 
 # How often the health loop looks at children, feeds the watchdog and refreshes STATUS=.
 HEALTH_INTERVAL_S = 0.5
+# While loading and validating, a "progress" line goes to the log this often (and once as each begins).
+PROGRESS_LOG_S = 10.0
 # A load that keeps making progress asks systemd for this much more start-up time each time.
 EXTEND_TIMEOUT_S = 30.0
 # A child that has not beaten once since its spawn is still starting (interpreter start-up and imports
@@ -714,6 +716,9 @@ class Supervisor:
         timeout = self.config.supervisor.heartbeat_timeout_s
         last = time.monotonic()
         grace_until = 0.0
+        # (phase, when) of the last progress line: one as loading (once its size is known) or
+        # validation begins, then one every PROGRESS_LOG_S.
+        progress_logged: tuple[Phase, float] | None = None
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -741,6 +746,20 @@ class Supervisor:
             if text != last_text:
                 self.notifier.status(text)
                 last_text = text
+            if (
+                self.phase in (Phase.LOADING_WEIGHTS, Phase.VALIDATION)
+                and st.bytes_total
+                and (
+                    progress_logged is None
+                    or progress_logged[0] is not self.phase
+                    or now - progress_logged[1] >= PROGRESS_LOG_S
+                )
+            ):
+                progress_logged = (self.phase, now)
+                fields: dict[str, object] = {"PROGRESS_PERCENT": st.progress_percent}
+                if st.eta_seconds is not None:
+                    fields["ETA_S"] = st.eta_seconds
+                log.info(progress_line(st), extra={"fields": fields})
             if self.phase is Phase.LOADING_WEIGHTS and st.bytes_done != self.last_load_bytes:
                 self.last_load_bytes = st.bytes_done
                 self.notifier.extend_timeout(int(EXTEND_TIMEOUT_S * 1e6))
