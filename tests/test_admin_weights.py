@@ -208,8 +208,30 @@ def test_clear_cache_from_the_node_config(tmp_path: Path, capsys: pytest.Capture
     assert main(["clear-cache", "--config", str(config)]) == 78
     assert main(["clear-cache", "--cache-dir", str(tmp_path / "nope")]) == 0
     assert not (tmp_path / "nope").exists()
+
+
+def test_clear_cache_without_arguments_uses_the_default_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seed's fix for a failed validation is a bare `butterfly-admin clear-cache`: it clears the
+    cache of the node configured in the default config file."""
+    from butterfly.cli import admin_weights
+
+    cache_dir = tmp_path / "cache"
+    total = _fill_cache(cache_dir, 2)
+    config = tmp_path / "node.toml"
+    config.write_text(
+        '[model]\nsource_type = "filesystem"\nsource_path = "/models/m"\n[node]\ncache_dir = "cache"\n'
+    )
+    monkeypatch.setattr(admin_weights, "DEFAULT_CONFIG", str(config))
+    assert main(["clear-cache"]) == 0
+    assert f"freed {total} bytes" in capsys.readouterr().out
+    assert WeightCache(cache_dir).stats().entries == 0
+    monkeypatch.setattr(admin_weights, "DEFAULT_CONFIG", str(tmp_path / "missing.toml"))
+    assert main(["clear-cache"]) == 78
+    assert "missing.toml" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        main(["clear-cache"])
+        main(["clear-cache", "--config", str(config), "--cache-dir", str(cache_dir)])
     assert exc.value.code == 2
 
 

@@ -128,6 +128,9 @@ def test_progress_is_live_while_loading_and_not_ready_before_validation(node_fac
     assert st["bytes_total"] > st["bytes_done"]
     code, _ = node.get("/ready")
     assert code == 503
+    # The seed's `tail -f node.log | grep -E "phase|progress"` shows the load's progress as it goes.
+    node.wait_for(lambda s: "progress " in node.log(), 10, "a progress log line")
+    assert re.search(r"progress [0-9.]+% loading_weights/download: [0-9.]+ of [0-9.]+ MiB", node.log())
     (hold / "hold-loading_weights").unlink()
     node.wait_state("OPERATIONAL")
     assert node.stop() == 0
@@ -405,6 +408,26 @@ def test_a_local_source_is_read_in_place_and_cached_only_behind_ready(node_facto
         )
     finally:
         assert again.stop() == 0
+
+
+def test_clear_cache_is_refused_while_the_node_runs(node_factory, capsys) -> None:  # type: ignore[no-untyped-def]
+    """README: `clear-cache` empties the weight cache, "refused while a node uses it"; a running node
+    holds the cache's shared lock from start to stop."""
+    from butterfly.cli.admin import main as admin
+
+    node = node_factory("clear")
+    node.wait_state("OPERATIONAL")
+    node.wait_for(lambda s: "behind the load (0 could not be)" in node.log(), 60, "the cache written")
+    cache = node.config.parent / "cache"
+    entries = sorted(p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64)
+    assert entries
+    capsys.readouterr()
+    assert admin(["clear-cache", "--config", str(node.config)]) == 1
+    assert "a node is using the cache" in capsys.readouterr().err
+    assert sorted(p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64) == entries
+    assert node.stop() == 0
+    assert admin(["clear-cache", "--config", str(node.config)]) == 0
+    assert f"removed {len(entries)} entries" in capsys.readouterr().out
 
 
 def _ppid(pid: int) -> int:

@@ -7,7 +7,7 @@ import dataclasses
 from butterfly.board import BoardSnapshot, ClusterSection, HeaderSection, LoaderSection, NodeSection
 from butterfly.board.layout import EngineSection, ValidatorSection
 from butterfly.states import LoadStep, NodeState, Phase
-from butterfly.supervisor.statusview import PROGRESS_WEIGHTS, build_status
+from butterfly.supervisor.statusview import PROGRESS_WEIGHTS, build_status, progress_line
 
 NOW = 1_000 * 10**9
 TOTAL = 1 << 30
@@ -64,3 +64,14 @@ def test_every_sub_step_moves_progress_forward_and_only_ready_is_done() -> None:
 
 def test_the_weights_add_up_to_the_whole() -> None:
     assert sum(PROGRESS_WEIGHTS.values()) == 100.0
+
+
+def test_the_progress_log_line_names_phase_step_percent_bytes_rate_and_eta() -> None:
+    """The seed watches loading with `tail -f node.log | grep -E "phase|progress"`: the periodic line
+    says where the load is."""
+    mid = snap(Phase.LOADING_WEIGHTS, step=int(LoadStep.DOWNLOAD), bytes_done=TOTAL // 2, rate_bps=TOTAL / 8)
+    line = progress_line(build_status(mid, "coordinator", [], 10.0, NOW))
+    assert line == "progress 40.0% loading_weights/download: 512.0 of 1024.0 MiB at 128.0 MiB/s, ETA 5s"
+    warmup = snap(Phase.LOADING_WEIGHTS, step=int(LoadStep.WARMUP), bytes_done=TOTAL)
+    line = progress_line(build_status(warmup, "coordinator", [], 10.0, NOW))
+    assert line == "progress 85.0% loading_weights/warmup: 1024.0 of 1024.0 MiB, ETA unknown"

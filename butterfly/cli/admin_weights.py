@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from butterfly.cli.admin_client import print_error
+from butterfly.cli.admin_client import DEFAULT_CONFIG, print_error
 
 # butterfly.weights.manifest and .cache pull in numpy and blake3 (~0.25 s): they are imported by
 # the commands that need them, so `butterfly-admin status` stays quick. The help texts below restate two of
@@ -258,9 +258,9 @@ def cmd_clear_cache(args: argparse.Namespace) -> int:
     from butterfly.config import EX_CONFIG, ConfigError, load_config
     from butterfly.weights.cache import CacheBusy, CacheError, clear_cache
 
-    if args.config is not None:
+    if args.cache_dir is None:
         try:
-            cache_dir = load_config(args.config).node.cache_dir
+            cache_dir = load_config(args.config or DEFAULT_CONFIG).node.cache_dir
         except ConfigError as e:
             print_error(str(e))
             return EX_CONFIG
@@ -335,8 +335,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.set_defaults(func=cmd_manifest_sign)
 
     c = sub.add_parser("clear-cache", help="empty the weight cache (refused while a node uses it)")
-    where = c.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", metavar="FILE", help="the node's config; clears its node.cache_dir")
+    where = c.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"the node's config; clears its node.cache_dir (default {DEFAULT_CONFIG})",
+    )
     where.add_argument("--cache-dir", metavar="DIR")
     c.add_argument("-v", "--verbose", action="store_true", help="list every removed entry")
     c.set_defaults(func=cmd_clear_cache)

@@ -91,13 +91,16 @@ from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S, held
 from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
 from butterfly.supervisor.launcher import Launcher
-from butterfly.supervisor.statusview import build_status, status_line
+from butterfly.supervisor.statusview import build_status, progress_line, status_line
 from butterfly.supervisor.waitlog import WaitLog
+from butterfly.weights.cache import CacheBusy, CacheLock, lock_shared
 
 log = logging.getLogger("butterfly.supervisor")
 
 # How often the health loop looks at children, feeds the watchdog and refreshes STATUS=.
 HEALTH_INTERVAL_S = 0.5
+# While loading and validating, a "progress" line goes to the log this often (and once as each begins).
+PROGRESS_LOG_S = 10.0
 # A load that keeps making progress asks systemd for this much more start-up time each time.
 EXTEND_TIMEOUT_S = 30.0
 # A child that has not beaten once since its spawn is still starting (interpreter start-up and imports
@@ -119,6 +122,22 @@ ORPHAN_SEGMENT_AGE_S = 60.0
 def segment_names(node_id: str) -> tuple[str, str]:
     base = f"butterfly-{node_id}-{os.getpid()}"
     return f"{base}-board", f"{base}-arena"
+
+
+def hold_cache(cache_dir: Path) -> CacheLock | None:
+    """The weight cache's shared lock, held while the node runs (a running clear-cache is waited for)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            return lock_shared(cache_dir, blocking=False)
+        except CacheBusy:
+            log.info("waiting for the weight cache %s: butterfly-admin clear-cache is emptying it", cache_dir)
+            return lock_shared(cache_dir)
+    except OSError as e:
+        # Preflight found the directory usable; if the lock still cannot be had, the node runs, but
+        # clear-cache can no longer tell that it is in use.
+        log.warning("cannot lock the weight cache %s (%s): clear-cache will not see this node", cache_dir, e)
+        return None
 
 
 class Supervisor:
@@ -163,6 +182,9 @@ class Supervisor:
         self.last_load_bytes = -1
         self.exit_code = 0
         self._background: set[asyncio.Task[object]] = set()
+        # A shared flock on the weight cache for as long as the node runs: `butterfly-admin
+        # clear-cache` takes it exclusively, so it is refused while a node uses the cache.
+        self.cache_lock: CacheLock | None = None
 
     # ---- board ---------------------------------------------------------------------------------
 
@@ -694,6 +716,9 @@ class Supervisor:
         timeout = self.config.supervisor.heartbeat_timeout_s
         last = time.monotonic()
         grace_until = 0.0
+        # (phase, when) of the last progress line: one as loading (once its size is known) or
+        # validation begins, then one every PROGRESS_LOG_S.
+        progress_logged: tuple[Phase, float] | None = None
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -721,6 +746,20 @@ class Supervisor:
             if text != last_text:
                 self.notifier.status(text)
                 last_text = text
+            if (
+                self.phase in (Phase.LOADING_WEIGHTS, Phase.VALIDATION)
+                and st.bytes_total
+                and (
+                    progress_logged is None
+                    or progress_logged[0] is not self.phase
+                    or now - progress_logged[1] >= PROGRESS_LOG_S
+                )
+            ):
+                progress_logged = (self.phase, now)
+                fields: dict[str, object] = {"PROGRESS_PERCENT": st.progress_percent}
+                if st.eta_seconds is not None:
+                    fields["ETA_S"] = st.eta_seconds
+                log.info(progress_line(st), extra={"fields": fields})
             if self.phase is Phase.LOADING_WEIGHTS and st.bytes_done != self.last_load_bytes:
                 self.last_load_bytes = st.bytes_done
                 self.notifier.extend_timeout(int(EXTEND_TIMEOUT_S * 1e6))
@@ -752,6 +791,7 @@ class Supervisor:
         for name in remove_orphaned_segments(ORPHAN_SEGMENT_AGE_S):
             log.warning("removed shared memory %s of a node that is no longer running", name)
         self.board = Board.create(self.board_name, self.node_id)
+        self.cache_lock = await asyncio.to_thread(hold_cache, self.config.node.cache_dir)
         now = time.monotonic_ns()
         self.board.update(
             NodeSection,
@@ -843,4 +883,6 @@ class Supervisor:
             self.board.close()
         unlink_segment(self.board_name)
         unlink_segment(self.arena_name)
+        if self.cache_lock is not None:
+            self.cache_lock.release()
         log.info("stopped", extra={"fields": {"PHASE": self.phase.label}})

@@ -207,3 +207,16 @@ def status_line(s: NodeStatus) -> str:
         layers = f" (layers {f.layers})" if f.layers else ""
         text += f"; peer {f.node_id}{layers} {'failed' if f.failed else 'cannot serve'}: {f.reason}"
     return text
+
+
+def progress_line(s: NodeStatus) -> str:
+    """The periodic "progress" log line while the node loads and validates (the seed watches the log
+    with ``grep -E "phase|progress"``): the phase (and load step), percent, bytes, rate and ETA."""
+    where = f"{s.phase}/{s.load_step}" if s.phase == "loading_weights" and s.load_step != "none" else s.phase
+    text = f"progress {s.progress_percent:.1f}% {where}"
+    if s.bytes_total:
+        text += f": {s.bytes_done / 2**20:.1f} of {s.bytes_total / 2**20:.1f} MiB"
+        if s.rate_bytes_per_second > 0:
+            text += f" at {s.rate_bytes_per_second / 2**20:.1f} MiB/s"
+    text += f", ETA {s.eta_seconds}s" if s.eta_seconds is not None else ", ETA unknown"
+    return text
