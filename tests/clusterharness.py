@@ -41,11 +41,15 @@ class Cluster:
         self.dns: tuple[str, str] | None = None
         # Per-node model directories (index -> dir), e.g. one node holding another model version.
         self.models: dict[int, Path] = {}
+        # Per-node seed lists (index -> the indices it is seeded with); by default every other node.
+        self.seeded_with: dict[int, list[int]] = {}
 
     def config(self, i: int) -> Path:
         d = self.root / self.ids[i]
         d.mkdir(exist_ok=True)
-        seeds = [a for j, a in enumerate(self.addrs) if j != i]
+        seeds = [
+            self.addrs[j] for j in self.seeded_with.get(i, [j for j in range(len(self.addrs)) if j != i])
+        ]
         path = write_config(
             d / "node.toml",
             self.models.get(i, self.model),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,38 @@ def test_worker_killed_during_loading_replans_for_the_survivors(cluster_factory,
     assert_formed(st, Path(c.model))
 
 
+def test_workers_seeded_with_the_coordinator_alone_find_each_other_and_serve(cluster_factory) -> None:  # type: ignore[no-untyped-def]
+    """The seed's way to start a cluster: the coordinator, then workers given only its address
+    (``--seed-nodes coord:7000``). The workers learn of each other from the coordinator's reports,
+    which the stage ring needs (each stage links to the next): before, both waited in assignment for
+    the other to say where its engine listens, and the cluster never served."""
+    from tests.test_api_node import post
+
+    c = cluster_factory(3, quorum=1, roles=["coordinator", "worker", "worker"], heartbeat_timeout_s=20.0)
+    c.seeded_with = {0: [], 1: [0], 2: [0]}
+    c.start_all()
+    st = c.wait_operational(90)
+    assert_formed(st, Path(c.model))
+    for i in (1, 2):
+        other = c.ids[3 - i]
+        assert (
+            f"dialing node {other} at {c.addrs[3 - i]}: {c.ids[0]} is connected to it"
+            in c.nodes[c.ids[i]].log()
+        )
+    # OPERATIONAL everywhere; the stages' ring may still be forming (503 meanwhile).
+    end = time.monotonic() + 30
+    while True:
+        code, body = post(
+            c.nodes[c.ids[2]], "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0}
+        )
+        if code == 200 or time.monotonic() > end:
+            break
+        assert code == 503, body
+        time.sleep(0.3)
+    assert code == 200, body
+    assert body["usage"]["completion_tokens"] == 3
+
+
 def test_losing_quorum_waits_visibly(cluster_factory) -> None:  # type: ignore[no-untyped-def]
     c = cluster_factory(3, quorum=3)
     c.start_all()
@@ -256,3 +289,30 @@ def test_a_node_failing_validation_is_named_with_its_layers_and_planned_around(
         assert fault["layers"] is not None and re.fullmatch(r"\d+-\d+", fault["layers"])
         assert st[n]["epoch"] >= 2
     assert c.nodes[odd].get("/ready")[0] == 503
+
+
+def test_peers_heard_of_skips_bad_addresses_and_this_node() -> None:
+    from butterfly.cluster.messages import MAX_PEERS, NodeReport, decode_peer, encode
+    from butterfly.cluster.process import peers_heard_of
+    from butterfly.config import HostPort
+
+    def report(node_id: str, peers: tuple[tuple[str, str], ...]) -> NodeReport:
+        return NodeReport(node_id, "c", "worker", 1, 1.0, peers=peers)
+
+    heard, bad = peers_heard_of(
+        [
+            report("me", (("x", "10.0.0.9:7000"),)),  # our own report: peers we reach already
+            report("a", (("me", "10.0.0.1:7000"), ("b", "10.0.0.2:7000"), ("c", "not an address"))),
+            report("b", (("a", "[::1]:7001"), ("d", "10.0.0.4:99999"))),
+        ],
+        "me",
+    )
+    assert heard == {HostPort("10.0.0.2", 7000): ("b", "a"), HostPort("::1", 7001): ("a", "b")}
+    assert len(bad) == 2
+    assert "a names peer c at 'not an address', which is not host:port" in bad[0]
+    assert "b names peer d at '10.0.0.4:99999'" in bad[1]
+    # A report naming more peers than any cluster has is malformed as a whole.
+    many = tuple((f"n{i}", f"10.0.{i // 250}.{i % 250}:7000") for i in range(MAX_PEERS + 1))
+    with pytest.raises(Exception, match="length"):
+        decode_peer(encode(report("a", many)))
+    assert decode_peer(encode(report("a", many[:MAX_PEERS]))).peers == many[:MAX_PEERS]

@@ -2,8 +2,8 @@
 
 Peer messages (the "cluster" channel of the transport):
 - ``NodeReport``: sent by every node to every peer every report interval; liveness and capabilities,
-  and the node's fault when it has one (so every peer can name it, and a failed node stops being
-  planned for).
+  the node's fault when it has one (so every peer can name it, and a failed node stops being
+  planned for), and the peers it is connected to (so every node finds every other).
 - ``Founding``: entry 1 of a new cluster (its first voters and cluster id), sent by the founder and
   resent by any member to founding voters that have no Raft state yet (see butterfly.raft's docstring).
 - ``ValidationReport`` / ``ValidationVerdict``: a node's Merkle leaves for its assignment, with a range
@@ -18,7 +18,12 @@ This module holds data shapes and their encoding only.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+MAX_PEERS = 1024
+"""The most peers a NodeReport may name: a report naming more is malformed and dropped."""
 
 
 class NodeReport(msgspec.Struct, tag=True, frozen=True):
@@ -40,6 +45,9 @@ class NodeReport(msgspec.Struct, tag=True, frozen=True):
     fault_stop: int = 0
     # "host:port" of this node's inference engine (stage links, forwarded requests).
     engine_address: str = ""
+    # (node id, advertised "host:port") of every peer this node holds an authenticated connection
+    # to: how nodes seeded with one address (workers given only the coordinator) find the rest.
+    peers: Annotated[tuple[tuple[str, str], ...], msgspec.Meta(max_length=MAX_PEERS)] = ()
 
 
 class Founding(msgspec.Struct, tag=True, frozen=True):

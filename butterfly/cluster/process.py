@@ -20,14 +20,14 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from butterfly.board import ClusterSection
 from butterfly.cluster.coordinator import ModelInfo
 from butterfly.cluster.driver import ClusterDriver, Progress, choose_founder
-from butterfly.cluster.messages import NodeReport, PlanEntry
-from butterfly.config import Config, HostPort, engine_port
+from butterfly.cluster.messages import MAX_PEERS, NodeReport, PlanEntry
+from butterfly.config import Config, HostPort, engine_port, parse_host_port
 from butterfly.hardware import detect
 from butterfly.ipc import (
     AsyncChannel,
@@ -92,6 +92,33 @@ class NetAdapter:
     async def recv(self) -> tuple[str, str, bytes]:
         m: Incoming = await self.t.recv()
         return m.peer_id, m.channel, m.payload
+
+
+PEERS_HEARD_S = 0.5
+"""How often the peers that reports name are compared with the ones being dialed."""
+
+
+def peers_heard_of(
+    reports: Iterable[NodeReport], own_id: str
+) -> tuple[dict[HostPort, tuple[str, str]], list[str]]:
+    """address -> (node id, the peer that named it) of every node the ``reports`` say their senders
+    are connected to, this node left out; and what was wrong with each entry whose address does not
+    parse (skipped: one bad entry never costs the rest of a report)."""
+    out: dict[HostPort, tuple[str, str]] = {}
+    bad: list[str] = []
+    for r in reports:
+        if r.node_id == own_id:
+            continue  # our own report names the peers we are connected to already
+        for node_id, text in r.peers:
+            if node_id == own_id:
+                continue
+            try:
+                address = parse_host_port(text)
+            except ValueError as e:
+                bad.append(f"{r.node_id} names peer {node_id} at {text!r}, which is not host:port: {e}")
+                continue
+            out.setdefault(address, (node_id, r.node_id))
+    return out, bad
 
 
 class SupervisorEvents:
@@ -204,6 +231,8 @@ class ClusterChild:
         self.manifest_failed = False
         self.fault = NodeFault("")
         self.cached: tuple[int, ...] = ()
+        # Peers heard of through reports, and bad entries, already logged (each once).
+        self._heard_logged: set[str] = set()
         hw = detect(self.config.node.gpu)
         self.memory = sum(g.memory_bytes for g in hw.gpus) or hw.memory_bytes
         self.throughput = float(max(1, len(hw.gpus)))
@@ -243,6 +272,9 @@ class ClusterChild:
             fault_start=self.fault.start,
             fault_stop=self.fault.stop,
             engine_address=self.engine_address(),
+            peers=tuple(sorted((pid, info.advertise) for pid, info in self.transport.peers().items()))[
+                :MAX_PEERS
+            ],
         )
 
     def engine_address(self) -> str:
@@ -300,24 +332,50 @@ class ClusterChild:
                 await provider.register(local)
             except Exception as e:  # the registry may come later; resolve() keeps retrying
                 log.warning("could not register with discovery: %s", e)
+            discovered: dict[HostPort, str | None] = {}
+            resolve_at = 0.0
             while True:
                 raft = self.driver.raft
                 if raft is not None and raft.cluster_id and raft.cluster_id != cluster_id:
                     # From now on the transport refuses peers of another bootstrap outright.
                     cluster_id = raft.cluster_id
                     self.transport.set_cluster_id(cluster_id)
-                try:
-                    found = await provider.resolve()
-                    me = self.transport.advertise
-                    peers = {HostPort(p.host, p.port): p.node_id for p in found}
-                    self.transport.set_peers({a: n for a, n in peers.items() if a != me})
-                except Exception as e:
-                    await self.driver.events.waiting(f"discovery failed: {e}")
-                    log.warning("discovery failed: %s", e)
-                await asyncio.sleep(self.config.cluster.discovery_interval_s)
+                if time.monotonic() >= resolve_at:
+                    resolve_at = time.monotonic() + self.config.cluster.discovery_interval_s
+                    try:
+                        found = await provider.resolve()
+                    except Exception as e:  # the last view stands until a round succeeds
+                        await self.driver.events.waiting(f"discovery failed: {e}")
+                        log.warning("discovery failed: %s", e)
+                    else:
+                        discovered = {HostPort(p.host, p.port): p.node_id for p in found}
+                # Peers heard of through reports are dialed within PEERS_HEARD_S, not a discovery round.
+                self.transport.set_peers(self._dial_list(discovered))
+                await asyncio.sleep(min(PEERS_HEARD_S, self.config.cluster.discovery_interval_s))
         finally:
             await provider.deregister()
             await provider.close()
+
+    def _dial_list(self, discovered: dict[HostPort, str | None]) -> dict[HostPort, str | None]:
+        """What discovery found, and the peers that live peers say they are connected to: a worker
+        seeded with the coordinator alone learns the other nodes from it (the stage ring needs every
+        stage to reach the next). Only members send reports (the transport authenticates them with
+        the cluster secret), and every address heard of is dialed through the same authentication."""
+        me = self.transport.advertise
+        alive = self.driver.coordinator.alive(self.driver.reports, time.monotonic())
+        heard, bad = peers_heard_of(alive.values(), self.config.node.id)
+        for why in bad:
+            if why not in self._heard_logged:
+                self._heard_logged.add(why)
+                log.warning("ignoring a peer address: %s", why)
+        for address, (node_id, via) in heard.items():
+            said = f"{node_id}@{address}"
+            if address not in discovered and said not in self._heard_logged:
+                self._heard_logged.add(said)
+                log.info("dialing node %s at %s: %s is connected to it", node_id, address, via)
+        dial: dict[HostPort, str | None] = {a: n for a, (n, _) in heard.items()}
+        dial.update(discovered)
+        return {a: n for a, n in dial.items() if a != me}
 
     async def validated(self, msg: LocalValidated) -> None:
         # Test hook: the unit digests are computed but not yet proven to anyone.
