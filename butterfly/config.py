@@ -436,8 +436,8 @@ class ClusterConfig:
     coordinator must list the same set (workers never found unless named here). Needed with dns or
     consul discovery. Nodes that already hold Raft state ignore it."""
     voter_grace_s: float = _setting(_number(0, inclusive=False), 30.0)
-    """A voter silent this long is replaced by a live coordinator-eligible learner (one change at a
-    time through the Raft log)."""
+    """A voter silent this long is replaced by a live learner, a coordinator-eligible one first (one
+    change at a time through the Raft log)."""
 
 
 @dataclass(frozen=True)

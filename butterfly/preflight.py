@@ -3,10 +3,10 @@ restart loop (a missing secret, an unwritable directory, a port in use, ...).
 
 ``butterfly.config`` checks the file alone and does no I/O; this module looks at the machine: the
 cluster secret file, the state and cache directories, the model manifest of a filesystem source, the
-two ports, and whether ``quorum_size`` can be reached with the seed list at all. ``butterfly-node``
-runs it for ``--check-config`` and before it starts the supervisor; each problem is one
-``PreflightError`` naming the key, what is wrong and the fix, and the node exits 78 (EX_CONFIG), so
-systemd does not restart it into the same failure.
+two ports. (How many nodes a cluster has is not read from the config: workers given only the
+coordinator's address join it.) ``butterfly-node`` runs it for ``--check-config`` and before it starts
+the supervisor; each problem is one ``PreflightError`` naming the key, what is wrong and the fix, and
+the node exits 78 (EX_CONFIG), so systemd does not restart it into the same failure.
 
 It must not create, change or delete anything: ``--check-config`` is read-only.
 """
@@ -56,7 +56,6 @@ def preflight(
     _secret(config)
     _directory(config, "node.state_dir", config.node.state_dir)
     _directory(config, "node.cache_dir", config.node.cache_dir)
-    _quorum(config)
     _manifest(config)
     deadline = time.monotonic() + port_wait_s
     for key, address in (("node.bind_address", config.node.bind_address), ("api.listen", config.api.listen)):
@@ -150,32 +149,6 @@ def _directory(config: Config, key: str, path: Path) -> None:
             key,
             f"{path} does not exist and cannot be created: {parent} is not writable by this user",
             fix,
-        )
-
-
-def _is_self(config: Config, seed: HostPort) -> bool:
-    node = config.node
-    return seed == node.bind_address or (
-        node.advertise_address is not None and seed == node.advertise_address
-    )
-
-
-def _quorum(config: Config) -> None:
-    cluster = config.cluster
-    if cluster.discovery_method != "static" or config.node.role != "coordinator" or cluster.founder:
-        return
-    # Without a named founder every node lists the same set (seed_nodes plus itself), and the first
-    # voters are quorum_size of that set: a longer quorum than the set can never form.
-    others = [seed for seed in cluster.seed_nodes if not _is_self(config, seed)]
-    most = len(others) + 1
-    if cluster.quorum_size > most:
-        listed = f"{len(others)} other node{'s' if len(others) != 1 else ''}"
-        raise PreflightError(
-            config.source,
-            "cluster.quorum_size",
-            f"quorum_size = {cluster.quorum_size} can never be reached: [cluster] seed_nodes lists "
-            f"{listed}, so at most {most} node{'s' if most != 1 else ''} with this one",
-            "list every node of the cluster in seed_nodes, or lower quorum_size",
         )
 
 

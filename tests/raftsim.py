@@ -331,8 +331,7 @@ class Simulation:
                 heartbeat_ticks=params.heartbeat_ticks,
                 pre_vote=pre_vote,
                 check_quorum=check_quorum,
-                # Learners may stand once promoted (the driver promotes only coordinator-eligible ones);
-                # workers never.
+                # Learners here are coordinator-eligible: they may stand once promoted; workers never.
                 can_campaign=n not in workers,
                 max_append_entries=rng.choice((1, 4, 64)),
             )

@@ -160,36 +160,50 @@ def test_worker_killed_during_loading_replans_for_the_survivors(cluster_factory,
     assert_formed(st, Path(c.model))
 
 
-def test_workers_seeded_with_the_coordinator_alone_find_each_other_and_serve(cluster_factory) -> None:  # type: ignore[no-untyped-def]
-    """The seed's way to start a cluster: the coordinator, then workers given only its address
-    (``--seed-nodes coord:7000``). The workers learn of each other from the coordinator's reports,
-    which the stage ring needs (each stage links to the next): before, both waited in assignment for
-    the other to say where its engine listens, and the cluster never served."""
+def serve_once(node, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    """A completion asked of ``node``; OPERATIONAL everywhere, the stages' ring may still be forming
+    (503 meanwhile)."""
     from tests.test_api_node import post
 
-    c = cluster_factory(3, quorum=1, roles=["coordinator", "worker", "worker"], heartbeat_timeout_s=20.0)
-    c.seeded_with = {0: [], 1: [0], 2: [0]}
-    c.start_all()
-    st = c.wait_operational(90)
-    assert_formed(st, Path(c.model))
-    for i in (1, 2):
-        other = c.ids[3 - i]
-        assert (
-            f"dialing node {other} at {c.addrs[3 - i]}: {c.ids[0]} is connected to it"
-            in c.nodes[c.ids[i]].log()
-        )
-    # OPERATIONAL everywhere; the stages' ring may still be forming (503 meanwhile).
-    end = time.monotonic() + 30
+    end = time.monotonic() + timeout
     while True:
-        code, body = post(
-            c.nodes[c.ids[2]], "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0}
-        )
+        code, body = post(node, "/v1/completions", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
         if code == 200 or time.monotonic() > end:
             break
         assert code == 503, body
         time.sleep(0.3)
     assert code == 200, body
     assert body["usage"]["completion_tokens"] == 3
+
+
+def test_the_seeds_cluster_one_coordinator_and_workers_given_its_address_forms_and_serves(
+    cluster_factory,
+) -> None:  # type: ignore[no-untyped-def]
+    """The seed's way to start a cluster, literally: its config (quorum_size = 3) on a coordinator
+    started first, then workers with ``--seed-nodes coord:7000``. Before, the coordinator waited for
+    three coordinator-eligible nodes for ever (the config check refused it outright); and with a
+    quorum it could reach, the workers knew only the coordinator, so each waited in assignment for
+    the other to say where its engine listens. Now the workers are the other voters (they vote, never
+    stand), learn of each other from the coordinator's reports, and the cluster serves and rides out
+    a lost worker."""
+    c = cluster_factory(3, quorum=3, roles=["coordinator", "worker", "worker"], heartbeat_timeout_s=20.0)
+    c.seeded_with = {0: [], 1: [0], 2: [0]}
+    c.start_all()
+    st = c.wait_operational(90)
+    assert_formed(st, Path(c.model))
+    assert {s["coordinator"] for s in st.values()} == {c.ids[0]}
+    for i in (1, 2):
+        log = c.nodes[c.ids[i]].log()
+        assert f"dialing node {c.ids[3 - i]} at {c.addrs[3 - i]}: {c.ids[0]} is connected to it" in log
+    serve_once(c.nodes[c.ids[2]])
+    # Three voters: losing a worker leaves a majority, so the coordinator plans around it.
+    c.kill(c.ids[2])
+    st = c.wait(
+        lambda st: all(s["state"] == "OPERATIONAL" and s["cluster_size"] == 2 for s in st.values()),
+        60,
+        "the two left OPERATIONAL",
+    )
+    serve_once(c.nodes[c.ids[1]])
 
 
 def test_losing_quorum_waits_visibly(cluster_factory) -> None:  # type: ignore[no-untyped-def]

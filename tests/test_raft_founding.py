@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from butterfly.cluster.coordinator import ModelInfo
-from butterfly.cluster.driver import ClusterDriver, Progress, choose_founder
+from butterfly.cluster.driver import ClusterDriver, Progress, choose_founder, first_voters
 from butterfly.cluster.messages import NodeReport, PlanEntry
 from butterfly.config import HostPort
 from butterfly.ipc import PeerFault
@@ -299,5 +299,51 @@ def test_a_founder_that_lost_its_state_does_not_found_a_second_cluster(tmp_path:
             assert {d.raft.cluster_id for d in again if d.raft is not None} == first
         finally:
             await stop(tasks, again)
+
+    asyncio.run(main())
+
+
+def test_first_voters_take_coordinators_first_and_workers_to_make_up_the_quorum() -> None:
+    roles = {"w1": "worker", "c2": "coordinator", "a0": "worker", "c1": "coordinator", "c3": "coordinator"}
+    assert first_voters(roles, 3) == ("c1", "c2", "c3")
+    assert first_voters(roles, 2) == ("c1", "c2")
+    # The seed's cluster: one coordinator, workers make up quorum_size (lowest ids first).
+    assert first_voters({"coord": "coordinator", "w2": "worker", "w1": "worker", "w3": "worker"}, 3) == (
+        "coord",
+        "w1",
+        "w2",
+    )
+
+
+def test_workers_make_up_the_quorum_and_a_lost_worker_voter_is_replaced_by_a_worker(tmp_path: Path) -> None:
+    """The seed's cluster shape: one coordinator, workers. Workers are the other voters (they never
+    stand), so the coordinator leads with a majority, and a worker voter lost for good is replaced."""
+
+    async def main() -> None:
+        hub = Hub()
+        roles = ["coordinator", "worker", "worker", "worker"]
+        drivers = make_drivers(tmp_path, hub, 4, 3, grace=0.6, roles=roles)
+        tasks = await run_cluster(drivers, 5)
+        try:
+            await wait_for(
+                lambda: (
+                    len(leaders(drivers, hub)) == 1
+                    and all(d.raft is not None and "n3" in d.raft.learners for d in drivers)
+                ),
+                20.0,
+                "one cluster, n3 a learner",
+            )
+            assert {d.raft.voters for d in drivers if d.raft is not None} == {("n0", "n1", "n2")}
+            assert leaders(drivers, hub)[0].node_id == "n0"
+            hub.dead.add("n1")
+            survivors = [d for d in drivers if d.node_id != "n1"]
+            await wait_for(
+                lambda: all(d.raft is not None and d.raft.voters == ("n0", "n2", "n3") for d in survivors),
+                20.0,
+                "n3 in n1's place",
+            )
+            assert leaders(drivers, hub)[0].node_id == "n0"
+        finally:
+            await stop(tasks, drivers)
 
     asyncio.run(main())

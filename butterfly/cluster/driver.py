@@ -7,14 +7,15 @@ leads; followers only report, validate and obey committed entries.
 
 Founding (the rule in butterfly.raft's docstring): exactly one node, the founder (``cluster.founder``,
 by default the lowest address of the seed list), may write a first voter set. Once it sees quorum_size
-coordinator-eligible nodes with a view stable for SETTLE_S and no bootstrapped peer, it picks the
-quorum_size lowest of their ids, saves entry 1 durably, and sends it (``Founding``) to them; every
-member that holds entry 1 resends it to founding voters that have no state yet. Every other node waits
-for entry 1 or to be added as a learner by the leader.
+nodes, at least one of them coordinator-eligible, with a view stable for SETTLE_S and no bootstrapped
+peer, it picks quorum_size of them (``first_voters``: coordinator-eligible ones first, workers, which
+vote but never stand, only to make up the number), saves entry 1 durably, and sends it
+(``Founding``) to them; every member that holds entry 1 resends it to founding voters that have no
+state yet. Every other node waits for entry 1 or to be added as a learner by the leader.
 
-Membership while leading: learners that are coordinator-eligible and caught up are promoted while
+Membership while leading: caught-up learners (coordinator-eligible ones first) are promoted while
 there are fewer than quorum_size voters; a voter silent for ``voter_grace_s`` is demoted and a live
-eligible learner promoted in its place, one change at a time through the log.
+learner promoted in its place, one change at a time through the log.
 
 This module must not touch the arena or decide plans itself.
 """
@@ -117,6 +118,16 @@ def choose_founder(
             return False, "unset: a worker without seed_nodes founds nothing"
         founder = min(candidates, key=lambda a: (a.host, a.port))
     return founder == advertise, str(founder)
+
+
+def first_voters(roles: dict[str, str], quorum_size: int) -> tuple[str, ...]:
+    """The founding voter set from the nodes seen (node id -> role): quorum_size of them, the
+    coordinator-eligible ones first (lowest ids first), workers only to make up the number. A worker
+    voter votes and stores the log but never stands for election (RaftConfig.can_campaign), so the
+    seed's cluster of one coordinator and workers with quorum_size 3 forms, and rides out a lost
+    worker, while only the coordinator may lead."""
+    ordered = sorted(roles, key=lambda n: (roles[n] != "coordinator", n))
+    return tuple(sorted(ordered[:quorum_size]))
 
 
 class PeerNet(Protocol):
@@ -378,21 +389,22 @@ class ClusterDriver:
         alive = self.coordinator.alive(self.reports, now)
         if any(r.cluster_id for r in alive.values()):
             return "a bootstrapped cluster exists: waiting to be added as a learner"
-        # The founder need not be a voter itself (a worker may be the lowest address): it picks the
-        # first voters among the coordinator-eligible nodes it sees.
-        eligible = frozenset(n for n, r in alive.items() if r.role == "coordinator")
-        if self.role == "coordinator":
-            eligible |= {self.node_id}
-        if eligible != self._view:
-            self._view, self._view_since = eligible, now
-        if len(eligible) < self.quorum_size:
-            return f"found {len(eligible)} of quorum_size {self.quorum_size} coordinator-eligible nodes"
+        # The founder need not be a voter itself (a worker may be the lowest address).
+        roles = {n: r.role for n, r in alive.items()}
+        roles[self.node_id] = self.role
+        seen = frozenset(roles)
+        if seen != self._view:
+            self._view, self._view_since = seen, now
+        if len(seen) < self.quorum_size:
+            return f"found {len(seen)} of quorum_size {self.quorum_size} nodes"
+        if "coordinator" not in roles.values():
+            return f"found {len(seen)} nodes, none with role coordinator: none of them could lead"
         if not self.is_founder:
             who = f" ({self.founder})" if self.founder else ""
             return f"waiting for the founder{who} to found the cluster"
         if now - self._view_since < SETTLE_S and self.quorum_size > 1:
             return "discovery view settling"
-        voters = tuple(sorted(eligible)[: self.quorum_size])
+        voters = first_voters(roles, self.quorum_size)
         if not await self._adopt(voters, self._cluster_id()):
             return ""
         self._resend_founding(now)
@@ -413,13 +425,14 @@ class ClusterDriver:
             return max(seen[1] if seen else 0.0, self.leading_since)
 
         dead = sorted(v for v in voters if v != self.node_id and now - last_seen(v) > self.voter_grace_s)
+        # Coordinator-eligible learners first: the more voters may lead, the fewer losses stop the log.
         spares = sorted(
-            n
-            for n in raft.learners
-            if n in alive
-            and alive[n].role == "coordinator"
-            and not alive[n].failed
-            and raft.match_index(n) >= raft.commit
+            (
+                n
+                for n in raft.learners
+                if n in alive and not alive[n].failed and raft.match_index(n) >= raft.commit
+            ),
+            key=lambda n: (alive[n].role != "coordinator", n),
         )
         change: AddVoter | RemoveVoter | None = None
         why = ""

@@ -25,24 +25,24 @@ ids pledges durably to that set) was safe only while at most 2 x quorum_size - 1
 and deadlocked when views differed while pledging.
 
 *The rule (one founder).* Exactly one node may ever write entry 1: the founder, which every node
-computes from the same configuration (``cluster.founder``, or the lowest address of ``seed_nodes``
-plus a coordinator's own, which must then list the same set on every coordinator; workers never found
-unless named). Once it sees quorum_size
-coordinator-eligible nodes with no bootstrapped peer, it picks the quorum_size lowest ids, saves entry 1
-(fsync'd) and sends it; a chosen voter with no state saves the entry it receives, and any member
-resends it to chosen voters still without state. Since only one node writes an entry 1, any number of
-nodes may start at once: one cluster forms as soon as the founder and quorum_size eligible nodes are
+computes from the same configuration (``cluster.founder``, or the lowest address of ``seed_nodes`` plus
+a coordinator's own, which must then list the same set on every coordinator; workers never found unless
+named). Once it sees quorum_size nodes (one at least coordinator-eligible) with no bootstrapped peer, it
+picks quorum_size of them (coordinator-eligible ones first; a worker voter never stands for election),
+saves entry 1 (fsync'd) and sends it; a chosen voter with no state saves the entry it receives, and any
+member resends it to chosen voters still without state. Since only one node writes an entry 1, any
+number of nodes may start at once: one cluster forms as soon as the founder and quorum_size nodes are
 up. Assumptions: the configuration names one founder, and a node whose state directory is lost comes
 back under a new node id (a voter that forgets its vote or log breaks Raft, whatever the founding rule).
 Liveness of founding needs the founder; after entry 1 exists it does not.
 
-*After founding.* The coordinator promotes caught-up coordinator-eligible learners while there are
-fewer than quorum_size voters, and replaces a voter silent for ``voter_grace_s`` (demote it, then
-promote a live learner), one change at a time through the log. A cluster that lost a majority of its
-voters for good cannot commit anything, including such a change: ``butterfly-admin force-new-cluster``
-(:func:`force_new_cluster_state`), run on one stopped survivor, makes it the only voter; it then
-promotes the others back as they return. That step gives up Raft's guarantee for entries the lost
-majority may have committed, like etcd's ``--force-new-cluster``.
+*After founding.* The coordinator promotes caught-up learners (coordinator-eligible ones first) while
+there are fewer than quorum_size voters, and replaces a voter silent for ``voter_grace_s`` (demote it,
+then promote a live learner), one change at a time through the log. A cluster that lost a majority of
+its voters for good cannot commit anything, including such a change: ``butterfly-admin
+force-new-cluster`` (:func:`force_new_cluster_state`), run on one stopped survivor, makes it the only
+voter; it then promotes the others back as they return. That step gives up Raft's guarantee for entries
+the lost majority may have committed, like etcd's ``--force-new-cluster``.
 """
 
 from butterfly.raft.core import (
