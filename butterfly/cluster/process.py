@@ -364,6 +364,8 @@ class ClusterChild:
         me = self.transport.advertise
         alive = self.driver.coordinator.alive(self.driver.reports, time.monotonic())
         heard, bad = peers_heard_of(alive.values(), self.config.node.id)
+        if len(self._heard_logged) > 4 * MAX_PEERS:
+            self._heard_logged.clear()  # bounded whatever peers say: at worst a line is logged again
         for why in bad:
             if why not in self._heard_logged:
                 self._heard_logged.add(why)
