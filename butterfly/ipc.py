@@ -301,7 +301,8 @@ class StopEngine(msgspec.Struct, tag=True, frozen=True):
 
 class EngineState(msgspec.Struct, tag=True, frozen=True):
     """The engine child's serving state: sent when it changes and every second while it serves.
-    ``hop_seconds``: per-hop transfer times observed since the last report (for the metrics)."""
+    ``hop_seconds``: per-hop transfer times observed since the last report, ``step_failures``: steps
+    the stage failed with an unexpected error since then (for the metrics)."""
 
     epoch: int
     serving: bool
@@ -311,6 +312,7 @@ class EngineState(msgspec.Struct, tag=True, frozen=True):
     kv_bytes_in_use: int
     kv_bytes_total: int
     hop_seconds: list[float] = []
+    step_failures: int = 0
 
 
 class Validated(msgspec.Struct, tag=True, frozen=True):

@@ -11,7 +11,9 @@ tokens to the next stage receiving them, observed by the receiver),
 ``butterfly_pipeline_requests_running`` / ``butterfly_pipeline_requests_waiting`` (gauges: sequences in
 the batch and queued for KV cache at the entry stage, 0 on the other nodes; the API's
 ``butterfly_num_requests_*`` count what this node's API admitted), ``butterfly_kv_cache_usage_ratio``
-(this node's stage). ``ServingCollector`` renders them for the API's registry.
+(this node's stage), ``butterfly_pipeline_step_failures_total`` (counter: steps this node's stage failed
+with an unexpected error -- in its forward pass, sampling or scheduler -- each ending the requests it
+carried with a 5xx). ``ServingCollector`` renders them for the API's registry.
 
 Must not: do I/O or touch the global prometheus registry.
 """
@@ -23,7 +25,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 __all__ = ["HOP_BUCKETS", "ServingCollector", "ServingStats", "serving_families"]
 
@@ -55,8 +57,10 @@ class ServingStats:
     kv_bytes_total: int = 0
     hop_counts: list[int] = field(default_factory=lambda: [0] * (len(HOP_BUCKETS) + 1))
     hop_sum: float = 0.0
+    step_failures: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _pending: list[float] = field(default_factory=list, repr=False)
+    _pending_failures: int = field(default=0, repr=False)
 
     def observe_hop(self, seconds: float) -> None:
         seconds = max(0.0, seconds)
@@ -74,6 +78,17 @@ class ServingStats:
         """Samples observed since the last call (for the engine child to report upward)."""
         with self._lock:
             out, self._pending = self._pending, []
+        return out
+
+    def observe_step_failures(self, n: int = 1) -> None:
+        with self._lock:
+            self.step_failures += n
+            self._pending_failures += n
+
+    def take_pending_step_failures(self) -> int:
+        """Step failures counted since the last call (for the engine child to report upward)."""
+        with self._lock:
+            out, self._pending_failures = self._pending_failures, 0
         return out
 
     @property
@@ -111,6 +126,12 @@ def serving_families(stats: ServingStats) -> Iterator[Metric]:
     buckets.append(("+Inf", acc))
     hop.add_metric([], buckets, total)
     yield hop
+    failures = CounterMetricFamily(
+        "butterfly_pipeline_step_failures",
+        "Unexpected errors in this node's stage (a step's forward pass or sampling, the scheduler)",
+    )
+    failures.add_metric([], stats.step_failures)
+    yield failures
 
 
 class ServingCollector:

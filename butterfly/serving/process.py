@@ -9,9 +9,10 @@ the node's gate (``butterfly.gate.may_serve``) first. ``StopEngine`` (the loader
 the arena, or the plan changed) ends what is in flight with 503 and unmaps the arena.
 
 It reports ``EngineState`` to the supervisor when its state changes and every second while serving:
-running and waiting sequences, KV cache use and the per-hop times it observed, which the supervisor
-turns into metrics. Its heartbeat is on the board like every child's, so a dead or frozen engine
-stops the node serving within the gate's bound; the other stages notice through the links' own.
+running and waiting sequences, KV cache use, the per-hop times it observed and the steps it failed,
+which the supervisor turns into metrics. Its heartbeat is on the board like every child's, so a dead or
+frozen engine stops the node serving within the gate's bound; the other stages notice through the
+links' own.
 
 Must not: write the arena, tokenize, or talk HTTP.
 """
@@ -181,7 +182,8 @@ class Engine:
         reason = "" if srv is None or not srv.entry else ("" if srv.ready else srv.not_ready)
         state = (self.epoch, srv is not None, reason, s.running, s.waiting, s.kv_bytes_in_use)
         hops = self.stats.take_pending_hops()
-        if not force and state == self._last and not hops:
+        failures = self.stats.take_pending_step_failures()
+        if not force and state == self._last and not hops and not failures:
             return
         self._last = state
         self.ctx.board.update(
@@ -202,6 +204,7 @@ class Engine:
                     s.kv_bytes_in_use,
                     s.kv_bytes_total,
                     hops,
+                    failures,
                 )
             )
 

@@ -21,6 +21,13 @@ that names the stage, and forms the ring again once every stage is back. A stage
 (``gate``: the node's ``may_serve``) aborts instead of computing. So no request ever waits longer than
 about ``silent_s`` on a dead or frozen stage.
 
+An unexpected exception (a bug, a torch error) never ends a loop silently: it is logged once with its
+traceback and counted (``ServingStats.step_failures``). At the entry, one in a step ends the requests
+that step carried with a 500 naming it and frees their cache on every stage (``Free``); one elsewhere in
+the scheduler ends every request in flight and aborts the ring. A non-entry stage that fails a step
+aborts the ring with the reason (the entry ends what is in flight with a 503 naming it and forms the
+ring again). The scheduler serves on either way.
+
 Must not: tokenize, know HTTP, or read weights (the caller builds the ``StageModel``).
 """
 
@@ -113,6 +120,19 @@ class _Seq:
     announced: bool = False
     cancelled: bool = False
     done: bool = False
+
+
+@dataclass
+class _StepPlan:
+    """What one entry step runs: each member sequence's chunk, whether to sample it, its token ids,
+    and the admissions of members the other stages do not hold yet."""
+
+    step_id: int
+    members: list[_Seq] = field(default_factory=list)
+    chunks: list[SeqChunk] = field(default_factory=list)
+    sample: list[bool] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    admits: list[Admit] = field(default_factory=list)
 
 
 def _forget(tasks: dict[int, asyncio.Task[None]], req_id: int, _task: object) -> None:
@@ -419,6 +439,14 @@ class StageServer:
                 self.prev = None
                 link.abort()
                 self._failure(f"lost the link from {who}: {exc}")
+        except Exception as exc:
+            # A bug handling a message: drop the link (the stage before dials again) rather than
+            # leave it unread, which would hang the step the entry waits on.
+            reason = self._crash(f"{self._stage_name(self.index)} failed handling a message from {who}", exc)
+            if self.prev is link:
+                self.prev = None
+                link.abort()
+                self._failure(reason)
 
     # ---- failure --------------------------------------------------------------------------------
 
@@ -428,6 +456,14 @@ class StageServer:
         self.samplers.clear()
         if self.entry:
             self._fail_all(reason)
+
+    def _crash(self, what: str, exc: Exception) -> str:
+        """An unexpected exception: logged once with its traceback and counted; the reason to give
+        the requests it ends (what failed, the exception's type and text)."""
+        reason = f"{what}: {type(exc).__name__}: {exc}"
+        log.error("stage %d: %s", self.index, reason, exc_info=exc)
+        self.stats.observe_step_failures()
+        return reason
 
     def _failure(self, reason: str) -> None:
         """This stage saw the pipeline break: drop everything and tell the others."""
@@ -503,8 +539,12 @@ class StageServer:
         except (ValueError, KVCacheFull, LinkError) as exc:
             self._failure(f"{self._stage_name(self.index)} cannot run step {msg.step_id}: {exc}")
             return
+        except Exception as exc:
+            self._failure(self._crash(f"{self._stage_name(self.index)} cannot run step {msg.step_id}", exc))
+            return
         cache = self.cache
         loop = asyncio.get_running_loop()
+        data: memoryview | bytes = b""
         try:
             if self.last:
                 rows = [i for i, s in enumerate(msg.sample) if s]
@@ -512,20 +552,24 @@ class StageServer:
                 tokens = await loop.run_in_executor(
                     self._pool, self._last_step, x, chunks, cache, rows, samplers
                 )
+                out: Message = Tokens(msg.step_id, [msg.seq[i] for i in rows], tokens, time.time())
             else:
                 hidden = await loop.run_in_executor(self._pool, self.model.forward, x, chunks, cache)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            self._failure(f"{self._stage_name(self.index)} failed step {msg.step_id}: {exc}")
+                dtype, shape, data = tensor_bytes(hidden)
+                out = Step(
+                    msg.step_id, msg.seq, msg.pos, msg.n, msg.sample, msg.admit, time.time(), dtype, shape
+                )
+        except Exception as exc:
+            # The entry waits for this step's tokens: never leave it waiting. The ring has no message
+            # for one failed step, so abort it: the entry ends what is in flight with the reason,
+            # every stage drops its sequences, and the ring forms again.
+            reason = self._crash(f"{self._stage_name(self.index)} failed step {msg.step_id}", exc)
+            if cache is self.cache:
+                self._failure(reason)
             return
         if cache is not self.cache or self.next is None:
             return  # the pipeline broke meanwhile
-        if self.last:
-            out: Message = Tokens(msg.step_id, [msg.seq[i] for i in rows], tokens, time.time())
-            await self.next.send(out)
-        else:
-            dtype, shape, data = tensor_bytes(hidden)
-            fwd = Step(msg.step_id, msg.seq, msg.pos, msg.n, msg.sample, msg.admit, time.time(), dtype, shape)
-            await self.next.send(fwd, data)
+        await self.next.send(out, data)
 
     def _last_step(
         self,
@@ -705,23 +749,35 @@ class StageServer:
         while not self._closed:
             await self._wake.wait()
             self._wake.clear()
-            while self.running or self.waiting:
-                if not self.ready:
-                    self._fail_all(self.not_ready)
-                    break
-                if self.gate is not None and (why := self.gate()):
-                    self._fail_all(f"the entry may not serve: {why}")
-                    break
-                self._drop_cancelled()
-                self._admit()
-                if not self.running:
-                    break
-                try:
-                    await self._step()
-                except _Broken:
-                    break
-                self._drop_cancelled()
-                self._update_stats()
+            try:
+                await self._schedule()
+            except Exception as exc:
+                # A bug outside any one step (admission, the gate, bookkeeping): the entry's state
+                # is suspect, so end everything in flight, drop every stage's sequences, serve on.
+                self._failure(self._crash(f"{self._stage_name(self.index)}'s scheduler failed", exc))
+                if len(self.stages) == 1 and not self._closed:
+                    self.ready = True  # no probe to form a ring of one again
+                    self.not_ready = ""
+
+    async def _schedule(self) -> None:
+        """Step the running sequences until none is left (or the pipeline broke)."""
+        while self.running or self.waiting:
+            if not self.ready:
+                self._fail_all(self.not_ready)
+                return
+            if self.gate is not None and (why := self.gate()):
+                self._fail_all(f"the entry may not serve: {why}")
+                return
+            self._drop_cancelled()
+            self._admit()
+            if not self.running:
+                return
+            try:
+                await self._step()
+            except _Broken:
+                return
+            self._drop_cancelled()
+            self._update_stats()
 
     def _drop_cancelled(self) -> None:
         keep = []
@@ -752,12 +808,20 @@ class StageServer:
         self._update_stats()
 
     async def _step(self) -> None:
+        """One step of the running sequences. An unexpected exception in it (the forward pass, the
+        sampler, a bug) ends the requests the step carried with a 500 naming it and frees their
+        cache on every stage; the others and the scheduler go on."""
+        step = self._plan_step()
+        try:
+            await self._run_step(step)
+        except _Broken:
+            raise
+        except Exception as exc:
+            self._end_step(step, self._crash(f"{self._stage_name(self.index)} failed a step", exc))
+
+    def _plan_step(self) -> _StepPlan:
+        step = _StepPlan(next(self._step_ids))
         budget = self.max_step_tokens
-        chunks: list[SeqChunk] = []
-        members: list[_Seq] = []
-        sample: list[bool] = []
-        admits: list[Admit] = []
-        ids: list[int] = []
         # Decoding sequences first (one token each), then prompts with what is left of the budget.
         for seq in sorted(self.running, key=lambda s: len(s.ids) - s.pos > 1):
             todo = len(seq.ids) - seq.pos
@@ -765,17 +829,22 @@ class StageServer:
             if k < 1:
                 continue
             budget -= k
-            chunks.append(SeqChunk(seq.seq_id, seq.pos, k))
-            members.append(seq)
-            sample.append(k == todo)
-            ids.extend(seq.ids[seq.pos : seq.pos + k])
+            step.chunks.append(SeqChunk(seq.seq_id, seq.pos, k))
+            step.members.append(seq)
+            step.sample.append(k == todo)
+            step.ids.extend(seq.ids[seq.pos : seq.pos + k])
             if not seq.announced:
                 p = seq.request.params
-                admits.append(Admit(seq.seq_id, seq.capacity, float(p.temperature), float(p.top_p), p.seed))
-        x = torch.tensor(ids, dtype=torch.long)
+                step.admits.append(
+                    Admit(seq.seq_id, seq.capacity, float(p.temperature), float(p.top_p), p.seed)
+                )
+        return step
+
+    async def _run_step(self, step: _StepPlan) -> None:
+        members, chunks, sample, step_id = step.members, step.chunks, step.sample, step.step_id
+        x = torch.tensor(step.ids, dtype=torch.long)
         loop = asyncio.get_running_loop()
         cache = self.cache
-        step_id = next(self._step_ids)
         rows = [i for i, s in enumerate(sample) if s]
         if self.last:
             samplers = [self.samplers[members[i].seq_id] for i in rows]
@@ -789,39 +858,55 @@ class StageServer:
                 raise _Broken("the pipeline broke during the step")
             fut: asyncio.Future[Tokens] = loop.create_future()
             self._pending[step_id] = fut
-            dtype, shape, data = tensor_bytes(hidden)
             try:
-                link.send_nowait(
-                    Step(
-                        step_id,
-                        [c.seq_id for c in chunks],
-                        [c.start_pos for c in chunks],
-                        [c.n_tokens for c in chunks],
-                        sample,
-                        admits,
-                        time.time(),
-                        dtype,
-                        shape,
-                    ),
-                    data,
-                )
-            except LinkError as exc:
+                dtype, shape, data = tensor_bytes(hidden)
+                try:
+                    link.send_nowait(
+                        Step(
+                            step_id,
+                            [c.seq_id for c in chunks],
+                            [c.start_pos for c in chunks],
+                            [c.n_tokens for c in chunks],
+                            sample,
+                            step.admits,
+                            time.time(),
+                            dtype,
+                            shape,
+                        ),
+                        data,
+                    )
+                except LinkError as exc:
+                    self._fail_all(f"lost the link to {self._stage_name(1)}: {exc}")
+                    raise _Broken(str(exc)) from None
+                # The other stages hold these sequences from here on: a failure frees them there too.
+                for seq in members:
+                    seq.announced = True
+                reply = await fut
+            finally:
                 self._pending.pop(step_id, None)
-                self._fail_all(f"lost the link to {self._stage_name(1)}: {exc}")
-                raise _Broken(str(exc)) from None
-            reply = await fut
             if [members[i].seq_id for i in rows] != reply.seq:
                 self._failure(
                     f"{self._stage_name(len(self.stages) - 1)} answered step {step_id} for other sequences"
                 )
                 raise _Broken("bad reply")
             tokens = reply.tokens
-        for seq in members:
-            seq.announced = True
         for seq, chunk in zip(members, chunks, strict=True):
             seq.pos += chunk.n_tokens
         for i, tok in zip(rows, tokens, strict=True):
             self._deliver(members[i], tok)
+
+    def _end_step(self, step: _StepPlan, reason: str) -> None:
+        """End the requests ``step`` carried that are still running, free them on every stage."""
+        err = ServingError(500, "server_error", f"the inference pipeline failed this request: {reason}")
+        for seq in step.members:
+            if seq not in self.running:
+                continue  # finished (and freed) before the failure
+            self.running.remove(seq)
+            if not seq.done:
+                seq.done = True
+                seq.events.put_nowait(err)
+            self._release(seq)
+        self._update_stats()
 
     def _deliver(self, seq: _Seq, tok: int) -> None:
         if seq.done:
@@ -886,6 +971,10 @@ class StageServer:
                     )
         except ServingError as exc:
             await self._client_send(link, Error(rid, exc.status, exc.code[:1000], exc.message[:1000]))
+        except Exception as exc:
+            # Never leave the client waiting for an answer that will not come.
+            reason = self._crash(f"{self._stage_name(self.index)} failed request {rid}", exc)
+            await self._client_send(link, Error(rid, 500, "server_error", reason[:1000]))
         finally:
             await gen.aclose()
 

@@ -621,6 +621,8 @@ class Supervisor:
         stats.running, stats.waiting = r.running, r.waiting
         stats.kv_bytes_in_use, stats.kv_bytes_total = r.kv_bytes_in_use, r.kv_bytes_total
         stats.observe_hops(r.hop_seconds)
+        if r.step_failures:
+            stats.observe_step_failures(r.step_failures)
         if r.reason != self.engine_reason:
             self.engine_reason = r.reason
             if r.reason:
