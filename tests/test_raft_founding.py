@@ -347,3 +347,34 @@ def test_workers_make_up_the_quorum_and_a_lost_worker_voter_is_replaced_by_a_wor
             await stop(tasks, drivers)
 
     asyncio.run(main())
+
+
+def test_a_coordinator_that_comes_later_takes_a_worker_voters_place(tmp_path: Path) -> None:
+    """Founded with workers making up the quorum, the cluster gives a coordinator-eligible node that
+    joins later a worker's vote, so that more voters may lead: promoted first, the worker let go."""
+
+    async def main() -> None:
+        hub = Hub()
+        roles = ["coordinator", "worker", "worker", "coordinator"]
+        drivers = make_drivers(tmp_path, hub, 4, 3, roles=roles)
+        tasks = await run_cluster(drivers[:3], 2)
+        try:
+            await wait_for(
+                lambda: all(d.raft is not None and d.raft.voters == ("n0", "n1", "n2") for d in drivers[:3]),
+                20.0,
+                "founded with the two workers voting",
+            )
+            tasks.append(asyncio.create_task(drivers[3].run()))
+            await wait_for(
+                lambda: all(d.raft is not None and d.raft.voters == ("n0", "n2", "n3") for d in drivers),
+                20.0,
+                "n3 voting in worker n1's place",
+            )
+            assert all(d.raft is not None and "n1" in d.raft.learners for d in drivers)
+            # n3 may lead: with n0 gone, n3 and the worker n2 elect it.
+            hub.dead.add("n0")
+            await wait_for(lambda: [d.node_id for d in leaders(drivers, hub)] == ["n3"], 20.0, "n3 leading")
+        finally:
+            await stop(tasks, drivers)
+
+    asyncio.run(main())

@@ -15,7 +15,9 @@ state yet. Every other node waits for entry 1 or to be added as a learner by the
 
 Membership while leading: caught-up learners (coordinator-eligible ones first) are promoted while
 there are fewer than quorum_size voters; a voter silent for ``voter_grace_s`` is demoted and a live
-learner promoted in its place, one change at a time through the log.
+learner promoted in its place; a coordinator-eligible learner takes a worker voter's place (promoted,
+then the worker demoted), so the voters that may lead are as many as there are; one change at a time
+through the log.
 
 This module must not touch the arena or decide plans itself.
 """
@@ -434,6 +436,10 @@ class ClusterDriver:
             ),
             key=lambda n: (alive[n].role != "coordinator", n),
         )
+        # Workers vote only to make up quorum_size (founding takes them when too few coordinators are
+        # up): a coordinator-eligible learner takes a worker's vote, added first, the worker then let go.
+        worker_voters = sorted(v for v in voters if v in alive and alive[v].role != "coordinator")
+        standing = [n for n in spares if alive[n].role == "coordinator"]
         change: AddVoter | RemoveVoter | None = None
         why = ""
         if len(voters) < self.quorum_size and spares:
@@ -441,6 +447,12 @@ class ClusterDriver:
         elif dead and spares:
             change = RemoveVoter(dead[0])
             why = f"silent for more than voter_grace_s ({self.voter_grace_s:g} s); {spares[0]} replaces it"
+        elif worker_voters and standing and len(voters) <= self.quorum_size:
+            change = AddVoter(standing[0])
+            why = f"coordinator-eligible, to take the vote of worker {worker_voters[0]}"
+        elif worker_voters and len(voters) > self.quorum_size:
+            change = RemoveVoter(worker_voters[0])
+            why = f"a worker, and {len(voters)} voters where quorum_size is {self.quorum_size}"
         if change is None:
             return
         refusal = raft.conf_change_refusal(change)
