@@ -70,12 +70,20 @@ def preflight(
 
 
 def _secret(config: Config) -> None:
-    from butterfly.net.auth import SecretError, load_secret
+    from butterfly.net.auth import SecretError, load_secret, symlink_problem
 
     path = config.security.secret_file
     key = "security.secret_file"
     create = f"run `butterfly-admin secret create {path}` once and copy the file to every node"
     default = path == SecurityConfig().secret_file
+    if path.is_symlink():
+        raise PreflightError(
+            config.source,
+            key,
+            symlink_problem(path),
+            f"set secret_file to the file itself (`readlink -f {path}` names it), or replace the link "
+            "with a copy of the key file",
+        )
     try:
         info = os.stat(path)
     except FileNotFoundError:
