@@ -183,11 +183,17 @@ def symlink_problem(path: Path) -> str:
 def generate_secret(path: Path) -> None:
     """Write a new secret (32 random bytes as 64 hex digits, mode 0600); refuses to overwrite one."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        os.fchmod(file.fileno(), 0o600)  # whatever the umask
-        file.write(secrets.token_hex(MIN_SECRET_BYTES).encode())
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask
+            file.write(secrets.token_hex(MIN_SECRET_BYTES).encode())
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        # The file is ours (O_EXCL). Left empty or partial (a full disk), every later `secret create`
+        # would refuse it as existing and every node would refuse it as too short.
+        os.unlink(path)
+        raise
 
 
 # ---- TLS -----------------------------------------------------------------------------------------
