@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -360,6 +361,42 @@ def test_status_unreachable_not_a_node_and_bad_config(tmp_path: Path) -> None:
     assert r.returncode == 78 and "api.listen" in r.stderr, r
     r = admin("status", "--url", "http://x", "--config", str(bad))
     assert r.returncode == 2  # mutually exclusive
+
+
+def test_status_gives_up_on_a_server_that_trickles_its_answer() -> None:
+    """Each read got the socket timeout afresh: a byte a second kept `status` waiting for ever."""
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not stop.wait(0.5):
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        r = admin("status", "--url", url, timeout=30)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 3, r
+    assert r.stderr == f"butterfly-admin: {url} did not send its whole /status within 3s\n"
+    assert took < 10
 
 
 # ---- diagnose ------------------------------------------------------------------------------------
