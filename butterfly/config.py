@@ -21,8 +21,10 @@ import difflib
 import ipaddress
 import json
 import math
+import os
 import re
 import socket
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -631,13 +633,33 @@ class Config:
 # Parsing.
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A config file is a few KiB; reading stops past this, so a wrong ``--config`` cannot fill memory."""
+
+
 def load_config(path: str | Path) -> Config:
     """Read and validate the file at ``path``; relative paths in it are taken from its directory."""
     file = Path(path)
+    expected = "a readable config file"
     try:
-        data = file.read_bytes()
+        # O_NONBLOCK: opening a FIFO (a mistyped --config) must not wait for a writer for ever.
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        raise ConfigError(str(file), None, "a readable config file", exc.strerror or str(exc)) from None
+        raise ConfigError(str(file), None, expected, exc.strerror or str(exc)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        found = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a FIFO, socket or device)"
+        raise ConfigError(str(file), None, expected, found)
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+        except OSError as exc:
+            raise ConfigError(str(file), None, expected, exc.strerror or str(exc)) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            str(file), None, f"a config file of at most {MAX_CONFIG_BYTES >> 20} MiB", "a larger file"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

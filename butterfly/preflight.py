@@ -24,7 +24,7 @@ from pathlib import Path
 from butterfly.config import Config, HostPort, SecurityConfig
 from butterfly.weights.manifest import MANIFEST_FILE
 
-__all__ = ["PreflightError", "preflight"]
+__all__ = ["PreflightError", "check_directory", "preflight"]
 
 
 class PreflightError(Exception):
@@ -54,8 +54,8 @@ def preflight(
     again for ``port_wait_s`` seconds first: the children of a node killed just before may still be
     on their way out."""
     _secret(config)
-    _directory(config, "node.state_dir", config.node.state_dir)
-    _directory(config, "node.cache_dir", config.node.cache_dir)
+    check_directory(config, "node.state_dir", config.node.state_dir)
+    check_directory(config, "node.cache_dir", config.node.cache_dir)
     _manifest(config)
     deadline = time.monotonic() + port_wait_s
     for key, address in (("node.bind_address", config.node.bind_address), ("api.listen", config.api.listen)):
@@ -70,12 +70,20 @@ def preflight(
 
 
 def _secret(config: Config) -> None:
-    from butterfly.net.auth import SecretError, load_secret
+    from butterfly.net.auth import SecretError, load_secret, symlink_problem
 
     path = config.security.secret_file
     key = "security.secret_file"
     create = f"run `butterfly-admin secret create {path}` once and copy the file to every node"
     default = path == SecurityConfig().secret_file
+    if path.is_symlink():
+        raise PreflightError(
+            config.source,
+            key,
+            symlink_problem(path),
+            f"set secret_file to the file itself (`readlink -f {path}` names it), or replace the link "
+            "with a copy of the key file",
+        )
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -127,13 +135,14 @@ def _secret(config: Config) -> None:
         ) from None
 
 
-def _directory(config: Config, key: str, path: Path) -> None:
+def check_directory(config: Config, key: str, path: Path) -> None:
+    """``PreflightError`` unless ``path`` is a directory this user can write, or can be created."""
     fix = f"create it writable by the user running the node, or set {key} to such a directory"
     if path.exists():
         if not path.is_dir():
             raise PreflightError(config.source, key, f"{path} is not a directory", fix)
         if not os.access(path, os.W_OK | os.X_OK):
-            raise PreflightError(config.source, key, f"{path} is not writable by this user", fix)
+            raise PreflightError(config.source, key, f"{path} is not writable{_why_not(path)}", fix)
         return
     # The node creates it; the nearest existing ancestor must let it.
     parent = path.parent
@@ -147,9 +156,18 @@ def _directory(config: Config, key: str, path: Path) -> None:
         raise PreflightError(
             config.source,
             key,
-            f"{path} does not exist and cannot be created: {parent} is not writable by this user",
+            f"{path} does not exist and cannot be created: {parent} is not writable{_why_not(parent)}",
             fix,
         )
+
+
+def _why_not(path: Path) -> str:
+    """Why ``path`` cannot be written: a read-only mount (which no chmod fixes) or this user's rights."""
+    try:
+        read_only = bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    return " (it is on a read-only file system)" if read_only else " by this user"
 
 
 def _manifest(config: Config) -> None:

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +363,42 @@ def test_status_unreachable_not_a_node_and_bad_config(tmp_path: Path) -> None:
     assert r.returncode == 2  # mutually exclusive
 
 
+def test_status_gives_up_on_a_server_that_trickles_its_answer() -> None:
+    """Each read got the socket timeout afresh: a byte a second kept `status` waiting for ever."""
+    stop = threading.Event()
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not stop.wait(0.5):
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        r = admin("status", "--url", url, timeout=30)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 3, r
+    assert r.stderr == f"butterfly-admin: {url} did not send its whole /status within 3s\n"
+    assert took < 10
+
+
 # ---- diagnose ------------------------------------------------------------------------------------
 
 
@@ -380,7 +417,7 @@ def test_diagnose_a_good_config_before_and_while_the_node_runs(
     checks = check_lines(r.stdout)
     assert list(checks) == [
         "config", "api port", "cluster port", "peers", "dns srv", "model dir", "manifest",
-        "cluster secret", "disk", "gpu",
+        "cluster secret", "directories", "disk", "gpu",
     ]  # fmt: skip
     assert {s for s, _ in checks.values()} <= {"PASS", "SKIP"}
     assert checks["api port"][0] == checks["cluster port"][0] == "PASS"
@@ -444,6 +481,44 @@ def test_diagnose_names_each_failure_with_a_hint(fault: str, tmp_path: Path, mod
         assert checks["manifest"][0] == "SKIP"
         assert checks["disk"][0] == "PASS" and "model size unknown" in checks["disk"][1]
     assert re.search(r"\b1 FAIL\b", r.stdout)
+
+
+def test_diagnose_and_the_node_refuse_a_cache_dir_on_a_read_only_file_system(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """diagnose used to PASS every check of a config whose cache_dir the node refuses (exit 78), and
+    both said "not writable by this user" of a read-only mount, which no chmod fixes."""
+    if shutil.which("unshare") is None:
+        pytest.fail("util-linux's unshare is needed (scripts/test.sh installs it)")
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    cfg = _config(tmp_path, model_dir)
+    cfg.write_text(
+        cfg.read_text().replace(f'cache_dir = "{tmp_path / "cache"}"', f'cache_dir = "{mount}/cache"')
+    )
+    # A private mount namespace (a user namespace too, so root is not needed): the mount vanishes with it.
+    python = f'"{sys.executable}"'
+    script = (
+        f'mount -t tmpfs -o ro tmpfs "{mount}" && {python} -m butterfly.cli.admin diagnose --config "{cfg}"; '
+        f'echo "diagnose exit $?"; {python} -m butterfly.cli.node --config "{cfg}" --check-config; '
+        'echo "node exit $?"'
+    )
+    r = subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    problem = (
+        f"{mount}/cache does not exist and cannot be created: "
+        f"{mount} is not writable (it is on a read-only file system)"
+    )
+    assert "diagnose exit 1" in r.stdout and "node exit 78" in r.stdout, r.stdout + r.stderr
+    status, text = check_lines(r.stdout)["directories"]
+    assert status == "FAIL" and f"node.cache_dir: {problem}" in text, r.stdout
+    assert "hint: create it writable by the user running the node, or set node.cache_dir" in text
+    assert f"node.cache_dir: {problem}; fix: create it writable" in r.stderr, r.stderr
 
 
 def test_diagnose_port_taken_by_another_program(tmp_path: Path, model_dir: Path) -> None:

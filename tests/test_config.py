@@ -4,13 +4,16 @@ round-trips through to_toml; overrides, defaults and relative paths behave as do
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from butterfly.config import (
     EX_CONFIG,
+    MAX_CONFIG_BYTES,
     Config,
     ConfigError,
     HostPort,
@@ -760,3 +763,32 @@ def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.node.role = "coordinator"  # type: ignore[misc]
     assert isinstance(config, Config)
+
+
+def test_a_fifo_or_endless_device_as_config_is_refused_at_once(tmp_path: Path) -> None:
+    # A mistyped --config naming a FIFO used to wait for a writer for ever (node, --check-config and
+    # every admin command); /dev/zero used to be read until MemoryError, a traceback and exit 1.
+    fifo = tmp_path / "node.toml"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_config(fifo)
+    assert time.monotonic() - started < 5
+    assert str(caught.value) == (
+        f"config error in {fifo}: expected a readable config file, "
+        "found not a regular file (a FIFO, socket or device)"
+    )
+    with pytest.raises(ConfigError, match="found not a regular file"):
+        load_config("/dev/zero")
+
+
+def test_a_config_file_over_the_size_limit_is_refused_without_reading_it_all(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.toml"
+    with open(huge, "wb") as f:
+        f.write(MODEL.encode())
+        f.truncate(MAX_CONFIG_BYTES + 1)  # sparse: the NULs past the text are never read as TOML
+    with pytest.raises(ConfigError) as caught:
+        load_config(huge)
+    assert str(caught.value) == (
+        f"config error in {huge}: expected a config file of at most 1 MiB, found a larger file"
+    )

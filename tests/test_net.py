@@ -1052,8 +1052,20 @@ def test_the_secret_file_is_checked(tmp_path: Path) -> None:
     assert load_secret(hex_key) == b"0f" * 32
     link = tmp_path / "link.key"
     link.symlink_to(raw)
-    with pytest.raises(SecretError, match="cannot be opened"):
+    with pytest.raises(SecretError) as caught:
         load_secret(link)
+    assert str(caught.value) == (
+        f"cluster secret {link} is a symbolic link (to {raw}), which is not followed: "
+        "point secret_file at the file itself"
+    )
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)  # used to block in open() for ever, waiting for a writer
+    with pytest.raises(SecretError, match=f"^cluster secret {fifo} is not a regular file$"):
+        load_secret(fifo)
+    directory = tmp_path / "dir.key"
+    directory.mkdir(mode=0o700)  # used to escape as IsADirectoryError (a traceback in diagnose)
+    with pytest.raises(SecretError, match=f"^cluster secret {directory} is a directory$"):
+        load_secret(directory)
 
 
 def test_transport_from_config_reads_secret_and_tls(tmp_path: Path, pki: Path) -> None:

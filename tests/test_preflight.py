@@ -171,8 +171,14 @@ def test_a_missing_secret_names_the_key_and_the_command(
             "too short: 20 hex digits",
             "butterfly-admin secret create",
         ),
+        (
+            # A link is never followed; the fix used to say `secret create`, which refuses (it exists).
+            lambda p: (generate_secret(p.with_name("real.key")), p.symlink_to(p.with_name("real.key"))),
+            "is a symbolic link (to ",
+            "set secret_file to the file itself (`readlink -f",
+        ),
     ],
-    ids=["directory", "empty", "world-readable", "short"],
+    ids=["directory", "empty", "world-readable", "short", "symlink"],
 )
 def test_a_bad_secret_file_is_refused_with_the_fix(
     tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str], make, problem: str, fix: str

@@ -28,6 +28,13 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError) as e:
         print(f"butterfly-admin make-test-model: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full or read-only disk: the partial directory is already gone
+        where = f": {e.filename}" if e.filename else ""
+        print(
+            f"butterfly-admin make-test-model: cannot write {args.dir}: {e.strerror or e}{where}",
+            file=sys.stderr,
+        )
+        return 1
     size = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
     print(
         f"wrote a {args.layers}-layer Llama test model ({size / 2**20:.1f} MiB) with its tokenizer and "

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import TYPE_CHECKING, Any
@@ -98,9 +99,22 @@ class Unreachable(Exception):
 
 def fetch_status(url: str, timeout: float = HTTP_TIMEOUT_S) -> dict[str, Any]:
     """The node's /status as a dict; ``Unreachable`` saying why when there is no usable answer."""
+    # ``timeout`` bounds each socket operation; the deadline bounds the whole answer, so a server that
+    # trickles a byte at a time cannot keep a command (or a node start's port check) waiting for ever.
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as resp:
-            raw = resp.read(1 << 20)
+            chunks: list[bytes] = []
+            size = 0
+            while size < 1 << 20:
+                if time.monotonic() > deadline:
+                    raise Unreachable(f"{url} did not send its whole /status within {timeout:g}s")
+                chunk = resp.read1(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            raw = b"".join(chunks)
     except urllib.error.HTTPError as e:
         raise Unreachable(f"{url} answered HTTP {e.code} for /status: not a butterfly node?") from None
     except (urllib.error.URLError, OSError) as e:

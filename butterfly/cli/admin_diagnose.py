@@ -143,6 +143,7 @@ class _Diagnosis:
             self.model_source(),
             self.manifest_present(),
             self.secret(),
+            self.directories(),
             self.disk(),
             self.gpu(),
         ]
@@ -371,6 +372,21 @@ class _Diagnosis:
                 hint = "run diagnose as root or as the service user (butterfly)"
             return _failed(name, str(e), hint)
         return _passed(name, f"{path} readable and long enough ({len(key)} key bytes)")
+
+    def directories(self) -> Check:
+        """What the node's start refuses (exit 78): a state or cache dir it cannot create or write."""
+        from butterfly.preflight import PreflightError, check_directory
+
+        name = "directories"
+        node = self.config.node
+        try:
+            for key, path in (("node.state_dir", node.state_dir), ("node.cache_dir", node.cache_dir)):
+                check_directory(self.config, key, path)
+        except PreflightError as e:
+            return _failed(name, f"{e.key}: {e.problem}", e.fix)
+        return _passed(
+            name, f"state_dir {node.state_dir} and cache_dir {node.cache_dir}: writable or creatable"
+        )
 
     def _missing_bytes(self, manifest: Manifest) -> tuple[int, int]:
         """(bytes the cache still lacks, bytes it already holds) for the manifest's tensors; read-only."""

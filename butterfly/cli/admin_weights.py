@@ -9,6 +9,7 @@ hash, parse manifests, sign or touch cache entries on its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -215,8 +216,13 @@ def cmd_manifest_keygen(args: argparse.Namespace) -> int:
     except OSError as e:
         print_error(f"cannot write {out}: {e.strerror or e}")
         return 1
-    with os.fdopen(fd, "wb") as f:
-        f.write(pair.private_pem)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(pair.private_pem)
+    except OSError as e:
+        out.unlink()  # ours (O_EXCL); an empty key left behind would be refused as existing next time
+        print_error(f"cannot write {out}: {e.strerror or e}")
+        return 1
     print(f"wrote private key {out} (keep it off the nodes; sign with `butterfly-admin manifest sign`)")
     print("nodes verify with, in [model]:")
     print(f'manifest_public_key = "{pair.public_text}"')
@@ -247,7 +253,8 @@ def cmd_manifest_sign(args: argparse.Namespace) -> int:
         tmp.write_bytes(sign(raw, key))
         os.replace(tmp, sig)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only file system unlink fails too (EROFS)
+            tmp.unlink(missing_ok=True)
         print_error(f"cannot write {sig}: {e.strerror or e}")
         return 1
     print(f"signed root {manifest.merkle_root}: wrote {sig}")

@@ -39,6 +39,7 @@ sealing. It must not keep connection state, decide which connection to keep, or 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import os
@@ -133,15 +134,20 @@ def load_secret(path: Path) -> bytes:
     whitespace after them is ignored."""
     how = f"create it once with `butterfly-admin secret create {path}` and copy it"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO at the path must be refused below, not waited on for a writer for ever.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SecretError(f"cluster secret {path} does not exist: {how} to every node") from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP and os.path.islink(path):
+            raise SecretError(symlink_problem(path) + ": point secret_file at the file itself") from None
         raise SecretError(f"cluster secret {path} cannot be opened: {exc.strerror or exc}") from None
+    info = os.fstat(fd)  # of the opened file: no race with a rename in between
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)  # before fdopen, which refuses a directory with an exception of its own
+        what = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise SecretError(f"cluster secret {path} is {what}")
     with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())  # of the opened file: no race with a rename in between
-        if not stat.S_ISREG(info.st_mode):
-            raise SecretError(f"cluster secret {path} is not a regular file")
         if info.st_mode & 0o007:
             raise SecretError(
                 f"cluster secret {path} is accessible to every user (mode {stat.S_IMODE(info.st_mode):04o}): "
@@ -165,14 +171,29 @@ def load_secret(path: Path) -> bytes:
     return secret
 
 
+def symlink_problem(path: Path) -> str:
+    """What is wrong with a secret path that is a symbolic link: it is never followed (O_NOFOLLOW)."""
+    try:
+        target = f" (to {os.readlink(path)})"
+    except OSError:
+        target = ""
+    return f"cluster secret {path} is a symbolic link{target}, which is not followed"
+
+
 def generate_secret(path: Path) -> None:
     """Write a new secret (32 random bytes as 64 hex digits, mode 0600); refuses to overwrite one."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        os.fchmod(file.fileno(), 0o600)  # whatever the umask
-        file.write(secrets.token_hex(MIN_SECRET_BYTES).encode())
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(file.fileno(), 0o600)  # whatever the umask
+            file.write(secrets.token_hex(MIN_SECRET_BYTES).encode())
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        # The file is ours (O_EXCL). Left empty or partial (a full disk), every later `secret create`
+        # would refuse it as existing and every node would refuse it as too short.
+        os.unlink(path)
+        raise
 
 
 # ---- TLS -----------------------------------------------------------------------------------------
