@@ -41,6 +41,10 @@ class Init(msgspec.Struct, tag=True, frozen=True):
     # The supervisor began the arena under arena_name (butterfly.loader.prewarm): the first loader
     # of a node adopts it; for any other child, and any later loader, False.
     arena_prewarmed: bool = False
+    # For a loader: the bytes this node's earlier loaders read from the model source, from which
+    # its board's bytes_downloaded_total (model_bytes_downloaded_total) counts on, so that the
+    # counter runs since the node started, across loader restarts. 0 for any other child.
+    downloaded_bytes: int = 0
 
 
 class Shutdown(msgspec.Struct, tag=True, frozen=True):

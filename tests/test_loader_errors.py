@@ -16,7 +16,7 @@ from typing import cast
 import blake3
 import pytest
 
-from butterfly.board import Board
+from butterfly.board import Board, LoaderSection
 from butterfly.board.shm import unlink_segment
 from butterfly.config import parse_config
 from butterfly.ipc import Landing, LoadAssignment, Loaded, RepairTensors, TensorsLanded
@@ -52,14 +52,18 @@ class Recorder:
 def make_loader(tmp_path: Path) -> Iterator[object]:
     made: list[tuple[Loader, Board, str]] = []
 
-    def make(model: Path, model_extra: str = "") -> Loader:
+    def make(model: Path, model_extra: str = "", downloaded_bytes: int = 0) -> Loader:
         base = f"butterfly-tl{os.getpid()}-{os.urandom(3).hex()}"
         board = Board.create(f"{base}-board", "tl")
         config = parse_config(
             f'[model]\nsource_type = "filesystem"\nsource_path = "{model}"\n{model_extra}\n'
             f'[node]\ngpu = "off"\ncache_dir = "{tmp_path / "cache"}"\n[loader]\nchunk_bytes = 65536\n'
         )
-        ctx = SimpleNamespace(config=config, board=board, init=SimpleNamespace(arena_name=f"{base}-arena"))
+        ctx = SimpleNamespace(
+            config=config,
+            board=board,
+            init=SimpleNamespace(arena_name=f"{base}-arena", downloaded_bytes=downloaded_bytes),
+        )
         loader = Loader(cast(ChildContext, ctx), Recorder(), cast(CommandInbox, NoCommands()))  # type: ignore[arg-type]
         made.append((loader, board, f"{base}-arena"))
         return loader
@@ -115,6 +119,33 @@ def test_source_bytes_that_are_not_the_manifests_name_tensor_file_and_chunk(make
         f"tensor {rec.name}: {rec.file} bytes [{rec.offset + 65536}, {rec.offset + rec.length}) (chunk 1, "
     )
     assert str(e).endswith("both reads agree, so the file is not the one the manifest describes")
+
+
+def test_the_downloaded_bytes_count_on_from_earlier_loaders_and_failed_loads(
+    make_loader, model, model_dir
+) -> None:  # type: ignore[no-untyped-def]
+    """model_bytes_downloaded_total is a counter of the node: a restarted loader counts on from what
+    the supervisor hands it (its predecessors' bytes), and a load that fails half-way keeps the bytes
+    it read, so the next load's count never falls back below what was published."""
+    before = 10_000
+    loader = make_loader(model, downloaded_bytes=before)
+    board = loader.ctx.board
+    assert loader.downloaded_total == before
+    rec = next(
+        t
+        for t in read_manifest(model / MANIFEST_FILE).tensors
+        if t.name == "model.layers.1.mlp.gate_proj.weight"
+    )
+    flip_byte(model / rec.file, rec.offset + 65536 + 9)
+    failure(lambda: loader.load(LoadAssignment(1, 1, 0, 4)))
+    read_by_failed = loader.downloaded_total - before
+    assert read_by_failed > 0, "the bytes of a failed load were not counted"
+    published = board.read(LoaderSection).bytes_downloaded_total
+    assert before <= published <= loader.downloaded_total
+    shutil.copyfile(model_dir / rec.file, model / rec.file)
+    loaded = loader.load(LoadAssignment(2, 1, 0, 4))
+    total = sum(t.length for t in loaded.tensors)
+    assert board.read(LoaderSection).bytes_downloaded_total == before + read_by_failed + total
 
 
 def test_a_failed_warmup_is_named_with_its_blocks(make_loader, model, monkeypatch) -> None:  # type: ignore[no-untyped-def]

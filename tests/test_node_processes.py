@@ -1,9 +1,13 @@
-"""A node's processes under faults: a child that cannot be started, a node that failed for good."""
+"""A node's processes under faults: a child that cannot be started, a node that failed for good, a
+loader that dies while counting what it downloaded."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -97,3 +101,66 @@ def test_a_node_failed_for_good_shows_why_then_exits_1_for_systemd_to_restart(
     log = node.log()
     assert "node failed (loader)" in log
     assert "exiting with status 1 after failing (loader child killed by SIGKILL" in log
+
+
+def test_downloaded_bytes_counter_goes_on_across_loader_restarts(make_node: MakeNode, tmp_path: Path) -> None:
+    """model_bytes_downloaded_total is a Prometheus counter of the node: it may reset only when the
+    node (the supervisor, which exports it) restarts, not when its loader child does. Killed half-way
+    through a load and again once serving, each new loader counts on from the dead one's bytes."""
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    (holds / "hold-loading_weights").touch()
+    node = make_node(env={"BUTTERFLY_TEST_HOLD_DIR": str(holds)})
+    seen: list[float] = []  # every value /metrics showed, in order
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                code, body = node.get("/metrics")
+            except OSError:
+                code, body = 0, b""
+            m = re.search(rb"^model_bytes_downloaded_total ([0-9.e+]+)$", body, re.M) if code == 200 else None
+            if m:
+                seen.append(float(m.group(1)))
+            time.sleep(0.01)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        # The first loader is held half-way through the model, its bytes so far published.
+        st = node.wait_for(
+            lambda s: s["phase"] == "loading_weights" and s["model_bytes_downloaded_total"] > 0,
+            what="the load held half-way",
+            timeout=90,
+        )
+        half, total = st["model_bytes_downloaded_total"], st["bytes_total"]
+        assert 0 < half < total
+        os.kill(child(st, "loader")["pid"], signal.SIGKILL)
+        # Its successor reads the same first half again and is held there too: both halves count.
+        st = node.wait_for(
+            lambda s: child(s, "loader")["restarts"] == 1 and s["model_bytes_downloaded_total"] == 2 * half,
+            what="the restarted loader held half-way, counting on from the dead one",
+            timeout=60,
+        )
+        assert st["phase"] == "loading_weights"
+        (holds / "hold-loading_weights").unlink()
+        st = node.wait_state("OPERATIONAL", timeout=90)
+        assert st["model_bytes_downloaded_total"] == half + total
+        # Killed while serving: the node loads its range again, all of it from the source.
+        os.kill(child(st, "loader")["pid"], signal.SIGKILL)
+        st = node.wait_for(
+            lambda s: child(s, "loader")["restarts"] == 2 and s["state"] == "OPERATIONAL",
+            what="the node serving again after the second loader restart",
+            timeout=90,
+        )
+        assert st["model_bytes_downloaded_total"] == half + 2 * total
+        time.sleep(0.2)  # a few more scrapes of the final value
+    finally:
+        done.set()
+        scraper.join(timeout=10)
+    assert seen, "/metrics never showed model_bytes_downloaded_total"
+    drops = [(a, b) for a, b in itertools.pairwise(seen) if b < a]
+    assert not drops, f"the counter went down: {drops[:5]} (of {len(seen)} scrapes)"
+    assert seen[-1] == half + 2 * total
+    assert node.stop() == 0

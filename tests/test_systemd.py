@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from butterfly.config import Config, ConfigError, parse_config
+from butterfly.config import Config, ConfigError, NodeConfig, parse_config
 from tests.systemdharness import SystemdContainer, unavailable_reason, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,7 +171,13 @@ def test_default_config_documents_every_key_with_its_default() -> None:
         parse_config(shipped, "node.toml")
     text, active = _uncomment_all(shipped)
     config = parse_config(text, "node.toml (all keys uncommented)")
-    assert str(config.node.cache_dir) == "/var/cache/butterfly/models"
+    # Where the operator documentation has an operator look (`df -h /var/butterfly/models`), which
+    # is also the built-in default, and the unit's ReadWritePaths=.
+    assert str(config.node.cache_dir) == "/var/butterfly/models"
+    assert config.node.cache_dir == NodeConfig.__dataclass_fields__["cache_dir"].default
+    unit = (REPO / "systemd" / UNIT).read_text()
+    assert "\nReadWritePaths=-/var/butterfly/models\n" in unit
+    assert "\nCacheDirectory=" not in unit
     assert str(config.logging.file) == "/var/log/butterfly/node.log"
 
     def walk(table: object, prefix: str) -> Iterator[tuple[str, dataclasses.Field[object], object]]:
@@ -301,6 +307,8 @@ def container(packages: Packages, tmp_path: Path) -> Iterator[SystemdContainer]:
 
 
 STATUS_URL = "http://127.0.0.1:8080/status"
+# The weight cache, where the operator documentation looks for it.
+CACHE = "/var/butterfly/models"
 # Lists the processes of the service user inside the container.
 BUTTERFLY_PROCESSES = (
     'for p in /proc/[0-9]*; do [ "$(stat -c %U "$p" 2>/dev/null)" = butterfly ] && echo "$p"; done; true'
@@ -329,8 +337,11 @@ def test_node_as_a_systemd_service(container: SystemdContainer, packages: Packag
     ]
     key = c.read("/etc/butterfly/cluster.key")
     assert re.fullmatch(r"[0-9a-f]{64}\n", key), "the secret is 32 random bytes in hex"
-    for d in ("/var/lib/butterfly", "/var/cache/butterfly", "/var/log/butterfly"):
+    for d in ("/var/lib/butterfly", CACHE, "/var/log/butterfly"):
         assert c.run("stat", "-c", "%a %U", d).stdout.split() == ["750", "butterfly"], d
+    # Only the cache below it is the service user's.
+    assert c.run("stat", "-c", "%a %U", "/var/butterfly").stdout.split() == ["755", "root"]
+    assert not c.exists("/var/cache/butterfly"), "the cache's old place is no longer made"
     conffiles = c.run("dpkg-query", "-W", "-f=${Conffiles}", "butterfly-node").stdout
     assert "/etc/butterfly/node.toml" in conffiles and "/etc/logrotate.d/butterfly-node" in conffiles
     c.run("systemd-analyze", "verify", UNIT, "butterfly-node@a.service")
@@ -396,6 +407,29 @@ def test_node_as_a_systemd_service(container: SystemdContainer, packages: Packag
     assert len(started) == 1 and int(started[0]["__REALTIME_TIMESTAMP"]) / 1e6 >= released
     wait_until(lambda: '"state":"OPERATIONAL"' in _status(c).replace(" ", ""), 30, "OPERATIONAL")
 
+    # -- the weight cache: the node, as installed and as the unit confines it, writes it under
+    # /var/butterfly/models (behind the load, once OPERATIONAL), and nowhere else is writable
+    def node_log() -> str:
+        return "\n".join(e["MESSAGE"] for e in c.journal("-u", UNIT))
+
+    wait_until(lambda: "tensors behind the load" in node_log(), 60, "the write-behind to the cache")
+    cached = re.search(r"cached (\d+) tensors behind the load \((\d+) could not be\)", node_log())
+    assert cached and int(cached[1]) > 0 and cached[2] == "0", node_log()[-3000:]
+    assert "cannot lock the weight cache" not in node_log()
+    entries = c.sh(f"find {CACHE}/blake3 -type f -printf '%u\\n'").stdout.split()
+    assert entries and set(entries) == {"butterfly"}, entries  # (equal tensors share an entry)
+    assert c.run("stat", "-c", "%U", f"{CACHE}/.lock").stdout.strip() == "butterfly"
+    hardening = c.show(UNIT, "ProtectSystem", "ReadWritePaths", "User")
+    assert hardening["ProtectSystem"] == "strict" and hardening["User"] == "butterfly", hardening
+    assert f"-{CACHE}" in hardening["ReadWritePaths"].split(), hardening
+    # Inside the node's own mount namespace (as root, which a read-only mount stops too): the cache
+    # is writable, its parent and the rest of /var are not.
+    in_node = ["nsenter", "-t", c.show(UNIT, "MainPID")["MainPID"], "-m", "--"]
+    c.run(*in_node, "sh", "-c", f"touch {CACHE}/.probe && rm {CACHE}/.probe")
+    for ro in ("/var/butterfly/.probe", "/var/cache/.probe", "/var/.probe"):
+        denied = c.run(*in_node, "touch", ro, check=False)
+        assert denied.returncode != 0 and "Read-only file system" in denied.stderr, (ro, denied)
+
     # -- the seed's log file, reopened on `systemctl reload` (what logrotate's postrotate runs)
     assert "phase=loading_weights" in c.read("/var/log/butterfly/node.log")
     main_pid = c.show(UNIT, "MainPID")["MainPID"]
@@ -445,8 +479,11 @@ def test_node_as_a_systemd_service(container: SystemdContainer, packages: Packag
     c.write("/etc/butterfly/node.toml", good_config)
     c.run("systemctl", "reset-failed", UNIT)
 
+    # -- a removed cache directory is made again (for the service user) before the node starts
+    c.run("rm", "-rf", CACHE)
     # -- upgrade (a reinstall) restarts a running node; the edited config and the secret stay
     c.run("systemctl", "start", UNIT)  # returns at READY=1
+    assert c.run("stat", "-c", "%a %U", CACHE).stdout.split() == ["750", "butterfly"]
     before = c.show(UNIT, "MainPID")["MainPID"]
     c.run("dpkg", "-i", deb)
     assert c.read("/etc/butterfly/node.toml") == good_config
@@ -462,7 +499,7 @@ def test_node_as_a_systemd_service(container: SystemdContainer, packages: Packag
         assert c.exists(kept), f"dpkg -r removed {kept}"
     assert c.run("systemctl", "cat", UNIT, check=False).returncode != 0
     c.run("dpkg", "-P", "butterfly-node")
-    for gone in ("/etc/butterfly", "/var/lib/butterfly", "/var/cache/butterfly", "/var/log/butterfly"):
+    for gone in ("/etc/butterfly", "/var/lib/butterfly", "/var/butterfly", "/var/log/butterfly"):
         assert not c.exists(gone), f"dpkg -P left {gone}"
 
     # -- the rpm's scriptlets, for real: account, secret, units; erase keeps secret and state

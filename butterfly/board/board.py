@@ -212,18 +212,20 @@ class Board:
             raise TypeError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
         current = self._mine.get(cls)
         if current is None:
-            current = self._read_own(cls)
+            current = self.read_unwritten(cls)
         new = dataclasses.replace(cast(S, current), **changes)
         self._write(new)
         return new
 
-    def _read_own(self, cls: type[S]) -> S:
+    def read_unwritten(self, cls: type[S]) -> S:
+        """Section ``cls`` while no process writes it: its writer has exited (the supervisor after a
+        child's death) or is the caller (a restarted child before its first write)."""
         try:
             return self.read(cls)
         except TornSectionError:
-            # Our predecessor died mid-write (seq stuck odd). We are now the only writer, so the
-            # bytes are stable: take them as they are (a mix of its last two writes at worst); the
-            # write that follows makes the section consistent again.
+            # The writer died mid-write (seq stuck odd). Nobody writes it now, so the bytes are
+            # stable: take them as they are (a mix of its last two writes at worst); the next
+            # writer's first write makes the section consistent again.
             layout = layout_of(cls)
             start = layout.offset + SEQ_SIZE
             return cast(S, layout.decode(bytes(self._segment.buf[start : start + layout.payload_size])))

@@ -408,7 +408,7 @@ class _Diagnosis:
     def disk(self) -> Check:
         name = "disk"
         cache_dir = self.config.node.cache_dir
-        # The cache dir may not exist before the first start (systemd's CacheDirectory= makes it):
+        # The cache dir may not exist yet (the package's tmpfiles.d file or the node makes it):
         # the free space that counts is that of the filesystem it will be on.
         where = cache_dir
         while not where.exists() and where != where.parent:

@@ -264,6 +264,7 @@ class Fetch:
             # Test hook: stop half-way through this node's tensors until the hold file goes away.
             half = len(names) // 2
             self._stream(names[:half], reader, downloaded, live)
+            self.progress.tick(self.loader.inbox, force=True)  # the held load shows how far it got
             hold_if_requested("loading_weights", self.loader._beat)
             self._stream(names[half:], reader, downloaded, live)
             return
@@ -360,6 +361,14 @@ class Fetch:
             self.jobs.update(source_jobs)
 
     def run(self) -> list[ChunkDigest]:
+        try:
+            return self._run()
+        finally:
+            # Also when interrupted or failed: the bytes read so far were read, and the next load
+            # counts on from them (a counter never goes back).
+            self.loader.downloaded_total = self.progress.downloaded_total
+
+    def _run(self) -> list[ChunkDigest]:
         self._landed([n for n, left in self.missing.items() if left == 0])  # empty tensors
         names = self._from_held(list(self.jobs))
         if self.cache is not None and self.read_cache:
@@ -373,7 +382,6 @@ class Fetch:
             self._landed(names)
             self.fetched = names
             self.from_source = len(names)
-        self.loader.downloaded_total = self.progress.downloaded_total
         return [
             ChunkDigest(r.chunk.arena_offset, r.chunk.length, r.xxh3)
             for n in self.jobs
@@ -406,7 +414,9 @@ class Loader:
         self.gpu_result: object | None = None
         # What the arena holds since the last load: (epoch, its tensors, their placements).
         self.held: tuple[int, list[TensorEntry], list[TensorPlacement]] | None = None
-        self.downloaded_total = 0
+        # Bytes read from the model source since the node started: the supervisor hands a restarted
+        # loader its predecessors' count, published as bytes_downloaded_total (a counter).
+        self.downloaded_total = ctx.init.downloaded_bytes
         self.writers: list[WriteBehind] = []
         self.early: EarlyArena | None = None
         self.gpus = detect(ctx.config.node.gpu).gpus

@@ -42,7 +42,7 @@ import msgspec
 
 from butterfly.api.http import ApiServer, make_app, start_api
 from butterfly.api.served import ServedModel, load_served_model
-from butterfly.board import Board, NodeSection
+from butterfly.board import Board, LoaderSection, NodeSection
 from butterfly.board.shm import remove_orphaned_segments, remove_stale_segments, unlink_segment
 from butterfly.config import Config
 from butterfly.gate import may_serve
@@ -180,6 +180,10 @@ class Supervisor:
         self.wait_log = WaitLog()
         self.ready_notified = False
         self.last_load_bytes = -1
+        # model_bytes_downloaded_total counts since this supervisor started: what the loaders that
+        # died read from the source, handed to each new loader (Init.downloaded_bytes) to count on
+        # from. A loader's own count starts at what it is handed.
+        self.loader_downloaded = 0
         self.exit_code = 0
         self._background: set[asyncio.Task[object]] = set()
         # A shared flock on the weight cache for as long as the node runs: `butterfly-admin
@@ -336,7 +340,10 @@ class Supervisor:
 
     def _init(self, kind: str) -> Init:
         adopt = kind == "loader" and self.prewarm is not None and self.children[kind].generation == 0
-        return Init(self.config.to_toml(), str(self.base_dir), self.board_name, self.arena_name, adopt)
+        downloaded = self.loader_downloaded if kind == "loader" else 0
+        return Init(
+            self.config.to_toml(), str(self.base_dir), self.board_name, self.arena_name, adopt, downloaded
+        )
 
     async def _start_children(self) -> None:
         """The cluster child first, and discovery at once; the others start beside the event loop (the
@@ -378,6 +385,11 @@ class Supervisor:
         if ev.generation != handle.generation:
             return
         handle.last_exit = ev.describe()
+        if ev.kind == "loader":
+            # The dead loader's last published count (it counted on from what it was given): the
+            # next loader goes on from there, so the counter never falls back.
+            left = self._board().read_unwritten(LoaderSection).bytes_downloaded_total
+            self.loader_downloaded = max(self.loader_downloaded, left)
         if self.stop_requested.is_set():
             return
         deaths = handle.record_death(self.config.supervisor.restart_window_s)

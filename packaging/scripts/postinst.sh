@@ -26,8 +26,10 @@ fi
 if command -v systemd-tmpfiles >/dev/null 2>&1; then
     systemd-tmpfiles --create /usr/lib/tmpfiles.d/butterfly.conf
 else
-    install -d -m 0750 -o butterfly -g butterfly /var/lib/butterfly /var/cache/butterfly \
-        /var/cache/butterfly/models /var/log/butterfly
+    # As butterfly.tmpfiles says: /var/butterfly is left as it is when it exists.
+    [ -d /var/butterfly ] || install -d -m 0755 /var/butterfly
+    install -d -m 0750 -o butterfly -g butterfly /var/lib/butterfly /var/butterfly/models \
+        /var/log/butterfly
 fi
 
 # The cluster secret: 32 random bytes as 64 hex digits. Never overwritten: every node of a cluster

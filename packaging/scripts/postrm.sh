@@ -10,7 +10,11 @@ set -eu
 
 case "$1" in
     purge)
-        rm -rf /etc/butterfly /var/lib/butterfly /var/cache/butterfly /var/log/butterfly
+        # /var/cache/butterfly: where earlier packages kept the weight cache. /var/butterfly goes
+        # only if nothing but the cache was in it.
+        rm -rf /etc/butterfly /var/lib/butterfly /var/butterfly/models /var/cache/butterfly \
+            /var/log/butterfly
+        rmdir /var/butterfly 2>/dev/null || true
         # Enablement symlinks of the unit and of any template instances.
         for link in /etc/systemd/system/*.wants/butterfly-node.service \
                     /etc/systemd/system/*.wants/butterfly-node@*.service; do
