@@ -93,3 +93,47 @@ def test_generate_reports_refusals_and_unreachable_nodes(model: Model) -> None: 
         timeout=60,
     )
     assert proc.returncode == 3 and "cannot reach" in proc.stderr
+
+
+def test_generate_reports_an_answer_of_another_shape_instead_of_a_traceback() -> None:
+    """A server that is not a Butterfly node (or a proxy in between) answers valid JSON of another
+    shape: one line and exit 1, never a traceback."""
+    from aiohttp import web
+
+    answers = {
+        "string error": b'data: {"error": "overloaded"}\n\n',
+        "list event": b"data: [1, 2]\n\n",
+        "choice of another type": b'data: {"choices": ["x"]}\n\n',
+    }
+
+    async def main() -> None:
+        for what, sse in answers.items():
+
+            async def handle(request: web.Request, sse: bytes = sse) -> web.StreamResponse:
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                await resp.prepare(request)
+                await resp.write(sse)
+                return resp
+
+            app = web.Application()
+            app.router.add_post("/v1/completions", handle)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                args = build_parser().parse_args(["generate", "hi", "--url", f"http://127.0.0.1:{port}"])
+                out, err = io.StringIO(), io.StringIO()
+                code = await asyncio.to_thread(generate, args.url, args, out, err)
+                assert code == 1, (what, err.getvalue())
+                lines = err.getvalue().strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith("butterfly-admin generate: "), (what, lines)
+                if what == "string error":
+                    assert lines[0] == "butterfly-admin generate: overloaded"
+                else:
+                    assert "not an OpenAI completion" in lines[0], (what, lines)
+            finally:
+                await runner.cleanup()
+
+    asyncio.run(main())

@@ -125,8 +125,10 @@ def generate(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> in
             else:
                 for event in _events(resp):
                     if "error" in event:
+                        said = event["error"]
                         out.write("\n")
-                        print(f"butterfly-admin generate: {event['error'].get('message')}", file=err)
+                        why = said.get("message") if isinstance(said, dict) else said
+                        print(f"butterfly-admin generate: {why}", file=err)
                         return EXIT_PROBLEM
                     out.write(_text_of(event))
                     out.flush()
@@ -135,6 +137,11 @@ def generate(url: str, args: argparse.Namespace, out: TextIO, err: TextIO) -> in
         except (OSError, ValueError) as e:
             out.write("\n")
             print(f"butterfly-admin generate: the answer broke off: {e}", file=err)
+            return EXIT_PROBLEM
+        except (AttributeError, TypeError, KeyError) as e:
+            # Valid JSON of another shape: not an OpenAI completion (not a Butterfly node, or a proxy).
+            out.write("\n")
+            print(f"butterfly-admin generate: the answer is not an OpenAI completion ({e!r})", file=err)
             return EXIT_PROBLEM
     out.write("\n")
     out.flush()
