@@ -792,3 +792,26 @@ def test_a_config_file_over_the_size_limit_is_refused_without_reading_it_all(tmp
     assert str(caught.value) == (
         f"config error in {huge}: expected a config file of at most 1 MiB, found a larger file"
     )
+
+
+def test_seed_nodes_flag_of_commas_only_is_refused_not_read_as_no_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--seed-nodes "$A,$B"` with both variables unset is a list that went missing: a node started
+    with it would wait alone instead of saying so. An empty --seed-nodes "" still means no seeds, and
+    a trailing comma is forgiven."""
+    from butterfly.cli.node import build_parser, effective_config, main
+
+    conf = tmp_path / "node.toml"
+    conf.write_text(MODEL + '[cluster]\nseed_nodes = ["10.0.1.10:7000"]\n')
+    assert main(["--config", str(conf), "--check-config", "--seed-nodes", ",,,"]) == 78
+    err = capsys.readouterr().err
+    assert f"config error in {conf}: --seed-nodes: expected host:port,..., found ',,,'" in err
+
+    def seeds(flag: str) -> tuple[HostPort, ...]:
+        return effective_config(
+            build_parser().parse_args(["--config", str(conf), "--seed-nodes", flag])
+        ).cluster.seed_nodes
+
+    assert seeds("") == ()
+    assert seeds("10.0.1.11:7000,") == (HostPort("10.0.1.11", 7000),)

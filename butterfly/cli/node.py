@@ -41,6 +41,10 @@ def effective_config(args: argparse.Namespace) -> Config:
     seeds = None
     if args.seed_nodes is not None:
         seeds = [s.strip() for s in args.seed_nodes.split(",") if s.strip()]
+        if not seeds and args.seed_nodes.strip():
+            # Only commas: a list that went missing (an unset variable between them), not "no seeds",
+            # which is an empty --seed-nodes "".
+            raise ConfigError(args.config, "--seed-nodes", "host:port,...", repr(args.seed_nodes))
     if args.role is not None or seeds is not None:
         config = config.with_overrides(role=args.role, seed_nodes=seeds)
     return config
