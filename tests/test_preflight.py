@@ -322,3 +322,30 @@ def test_a_start_on_a_port_that_stays_in_use_refuses_after_its_wait(
     assert r.returncode == 78
     assert "Traceback" not in r.stderr
     assert f"api.listen: 127.0.0.1:{held_port} is in use by another program" in _one_line(r.stderr)
+
+
+def test_a_second_start_of_a_running_node_says_it_is_running(tmp_path: Path, model_dir: Path) -> None:
+    """Started twice (by hand beside systemd): after the port wait (a node on its way out frees its
+    ports), "already running", not "in use by another program"."""
+    server = http.server.HTTPServer(("127.0.0.1", 0), _StatusHandler)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        config = _config(tmp_path, model_dir, api_port=port)
+        r = subprocess.run(
+            [sys.executable, "-m", "butterfly.cli.node", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 78, r.stderr
+        assert r.stderr.strip().splitlines() == [
+            f"butterfly-node: {config}: node.id: node pre is already running: its API answers on "
+            f"127.0.0.1:{port}; fix: stop it first (`systemctl stop butterfly-node`), or give this config "
+            "its own [node] id and ports"
+        ]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -82,7 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_config:
             preflight(config, port_held_by_self=_held_by(config))
         else:
-            preflight(config, port_wait_s=PORT_WAIT_S)
+            try:
+                preflight(config, port_wait_s=PORT_WAIT_S)
+            except PreflightError as e:
+                # Started twice (by hand beside systemd, say): the port's holder is this very node.
+                if "is in use" not in e.problem or not _held_by(config)(config.api.listen):
+                    raise
+                raise PreflightError(
+                    config.source,
+                    "node.id",
+                    f"node {config.node.id} is already running: its API answers on {config.api.listen}",
+                    "stop it first (`systemctl stop butterfly-node`), or give this config its own [node] id "
+                    "and ports",
+                ) from None
     except PreflightError as e:
         print(f"butterfly-node: {e}", file=sys.stderr)
         return EX_CONFIG
