@@ -900,8 +900,9 @@ def test_models_lists_the_served_model(model: Model) -> None:
         (m,) = r["data"]
         assert m["id"] == MODEL_ID and m["object"] == "model" and m["root"] == model.served.root
         assert m["max_model_len"] == model.tok.context_length
-        async with c.session.get(c.base + "/v1/nope") as resp:
-            assert_error(resp.status, await resp.json(), 404)
+        for path in ("/v1/nope", "/v1"):  # an OpenAI client's base URL itself, too
+            async with c.session.get(c.base + path) as resp:
+                assert_error(resp.status, await resp.json(), 404)
         async with c.session.get(c.base + "/v1/completions") as resp:
             assert_error(resp.status, await resp.json(), 405)
             assert "POST" in resp.headers["Allow"]

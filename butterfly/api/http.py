@@ -147,7 +147,7 @@ class _Handlers:
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Size limits, JSON errors, and a last line of defence so one bad request never kills the API."""
-    if request.path.startswith(V1_PREFIX):
+    if request.path.startswith(V1_PREFIX) or request.path == V1_PREFIX.rstrip("/"):
         return await _guard_v1(request, handler)
     if request.body_exists:
         length = request.content_length
