@@ -143,6 +143,11 @@ def test_secret_create_writes_a_private_random_key_and_never_overwrites(
     other = tmp_path / "other.key"
     assert admin.main(["secret", "create", str(other)]) == 0
     assert load_secret(other) != first
+    # A clumsy path is named as what it is (both read as "already exists" before).
+    assert admin.main(["secret", "create", ""]) == 2
+    assert "the path is empty" in capsys.readouterr().err
+    assert admin.main(["secret", "create", str(tmp_path)]) == 1
+    assert f"{tmp_path} is a directory; name a file in it" in capsys.readouterr().err
 
 
 def test_a_missing_secret_names_the_key_and_the_command(

@@ -46,7 +46,13 @@ def cmd_make_test_model(args: argparse.Namespace) -> int:
 def cmd_secret_create(args: argparse.Namespace) -> int:
     from butterfly.net.auth import generate_secret
 
+    if not args.path.strip():
+        print("butterfly-admin secret create: the path is empty; name the file to write", file=sys.stderr)
+        return 2
     path = Path(args.path)
+    if path.is_dir():
+        print(f"butterfly-admin secret create: {path} is a directory; name a file in it", file=sys.stderr)
+        return 1
     try:
         generate_secret(path)
     except FileExistsError:
