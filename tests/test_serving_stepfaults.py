@@ -25,6 +25,7 @@ from butterfly.engine.sampler import SamplingParams
 from butterfly.engine.weights import ModelDir, open_model_dir
 from butterfly.serving.backend import GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.client import EntryTarget, RemoteBackend
+from butterfly.serving.link import Abort
 from butterfly.serving.metrics import ServingCollector, ServingStats
 from butterfly.serving.stage import StageServer
 from tests.hfmodels import save_hf_model
@@ -281,6 +282,42 @@ def test_a_remote_client_gets_the_failed_step_as_an_error(md: ModelDir) -> None:
             assert again == want
         finally:
             await backend.close()
+            await stop_pipeline(servers)
+
+    asyncio.run(run())
+
+
+def test_a_late_abort_of_an_earlier_ring_does_not_drop_the_sequences_of_the_current_one(md: ModelDir) -> None:
+    """An Abort travels on other links than the probe that forms the next ring, so a later stage may
+    get the old ring's abort after the new ring formed. Before, it dropped the new ring's sequences
+    (their next step failed with a 503); an abort of the current ring still ends them."""
+    req = GenerationRequest(PROMPT, 30, GREEDY)
+
+    async def run() -> None:
+        servers = await start_pipeline(md, (0, 1, 3, 4))
+        entry, middle = servers[0], servers[1]
+        try:
+            want, _ = await asyncio.wait_for(collect(entry, req), HANG_GUARD_S)
+            assert middle.ring == entry.ring != 0
+            got: list[int] = []
+            async for ev in _bounded(entry.generate(req)):
+                if isinstance(ev, TokenEvent):
+                    got.append(ev.token_id)
+                    if len(got) == 2:
+                        stale = Abort("an earlier ring broke", middle.ring ^ 1)
+                        middle._on_abort(stale, forward_up=True)
+                        middle._on_abort(stale, forward_up=False)
+            assert got == want
+            # The current ring's abort is acted on: the request in flight ends with it.
+            with pytest.raises(ServingError) as err:
+                async for ev in _bounded(entry.generate(req)):
+                    if isinstance(ev, TokenEvent):
+                        middle._on_abort(Abort("stage 2 broke", middle.ring), forward_up=True)
+            assert err.value.status == 503 and "stage 2 broke" in err.value.message
+            await wait_ready(entry)
+            again, _ = await asyncio.wait_for(collect(entry, req), HANG_GUARD_S)
+            assert again == want
+        finally:
             await stop_pipeline(servers)
 
     asyncio.run(run())

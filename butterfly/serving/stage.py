@@ -483,6 +483,12 @@ class StageServer:
                 log.warning("stage 0: pipeline broken: %s", msg.reason)
                 self._local_abort(msg.reason)
             return
+        if msg.ring != self.ring:
+            # Another ring's abort, come late over a link other than the one the new ring's probe
+            # took: the sequences held now belong to the ring formed since. Neither acted on nor
+            # passed on (the stages of that ring have it already, or are not in this one).
+            log.info("stage %d: ignoring an abort of an earlier ring: %s", self.index, msg.reason)
+            return
         self._local_abort(msg.reason)
         link = self.prev if forward_up else self.next
         if link is not None:
