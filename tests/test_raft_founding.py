@@ -378,3 +378,33 @@ def test_a_coordinator_that_comes_later_takes_a_worker_voters_place(tmp_path: Pa
             await stop(tasks, drivers)
 
     asyncio.run(main())
+
+
+def test_a_founder_waits_for_coordinators_before_workers_make_up_the_quorum(tmp_path: Path) -> None:
+    """Coordinators started together show up within WORKERS_SETTLE_S: one a little late still becomes
+    a first voter, and the worker that was up before it never votes."""
+
+    async def main() -> None:
+        hub = Hub()
+        roles = ["coordinator", "coordinator", "worker", "coordinator"]
+        drivers = make_drivers(tmp_path, hub, 4, 3, roles=roles)
+        tasks = await run_cluster(drivers[:3], 4)
+        seen: set[tuple[str, ...]] = set()
+        try:
+            for _ in range(10):  # 0.5 s: the view of n0, n1 and the worker n2 settled long since
+                await asyncio.sleep(0.05)
+                seen |= {d.raft.voters for d in drivers if d.raft is not None and d.raft.voters}
+            tasks.append(asyncio.create_task(drivers[3].run()))
+
+            def formed() -> bool:
+                seen.update(d.raft.voters for d in drivers if d.raft is not None and d.raft.voters)
+                return len(leaders(drivers, hub)) == 1 and all(
+                    d.raft is not None and d.raft.voters == ("n0", "n1", "n3") for d in drivers
+                )
+
+            await wait_for(formed, 20.0, "the three coordinators the first voters")
+            assert seen == {("n0", "n1", "n3")}, seen
+        finally:
+            await stop(tasks, drivers)
+
+    asyncio.run(main())

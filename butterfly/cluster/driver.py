@@ -7,11 +7,12 @@ leads; followers only report, validate and obey committed entries.
 
 Founding (the rule in butterfly.raft's docstring): exactly one node, the founder (``cluster.founder``,
 by default the lowest address of the seed list), may write a first voter set. Once it sees quorum_size
-nodes, at least one of them coordinator-eligible, with a view stable for SETTLE_S and no bootstrapped
-peer, it picks quorum_size of them (``first_voters``: coordinator-eligible ones first, workers, which
-vote but never stand, only to make up the number), saves entry 1 durably, and sends it
-(``Founding``) to them; every member that holds entry 1 resends it to founding voters that have no
-state yet. Every other node waits for entry 1 or to be added as a learner by the leader.
+nodes, at least one of them coordinator-eligible, with a view stable for SETTLE_S (WORKERS_SETTLE_S when
+workers must make up the number) and no bootstrapped peer, it picks quorum_size of them
+(``first_voters``: coordinator-eligible ones first, workers, which vote but never stand, only to make up
+the number), saves entry 1 durably, and sends it (``Founding``) to them; every member that holds entry 1
+resends it to founding voters that have no state yet. Every other node waits for entry 1 or to be added
+as a learner by the leader.
 
 Membership while leading: caught-up learners (coordinator-eligible ones first) are promoted while
 there are fewer than quorum_size voters; a voter silent for ``voter_grace_s`` is demoted and a live
@@ -120,6 +121,10 @@ def choose_founder(
             return False, "unset: a worker without seed_nodes founds nothing"
         founder = min(candidates, key=lambda a: (a.host, a.port))
     return founder == advertise, str(founder)
+
+
+WORKERS_SETTLE_S = 2.0
+"""How long a founder's view must stay unchanged before workers make up quorum_size's voters."""
 
 
 def first_voters(roles: dict[str, str], quorum_size: int) -> tuple[str, ...]:
@@ -406,6 +411,14 @@ class ClusterDriver:
             return f"waiting for the founder{who} to found the cluster"
         if now - self._view_since < SETTLE_S and self.quorum_size > 1:
             return "discovery view settling"
+        coordinators = sum(1 for r in roles.values() if r == "coordinator")
+        if coordinators < self.quorum_size and now - self._view_since < WORKERS_SETTLE_S:
+            # Coordinators started together show up within this: workers are voters only when there
+            # are not enough of them, and a first plan without a late one would be re-planned at once.
+            return (
+                f"found {coordinators} coordinator-eligible node(s) of the {self.quorum_size} voters; "
+                f"workers make up the number if no other shows up within {WORKERS_SETTLE_S:g} s"
+            )
         voters = first_voters(roles, self.quorum_size)
         if not await self._adopt(voters, self._cluster_id()):
             return ""
