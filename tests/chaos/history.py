@@ -17,9 +17,15 @@ rules (each applies to /ready 200 and to served requests alike):
   answers 200 for an epoch at or below the one in force when the fault began (its layers are gone);
 * **nothing committed is lost**: a node's term and epoch never go backwards, across restarts too,
   and at the end every node reports at least the highest epoch ever committed;
-* **recovery**: after the last heal, within ``recover_bound_s``, every node answers ``/ready`` 200 in
-  one epoch, or says it is a spare of that epoch (the coordinator keeps a returning node out of the
-  plan when it would not speed the pipeline up).
+* **workers never lead**: no node configured ``role = "worker"`` is ever named coordinator (it votes
+  when founding needs it to make up quorum_size, but never stands);
+* **recovery**: after the last heal, within ``recover_bound_s``, every node still up (a ``crash`` is
+  never restarted) answers ``/ready`` 200 in one epoch, or says it is a spare of that epoch (the
+  coordinator keeps a returning node out of the plan when it would not speed the pipeline up);
+* **leaderless, and saying so**: when every coordinator-eligible node has crashed for good (the spec's
+  one-coordinator cluster losing it), recovery is impossible and not expected: instead, from
+  ``serve_bound_s`` after the crash, no node serves at all, and every ``/ready`` 503 of the nodes left
+  says why (a non-empty ``waiting_reason``).
 
 ``check`` returns the violations as sentences (empty: the run passed); ``load`` reads a run's files.
 """
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 # Faults after which the target must stop serving, and every node must stop serving the epoch in force.
-NODE_FAULTS = frozenset({"kill", "stop_node", "stop_cluster_child", "isolate"})
+NODE_FAULTS = frozenset({"kill", "crash", "stop_node", "stop_cluster_child", "isolate"})
 # Faults after which only the target must stop (a hung child stops the node's gate, not the cluster).
 CHILD_FAULTS = frozenset({"stop_loader_child", "stop_validator_child"})
 
@@ -53,7 +59,8 @@ class Fault:
     target: str
     t0: float
     t1: float
-    """When it was healed (killed node restarted, SIGCONT sent, link up, rules deleted)."""
+    """When it was healed (killed node restarted, SIGCONT sent, link up, rules deleted); for a
+    ``crash`` (never restarted), the end of the history."""
     peer: str | None = None
     """For a one-way drop: the node whose packets ``target`` stops receiving."""
     pid: int | None = None
@@ -68,10 +75,27 @@ class History:
     healed_at: float = 0.0
     """When the last fault was healed: recovery is measured from here."""
     ended_at: float = 0.0
+    roles: dict[str, str] = field(default_factory=dict)
+    """Each node's configured role (absent: coordinator, as in the mesh topology)."""
+    topology: str = "mesh"
+
+    def role(self, node: str) -> str:
+        return self.roles.get(node, "coordinator")
+
+    def crashed(self) -> set[str]:
+        """The nodes killed for good during the run."""
+        return {f.target for f in self.faults if f.kind == "crash"}
+
+    def leaderless(self) -> bool:
+        """Every coordinator-eligible node crashed for good: nobody may lead again."""
+        down = self.crashed()
+        return bool(down) and all(self.role(n) != "coordinator" or n in down for n in self.nodes)
 
     def save(self, path: Path) -> None:
         doc = {
             "nodes": self.nodes,
+            "roles": self.roles,
+            "topology": self.topology,
             "faults": [asdict(f) for f in self.faults],
             "healed_at": self.healed_at,
             "ended_at": self.ended_at,
@@ -86,6 +110,8 @@ def load(meta: Path, answer_files: list[Path]) -> History:
         faults=[Fault(**f) for f in doc["faults"]],
         healed_at=float(doc["healed_at"]),
         ended_at=float(doc["ended_at"]),
+        roles=dict(doc.get("roles") or {}),
+        topology=str(doc.get("topology") or "mesh"),
     )
     for path in answer_files:
         for line in path.read_text().splitlines():
@@ -162,6 +188,35 @@ def one_leader_per_term(h: History) -> list[str]:
         for term, names in sorted(leaders.items())
         if len(names) > 1
     ]
+
+
+def workers_never_lead(h: History) -> list[str]:
+    out = []
+    for a, s in _statuses(h):
+        named = s.get("coordinator")
+        if named and h.role(str(named)) == "worker":
+            out.append(f"{a.node} named worker {named} coordinator in term {s.get('term')} at {a.t:.3f}")
+        if s.get("role") == "coordinator" and h.role(a.node) == "worker":
+            out.append(f"worker {a.node} said it was coordinator in term {s.get('term')} at {a.t:.3f}")
+    return out
+
+
+def leaderless_says_why(h: History, serve_bound_s: float) -> list[str]:
+    """With every coordinator-eligible node crashed for good: nobody serves, and every node left says
+    why it does not."""
+    if not h.leaderless():
+        return []
+    after = max(f.t0 for f in h.faults if f.kind == "crash") + serve_bound_s
+    down = h.crashed()
+    out = []
+    for a, _ in _served(h):
+        if a.t > after:
+            out.append(f"{a.node} {_what(a)} at {a.t:.3f} with no coordinator-eligible node left")
+    for a in h.answers:
+        if a.kind == "ready" and a.code == 503 and a.t > after and a.node not in down:
+            if not str((a.body or {}).get("waiting_reason") or "").strip():
+                out.append(f"{a.node} answered /ready 503 at {a.t:.3f} without a waiting_reason")
+    return out
 
 
 def serve_only_committed(h: History) -> list[str]:
@@ -255,7 +310,7 @@ def nothing_committed_lost(h: History) -> list[str]:
         top = max(committed)
         final = {a.node: int(s.get("epoch") or 0) for a, s in _statuses(h)}
         for node in h.nodes:
-            if final.get(node, 0) < top:
+            if node not in h.crashed() and final.get(node, 0) < top:
                 out.append(f"{node} ended at epoch {final.get(node, 0)}, below committed epoch {top}")
     return out
 
@@ -271,6 +326,7 @@ def recovery_time(h: History) -> float | None:
     ready: dict[str, Answer] = {}
     spare: dict[str, int] = {}
     majority = len(h.nodes) // 2 + 1
+    live = [n for n in h.nodes if n not in h.crashed()]
     for a in h.answers:
         if a.kind == "ready":
             ready[a.node] = a
@@ -285,17 +341,21 @@ def recovery_time(h: History) -> float | None:
             continue
         if a.t < h.healed_at:
             continue
-        serving = {n: int((r.body or {}).get("epoch") or 0) for n, r in ready.items() if r.code == 200}
+        serving = {
+            n: int((r.body or {}).get("epoch") or 0) for n, r in ready.items() if r.code == 200 and n in live
+        }
         epochs = set(serving.values())
         if len(serving) < majority or len(epochs) != 1:
             continue
         (epoch,) = epochs
-        if all(n in serving or spare.get(n) == epoch for n in h.nodes):
+        if all(n in serving or spare.get(n) == epoch for n in live):
             return a.t - h.healed_at
     return None
 
 
 def recovers(h: History, recover_bound_s: float) -> list[str]:
+    if h.leaderless():
+        return []  # nobody may lead again: leaderless_says_why judges that outcome instead
     took = recovery_time(h)
     if took is None:
         return [
@@ -326,5 +386,7 @@ def check(h: History, bounds: Bounds = Bounds()) -> list[str]:
         *no_stale_serving(h, bounds.serve_bound_s),
         *faults_stop_serving(h, bounds.serve_bound_s, bounds.child_bound_s),
         *nothing_committed_lost(h),
+        *workers_never_lead(h),
+        *leaderless_says_why(h, bounds.serve_bound_s),
         *recovers(h, bounds.recover_bound_s),
     ]

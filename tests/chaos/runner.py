@@ -1,13 +1,21 @@
 """One chaos run: real node processes, one per network namespace, a fault injected in a chosen phase
 into the coordinator or a worker, healed, and the recorded history judged by ``history.check``.
 
-A run: make the namespaces; start ``n`` nodes (every one eligible as a voter, ``quorum_size = n``)
-and a poller beside each; wait for the phase (``formation``: a coordinator is known, no plan yet
-served; ``loading``: a plan is committed and some node is not OPERATIONAL yet; ``operational``: every
-node serves); inject the fault into the target for ``hold_s``; heal it; wait for every node to serve
-again; record a little longer; stop everything and delete the namespaces, whatever happened.
+A run: make the namespaces; start ``n`` nodes in one of the ``TOPOLOGIES`` and a poller beside each;
+wait for the phase (``formation``: a coordinator is known, no plan yet served; ``loading``: a plan is
+committed and some node is not OPERATIONAL yet; ``operational``: every node serves); inject the fault
+into the target for ``hold_s``; heal it; wait for every node to serve again; record a little longer;
+stop everything and delete the namespaces, whatever happened.
+
+Topologies: ``mesh`` (every node role coordinator, seeded with all the others, ``quorum_size = n``);
+``1coord`` (the spec's start: node 1 role coordinator with no seeds, the others role worker seeded
+with node 1 only, ``quorum_size = 3``: the coordinator and two workers vote, only the coordinator may
+lead, and nobody can while it is down); ``2coord`` (nodes 1 and 2 role coordinator, the rest workers,
+everyone but node 1 seeded with node 1 only, ``quorum_size = 3``: the other coordinator takes over).
 
 Faults: ``kill`` (SIGKILL the node's supervisor, whose children die with it; restarted on heal),
+``crash`` (the same, never restarted: the rest must carry on without it, or, when it was the only
+coordinator-eligible node, serve nothing and say why),
 ``stop_node`` (SIGSTOP the supervisor and every child; SIGCONT on heal), ``stop_cluster_child`` /
 ``stop_loader_child`` (SIGSTOP one child), ``isolate`` (its link to the bridge down), ``drop_in`` (the
 target stops receiving from one peer, nft, one way: the coordinator's packets for a worker, a
@@ -16,6 +24,7 @@ worker's for the coordinator).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -31,9 +40,12 @@ from tests.chaos.history import Bounds, Fault, History, check, load, recovery_ti
 from tests.chaos.netns import Topology
 from tests.nodeharness import REPO, segments_of, write_config
 
-FAULTS = ("kill", "stop_node", "stop_cluster_child", "stop_loader_child", "isolate", "drop_in")
+FAULTS = ("kill", "crash", "stop_node", "stop_cluster_child", "stop_loader_child", "isolate", "drop_in")
 PHASES = ("formation", "loading", "operational")
 TARGETS = ("coordinator", "worker")
+TOPOLOGIES = ("mesh", "1coord", "2coord")
+LEADERLESS_WATCH_S = 8.0
+"""How long a run with no coordinator-eligible node left watches the rest (leases run out in ~3 s)."""
 API_PORT = 8080
 PEER_PORT = 7000
 
@@ -46,9 +58,25 @@ class Scenario:
     n: int = 3
     hold_s: float = 5.0
     seed: int = 0
+    topology: str = "mesh"
 
     def __str__(self) -> str:
-        return f"{self.fault}-{self.target}-{self.phase}-n{self.n}-seed{self.seed}"
+        shape = "" if self.topology == "mesh" else f"-{self.topology}"
+        return f"{self.fault}-{self.target}-{self.phase}-n{self.n}{shape}-seed{self.seed}"
+
+    def roles(self) -> list[str]:
+        """Each node's configured role, node 1 first."""
+        eligible = {"mesh": self.n, "1coord": 1, "2coord": 2}[self.topology]
+        return ["coordinator" if i < eligible else "worker" for i in range(self.n)]
+
+    def quorum(self) -> int:
+        return self.n if self.topology == "mesh" else min(3, self.n)
+
+    def seeds(self, i: int) -> list[int]:
+        """The nodes (1-based) node ``i`` is seeded with."""
+        if self.topology == "mesh":
+            return [j for j in range(1, self.n + 1) if j != i]
+        return [] if i == 1 else [1]
 
 
 @dataclass
@@ -211,7 +239,8 @@ def run(
     nodes: dict[str, _Node] = {}
     pollers: list[subprocess.Popen[bytes]] = []
     files = {node_id: workdir / f"{node_id}.answers" for node_id in ids}
-    history = History(nodes=ids)
+    roles = dict(zip(ids, scenario.roles(), strict=True))
+    history = History(nodes=ids, roles=roles, topology=scenario.topology)
     watch = _Watch(files)
     seen_phase = "none"
     try:
@@ -224,11 +253,11 @@ def run(
                 model_dir,
                 node_id=node_id,
                 api_port=API_PORT,
-                quorum=scenario.n,
-                role="coordinator",
+                quorum=scenario.quorum(),
+                role=roles[node_id],
                 secret=secret,
                 bind=f"{topo.address(i)}:{PEER_PORT}",
-                seeds=[f"{topo.address(j)}:{PEER_PORT}" for j in range(1, scenario.n + 1) if j != i],
+                seeds=[f"{topo.address(j)}:{PEER_PORT}" for j in scenario.seeds(i)],
             )
             nodes[node_id] = _Node(topo, i, node_id, config)
         for i, node_id in enumerate(ids, start=1):
@@ -248,7 +277,7 @@ def run(
         hold = scenario.hold_s * rng.uniform(0.6, 1.4)
         t0 = time.monotonic()
         stopped: int | None = None
-        if scenario.fault == "kill":
+        if scenario.fault in ("kill", "crash"):
             os.kill(node.pid, signal.SIGKILL)
         elif scenario.fault == "stop_node":
             node.signal_tree(signal.SIGSTOP)
@@ -271,6 +300,9 @@ def run(
             assert node.proc is not None
             node.proc.wait(10)
             node.start()  # as systemd would; the killed run's shared memory is still there to reclaim
+        elif scenario.fault == "crash":
+            assert node.proc is not None
+            node.proc.wait(10)
         elif scenario.fault == "stop_node":
             node.signal_tree(signal.SIGCONT)
         elif stopped is not None:
@@ -283,13 +315,18 @@ def run(
         elif scenario.fault == "drop_in":
             topo.heal_drops(topo_index(ids, target))
         t1 = time.monotonic()
-        history.faults.append(
-            Fault(scenario.fault, target, t0, t1, peer if scenario.fault == "drop_in" else None, stopped)
-        )
+        fault = Fault(scenario.fault, target, t0, t1, peer if scenario.fault == "drop_in" else None, stopped)
+        history.faults.append(fault)
         history.healed_at = t1
-        watch.wait(_phase_reached("operational", ids), bounds.recover_bound_s + 5.0)
+        live = [n for n in ids if not (scenario.fault == "crash" and n == target)]
+        if history.leaderless():
+            time.sleep(LEADERLESS_WATCH_S)  # nothing to wait for: watch them serve nothing, saying why
+        else:
+            watch.wait(_phase_reached("operational", live), bounds.recover_bound_s + 5.0)
         time.sleep(1.5)
         history.ended_at = time.monotonic()
+        if scenario.fault == "crash":  # never healed: the fault lasts the whole history
+            history.faults[-1] = dataclasses.replace(fault, t1=history.ended_at)
     finally:
         for p in pollers:
             p.send_signal(signal.SIGTERM)

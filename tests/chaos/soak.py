@@ -2,9 +2,11 @@
 
     flock /tmp/butterfly-bigmem.lock .venv/bin/python -m tests.chaos.soak --runs 200 [--seed S]
         [--faults kill,isolate] [--phases operational] [--targets coordinator] [--keep DIR]
+        [--topologies mesh,1coord,2coord]
 
 Each run's history and node logs stay under ``--keep`` (default: a temp dir, failures only are kept).
-Prints one line per run and a summary: runs, violations by rule, recovery time p50/p90/max.
+Prints one line per run and a summary: runs, violations by rule, recovery time p50/p90/max per
+topology (runs left with no coordinator-eligible node are counted apart: they must not recover).
 Exit status 1 if any run found a violation.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from tests.chaos.history import Bounds
 from tests.chaos.netns import require_netns
-from tests.chaos.runner import FAULTS, PHASES, TARGETS, Outcome, Scenario, run
+from tests.chaos.runner import FAULTS, PHASES, TARGETS, TOPOLOGIES, Outcome, Scenario, run
 
 
 def make_model(root: Path) -> tuple[Path, Path]:
@@ -50,6 +52,9 @@ def _rule(violation: str) -> str:
         ("went back", "term/epoch went back"),
         ("below committed", "lost a committed epoch"),
         ("after the last heal", "did not recover in bound"),
+        ("worker", "a worker led"),
+        ("no coordinator-eligible", "served with no coordinator left"),
+        ("without a waiting_reason", "leaderless without saying why"),
     ):
         if needle in violation:
             return rule
@@ -70,10 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None)
     parser.add_argument("--recover-bound", type=float, default=Bounds().recover_bound_s)
-    parser.add_argument("--scenarios", default="", help="fault/target/phase,... to run in turn instead")
+    parser.add_argument(
+        "--scenarios", default="", help="fault/target/phase[/topology],... to run in turn instead"
+    )
     parser.add_argument("--minutes", type=float, default=0.0, help="stop starting runs after this long")
     args = parser.parse_args(argv)
     require_netns()
@@ -113,16 +121,18 @@ def _soak(
         if args.minutes and time.monotonic() - started > args.minutes * 60:
             break
         fixed = [tuple(x.split("/")) for x in args.scenarios.split(",") if x]
-        fault, target, phase = (
-            fixed[k % len(fixed)]
+        fault, target, phase, topology = (
+            (*fixed[k % len(fixed)], "mesh")[:4]
             if fixed
             else (
                 rng.choice(args.faults.split(",")),
                 rng.choice(args.targets.split(",")),
                 rng.choice(args.phases.split(",")),
+                rng.choice(args.topologies.split(",")),
             )
         )
-        scenario = Scenario(fault, target, phase, n=args.nodes, seed=rng.randrange(1 << 30))
+        seed = rng.randrange(1 << 30)
+        scenario = Scenario(fault, target, phase, n=args.nodes, seed=seed, topology=topology)
         workdir = root / f"run{k:04d}"
         try:
             outcome = run(scenario, workdir, model, secret, Bounds(recover_bound_s=args.recover_bound))
@@ -149,15 +159,22 @@ def _summary(outcomes: list[Outcome], errors: list[str], keep: Path, root: Path)
     failed = [o for o in outcomes if o.violations]
     rules = Counter(_rule(v) for o in failed for v in set(o.violations))
     runs_by_rule = Counter(r for o in failed for r in {_rule(v) for v in o.violations})
-    recoveries = [o.recovery_s for o in outcomes if o.recovery_s is not None]
     print(f"\nruns {len(outcomes)} (+{len(errors)} could not run), {len(failed)} with violations")
     for rule, count in runs_by_rule.most_common():
         print(f"  {rule}: {count} runs ({rules[rule]} distinct lines)")
-    if recoveries:
-        print(
-            f"recovery after heal: p50 {_pct(recoveries, 0.5):.1f}s p90 {_pct(recoveries, 0.9):.1f}s "
-            f"max {max(recoveries):.1f}s"
-        )
+    for topology in sorted({o.scenario.topology for o in outcomes}):
+        mine = [o for o in outcomes if o.scenario.topology == topology]
+        leaderless = [o for o in mine if o.history.leaderless()]
+        recoveries = [o.recovery_s for o in mine if o.recovery_s is not None and not o.history.leaderless()]
+        line = f"{topology}: {len(mine)} runs"
+        if recoveries:
+            line += (
+                f", recovery after heal p50 {_pct(recoveries, 0.5):.1f}s "
+                f"p90 {_pct(recoveries, 0.9):.1f}s max {max(recoveries):.1f}s"
+            )
+        if leaderless:
+            line += f", {len(leaderless)} left leaderless (nobody may serve)"
+        print(line)
     by_kind = Counter(f"{o.scenario.fault}/{o.scenario.target}" for o in failed)
     if by_kind:
         print("failing scenarios:", ", ".join(f"{k} x{v}" for k, v in by_kind.most_common()))

@@ -12,6 +12,7 @@ Needs root, iproute2 and nftables (skipped, saying so, without them).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 
 from tests.chaos.history import Bounds
 from tests.chaos.netns import NetnsUnavailable, require_netns
-from tests.chaos.runner import FAULTS, PHASES, TARGETS, Outcome, Scenario, run
+from tests.chaos.runner import FAULTS, PHASES, TARGETS, TOPOLOGIES, Outcome, Scenario, run
 from tests.nodeharness import segments_of
 
 pytestmark = pytest.mark.chaos
@@ -35,6 +36,9 @@ CI_PROFILE = [
     Scenario("stop_cluster_child", "coordinator", "operational"),
     Scenario("isolate", "worker", "operational"),
     Scenario("drop_in", "worker", "operational"),
+    # The spec's start (one coordinator, workers seeded with it, quorum_size 3) losing its coordinator
+    # for good: the workers must serve nothing, say why, and never lead.
+    Scenario("crash", "coordinator", "operational", topology="1coord"),
 ]
 SOAK_RUNS = int(os.environ.get("BUTTERFLY_CHAOS_SOAK", "0"))
 
@@ -42,7 +46,13 @@ SOAK_RUNS = int(os.environ.get("BUTTERFLY_CHAOS_SOAK", "0"))
 def _soak_profile(runs: int) -> list[Scenario]:
     rng = random.Random(CI_SEED)
     return [
-        Scenario(rng.choice(FAULTS), rng.choice(TARGETS), rng.choice(PHASES), seed=rng.randrange(1 << 30))
+        Scenario(
+            rng.choice(FAULTS),
+            rng.choice(TARGETS),
+            rng.choice(PHASES),
+            seed=rng.randrange(1 << 30),
+            topology=rng.choice(TOPOLOGIES),
+        )
         for _ in range(runs)
     ]
 
@@ -81,7 +91,7 @@ def test_chaos_run_keeps_every_rule(
     scenario: Scenario, tmp_path: Path, model_dir: Path, secret_file: Path
 ) -> None:
     seed = scenario.seed or CI_SEED
-    seeded = Scenario(scenario.fault, scenario.target, scenario.phase, scenario.n, scenario.hold_s, seed)
+    seeded = dataclasses.replace(scenario, seed=seed)
     outcome = run(seeded, tmp_path / "run", model_dir, secret_file, Bounds())
     _assert_clean(outcome)
     assert outcome.violations == [], _explain(outcome)

@@ -272,3 +272,69 @@ def test_a_spare_of_the_current_epoch_counts_as_recovered_but_not_of_an_older_on
     assert recovery_time(spare_history(2)) == pytest.approx(20.0 - 15.0)
     assert check(spare_history(2)) == []
     assert recovery_time(spare_history(1)) is None
+
+
+SPEC_ROLES = {"n1": "coordinator", "n2": "worker", "n3": "worker"}
+
+
+def test_a_worker_named_coordinator_is_a_violation() -> None:
+    h = clean()
+    h.roles, h.topology = dict(SPEC_ROLES), "1coord"
+    assert check(h) == []  # n1, the coordinator, leads throughout
+    h = _with(h, status(12.2, "n1", term=3, epoch=2, coordinator="n2"))
+    assert any("named worker n2 coordinator in term 3" in v for v in check(h))
+    h = clean()
+    h.roles = dict(SPEC_ROLES)
+    said = Answer(
+        12.3, "n3", "status", 200, {**(status(12.3, "n3", epoch=2).body or {}), "role": "coordinator"}
+    )
+    assert any("worker n3 said it was coordinator" in v for v in check(_with(h, said)))
+
+
+def leaderless() -> History:
+    """The spec's cluster: n1 (the only coordinator) serves epoch 1 with workers n2 and n3, and crashes
+    for good at t=10; n2 and n3 stop serving and say why until the end."""
+    h = History(nodes=list(NODES), roles=dict(SPEC_ROLES), topology="1coord", healed_at=15.0, ended_at=30.0)
+    for t in range(0, 10):
+        for n in NODES:
+            h.answers += [status(t, n), ready(t + 0.5, n)]
+    for t in range(10, 30):
+        for n in ("n2", "n3"):
+            body = {"ready": False, "state": "READY", "epoch": 1, "term": 2, "waiting_reason": "no leader"}
+            h.answers += [
+                status(t, n, coordinator=None, state="READY"),
+                Answer(t + 0.5, n, "ready", 503, body),
+            ]
+    h.faults.append(Fault("crash", "n1", 10.0, 30.0))
+    h.answers.sort(key=lambda x: x.t)
+    return h
+
+
+def test_a_cluster_left_without_coordinators_must_serve_nothing_and_say_why() -> None:
+    h = leaderless()
+    assert h.leaderless() and recovery_time(h) is None
+    assert check(h) == []  # never recovering is right here, not a missed bound
+    served = _with(leaderless(), ready(20.7, "n2", epoch=1))
+    assert any("with no coordinator-eligible node left" in v for v in check(served))
+    silent = leaderless()
+    silent.answers = [
+        Answer(x.t, x.node, x.kind, x.code, {**(x.body or {}), "waiting_reason": ""})
+        if x.kind == "ready" and x.code == 503 and x.t > 20
+        else x
+        for x in silent.answers
+    ]
+    assert any("without a waiting_reason" in v for v in check(silent))
+
+
+def test_a_crashed_node_is_left_out_of_recovery_but_the_rest_must_recover() -> None:
+    # The mesh: n3 crashes for good at t=10; n1 and n2 serve epoch 2 without it from t=11.
+    h = clean()
+    h.faults = [Fault("crash", "n3", 10.0, 25.0)]
+    h.answers = [x for x in h.answers if not (x.node == "n3" and x.t >= 10)]
+    assert not h.leaderless()
+    assert check(h) == []
+    assert recovery_time(h) == pytest.approx(0.0)  # n1 and n2 served epoch 2 before the heal
+    stuck = clean()
+    stuck.faults = [Fault("crash", "n3", 10.0, 25.0)]
+    stuck.answers = [x for x in stuck.answers if not (x.node == "n3" and x.t >= 10) and not x.t >= 11]
+    assert any("not OPERATIONAL on every node" in v for v in check(stuck))
