@@ -18,10 +18,42 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 
 
+# Ports tests hand out come from below the kernel's ephemeral range (32768-60999 by default), so an
+# outgoing connection never takes one between free_port() and the bind; each pytest-xdist worker has a
+# slice of its own, so two workers never hand out the same port; and a port is never handed out twice
+# by one process, with its neighbours kept free (a node's engine or a demo's nodes sit at port + 1...).
+# Kernel-chosen ports were handed out twice: a node's API and its bind address alike (78), a demo's
+# engine port taken by another worker's node.
+_PORTS_LOW, _PORTS_HIGH, _NEIGHBOURS = 10000, 32700, 8
+_handed_out: set[int] = set()
+
+
+def _port_slice() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    slot = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = (_PORTS_HIGH - _PORTS_LOW) // (count + 1)
+    start = _PORTS_LOW + slot * width
+    return range(start, start + width - _NEIGHBOURS)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that is free now, and that no other test of this run is handed."""
+    import random
+
+    ports = _port_slice()
+    for _ in range(1000):
+        port = random.choice(ports)
+        if any(p in _handed_out for p in range(port - _NEIGHBOURS, port + _NEIGHBOURS + 1)):
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {ports}")
 
 
 def secret_for(path: Path) -> Path:
