@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +56,33 @@ def free_port() -> int:
         _handed_out.add(port)
         return port
     raise RuntimeError(f"no free port in {ports}")
+
+
+def run_admin(*args: str, preexec_fn: Callable[[], None] | None = None) -> subprocess.CompletedProcess[str]:
+    """`butterfly-admin ARGS` as an operator runs it: a child process; its exit status, stdout and
+    stderr. ``preexec_fn`` runs in the child first (a resource limit, say)."""
+    return subprocess.run(
+        [sys.executable, "-m", "butterfly.cli.admin", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=preexec_fn,
+    )
+
+
+def in_private_mounts(script: str) -> subprocess.CompletedProcess[str]:
+    """``sh -c script`` in a private mount namespace (a user namespace too, so root is not needed):
+    whatever it mounts vanishes with it."""
+    if shutil.which("unshare") is None:
+        raise AssertionError("util-linux's unshare is needed (scripts/test.sh installs it)")
+    return subprocess.run(
+        ["unshare", "--map-root-user", "--mount", "--propagation", "private", "sh", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def secret_for(path: Path) -> Path:

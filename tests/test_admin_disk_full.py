@@ -4,16 +4,12 @@ saying what could not be written, exit 1, no traceback, and nothing half-written
 from __future__ import annotations
 
 import resource
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from butterfly.weights.testmodel import make_test_model
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.nodeharness import in_private_mounts, run_admin
 
 
 def _admin_on_a_full_disk(*args: str) -> subprocess.CompletedProcess[str]:
@@ -23,14 +19,7 @@ def _admin_on_a_full_disk(*args: str) -> subprocess.CompletedProcess[str]:
     def no_room() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
-    return subprocess.run(
-        [sys.executable, "-m", "butterfly.cli.admin", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=no_room,
-    )
+    return run_admin(*args, preexec_fn=no_room)
 
 
 def _one_line_without_traceback(result: subprocess.CompletedProcess[str]) -> str:
@@ -72,32 +61,17 @@ def test_make_test_model_on_a_full_disk_says_so_and_leaves_nothing(tmp_path: Pat
 
 def test_manifest_sign_on_a_read_only_file_system_says_so(tmp_path: Path) -> None:
     """On a read-only mount unlink fails too (EROFS): the cleanup used to escape as a traceback."""
-    if shutil.which("unshare") is None:
-        pytest.fail("util-linux's unshare is needed (scripts/test.sh installs it)")
     model = make_test_model(tmp_path / "src", layers=2, hidden=64, heads=4, kv_heads=2, vocab=256)
     key = tmp_path / "signing.pem"
-    keygen = subprocess.run(
-        [sys.executable, "-m", "butterfly.cli.admin", "manifest", "keygen", str(key)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    keygen = run_admin("manifest", "keygen", str(key))
     assert keygen.returncode == 0, keygen.stderr
     mount = tmp_path / "ro"
     mount.mkdir()
-    # A private mount namespace (a user namespace too, so root is not needed): the tmpfs vanishes with it.
     script = (
         f'mount -t tmpfs tmpfs "{mount}" && cp -r "{model}" "{mount}/m" && mount -o remount,ro "{mount}" && '
         f'exec "{sys.executable}" -m butterfly.cli.admin manifest sign "{mount}/m" --key "{key}"'
     )
-    result = subprocess.run(
-        ["unshare", "--map-root-user", "--mount", "--propagation", "private", "sh", "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = in_private_mounts(script)
     assert result.returncode == 1, result.stderr
     assert _one_line_without_traceback(result) == (
         f"butterfly-admin: cannot write {mount}/m/butterfly-manifest.json.sig: Read-only file system"

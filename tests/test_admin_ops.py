@@ -27,7 +27,7 @@ import pytest
 
 from butterfly.cli.admin_client import human_bytes, human_seconds
 from butterfly.cli.admin_status import status_line
-from tests.nodeharness import Node, free_port, segments_of, write_config
+from tests.nodeharness import Node, free_port, in_private_mounts, segments_of, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE_ORDER = ["COLD", "JOINING", "LOADING", "READY", "OPERATIONAL"]
@@ -488,28 +488,19 @@ def test_diagnose_and_the_node_refuse_a_cache_dir_on_a_read_only_file_system(
 ) -> None:
     """diagnose used to PASS every check of a config whose cache_dir the node refuses (exit 78), and
     both said "not writable by this user" of a read-only mount, which no chmod fixes."""
-    if shutil.which("unshare") is None:
-        pytest.fail("util-linux's unshare is needed (scripts/test.sh installs it)")
     mount = tmp_path / "ro"
     mount.mkdir()
     cfg = _config(tmp_path, model_dir)
     cfg.write_text(
         cfg.read_text().replace(f'cache_dir = "{tmp_path / "cache"}"', f'cache_dir = "{mount}/cache"')
     )
-    # A private mount namespace (a user namespace too, so root is not needed): the mount vanishes with it.
     python = f'"{sys.executable}"'
     script = (
         f'mount -t tmpfs -o ro tmpfs "{mount}" && {python} -m butterfly.cli.admin diagnose --config "{cfg}"; '
         f'echo "diagnose exit $?"; {python} -m butterfly.cli.node --config "{cfg}" --check-config; '
         'echo "node exit $?"'
     )
-    r = subprocess.run(
-        ["unshare", "--map-root-user", "--mount", "--propagation", "private", "sh", "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = in_private_mounts(script)
     problem = (
         f"{mount}/cache does not exist and cannot be created: "
         f"{mount} is not writable (it is on a read-only file system)"

@@ -16,6 +16,7 @@ from butterfly.cli.admin import main
 from butterfly.weights.cache import WeightCache
 from butterfly.weights.manifest import MANIFEST_FILE, read_manifest
 from butterfly.weights.testmodel import make_test_model
+from tests.nodeharness import run_admin
 from tests.tamper import tamper_with_cheap_digests
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,17 +40,6 @@ def source_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def model(source_model: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(source_model, tmp_path / "m"))
-
-
-def _admin(*args: str) -> subprocess.CompletedProcess[str]:
-    """The real command line, in a child process (exit status, stdout and stderr as an operator sees)."""
-    return subprocess.run(
-        [sys.executable, "-m", "butterfly.cli.admin", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_manifest_build_writes_beside_the_model(model: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,7 +71,7 @@ def test_manifest_build_usage_and_model_errors(model: Path, tmp_path: Path) -> N
 
 def test_manifest_verify(model: Path) -> None:
     assert main(["manifest", "build", str(model)]) == 0
-    ok = _admin("manifest", "verify", str(model))
+    ok = run_admin("manifest", "verify", str(model))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("ok: 2 files, ")
     manifest = read_manifest(model / MANIFEST_FILE)
@@ -89,7 +79,7 @@ def test_manifest_verify(model: Path) -> None:
     with open(model / t.file, "r+b") as f:
         f.seek(t.offset + 10)
         f.write(b"\x55\xaa")
-    bad = _admin("manifest", "verify", str(model))
+    bad = run_admin("manifest", "verify", str(model))
     assert bad.returncode == 1
     assert f"{t.file}: tensor '{t.name}': chunk at tensor offset 0 (file offset {t.offset}" in bad.stdout
     assert "does NOT match" in bad.stderr
@@ -103,7 +93,7 @@ def test_manifest_verify_catches_bytes_whose_chunk_and_file_digests_were_rewritt
     name = "model.layers.2.mlp.gate_proj.weight"
     tamper_with_cheap_digests(model, name)
     manifest = read_manifest(model / MANIFEST_FILE)
-    bad = _admin("manifest", "verify", str(model))
+    bad = run_admin("manifest", "verify", str(model))
     assert bad.returncode == 1, bad.stdout
     t = next(t for t in manifest.tensors if t.name == name)
     assert f"{t.file}: tensor '{name}' [{t.offset}, {t.offset + t.length}): BLAKE3 " in bad.stdout
@@ -151,12 +141,12 @@ def _fill_cache(cache_dir: Path, n: int) -> int:
 def test_clear_cache(tmp_path: Path) -> None:
     cache_dir = tmp_path / "cache"
     total = _fill_cache(cache_dir, 3)
-    r = _admin("clear-cache", "--cache-dir", str(cache_dir), "-v")
+    r = run_admin("clear-cache", "--cache-dir", str(cache_dir), "-v")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("removed ") == 4  # three entries, then the summary
     assert f"removed 3 entries and 0 temp files from {cache_dir}, freed {total} bytes" in r.stdout
     assert WeightCache(cache_dir).stats().entries == 0
-    again = _admin("clear-cache", "--cache-dir", str(cache_dir))
+    again = run_admin("clear-cache", "--cache-dir", str(cache_dir))
     assert again.returncode == 0 and "removed 0 entries" in again.stdout
 
 
@@ -185,13 +175,13 @@ def test_clear_cache_refuses_while_a_node_uses_it(tmp_path: Path) -> None:
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        r = _admin("clear-cache", "--cache-dir", str(cache_dir))
+        r = run_admin("clear-cache", "--cache-dir", str(cache_dir))
         assert r.returncode == 1
         assert "a node is using the cache" in r.stderr
         assert WeightCache(cache_dir).stats().entries == 2
     finally:
         holder.communicate(input="", timeout=60)
-    assert _admin("clear-cache", "--cache-dir", str(cache_dir)).returncode == 0
+    assert run_admin("clear-cache", "--cache-dir", str(cache_dir)).returncode == 0
     assert WeightCache(cache_dir).stats().entries == 0
 
 

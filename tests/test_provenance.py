@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,18 +19,7 @@ from butterfly.weights.provenance import (
     load_private_key,
     sign,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _admin(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "butterfly.cli.admin", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+from tests.nodeharness import run_admin
 
 
 @pytest.fixture
@@ -91,27 +78,27 @@ def test_a_node_reads_only_the_pinned_and_signed_manifest(model: Path) -> None:
 
 def test_admin_show_keygen_sign_and_verify_with_pins(model: Path, tmp_path: Path) -> None:
     manifest = read_manifest(model / MANIFEST_FILE)
-    show = _admin("manifest", "show", str(model))
+    show = run_admin("manifest", "show", str(model))
     assert show.returncode == 0, show.stderr
     assert f"root:     {manifest.merkle_root}" in show.stdout
     assert "signed:   no" in show.stdout
     assert f'expected_root = "{manifest.merkle_root}"' in show.stdout
 
     key = tmp_path / "signing.pem"
-    gen = _admin("manifest", "keygen", str(key))
+    gen = run_admin("manifest", "keygen", str(key))
     assert gen.returncode == 0, gen.stderr
     assert os.stat(key).st_mode & 0o777 == 0o600
     public = gen.stdout.split('manifest_public_key = "')[1].split('"')[0]
-    again = _admin("manifest", "keygen", str(key))
+    again = run_admin("manifest", "keygen", str(key))
     assert again.returncode == 1 and "refusing to overwrite" in again.stderr
 
-    unsigned = _admin("manifest", "verify", str(model), "--public-key", public)
+    unsigned = run_admin("manifest", "verify", str(model), "--public-key", public)
     assert unsigned.returncode == 1 and "is not signed" in unsigned.stderr
-    signed = _admin("manifest", "sign", str(model), "--key", str(key))
+    signed = run_admin("manifest", "sign", str(model), "--key", str(key))
     assert signed.returncode == 0, signed.stderr
     assert f"signed root {manifest.merkle_root}" in signed.stdout
-    assert "signed:   yes" in _admin("manifest", "show", str(model)).stdout
-    ok = _admin(
+    assert "signed:   yes" in run_admin("manifest", "show", str(model)).stdout
+    ok = run_admin(
         "manifest", "verify", str(model), "--public-key", public, "--expected-root", manifest.merkle_root
     )
     assert ok.returncode == 0, ok.stderr
@@ -120,8 +107,8 @@ def test_admin_show_keygen_sign_and_verify_with_pins(model: Path, tmp_path: Path
     # The same pins through a node's config, as the node itself would apply them.
     cfg = tmp_path / "node.toml"
     cfg.write_text(_config(model, f'expected_root = "{"1" * 64}"\nmanifest_public_key = "{public}"\n'))
-    foreign = _admin("manifest", "verify", str(model), "--config", str(cfg))
+    foreign = run_admin("manifest", "verify", str(model), "--config", str(cfg))
     assert foreign.returncode == 1 and f"but [model] expected_root pins {'1' * 64}" in foreign.stderr
-    wrong = _admin("manifest", "verify", str(model), "--public-key", generate_key_pair().public_text)
+    wrong = run_admin("manifest", "verify", str(model), "--public-key", generate_key_pair().public_text)
     assert wrong.returncode == 1 and "signed by another key" in wrong.stderr
-    assert _admin("manifest", "verify", str(model), "--expected-root", "xyz").returncode == 2
+    assert run_admin("manifest", "verify", str(model), "--expected-root", "xyz").returncode == 2
