@@ -294,16 +294,21 @@ def test_check_config_beside_the_running_node_accepts_the_ports_it_holds(
         thread.join()
 
 
+def _start_node(config: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``butterfly-node --config CONFIG`` in a child, as systemd starts it (a refused start exits)."""
+    return subprocess.run(
+        [sys.executable, "-m", "butterfly.cli.node", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_the_node_itself_refuses_to_start_with_one_line_and_no_traceback(
     tmp_path: Path, model_dir: Path
 ) -> None:
     config = _config(tmp_path, model_dir, secret=tmp_path / "missing.key")
-    r = subprocess.run(
-        [sys.executable, "-m", "butterfly.cli.node", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    r = _start_node(config, timeout=60)
     assert r.returncode == 78
     assert "Traceback" not in r.stderr
     key = tmp_path / "missing.key"
@@ -318,12 +323,7 @@ def test_a_start_on_a_port_that_stays_in_use_refuses_after_its_wait(
     tmp_path: Path, model_dir: Path, held_port: int
 ) -> None:
     config = _config(tmp_path, model_dir, api_port=held_port)
-    r = subprocess.run(
-        [sys.executable, "-m", "butterfly.cli.node", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = _start_node(config)
     assert r.returncode == 78
     assert "Traceback" not in r.stderr
     assert f"api.listen: 127.0.0.1:{held_port} is in use by another program" in _one_line(r.stderr)
@@ -338,12 +338,7 @@ def test_a_second_start_of_a_running_node_says_it_is_running(tmp_path: Path, mod
     thread.start()
     try:
         config = _config(tmp_path, model_dir, api_port=port)
-        r = subprocess.run(
-            [sys.executable, "-m", "butterfly.cli.node", "--config", str(config)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        r = _start_node(config)
         assert r.returncode == 78, r.stderr
         assert r.stderr.strip().splitlines() == [
             f"butterfly-node: {config}: node.id: node pre is already running: its API answers on "
