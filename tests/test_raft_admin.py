@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from test_raft_founding import Hub, leaders, make_drivers, stop, wait_for
+from test_raft_founding import Hub, leaders, make_drivers, one_leader_and_learner, stop, wait_for
 
 from butterfly.cli.admin import main as admin
 from butterfly.raft import RaftConfig, RaftNode, RaftStorage, bootstrap_state
@@ -64,14 +64,7 @@ def test_a_cluster_that_lost_its_quorum_recovers_after_force_new_cluster(tmp_pat
         drivers = make_drivers(tmp_path, hub, 4, 3, grace=60.0)
         tasks = [asyncio.create_task(d.run()) for d in drivers]
         try:
-            await wait_for(
-                lambda: (
-                    len(leaders(drivers, hub)) == 1
-                    and all(d.raft is not None and "n3" in d.raft.learners for d in drivers)
-                ),
-                20.0,
-                "three voters and a learner",
-            )
+            await one_leader_and_learner(drivers, hub, "n3", "three voters and a learner")
             # Two of the three voters die for good: n2 (a voter) and n3 (a learner) are left.
             for gone in ("n0", "n1"):
                 hub.dead.add(gone)

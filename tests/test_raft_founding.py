@@ -132,6 +132,18 @@ def leaders(drivers: list[ClusterDriver], hub: Hub) -> list[ClusterDriver]:
     ]
 
 
+async def one_leader_and_learner(drivers: list[ClusterDriver], hub: Hub, learner: str, what: str) -> None:
+    """Until one node leads and every node has ``learner`` as a learner."""
+    await wait_for(
+        lambda: (
+            len(leaders(drivers, hub)) == 1
+            and all(d.raft is not None and learner in d.raft.learners for d in drivers)
+        ),
+        20.0,
+        what,
+    )
+
+
 async def run_cluster(drivers: list[ClusterDriver], seed: int) -> list[asyncio.Task[None]]:
     rng = random.Random(seed)
     order = list(drivers)
@@ -214,14 +226,7 @@ def test_a_worker_named_founder_founds_without_being_a_voter(tmp_path: Path) -> 
         assert drivers[0].is_founder
         tasks = await run_cluster(drivers, 3)
         try:
-            await wait_for(
-                lambda: (
-                    len(leaders(drivers, hub)) == 1
-                    and all(d.raft is not None and "n0" in d.raft.learners for d in drivers)
-                ),
-                20.0,
-                "one cluster, the worker a learner",
-            )
+            await one_leader_and_learner(drivers, hub, "n0", "one cluster, the worker a learner")
             assert {d.raft.voters for d in drivers if d.raft is not None} == {("n1", "n2", "n3")}
             assert leaders(drivers, hub)[0].node_id != "n0"
         finally:
@@ -236,14 +241,7 @@ def test_a_voter_silent_past_the_grace_is_replaced_by_a_live_learner(tmp_path: P
         drivers = make_drivers(tmp_path, hub, 4, 3, grace=0.6, roles=["coordinator"] * 4)
         tasks = await run_cluster(drivers, 7)
         try:
-            await wait_for(
-                lambda: (
-                    len(leaders(drivers, hub)) == 1
-                    and all(d.raft is not None and "n3" in d.raft.learners for d in drivers)
-                ),
-                20.0,
-                "n3 added as a learner",
-            )
+            await one_leader_and_learner(drivers, hub, "n3", "n3 added as a learner")
             leader = leaders(drivers, hub)[0]
             victim = next(d for d in drivers if d is not leader and d.node_id != "n3")
             hub.dead.add(victim.node_id)
@@ -325,14 +323,7 @@ def test_workers_make_up_the_quorum_and_a_lost_worker_voter_is_replaced_by_a_wor
         drivers = make_drivers(tmp_path, hub, 4, 3, grace=0.6, roles=roles)
         tasks = await run_cluster(drivers, 5)
         try:
-            await wait_for(
-                lambda: (
-                    len(leaders(drivers, hub)) == 1
-                    and all(d.raft is not None and "n3" in d.raft.learners for d in drivers)
-                ),
-                20.0,
-                "one cluster, n3 a learner",
-            )
+            await one_leader_and_learner(drivers, hub, "n3", "one cluster, n3 a learner")
             assert {d.raft.voters for d in drivers if d.raft is not None} == {("n0", "n1", "n2")}
             assert leaders(drivers, hub)[0].node_id == "n0"
             hub.dead.add("n1")

@@ -402,16 +402,16 @@ class ClusterDriver:
         seen = frozenset(roles)
         if seen != self._view:
             self._view, self._view_since = seen, now
+        coordinators = sum(1 for r in roles.values() if r == "coordinator")
         if len(seen) < self.quorum_size:
             return f"found {len(seen)} of quorum_size {self.quorum_size} nodes"
-        if "coordinator" not in roles.values():
+        if not coordinators:
             return f"found {len(seen)} nodes, none with role coordinator: none of them could lead"
         if not self.is_founder:
             who = f" ({self.founder})" if self.founder else ""
             return f"waiting for the founder{who} to found the cluster"
         if now - self._view_since < SETTLE_S and self.quorum_size > 1:
             return "discovery view settling"
-        coordinators = sum(1 for r in roles.values() if r == "coordinator")
         if coordinators < self.quorum_size and now - self._view_since < WORKERS_SETTLE_S:
             # Coordinators started together show up within this: workers are voters only when there
             # are not enough of them, and a first plan without a late one would be re-planned at once.
