@@ -54,7 +54,7 @@ from butterfly.net.frames import (
     decode_handshake,
     encode,
 )
-from tests.asynchelpers import run, wait_until
+from tests.asynchelpers import asyncio_whose_wait_for_drops_a_cancel, run, wait_until
 
 SECRET = secrets.token_bytes(32)
 FAST = TransportLimits(
@@ -817,6 +817,43 @@ def test_duplicate_node_ids_are_detected_and_refused(caplog: pytest.LogCaptureFi
     run(main())
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any("duplicate node id 'n1'" in e and str(127) in e for e in errors)
+
+
+@pytest.mark.parametrize("side", ["dialer", "listener"])
+def test_close_ends_a_connection_whose_handshake_outran_the_cancel(
+    side: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A connection whose handshake completed as close() cancelled it used to be served anyway: its
+    # keepalive held it open and close() waited for ever (seen once in CI, under redial churn).
+    import butterfly.net.transport as transport_module
+
+    monkeypatch.setattr(transport_module, "asyncio", asyncio_whose_wait_for_drops_a_cancel())
+    handshake_name = "client_handshake" if side == "dialer" else "server_handshake"
+    handshake = getattr(transport_module, handshake_name)
+    begun: list[asyncio.Event] = []
+
+    async def handshake_that_says_it_began(*args: Any, **kwargs: Any) -> Any:
+        begun[0].set()
+        return await handshake(*args, **kwargs)
+
+    monkeypatch.setattr(transport_module, handshake_name, handshake_that_says_it_began)
+
+    async def main() -> None:
+        begun.append(asyncio.Event())
+        closing, peer = await node("a", "127.0.0.1"), await node("b", "127.0.0.2")
+        try:
+            if side == "dialer":
+                closing.add_peer(peer.address)
+            else:
+                peer.add_peer(closing.address)
+            await asyncio.wait_for(begun[0].wait(), 5.0)  # close while the handshake is under way
+            await asyncio.wait_for(closing.close(), 5.0)
+            assert closing.peers() == {}
+            await wait_until(lambda: "a" not in peer.peers(), what="the peer to see the connection end")
+        finally:
+            await close_all(closing, peer)
+
+    run(main())
 
 
 def test_a_node_that_dials_itself_stops_quietly(caplog: pytest.LogCaptureFixture) -> None:

@@ -38,6 +38,7 @@ from butterfly.serving.link import (
     dial_link,
 )
 from butterfly.serving.stage import StageAddress, StageServer
+from tests.asynchelpers import asyncio_whose_wait_for_drops_a_cancel
 from tests.hfmodels import save_hf_model
 from tests.servinghelpers import SECRET, collect, start_pipeline, stop_pipeline, wait_ready
 
@@ -353,6 +354,98 @@ def test_a_tampered_stage_link_ends_requests_with_503_not_a_hang(md: ModelDir) -
         finally:
             if relay is not None:
                 await relay.close()
+            await stop_pipeline(servers)
+
+    asyncio.run(run())
+
+
+async def _two_listening_stages(md: ModelDir) -> tuple[list[StageServer], list[StageAddress]]:
+    """Stages [0, 2) and [2, 4) listening, not started."""
+    servers = [
+        StageServer(
+            StageModel(md.config, md.weights, a, b, md.layout.num_blocks),
+            index=i,
+            epoch=1,
+            secret=SECRET,
+            kv_cache_bytes=16 << 20,
+        )
+        for i, (a, b) in enumerate(((0, 2), (2, 4)))
+    ]
+    for s in servers:
+        await s.listen()
+    addrs = [
+        StageAddress(i, s.model.start, s.model.stop, "127.0.0.1", s.listen_port, f"n{i}")
+        for i, s in enumerate(servers)
+    ]
+    return servers, addrs
+
+
+def test_a_stage_closed_while_it_dials_keeps_no_link(md: ModelDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    # close() cancels the dial loop; when the handshake finishes in that same turn, Python 3.11's
+    # wait_for returns the link and drops the cancellation. The stage used to adopt that link and
+    # start its keepalive after close() had cancelled every task: a link outliving its stage.
+    import butterfly.serving.link as link_module
+
+    monkeypatch.setattr(link_module, "asyncio", asyncio_whose_wait_for_drops_a_cancel())
+    client_handshake = link_module._client_handshake
+    begun = []
+
+    async def handshake_that_says_it_began(*args: object, **kwargs: object) -> object:
+        if args[5] == 0:  # stage 0's dial
+            begun[0].set()
+        return await client_handshake(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(link_module, "_client_handshake", handshake_that_says_it_began)
+
+    async def run() -> None:
+        begun.append(asyncio.Event())
+        servers, addrs = await _two_listening_stages(md)
+        try:
+            for s in servers:
+                s.start(addrs)
+            await asyncio.wait_for(begun[0].wait(), 5.0)
+            await servers[0].close()
+            assert servers[0].next is None
+            assert not servers[0]._tasks, "tasks outlived close()"
+        finally:
+            await stop_pipeline(servers)
+
+    asyncio.run(run())
+
+
+def test_a_stage_closed_while_a_link_handshakes_with_it_keeps_no_link(
+    md: ModelDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # close() aborts the links it knows; one whose handshake was in progress then was adopted as the
+    # stage's upstream link afterwards and read on, after the stage had closed.
+    import butterfly.serving.link as link_module
+
+    server_handshake = link_module._server_handshake
+    begun: list[asyncio.Event] = []
+    release: list[asyncio.Event] = []
+
+    async def handshake_held_until_close(*args: object, **kwargs: object) -> object:
+        begun[0].set()
+        await release[0].wait()
+        return await server_handshake(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(link_module, "_server_handshake", handshake_held_until_close)
+
+    async def run() -> None:
+        begun.append(asyncio.Event())
+        release.append(asyncio.Event())
+        servers, addrs = await _two_listening_stages(md)
+        try:
+            for s in servers:  # each dials the other, whose side of the handshake is held
+                s.start(addrs)
+            await asyncio.wait_for(begun[0].wait(), 5.0)
+            closing = asyncio.ensure_future(servers[1].close())
+            await asyncio.sleep(0.1)
+            release[0].set()
+            await asyncio.wait_for(closing, 10.0)
+            assert servers[1].prev is None, "a link was adopted after close()"
+            assert not servers[1]._handlers, "a connection handler outlived close()"
+        finally:
             await stop_pipeline(servers)
 
     asyncio.run(run())

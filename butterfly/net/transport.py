@@ -662,6 +662,13 @@ class Transport:
         """Serve one authenticated connection until it ends; its writer and keepalive run beside. A
         connection that loses the one-connection rule is read until the peer's Goodbye, then closed."""
         peer_id = conn.info.node_id
+        if self._closing:
+            # close() cancelled this task as its handshake finished, and the cancellation was lost:
+            # Python 3.11's wait_for returns a result that lands with a cancellation and drops the
+            # cancellation. Served, the connection's keepalive would hold close() for ever.
+            conn.close("shutdown", f"node {self.node_id} is shutting down")
+            conn.closed.set()
+            return
         if self._register(conn):
             log.info(
                 "connected to node %s at %s (%s, protocol %d.%d)",

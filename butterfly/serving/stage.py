@@ -326,6 +326,9 @@ class StageServer:
             log.warning("stage %d refused a link: %s", self.index, exc)
             writer.close()
             return
+        if self._closed:  # close() ran during the handshake and has aborted every link it knew
+            link.abort()
+            return
         if link.role == ROLE_STAGE:
             old = self.prev
             self.prev = link
@@ -372,6 +375,11 @@ class StageServer:
                 backoff = min(backoff * 2, 0.5)
                 continue
             backoff = 0.05
+            if self._closed:
+                # close() cancelled us as the handshake finished and the cancellation was lost
+                # (Python 3.11's wait_for): this link would outlive the stage.
+                link.abort()
+                return
             self.next = link
             self._spawn(self._keepalive(link))
             self._spawn(self._downstream_loop(link))
