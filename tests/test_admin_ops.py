@@ -363,6 +363,29 @@ def test_status_unreachable_not_a_node_and_bad_config(tmp_path: Path) -> None:
     assert r.returncode == 2  # mutually exclusive
 
 
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("localhost:8080", "is not an http:// or https:// URL: did you mean http://localhost:8080?"),
+        ("ftp://node:8080", "is not an http:// or https:// URL"),
+        ("http://", "names no host"),
+        ("http://[::1", "is not a URL: Invalid IPv6 URL"),
+        ("http://node:99999", "is not a URL: Port out of range"),
+        ("http://no de:8080", "contains spaces or control characters"),
+        ("http://node:8080\n", "contains spaces or control characters"),
+        ("http://node:0", "port 0 is not a port a node listens on"),
+        ("http://node:8080/?x=1", "without ? or #"),
+    ],
+)
+def test_a_bad_url_is_a_usage_error_naming_it(url: str, why: str) -> None:
+    # Such values reached urllib: a traceback (a space), or "cannot reach" and exit 3 as if a node were down.
+    for command in (("status",), ("watch", "--timeout", "1"), ("generate", "hi")):
+        r = admin(*command, "--url", url)
+        assert r.returncode == 2, (command, r)
+        assert f"argument --url: {url!r}" in r.stderr and why in r.stderr, r
+        assert "Traceback" not in r.stderr and r.stdout == ""
+
+
 def test_status_gives_up_on_a_server_that_trickles_its_answer() -> None:
     """Each read got the socket timeout afresh: a byte a second kept `status` waiting for ever."""
     stop = threading.Event()

@@ -27,6 +27,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
@@ -135,17 +136,40 @@ def url_for(address: HostPort) -> str:
     return f"http://[{host}]:{address.port}" if ":" in host else f"http://{host}:{address.port}"
 
 
+def node_api_url(value: str) -> str:
+    """``--url`` as given, checked: http(s), a host, a port that exists, nothing urllib would refuse
+    later with a traceback (spaces, control characters), no query or fragment. A path is kept (a
+    node behind a proxy's prefix); a trailing slash is dropped."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise argparse.ArgumentTypeError(f"{value!r} contains spaces or control characters")
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        hint = f": did you mean http://{value}?" if "://" not in value else ""
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http:// or https:// URL{hint}")
+    if not parts.hostname:
+        raise argparse.ArgumentTypeError(f"{value!r} names no host (like {DEFAULT_URL})")
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: port 0 is not a port a node listens on")
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise argparse.ArgumentTypeError(f"{value!r}: give the API's base URL, without ? or #")
+    return value.rstrip("/")
+
+
 def add_target(p: argparse.ArgumentParser) -> None:
     """``--url`` or ``--config``: which node a command talks to."""
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--url", help=f"the node's API, like {DEFAULT_URL} (the default)")
+    where.add_argument("--url", type=node_api_url, help=f"the node's API, like {DEFAULT_URL} (the default)")
     where.add_argument("--config", metavar="FILE", help="the node's config: its [api] listen address")
 
 
 def _node_url(args: argparse.Namespace) -> str:
     """``--url``, else the config's [api] listen, else the default. ConfigError escapes to the caller."""
     if args.url:
-        return str(args.url).rstrip("/")
+        return str(args.url)
     if args.config:
         from butterfly.config import load_config
 
