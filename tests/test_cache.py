@@ -17,6 +17,7 @@ import pytest
 from butterfly.weights.cache import (
     CacheBusy,
     CacheError,
+    ClearResult,
     WeightCache,
     clear_cache,
     lock_exclusive,
@@ -277,6 +278,20 @@ def test_clear_cache_of_a_missing_dir(tmp_path: Path) -> None:
     with pytest.raises(CacheError, match="does not exist"):
         clear_cache(tmp_path / "nope")
     assert not (tmp_path / "nope").exists()
+
+
+def test_clear_cache_of_a_directory_that_is_no_cache_changes_nothing(tmp_path: Path) -> None:
+    # A mistyped --cache-dir (a home directory) used to get a .lock file left in it.
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match=r"is not a weight cache \(it has no blake3/, tmp/ or .lock\)"):
+        clear_cache(home)
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+    empty = tmp_path / "empty"  # as tmpfiles makes it before the node's first start
+    empty.mkdir()
+    assert clear_cache(empty) == ClearResult()
+    assert list(empty.iterdir()) == []
 
 
 def test_something_else_at_an_entry_path_is_not_served(

@@ -376,6 +376,14 @@ def clear_cache(cache_dir: Path) -> ClearResult:
     root = Path(cache_dir)
     if not root.is_dir():
         raise CacheError(f"cache dir {root} does not exist or is not a directory")
+    if not any((root / name).exists() for name in (LOCK_FILE, ENTRIES_DIR, TMP_DIR)):
+        # Never a cache (a mistyped --cache-dir?): leave it as it is, not even a lock file in it.
+        if any(root.iterdir()):
+            raise CacheError(
+                f"{root} is not a weight cache (it has no {ENTRIES_DIR}/, {TMP_DIR}/ or {LOCK_FILE}): "
+                "nothing removed"
+            )
+        return ClearResult()
     with lock_exclusive(root):
         cache = WeightCache(root, create=False)
         tmp_files, tmp_bytes = cache._clean_tmp()
