@@ -399,3 +399,53 @@ def test_a_founder_waits_for_coordinators_before_workers_make_up_the_quorum(tmp_
             await stop(tasks, drivers)
 
     asyncio.run(main())
+
+
+class ProgressEvents(QuietEvents):
+    def __init__(self) -> None:
+        self.last: Progress | None = None
+
+    async def progress(self, p: Progress) -> None:
+        self.last = p
+
+
+def test_workers_name_the_coordinator_that_went_silent_before_its_plan(tmp_path: Path) -> None:
+    """The seed's shape, its only coordinator lost before it made a plan: workers never stand, so they
+    keep it as their leader. They used to say only "waiting for the coordinator's plan"."""
+
+    async def main() -> None:
+        hub = Hub()
+        drivers = make_drivers(tmp_path, hub, 3, 3, roles=["coordinator", "worker", "worker"])
+        events = [ProgressEvents() for _ in drivers]
+        for d, e in zip(drivers, events, strict=True):
+            d.events = e
+        tasks = await run_cluster(drivers, 7)
+        try:
+            await wait_for(
+                lambda: all(d.raft is not None and d.raft.leader == "n0" for d in drivers), 20.0, "n0 leading"
+            )
+            # No model here, so no plan: the workers wait for one, and say only that.
+            await wait_for(
+                lambda: all(
+                    e.last == Progress("assignment", "waiting for the coordinator's plan") for e in events[1:]
+                ),
+                5.0,
+                "the workers waiting for a plan",
+            )
+            hub.dead.add("n0")
+            await wait_for(
+                lambda: all(
+                    e.last is not None
+                    and "coordinator n0 has not been heard from for" in e.last.waiting_reason
+                    for e in events[1:]
+                ),
+                10.0,
+                "the workers to name the silent coordinator",
+            )
+            assert all(
+                d.raft is not None and d.raft.leader == "n0" for d in drivers[1:]
+            )  # nobody else may lead
+        finally:
+            await stop(tasks, drivers)
+
+    asyncio.run(main())

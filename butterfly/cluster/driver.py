@@ -859,7 +859,10 @@ class ClusterDriver:
             self.reported_operational = 0
             return
         if plan is None:
-            await self._progress(Progress("assignment", "waiting for the coordinator's plan"))
+            silent = self._leader_silence(now)
+            await self._progress(
+                Progress("assignment", f"waiting for the coordinator's plan{': ' if silent else ''}{silent}")
+            )
             return
         mine = plan.range_of(self.node_id)
         if mine is None:
@@ -892,6 +895,20 @@ class ClusterDriver:
             if leading
             else self.coordinator_reason
         )
+
+    def _leader_silence(self, now: float) -> str:
+        """Why the leader this node knows is not worth waiting for, when it has gone silent: a worker
+        never stands for election, so where no coordinator-eligible node is left it keeps a dead
+        coordinator as its leader, and only this says so."""
+        raft = self.raft
+        leader = raft.leader if raft is not None else None
+        if leader is None or leader == self.node_id:
+            return ""
+        heard = self.reports.get(leader)
+        if heard is not None and now - heard[1] < DEAD_AFTER_S:
+            return ""
+        since = f" for {now - heard[1]:.1f}s" if heard is not None else ""
+        return f"coordinator {leader} has not been heard from{since}"
 
     def _lease_epoch(self, now: float) -> int:
         """The epoch this node holds a live serving lease for (0: none)."""
