@@ -260,6 +260,26 @@ def test_stop_as_a_string_and_a_list(model: Model) -> None:  # noqa: F811
     with_node(model, body)
 
 
+def test_models_list_and_retrieve(model: Model) -> None:  # noqa: F811
+    async def body(node: Node) -> None:
+        with node.sdk() as client:
+            (m,) = (await in_thread(client.models.list)).data
+            assert (m.id, m.object, m.owned_by) == (MODEL_ID, "model", "butterfly")
+            assert m.model_extra is not None and m.model_extra["root"] == model.served.root
+            for name in (MODEL_ID, model.served.root):
+                got = await in_thread(lambda name=name: client.models.retrieve(name))
+                assert got == m
+            e = await in_thread(
+                lambda: expect(openai.NotFoundError, 404, lambda: client.models.retrieve("gpt-4o"))
+            )
+            assert e.code == "model_not_found" and MODEL_ID in e.message
+        async with node.async_sdk() as aclient:
+            assert [x.id async for x in aclient.models.list()] == [MODEL_ID]
+            assert (await aclient.models.retrieve(MODEL_ID)).id == MODEL_ID
+
+    with_node(model, body)
+
+
 # --- Errors -----------------------------------------------------------------------------------------
 
 

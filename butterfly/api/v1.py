@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions.
+"""The OpenAI-compatible routes: GET /v1/models (and /v1/models/{id}), POST /v1/completions and
+/v1/chat/completions.
 
 Owns admission (in this order: a backend exists, the serving gate says yes, the model's tokenizer is
 loaded, the body fits, arrives in time (``BODY_TIMEOUT_S``) and decodes, the request is well formed,
@@ -192,19 +193,25 @@ class V1Handlers:
 
     async def models(self, request: web.Request) -> web.Response:
         model = self._model()
-        data = []
-        if model is not None:
-            data.append(
-                {
-                    "id": model.id,
-                    "object": "model",
-                    "created": model.created,
-                    "owned_by": "butterfly",
-                    "root": model.root,
-                    "max_model_len": model.tokenizer.context_length,
-                }
+        return _json({"object": "list", "data": [] if model is None else [_model_object(model)]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model} (the SDK's models.retrieve): by id or manifest root, else 404."""
+        name = request.match_info["model"]
+        model = self._model()
+        if model is None or name not in (model.id, model.root):
+            serves = (
+                f"this node serves {model.id!r}" if model is not None else "this node serves no model yet"
             )
-        return _json({"object": "list", "data": data})
+            return error_response(
+                ApiError(
+                    404,
+                    f"model {name!r} does not exist here; {serves}",
+                    param="model",
+                    code="model_not_found",
+                )
+            )
+        return _json(_model_object(model))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, parse_completion_request)
@@ -496,6 +503,17 @@ class V1Handlers:
         except ConnectionResetError:
             pass  # the client went away: the caller's finally closes the backend's iterator
         return resp
+
+
+def _model_object(model: ServedModel) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "butterfly",
+        "root": model.root,
+        "max_model_len": model.tokenizer.context_length,
+    }
 
 
 def _lone_surrogate(body: object) -> str | None:
