@@ -260,6 +260,36 @@ def test_stop_as_a_string_and_a_list(model: Model) -> None:  # noqa: F811
     with_node(model, body)
 
 
+def test_a_returned_message_sent_back_is_accepted(model: Model) -> None:  # noqa: F811
+    """A reply sent back in the conversation as model_dump() gives it (refusal, tool_calls, audio ...
+    null), or as the pydantic message itself, and a field given as null: answered as the plain
+    request is."""
+
+    async def body(node: Node) -> None:
+        req: dict[str, Any] = {"model": MODEL_ID, "messages": CHAT, "max_tokens": 6, "temperature": 0}
+        with node.sdk() as client:
+            first = await in_thread(lambda: client.chat.completions.create(**req))
+            reply = first.choices[0].message
+            follow = {"role": "user", "content": "And then?"}
+            dumped = reply.model_dump()
+            assert dumped["tool_calls"] is None and dumped["refusal"] is None
+            _, want = await node.http.post(
+                "/v1/chat/completions",
+                {**req, "messages": [*CHAT, {"role": "assistant", "content": reply.content}, follow]},
+            )
+            for sent_back in (dumped, reply):
+                again = await in_thread(
+                    lambda m=sent_back: client.chat.completions.create(
+                        **{**req, "messages": [*CHAT, m, follow]}
+                    )
+                )
+                assert again.choices[0].message.content == want["choices"][0]["message"]["content"]
+            nulls = await in_thread(lambda: client.chat.completions.create(**req, extra_body={"top_k": None}))
+            assert nulls.choices[0].message.content == reply.content
+
+    with_node(model, body)
+
+
 def test_models_list_and_retrieve(model: Model) -> None:  # noqa: F811
     async def body(node: Node) -> None:
         with node.sdk() as client:

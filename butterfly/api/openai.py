@@ -4,7 +4,7 @@ Owns reading a request body into a checked ``CompletionRequest`` (every field's 
 an ``ApiError`` that names the field), the error body (``{"error": {message, type, param, code}}``)
 and the response/chunk bodies. Unknown fields are refused rather than ignored: a client asking for
 something this server does not do (n > 1, logprobs, tools) gets told, never a silently different
-answer.
+answer. A field given as null counts as not given, known or not.
 
 Must not: tokenize, talk to the backend, or know aiohttp.
 """
@@ -106,7 +106,9 @@ class _Fields:
 
     def __init__(self, body: Mapping[str, Any], allowed: frozenset[str]) -> None:
         self.body = body
-        unknown = sorted(set(body) - allowed)
+        # A field set to null is a field not given (as for the known ones): clients that build the
+        # body from a dict of optional arguments send them so.
+        unknown = sorted(k for k, v in body.items() if k not in allowed and v is not None)
         if unknown:
             raise ApiError(
                 400,
@@ -358,7 +360,9 @@ def _messages(f: _Fields) -> tuple[ChatMessage, ...]:
     for i, m in enumerate(v):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]", f"must be an object, got {_show(m)}")
-        extra = sorted(set(m) - {"role", "content", "name"})
+        # Null fields are fields not given: a message the SDK returned, sent back with model_dump(),
+        # carries refusal, tool_calls, audio ... as null.
+        extra = sorted(k for k, x in m.items() if k not in ("role", "content", "name") and x is not None)
         if extra:
             raise ApiError(
                 400,
