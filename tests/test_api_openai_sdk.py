@@ -290,6 +290,39 @@ def test_a_returned_message_sent_back_is_accepted(model: Model) -> None:  # noqa
     with_node(model, body)
 
 
+def test_newer_sdk_parameters_at_values_we_honour(model: Model) -> None:  # noqa: F811
+    """user's successors (safety_identifier, prompt_cache_key), metadata, store=false and
+    stream_options.include_obfuscation: accepted, the answer unchanged."""
+
+    async def body(node: Node) -> None:
+        req: dict[str, Any] = {"model": MODEL_ID, "messages": CHAT, "max_tokens": 6, "temperature": 0}
+        with node.sdk() as client:
+            plain = (
+                (await in_thread(lambda: client.chat.completions.create(**req))).choices[0].message.content
+            )
+            extras = await in_thread(
+                lambda: client.chat.completions.create(
+                    **req,
+                    safety_identifier="user-1234",
+                    prompt_cache_key="k",
+                    metadata={"team": "a"},
+                    store=False,
+                )
+            )
+            assert extras.choices[0].message.content == plain
+            for obfuscation in (False, True):
+
+                def streamed(o: bool = obfuscation) -> str:
+                    s = client.chat.completions.create(
+                        **req, stream=True, stream_options={"include_usage": True, "include_obfuscation": o}
+                    )
+                    return "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+                assert await in_thread(streamed) == plain
+
+    with_node(model, body)
+
+
 def test_models_list_and_retrieve(model: Model) -> None:  # noqa: F811
     async def body(node: Node) -> None:
         with node.sdk() as client:
@@ -339,6 +372,7 @@ def test_refusals_are_the_sdks_exception_classes(model: Model) -> None:  # noqa:
                     "invalid_value",
                     "",
                 ),
+                (lambda: chat(model=MODEL_ID, messages=msgs, store=True), "store", "unsupported_value", ""),
                 (
                     lambda: cmpl(model=MODEL_ID, prompt="hi", extra_body={"top_k": 5}),
                     "top_k",

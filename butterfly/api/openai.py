@@ -194,6 +194,12 @@ _COMMON = frozenset(
         "frequency_penalty",
         "logit_bias",
         "user",
+        # user's successors in OpenAI's API: opaque ids, not used here.
+        "safety_identifier",
+        "prompt_cache_key",
+        # Tags for stored completions; nothing is stored here (store: false is the only answer).
+        "metadata",
+        "store",
     }
 )
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
@@ -235,12 +241,17 @@ def _stream(f: _Fields) -> tuple[bool, bool]:
         raise _bad("stream_options", "is only allowed when stream is true")
     if not isinstance(opts, dict):
         raise _bad("stream_options", f"must be an object, got {_show(opts)}")
-    extra = sorted(set(opts) - {"include_usage"})
+    # include_obfuscation asks for (or, false, turns off) random padding in each chunk: this server
+    # never pads, which is what false asks for and what true only makes harder to measure.
+    extra = sorted(set(opts) - {"include_usage", "include_obfuscation"})
     if extra:
         raise _bad(f"stream_options.{extra[0]}", "is not a recognized stream option")
     usage = opts.get("include_usage", False)
     if not isinstance(usage, bool):
         raise _bad("stream_options.include_usage", f"must be true or false, got {_show(usage)}")
+    obfuscation = opts.get("include_obfuscation", False)
+    if not isinstance(obfuscation, bool):
+        raise _bad("stream_options.include_obfuscation", f"must be true or false, got {_show(obfuscation)}")
     return stream, usage
 
 
@@ -258,9 +269,16 @@ def _unsupported(f: _Fields) -> None:
     lb = f.body.get("logit_bias")
     if lb is not None and lb != {}:
         raise ApiError(400, "logit_bias: is not supported", param="logit_bias", code="unsupported_value")
-    user = f.body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad("user", f"must be a string, got {_show(user)}")
+    for key in ("user", "safety_identifier", "prompt_cache_key"):
+        v = f.body.get(key)
+        if v is not None and not isinstance(v, str):
+            raise _bad(key, f"must be a string, got {_show(v)}")
+    f.only("store", (False,), "completions are not stored here (only false)")
+    metadata = f.body.get("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise _bad("metadata", f"must be an object of strings, got {_show(metadata)}")
 
 
 def _prompt(f: _Fields) -> tuple[str | None, tuple[int, ...] | None]:
