@@ -25,10 +25,11 @@ from aiohttp.typedefs import Handler
 
 from butterfly.api import make_app, start_api
 from butterfly.api.v1 import ServedModel
-from butterfly.serving.backend import Backend
+from butterfly.serving.backend import Backend, Finished, GenerationRequest, ServingError, TokenEvent
 from butterfly.serving.local import LocalBackend
 from butterfly.status import NodeStatus
 from tests.test_api_openai import (
+    LOADING,
     MODEL_ID,
     SERVING,
     Client,
@@ -405,6 +406,83 @@ def test_refusals_are_the_sdks_exception_classes(model: Model) -> None:  # noqa:
             assert e.code == "not_found" and "/v1/embeddings" in e.message
 
     with_node(model, body)
+
+
+def test_a_node_that_may_not_serve_fails_fast_with_its_reason(model: Model) -> None:  # noqa: F811
+    """503 while not OPERATIONAL: InternalServerError with the waiting reason; Retry-After: 1, which
+    the SDK honours, so its default two retries end within seconds, never a hang."""
+
+    async def body(node: Node) -> None:
+        msgs = [{"role": "user", "content": "hi"}]
+        with node.sdk() as client:
+            for call in (
+                lambda: client.completions.create(model=MODEL_ID, prompt="hi"),
+                lambda: client.chat.completions.create(model=MODEL_ID, messages=msgs, stream=True),
+            ):
+                e = await in_thread(lambda call=call: expect(openai.InternalServerError, 503, call))
+                assert "may not serve now: loading blocks 0-1" in e.message
+                assert (e.code, e.type) == ("not_serving", "service_unavailable")
+                assert e.response.headers["retry-after"] == "1"
+        assert node.attempts == ["0", "0"]
+        node.attempts.clear()
+        start = time.monotonic()
+        async with node.async_sdk(max_retries=2) as aclient:
+            with pytest.raises(openai.InternalServerError, match="loading blocks 0-1"):
+                await aclient.chat.completions.create(model=MODEL_ID, messages=msgs)
+        took = time.monotonic() - start
+        assert node.attempts == ["0", "1", "2"]
+        assert 1.9 < took < 10, took  # two waits of the Retry-After second
+
+    with_node(model, body, status=lambda: LOADING)
+
+
+def test_a_node_without_backend_is_not_retried(model: Model) -> None:  # noqa: F811
+    async def main() -> None:
+        async with node(None, model.served) as n, n.async_sdk(max_retries=2) as client:
+            with pytest.raises(openai.InternalServerError) as info:
+                await client.completions.create(model=MODEL_ID, prompt="hi")
+            assert "runs no inference backend" in info.value.message
+            assert info.value.response.headers["x-should-retry"] == "false"
+            assert "retry-after" not in info.value.response.headers
+            assert n.attempts == ["0"]
+
+    run(main())
+
+
+class FullOnce:
+    """Refuses its first request with 429 (the KV cache full), then answers."""
+
+    def __init__(self, answer: list[int]) -> None:
+        self.answer = answer
+        self.calls = 0
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent | Finished]:
+        self.calls += 1
+        if self.calls == 1:
+            raise ServingError(429, "kv_cache_full", "busy, retry later: the KV cache is full")
+        for t in self.answer:
+            yield TokenEvent(t)
+        yield Finished("length", len(request.prompt_ids), len(self.answer))
+
+
+def test_kv_cache_full_is_a_rate_limit_error_the_sdk_retries(model: Model) -> None:  # noqa: F811
+    answer = model.tok.encode("fine, thanks")
+
+    async def body(node: Node) -> None:
+        async with node.async_sdk() as client:
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.completions.create(model=MODEL_ID, prompt="hi")
+            e = info.value
+            assert e.status_code == 429 and e.code == "kv_cache_full" and e.type == "rate_limit_error"
+            assert "the KV cache is full" in e.message and e.response.headers["retry-after"] == "1"
+        backend.calls = 0
+        node.attempts.clear()
+        async with node.async_sdk(max_retries=2) as client:
+            r = await client.completions.create(model=MODEL_ID, prompt="hi")
+        assert r.choices[0].text == model.tok.decode(answer) and node.attempts == ["0", "1"]
+
+    backend = FullOnce(answer)
+    with_node(model, body, backend=backend)
 
 
 def test_a_stream_that_fails_after_its_first_token_raises_api_error(model: Model) -> None:  # noqa: F811

@@ -44,6 +44,8 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        retry_after: int | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -51,6 +53,12 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type or _error_type(status)
+        # Sent as Retry-After: when a retry may succeed (429, a 503 that passes). OpenAI's SDKs honour it
+        # (up to two minutes) in place of their own backoff.
+        self.retry_after = retry_after
+        # False: a retry cannot help (a node with no backend), sent as x-should-retry: false, the header
+        # OpenAI's SDKs obey instead of retrying every 5xx.
+        self.retryable = retryable
 
 
 def _error_type(status: int) -> str:
