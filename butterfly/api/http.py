@@ -236,6 +236,7 @@ def make_app(
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/v1/models", v1.models)
+    app.router.add_get("/v1/models/{model:.+}", v1.model)
     app.router.add_post("/v1/completions", v1.completions)
     app.router.add_post("/v1/chat/completions", v1.chat)
     return app

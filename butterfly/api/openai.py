@@ -4,7 +4,7 @@ Owns reading a request body into a checked ``CompletionRequest`` (every field's 
 an ``ApiError`` that names the field), the error body (``{"error": {message, type, param, code}}``)
 and the response/chunk bodies. Unknown fields are refused rather than ignored: a client asking for
 something this server does not do (n > 1, logprobs, tools) gets told, never a silently different
-answer.
+answer. A field given as null counts as not given, known or not.
 
 Must not: tokenize, talk to the backend, or know aiohttp.
 """
@@ -44,6 +44,8 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str | None = None,
+        retry_after: int | None = None,
+        retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -51,6 +53,12 @@ class ApiError(Exception):
         self.param = param
         self.code = code
         self.type = type or _error_type(status)
+        # Sent as Retry-After: when a retry may succeed (429, a 503 that passes). OpenAI's SDKs honour it
+        # (up to two minutes) in place of their own backoff.
+        self.retry_after = retry_after
+        # False: a retry cannot help (a node with no backend), sent as x-should-retry: false, the header
+        # OpenAI's SDKs obey instead of retrying every 5xx.
+        self.retryable = retryable
 
 
 def _error_type(status: int) -> str:
@@ -106,7 +114,9 @@ class _Fields:
 
     def __init__(self, body: Mapping[str, Any], allowed: frozenset[str]) -> None:
         self.body = body
-        unknown = sorted(set(body) - allowed)
+        # A field set to null is a field not given (as for the known ones): clients that build the
+        # body from a dict of optional arguments send them so.
+        unknown = sorted(k for k, v in body.items() if k not in allowed and v is not None)
         if unknown:
             raise ApiError(
                 400,
@@ -192,6 +202,12 @@ _COMMON = frozenset(
         "frequency_penalty",
         "logit_bias",
         "user",
+        # user's successors in OpenAI's API: opaque ids, not used here.
+        "safety_identifier",
+        "prompt_cache_key",
+        # Tags for stored completions; nothing is stored here (store: false is the only answer).
+        "metadata",
+        "store",
     }
 )
 _COMPLETION_FIELDS = _COMMON | {"prompt", "echo", "best_of", "suffix"}
@@ -233,12 +249,17 @@ def _stream(f: _Fields) -> tuple[bool, bool]:
         raise _bad("stream_options", "is only allowed when stream is true")
     if not isinstance(opts, dict):
         raise _bad("stream_options", f"must be an object, got {_show(opts)}")
-    extra = sorted(set(opts) - {"include_usage"})
+    # include_obfuscation asks for (or, false, turns off) random padding in each chunk: this server
+    # never pads, which is what false asks for and what true only makes harder to measure.
+    extra = sorted(set(opts) - {"include_usage", "include_obfuscation"})
     if extra:
         raise _bad(f"stream_options.{extra[0]}", "is not a recognized stream option")
     usage = opts.get("include_usage", False)
     if not isinstance(usage, bool):
         raise _bad("stream_options.include_usage", f"must be true or false, got {_show(usage)}")
+    obfuscation = opts.get("include_obfuscation", False)
+    if not isinstance(obfuscation, bool):
+        raise _bad("stream_options.include_obfuscation", f"must be true or false, got {_show(obfuscation)}")
     return stream, usage
 
 
@@ -256,9 +277,16 @@ def _unsupported(f: _Fields) -> None:
     lb = f.body.get("logit_bias")
     if lb is not None and lb != {}:
         raise ApiError(400, "logit_bias: is not supported", param="logit_bias", code="unsupported_value")
-    user = f.body.get("user")
-    if user is not None and not isinstance(user, str):
-        raise _bad("user", f"must be a string, got {_show(user)}")
+    for key in ("user", "safety_identifier", "prompt_cache_key"):
+        v = f.body.get(key)
+        if v is not None and not isinstance(v, str):
+            raise _bad(key, f"must be a string, got {_show(v)}")
+    f.only("store", (False,), "completions are not stored here (only false)")
+    metadata = f.body.get("metadata")
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise _bad("metadata", f"must be an object of strings, got {_show(metadata)}")
 
 
 def _prompt(f: _Fields) -> tuple[str | None, tuple[int, ...] | None]:
@@ -358,7 +386,9 @@ def _messages(f: _Fields) -> tuple[ChatMessage, ...]:
     for i, m in enumerate(v):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]", f"must be an object, got {_show(m)}")
-        extra = sorted(set(m) - {"role", "content", "name"})
+        # Null fields are fields not given: a message the SDK returned, sent back with model_dump(),
+        # carries refusal, tool_calls, audio ... as null.
+        extra = sorted(k for k, x in m.items() if k not in ("role", "content", "name") and x is not None)
         if extra:
             raise ApiError(
                 400,

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions.
+"""The OpenAI-compatible routes: GET /v1/models (and /v1/models/{id}), POST /v1/completions and
+/v1/chat/completions.
 
 Owns admission (in this order: a backend exists, the serving gate says yes, the model's tokenizer is
 loaded, the body fits, arrives in time (``BODY_TIMEOUT_S``) and decodes, the request is well formed,
@@ -58,6 +59,10 @@ _NO_STORE = {"Cache-Control": "no-store"}
 # evicts, for good.
 BODY_TIMEOUT_S = 10.0
 BODY_MIN_BYTES_PER_S = 256 * 1024
+# Retry-After, in seconds, on a refusal a retry may get past (429 KV cache full, 503 not serving yet
+# or a stage lost): soon enough for a cache that frees as sequences end, and OpenAI's SDKs (two
+# retries by default) then give up after about two seconds rather than hang on a node that loads.
+RETRY_AFTER_S = 1
 
 
 ModelSource = Callable[[], "ServedModel | None"]
@@ -72,6 +77,10 @@ def body_limit(model: ServedModel | None) -> int:
 
 def error_response(e: ApiError, headers: dict[str, str] | None = None) -> web.Response:
     merged = dict(_NO_STORE)
+    if e.retry_after is not None:
+        merged["Retry-After"] = str(e.retry_after)
+    if e.retryable is not None:
+        merged["x-should-retry"] = "true" if e.retryable else "false"
     if headers:
         merged.update(headers)
     return web.Response(
@@ -170,7 +179,8 @@ async def _deltas(
                 return
         raise ServingError(502, "backend_error", "the pipeline ended the request without finishing it")
     except ServingError as e:
-        raise ApiError(e.status, e.message, code=e.code) from None
+        retry_after = RETRY_AFTER_S if e.status in (429, 503) else None
+        raise ApiError(e.status, e.message, code=e.code, retry_after=retry_after) from None
     finally:
         await _aclose(events)
 
@@ -192,19 +202,25 @@ class V1Handlers:
 
     async def models(self, request: web.Request) -> web.Response:
         model = self._model()
-        data = []
-        if model is not None:
-            data.append(
-                {
-                    "id": model.id,
-                    "object": "model",
-                    "created": model.created,
-                    "owned_by": "butterfly",
-                    "root": model.root,
-                    "max_model_len": model.tokenizer.context_length,
-                }
+        return _json({"object": "list", "data": [] if model is None else [_model_object(model)]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{model} (the SDK's models.retrieve): by id or manifest root, else 404."""
+        name = request.match_info["model"]
+        model = self._model()
+        if model is None or name not in (model.id, model.root):
+            serves = (
+                f"this node serves {model.id!r}" if model is not None else "this node serves no model yet"
             )
-        return _json({"object": "list", "data": data})
+            return error_response(
+                ApiError(
+                    404,
+                    f"model {name!r} does not exist here; {serves}",
+                    param="model",
+                    code="model_not_found",
+                )
+            )
+        return _json(_model_object(model))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, parse_completion_request)
@@ -250,14 +266,22 @@ class V1Handlers:
                 503,
                 "serving not available: this node runs no inference backend",
                 code="serving_not_available",
+                retryable=False,
             )
         status = self._status()
         if not status.may_serve:
             reason = status.waiting_reason or f"state {status.state}"
-            raise ApiError(503, f"this node may not serve now: {reason}", code="not_serving")
+            raise ApiError(
+                503, f"this node may not serve now: {reason}", code="not_serving", retry_after=RETRY_AFTER_S
+            )
         model = self._model()
         if model is None:
-            raise ApiError(503, "the model's tokenizer is not loaded on this node yet", code="not_serving")
+            raise ApiError(
+                503,
+                "the model's tokenizer is not loaded on this node yet",
+                code="not_serving",
+                retry_after=RETRY_AFTER_S,
+            )
         return self._backend, model
 
     async def _read_json(self, request: web.Request, model: ServedModel) -> object:
@@ -496,6 +520,17 @@ class V1Handlers:
         except ConnectionResetError:
             pass  # the client went away: the caller's finally closes the backend's iterator
         return resp
+
+
+def _model_object(model: ServedModel) -> dict[str, Any]:
+    return {
+        "id": model.id,
+        "object": "model",
+        "created": model.created,
+        "owned_by": "butterfly",
+        "root": model.root,
+        "max_model_len": model.tokenizer.context_length,
+    }
 
 
 def _lone_surrogate(body: object) -> str | None:
