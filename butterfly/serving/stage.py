@@ -834,14 +834,27 @@ class StageServer:
             self._end_step(step, self._crash(f"{self._stage_name(self.index)} failed a step", exc))
 
     def _plan_step(self) -> _StepPlan:
+        """Decoding sequences first (one token each), then prompts with what is left of the budget.
+        A prompt is cut at multiples of ``max_step_tokens`` from its start, whatever else is in
+        flight: its chunks, and so its arithmetic, are the same alone as under load, and the
+        tokens a request gets do not depend on its neighbours. The first prompt chunk of a step
+        goes in even past the budget, so that prompts always progress."""
         step = _StepPlan(next(self._step_ids))
         budget = self.max_step_tokens
-        # Decoding sequences first (one token each), then prompts with what is left of the budget.
+        prompts = 0
         for seq in sorted(self.running, key=lambda s: len(s.ids) - s.pos > 1):
             todo = len(seq.ids) - seq.pos
-            k = min(todo, budget)
-            if k < 1:
+            if todo < 1:
                 continue
+            if todo == 1:
+                k = 1
+                if budget < 1:
+                    continue
+            else:
+                k = min(todo, self.max_step_tokens - seq.pos % self.max_step_tokens)
+                if k > budget and prompts:
+                    continue
+                prompts += 1
             budget -= k
             step.chunks.append(SeqChunk(seq.seq_id, seq.pos, k))
             step.members.append(seq)
