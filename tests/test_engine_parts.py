@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import uuid
 from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from butterfly.board.shm import create_segment, unlink_segment
+from butterfly.engine import model
 from butterfly.engine.config import ModelConfig
 from butterfly.engine.kvcache import KVCache, KVCacheFull
+from butterfly.engine.model import SeqChunk
 from butterfly.engine.sampler import SamplingParams, SeqSampler, sample_batch
 from butterfly.engine.weights import arena_weights, tensor_view
 from butterfly.ipc import TensorPlacement
@@ -159,3 +163,81 @@ def test_arena_weights_are_views_of_shared_memory() -> None:
     finally:
         seg.close()
         unlink_segment(name)
+
+
+# ---- linear: long prompt chunks of a half-precision weight in float32 tiles -------------------------
+
+
+def _rows(*sizes: int) -> tuple[list[SeqChunk], model._Rows]:
+    chunks = [SeqChunk(i, 0, n) for i, n in enumerate(sizes)]
+    return chunks, model._Rows.of(chunks, torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_linear_agrees_with_torch_and_a_float64_reference(
+    dtype: torch.dtype, bias: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 1)
+    monkeypatch.setattr(model, "_WIDEN_TILE_ELEMS", 131 * 1000)  # 131 rows a tile: 700 end in a part
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # chunks of 4 rows or more widen
+    gen = torch.Generator().manual_seed(1)
+    w = (torch.randn(700, 1000, generator=gen) / 30).to(dtype)
+    b = torch.randn(700, generator=gen).to(dtype) if bias else None
+    chunks = [SeqChunk(i, 0, n) for i, n in enumerate((37, 1, 3, 8, 1))]
+    rows = model._Rows.of(chunks, dtype, torch.device("cpu"))
+    assert rows.wide == ((0, 37), (41, 8)) and rows.narrow is not None
+    assert rows.narrow.tolist() == [37, 38, 39, 40, 49]
+    x = torch.randn(50, 1000, generator=gen).to(dtype)
+    got = model.linear(x, w, b, rows)
+    assert got.dtype == dtype and got.shape == (50, 700)
+    # The narrow rows are torch's own kernel, bit for bit; the wide ones round once from float32 too.
+    assert torch.equal(got[rows.narrow], F.linear(x, w, b)[rows.narrow])
+    tol = {"rtol": 2**-7 if dtype is torch.bfloat16 else 2**-10, "atol": 1e-3}
+    torch.testing.assert_close(got, F.linear(x, w, b), **tol)  # type: ignore[arg-type]
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    torch.testing.assert_close(got, want.to(dtype), **tol)  # type: ignore[arg-type]
+
+
+def test_a_widened_chunk_comes_out_the_same_whatever_shares_its_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 1)
+    gen = torch.Generator().manual_seed(2)
+    w = (torch.randn(2048, 768, generator=gen) / 30).to(torch.bfloat16)
+    x = torch.randn(70, 768, generator=gen).to(torch.bfloat16)
+    alone = model.linear(x[:23], w, None, _rows(23)[1])
+    for sizes in [(23, 47), (23, 1, 46), (23, 2, 2, 43)]:
+        assert torch.equal(model.linear(x, w, None, _rows(*sizes)[1])[:23], alone), sizes
+    # Decode rows, on torch's kernel, do not depend on their step either.
+    one = model.linear(x[:1], w, None, _rows(1)[1])
+    assert torch.equal(model.linear(x[:9], w, None, _rows(*[1] * 9)[1])[:1], one)
+
+
+def test_linear_widens_a_tile_never_the_weight_and_only_long_chunks_of_half_weights() -> None:
+    least = model._WIDEN_ROWS_PER_THREAD * torch.get_num_threads()
+    cpu = torch.device("cpu")
+    assert model._Rows.of([SeqChunk(0, 0, least - 1)], torch.bfloat16, cpu).wide == ()
+    assert model._Rows.of([SeqChunk(0, 0, least)], torch.float32, cpu).wide == ()
+    assert model._Rows.of([SeqChunk(0, 0, least)], torch.bfloat16, torch.device("meta")).wide == ()
+    rows = model._Rows.of([SeqChunk(0, 0, least)], torch.float16, cpu)
+    assert rows.wide == ((0, least),) and rows.narrow is None
+    w = torch.randn(4096, 512).to(torch.float16)
+    model._scratch.buf = None
+    model.linear(torch.randn(least, 512).to(torch.float16), w, None, rows)
+    scratch = model._scratch.buf
+    assert scratch is not None and scratch.dtype == torch.float32
+    assert scratch.numel() <= model._WIDEN_TILE_ELEMS < w.numel()
+
+
+def test_linear_scratch_is_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 0)
+    gen = torch.Generator().manual_seed(5)
+    ws = [(torch.randn(512, 256 + 64 * i, generator=gen) / 16).to(torch.bfloat16) for i in range(4)]
+    xs = [torch.randn(6, 256 + 64 * i, generator=gen).to(torch.bfloat16) for i in range(4)]
+    rows = _rows(6)[1]
+    alone = [model.linear(x, w, None, rows) for x, w in zip(xs, ws, strict=True)]
+
+    def run(i: int) -> bool:
+        return all(torch.equal(model.linear(xs[i], ws[i], None, rows), alone[i]) for _ in range(50))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(4)))

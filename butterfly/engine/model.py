@@ -7,14 +7,16 @@ operation for operation so fp32 logits agree to ~1e-5 and greedy tokens are iden
 prefill and decode chunks mix freely, which is what continuous batching needs.
 
 Weights are whatever tensors the caller maps (views of the loader's arena, of mmap'd safetensors, or
-GPU copies); the stage never copies or widens a weight on the CPU, and computes in the weights' stored
-dtype (bf16/fp16/fp32) except for the norms' and RoPE's float32 steps, as transformers does.
+GPU copies); the stage never copies or widens a whole weight, and computes in the weights' stored
+dtype (bf16/fp16/fp32) except for the norms' and RoPE's float32 steps, as transformers does, and
+for the matrix products of long prompt chunks on the CPU, which ``linear`` does in float32 tiles.
 
 Must not: read files, know about processes or the network, or sample (``sampler`` does).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -105,6 +107,77 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return w * xf.to(x.dtype)
+
+
+# On the CPU torch multiplies bf16 and fp16 matrices a row at a time (no AVX-512 BF16 or AMX on the
+# machines measured): a prefill of n tokens cost n decode steps. A prompt chunk of enough tokens is
+# multiplied in float32 instead, the weight widened a tile at a time (about _WIDEN_TILE_ELEMS
+# elements, 2 MiB) into a per-thread scratch buffer: never a float32 copy of the weight.
+# Accumulation is float32 either way and the result is rounded once to the stored dtype, as torch's
+# kernel does; only the summation order differs. Widening costs a read and a write of each weight
+# element, which torch's kernel spreads over its threads better: it pays from about 4 rows per
+# thread (1.1-1.5x there, 2-5x for 32 rows, at 1 and 2 threads here).
+#
+# A request must get the same tokens alone as beside others (the tests hold the engine to it), so a
+# row's arithmetic may not depend on its neighbours: torch's kernel treats rows independently, but a
+# float32 product of m rows can round a row differently for another m. Each widened chunk is
+# therefore multiplied on its own, and the scheduler cuts prompts at the same places under any load
+# (serving/stage.py): a chunk is widened, or not, and multiplied exactly the same way alone or not.
+# Decode steps stay on torch's kernel, whatever their batch.
+_WIDEN_ROWS_PER_THREAD = 4
+_WIDEN_TILE_ELEMS = 1 << 19
+_scratch = threading.local()
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """How a step's rows are multiplied (see above): ``wide`` holds (offset, rows) of the chunks
+    multiplied in float32 tiles, each on its own; the other rows, ``narrow`` (None when all), go
+    through torch's kernel together."""
+
+    wide: tuple[tuple[int, int], ...]
+    narrow: torch.Tensor | None
+
+    @staticmethod
+    def of(chunks: Sequence[SeqChunk], dtype: torch.dtype, device: torch.device) -> _Rows:
+        if dtype is torch.float32 or device.type != "cpu":
+            return _Rows((), None)
+        least = _WIDEN_ROWS_PER_THREAD * torch.get_num_threads()
+        wide: list[tuple[int, int]] = []
+        narrow: list[int] = []
+        off = 0
+        for c in chunks:
+            if c.n_tokens >= least:
+                wide.append((off, c.n_tokens))
+            else:
+                narrow.extend(range(off, off + c.n_tokens))
+            off += c.n_tokens
+        return _Rows(tuple(wide), torch.tensor(narrow, dtype=torch.long) if wide and narrow else None)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows) -> torch.Tensor:
+    """``F.linear(x, w, b)``, with ``rows.wide`` chunks of ``x`` multiplied in float32 tiles."""
+    if not rows.wide:
+        return F.linear(x, w, b)
+    out_features, in_features = w.shape
+    tile_rows = max(1, min(out_features, _WIDEN_TILE_ELEMS // in_features))
+    scratch: torch.Tensor | None = getattr(_scratch, "buf", None)
+    if scratch is None or scratch.numel() < tile_rows * in_features:
+        scratch = _scratch.buf = torch.empty(tile_rows * in_features, dtype=torch.float32)
+    xf = x.float()
+    wide = torch.empty((x.shape[0], out_features), dtype=torch.float32)
+    for start in range(0, out_features, tile_rows):
+        stop = min(start + tile_rows, out_features)
+        tile = scratch[: (stop - start) * in_features].view(stop - start, in_features)
+        tile.copy_(w[start:stop])
+        for off, n in rows.wide:
+            torch.mm(xf[off : off + n], tile.t(), out=wide[off : off + n, start:stop])
+    if b is not None:
+        wide += b
+    out = wide.to(x.dtype)
+    if rows.narrow is not None:
+        out[rows.narrow] = F.linear(x[rows.narrow], w, b)
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -227,8 +300,9 @@ class StageModel:
             h = F.embedding(x.to(self.device), self.embed)
         else:
             h = x.to(self.device, self.dtype)
+        rows = _Rows.of(chunks, self.dtype, self.device)
         for i, blk in enumerate(self.blocks):
-            h = self._block_forward(h, blk, i, chunks, kvs, cos, sin, total)
+            h = self._block_forward(h, blk, i, chunks, kvs, cos, sin, total, rows)
         for c in chunks:
             cache.advance(c.seq_id, c.start_pos + c.n_tokens)
         if not self.last:
@@ -273,13 +347,14 @@ class StageModel:
         cos: torch.Tensor,
         sin: torch.Tensor,
         total: int,
+        rows: _Rows,
     ) -> torch.Tensor:
         cfg = self.cfg
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         y = rms_norm(h, blk.ln1, cfg.rms_norm_eps)
-        q = F.linear(y, blk.wq, blk.bq).view(total, heads, hd)
-        k = F.linear(y, blk.wk, blk.bk).view(total, kv_heads, hd)
-        v = F.linear(y, blk.wv, blk.bv).view(total, kv_heads, hd)
+        q = linear(y, blk.wq, blk.bq, rows).view(total, heads, hd)
+        k = linear(y, blk.wk, blk.bk, rows).view(total, kv_heads, hd)
+        v = linear(y, blk.wv, blk.bv, rows).view(total, kv_heads, hd)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = torch.empty((total, heads, hd), dtype=h.dtype, device=h.device)
@@ -314,7 +389,7 @@ class StageModel:
             )
             out[off : off + n] = o[0].transpose(0, 1)
             off += n
-        h = h + F.linear(out.view(total, heads * hd), blk.wo, blk.bo)
+        h = h + linear(out.view(total, heads * hd), blk.wo, blk.bo, rows)
         y = rms_norm(h, blk.ln2, cfg.rms_norm_eps)
-        act = F.silu(F.linear(y, blk.gate, blk.b_gate)) * F.linear(y, blk.up, blk.b_up)
-        return h + F.linear(act, blk.down, blk.b_down)
+        act = F.silu(linear(y, blk.gate, blk.b_gate, rows)) * linear(y, blk.up, blk.b_up, rows)
+        return h + linear(act, blk.down, blk.b_down, rows)
