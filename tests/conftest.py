@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,22 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest, _ = build_manifest(model, chunk_bytes=64 * 1024)
     write_manifest(manifest, model / MANIFEST_FILE)
     return model
+
+
+@pytest.fixture(params=["native", "torch"])
+def half_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The engine's kernel for half-precision rows: the native one (csrc/halfmm.h), or its plain twin,
+    torch's own. A test taking this fixture runs on both."""
+    from butterfly.engine import model
+
+    if request.param == "native" and platform.machine().lower() in ("x86_64", "amd64"):
+        # Built by scripts/bootstrap.sh for every x86-64 with AVX2 (every CPU this project runs on):
+        # missing here means the build lost it, which is a failure, not a reason to skip.
+        assert model.NATIVE_KERNEL is not None, (
+            "butterfly._native.halfmm is missing or this CPU lacks AVX2/FMA/F16C"
+        )
+    monkeypatch.setattr(model, "NATIVE", model.NATIVE_KERNEL if request.param == "native" else None)
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

@@ -168,7 +168,9 @@ HALF_ATOL = {torch.bfloat16: 0.125, torch.float16: 0.02}
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_half_precision_runs_in_stored_dtype(variant: str, dtype: torch.dtype, tmp_path: Path) -> None:
+def test_half_precision_runs_in_stored_dtype(
+    variant: str, dtype: torch.dtype, tmp_path: Path, half_kernel: str
+) -> None:
     path = save_hf_model(variant, tmp_path / "m", dtype=dtype)
     md = open_model_dir(path)
     stage = StageModel(md.config, md.weights, 0, 4, 4)

@@ -176,7 +176,7 @@ def _rows(*sizes: int) -> tuple[list[SeqChunk], model._Rows]:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_linear_agrees_with_torch_and_a_float64_reference(
-    dtype: torch.dtype, bias: bool, monkeypatch: pytest.MonkeyPatch
+    dtype: torch.dtype, bias: bool, monkeypatch: pytest.MonkeyPatch, half_kernel: str
 ) -> None:
     monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 1)
     monkeypatch.setattr(model, "_WIDEN_TILE_ELEMS", 131 * 1000)  # 131 rows a tile: 700 end in a part
@@ -191,15 +191,17 @@ def test_linear_agrees_with_torch_and_a_float64_reference(
     x = torch.randn(50, 1000, generator=gen).to(dtype)
     got = model.linear(x, w, b, rows)
     assert got.dtype == dtype and got.shape == (50, 700)
-    # The narrow rows are torch's own kernel, bit for bit; the wide ones round once from float32 too.
-    assert torch.equal(got[rows.narrow], F.linear(x, w, b)[rows.narrow])
+    # The narrow rows are rows_linear's, bit for bit; the wide ones round once from float32 too.
+    assert torch.equal(got[rows.narrow], model.rows_linear(x[rows.narrow], w, b))
     tol = {"rtol": 2**-7 if dtype is torch.bfloat16 else 2**-10, "atol": 1e-3}
     torch.testing.assert_close(got, F.linear(x, w, b), **tol)  # type: ignore[arg-type]
     want = x.double() @ w.double().t() + (0 if b is None else b.double())
     torch.testing.assert_close(got, want.to(dtype), **tol)  # type: ignore[arg-type]
 
 
-def test_a_widened_chunk_comes_out_the_same_whatever_shares_its_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_widened_chunk_comes_out_the_same_whatever_shares_its_step(
+    monkeypatch: pytest.MonkeyPatch, half_kernel: str
+) -> None:
     monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 1)
     gen = torch.Generator().manual_seed(2)
     w = (torch.randn(2048, 768, generator=gen) / 30).to(torch.bfloat16)
@@ -207,7 +209,7 @@ def test_a_widened_chunk_comes_out_the_same_whatever_shares_its_step(monkeypatch
     alone = model.linear(x[:23], w, None, _rows(23)[1])
     for sizes in [(23, 47), (23, 1, 46), (23, 2, 2, 43)]:
         assert torch.equal(model.linear(x, w, None, _rows(*sizes)[1])[:23], alone), sizes
-    # Decode rows, on torch's kernel, do not depend on their step either.
+    # Decode rows do not depend on their step either.
     one = model.linear(x[:1], w, None, _rows(1)[1])
     assert torch.equal(model.linear(x[:9], w, None, _rows(*[1] * 9)[1])[:1], one)
 
@@ -241,3 +243,57 @@ def test_linear_scratch_is_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         assert all(pool.map(run, range(4)))
+
+
+# ---- rows_linear: the native kernel for rows that must not depend on each other ---------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [64, 777, 1000])  # tails of 8 and of 1 after the steps of 32
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_rows_linear_agrees_with_torch_and_a_float64_reference(
+    dtype: torch.dtype, k: int, bias: bool, half_kernel: str
+) -> None:
+    gen = torch.Generator().manual_seed(k)
+    w = (torch.randn(300, k, generator=gen) / 30).to(dtype)
+    b = torch.randn(300, generator=gen).to(dtype) if bias else None
+    x = torch.randn(9, k, generator=gen).to(dtype)
+    got = model.rows_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (9, 300)
+    tol = {"rtol": 2**-7 if dtype is torch.bfloat16 else 2**-10, "atol": 1e-3}
+    torch.testing.assert_close(got, F.linear(x, w, b), **tol)  # type: ignore[arg-type]
+    want = x.double() @ w.double().t() + (0 if b is None else b.double())
+    torch.testing.assert_close(got, want.to(dtype), **tol)  # type: ignore[arg-type]
+
+
+def test_rows_linear_gives_a_row_the_same_bits_in_any_batch_and_on_any_thread_count(half_kernel: str) -> None:
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(2048, 768, generator=gen) / 30).to(torch.bfloat16)
+    b = torch.randn(2048, generator=gen).to(torch.bfloat16)
+    x = torch.randn(16, 768, generator=gen).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        whole = model.rows_linear(x, w, b)
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(model.rows_linear(x, w, b), whole), t
+            for lo, hi in [(0, 1), (5, 6), (3, 11), (15, 16)]:
+                assert torch.equal(model.rows_linear(x[lo:hi], w, b), whole[lo:hi]), (t, lo, hi)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rows_linear_leaves_what_the_kernel_does_not_take_to_torch(half_kernel: str) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=gen)
+    w32 = torch.randn(40, 64, generator=gen)
+    assert torch.equal(model.rows_linear(x, w32), F.linear(x, w32))  # float32: torch's kernel
+    strided = w32.t().contiguous().t().to(torch.bfloat16)  # not contiguous
+    xb = x.to(torch.bfloat16)
+    assert torch.equal(model.rows_linear(xb, strided), F.linear(xb, strided))
+    # A mismatch is torch's clear error, never the kernel reading past the weight.
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        model.rows_linear(xb[:, :60], w32.to(torch.bfloat16))
+    with pytest.raises(RuntimeError):
+        model.rows_linear(xb, w32.to(torch.bfloat16), torch.zeros(39, dtype=torch.bfloat16))

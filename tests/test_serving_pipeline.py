@@ -94,7 +94,7 @@ def bf16_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModelDir]:
 
 @pytest.mark.parametrize("cuts", [(0, 4), (0, 2, 4)], ids=lambda c: f"{len(c) - 1}stages")
 def test_bf16_prompts_longer_than_a_step_get_their_solo_tokens_under_load(
-    bf16_model: ModelDir, cuts: tuple[int, ...]
+    bf16_model: ModelDir, cuts: tuple[int, ...], half_kernel: str
 ) -> None:
     """A prompt longer than a step is cut into chunks. The scheduler used to give each prompt what
     was left of a step's budget, so under load a prompt was cut elsewhere than alone, its attention

@@ -16,9 +16,12 @@ Must not: read files, know about processes or the network, or sample (``sampler`
 
 from __future__ import annotations
 
+import importlib
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +131,59 @@ _WIDEN_ROWS_PER_THREAD = 4
 _WIDEN_TILE_ELEMS = 1 << 19
 _scratch = threading.local()
 
+# The other rows (decode steps, short chunks, the LM head's one row per sequence) go through
+# csrc/halfmm.h where this CPU has AVX2, FMA and F16C: it widens each weight row once for all the
+# rows of a step and sums every output in one fixed order, so a batch reads the weight once and a row
+# comes out the same in any batch. It runs on torch's own OpenMP team (the output columns split over
+# torch's thread count, which changes no sum). torch's kernel, its plain twin, does the same rows a
+# row at a time (the tests run the engine on both; BUTTERFLY_PURE=1 makes it the one used).
+NATIVE_KERNEL: Any = None
+"""``butterfly._native.halfmm`` where it is built and this CPU runs it, else None."""
+try:
+    # importlib: the extension has no stub.
+    _halfmm = importlib.import_module("butterfly._native.halfmm")
+except ImportError:  # built without extensions (BUTTERFLY_NO_EXT=1)
+    pass
+else:
+    if _halfmm.available():
+        NATIVE_KERNEL = _halfmm
+        _halfmm.bind_threads()
+NATIVE: Any = None if os.environ.get("BUTTERFLY_PURE") == "1" else NATIVE_KERNEL
+"""The kernel ``rows_linear`` uses (None: torch's)."""
+
+
+def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for a 2-D ``x`` whose rows must not depend on each other: the native
+    kernel for a contiguous half-precision weight on the CPU (see above), else torch's."""
+    native = NATIVE
+    if (
+        native is None
+        or w.dtype not in (torch.bfloat16, torch.float16)
+        or w.device.type != "cpu"
+        or not w.is_contiguous()
+        or x.dim() != 2
+        or x.shape[0] == 0
+        or x.shape[1] != w.shape[1]  # F.linear says what is wrong; the kernel would read past w
+        or (b is not None and b.shape != (w.shape[0],))
+    ):
+        return F.linear(x, w, b)
+    (m, k), n = x.shape, w.shape[0]
+    xf = x.float().contiguous()
+    bf = None if b is None else b.float().contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    native.matmul(
+        xf.data_ptr(),
+        m,
+        k,
+        w.data_ptr(),
+        0 if bf is None else bf.data_ptr(),
+        y.data_ptr(),
+        n,
+        w.dtype is torch.float16,
+        torch.get_num_threads(),
+    )
+    return y.to(x.dtype)
+
 
 @dataclass(frozen=True)
 class _Rows:
@@ -158,7 +214,7 @@ class _Rows:
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows) -> torch.Tensor:
     """``F.linear(x, w, b)``, with ``rows.wide`` chunks of ``x`` multiplied in float32 tiles."""
     if not rows.wide:
-        return F.linear(x, w, b)
+        return rows_linear(x, w, b)
     out_features, in_features = w.shape
     tile_rows = max(1, min(out_features, _WIDEN_TILE_ELEMS // in_features))
     scratch: torch.Tensor | None = getattr(_scratch, "buf", None)
@@ -176,7 +232,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows
         wide += b
     out = wide.to(x.dtype)
     if rows.narrow is not None:
-        out[rows.narrow] = F.linear(x[rows.narrow], w, b)
+        out[rows.narrow] = rows_linear(x[rows.narrow], w, b)
     return out
 
 
@@ -310,7 +366,7 @@ class StageModel:
         assert self.final_norm is not None and self.head is not None
         ends = torch.cumsum(torch.tensor([c.n_tokens for c in chunks]), 0) - 1
         last = rms_norm(h[ends.to(self.device)], self.final_norm, self.cfg.rms_norm_eps)
-        return F.linear(last, self.head).float()
+        return rows_linear(last, self.head).float()
 
     __call__ = forward
 
