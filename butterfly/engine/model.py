@@ -126,7 +126,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 # float32 product of m rows can round a row differently for another m. Each widened chunk is
 # therefore multiplied on its own, and the scheduler cuts prompts at the same places under any load
 # (serving/stage.py): a chunk is widened, or not, and multiplied exactly the same way alone or not.
-# Decode steps stay on torch's kernel, whatever their batch.
+# Decode steps are never widened, whatever their batch: their rows go to ``rows_linear`` (below).
 _WIDEN_ROWS_PER_THREAD = 4
 _WIDEN_TILE_ELEMS = 1 << 19
 _scratch = threading.local()
@@ -189,7 +189,7 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
 class _Rows:
     """How a step's rows are multiplied (see above): ``wide`` holds (offset, rows) of the chunks
     multiplied in float32 tiles, each on its own; the other rows, ``narrow`` (None when all), go
-    through torch's kernel together."""
+    through ``rows_linear`` together."""
 
     wide: tuple[tuple[int, int], ...]
     narrow: torch.Tensor | None
