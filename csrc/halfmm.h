@@ -22,6 +22,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* One call: x [m][k], w [n][k], b [n] or NULL, y [m][n]; failed is set by a part that could not
+ * allocate its weight row. */
+typedef struct {
+    const float *x;
+    const uint16_t *w;
+    const float *b;
+    float *y;
+    int m, k, n, fp16;
+    volatile int failed;
+} hk_job;
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HK_TARGET __attribute__((target("avx2,fma,f16c")))
@@ -144,14 +155,6 @@ static int hk_bind_openmp(void) {
     return 1;
 }
 
-typedef struct {
-    const float *x;
-    const uint16_t *w;
-    const float *b;
-    float *y;
-    int m, k, n, fp16;
-    volatile int failed;
-} hk_job;
 
 static void hk_part(hk_job *job, int part, int parts) {
     int j0 = (int)((int64_t)job->n * part / parts), j1 = (int)((int64_t)job->n * (part + 1) / parts);
@@ -177,21 +180,8 @@ static int hk_run(hk_job *job, int threads) {
     return job->failed ? -1 : 0;
 }
 #else
-static void hk_matmul(const float *x, int m, int k, const uint16_t *w, const float *b, float *y, int n,
-                      int fp16, float *wrow, int j0, int j1) {
-    (void)x; (void)m; (void)k; (void)w; (void)b; (void)y; (void)n; (void)fp16; (void)wrow; (void)j0;
-    (void)j1;
-}
 static int hk_available(void) { return 0; }
 static int hk_bind_openmp(void) { return 0; }
-typedef struct {
-    const float *x;
-    const uint16_t *w;
-    const float *b;
-    float *y;
-    int m, k, n, fp16;
-    volatile int failed;
-} hk_job;
 static int hk_run(hk_job *job, int threads) { (void)job; (void)threads; return -1; }
 #endif
 #endif
