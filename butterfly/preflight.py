@@ -41,6 +41,10 @@ class PreflightError(Exception):
         return f"{self.source}: {self.key}: {self.problem}; fix: {self.fix}"
 
 
+class PortInUse(PreflightError):
+    """A port the node must listen on is held by another process (which may be this very node)."""
+
+
 def preflight(
     config: Config,
     *,
@@ -63,8 +67,8 @@ def preflight(
             try:
                 _port(config, key, address, port_held_by_self)
                 break
-            except PreflightError as exc:
-                if "is in use" not in exc.problem or time.monotonic() >= deadline:
+            except PortInUse:
+                if time.monotonic() >= deadline:
                     raise
                 time.sleep(0.2)
 
@@ -220,7 +224,7 @@ def _port(
     if problem.errno == errno.EADDRINUSE:
         if held_by_self is not None and held_by_self(address):
             return
-        raise PreflightError(
+        raise PortInUse(
             config.source,
             key,
             f"{address} is in use by another program",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from butterfly import __version__
 from butterfly.config import EX_CONFIG, Config, ConfigError, HostPort, load_config
-from butterfly.preflight import PreflightError, preflight
+from butterfly.preflight import PortInUse, PreflightError, preflight
 
 PORT_WAIT_S = 10.0
 """How long a start waits for a port in use to be freed (a node killed just before) before exit 78."""
@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             try:
                 preflight(config, port_wait_s=PORT_WAIT_S)
-            except PreflightError as e:
+            except PortInUse:
                 # Started twice (by hand beside systemd, say): the port's holder is this very node.
-                if "is in use" not in e.problem or not _held_by(config)(config.api.listen):
+                if not _held_by(config)(config.api.listen):
                     raise
                 raise PreflightError(
                     config.source,
