@@ -155,7 +155,6 @@ static int hk_bind_openmp(void) {
     return 1;
 }
 
-
 static void hk_part(hk_job *job, int part, int parts) {
     int j0 = (int)((int64_t)job->n * part / parts), j1 = (int)((int64_t)job->n * (part + 1) / parts);
     if (j0 == j1) return;
