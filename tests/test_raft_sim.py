@@ -50,10 +50,12 @@ SHARE = {3: 4, 5: 2, 7: 1}
 # campaign held the only up-to-date log (the simulator now promotes as the driver does). 2241651534:
 # a leader that committed its own demotion stepped down without telling anyone the commit index.
 # 820848566: repeated real vote requests (without pre-vote) kept a 2-voter cluster electing.
+# 7650841230: without pre-vote, two voters with stale logs kept standing, and each higher-term request
+# restarted the timers of the two that could win: no leader for 220 ticks after healing.
 REGRESSION: dict[int, tuple[int, ...]] = {
     3: (3798006136, 820848566),
     5: (2124265727, 2124266496, 2241651534),
-    7: (),
+    7: (7650841230,),
 }
 
 

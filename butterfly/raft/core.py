@@ -491,6 +491,13 @@ class RaftNode:
                 pass  # pre-vote never changes terms; a grant echoes the term we would campaign at
             elif isinstance(m, AppendEntries | Heartbeat):
                 self._become_follower(m.term, m.src)
+            elif isinstance(m, VoteRequest):
+                # A newer term, but no timer restarts: only a vote granted or a leader heard does that
+                # (Figure 2). Otherwise a candidate whose log can never win (without pre-vote) pushes
+                # back the timeout of every node whose log could, each time it stands.
+                elapsed = self._election_elapsed
+                self._become_follower(m.term, None)
+                self._election_elapsed = elapsed
             else:
                 self._become_follower(m.term, None)
         elif m.term < self._term:
