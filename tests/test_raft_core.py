@@ -29,11 +29,13 @@ from butterfly.raft import (
     RaftInvariantError,
     RaftNode,
     RaftUsageError,
+    RemoveVoter,
     Role,
     VoteRequest,
     VoteResponse,
     bootstrap_state,
     decode_message,
+    encode_conf_change,
     encode_message,
 )
 
@@ -148,7 +150,7 @@ def test_granting_a_pre_vote_changes_neither_term_nor_vote() -> None:
     voter = fresh("n2")
     voter.step(PreVoteRequest(2, "n1", "n2", last_log_index=1, last_log_term=1))
     rd = take(voter)
-    assert rd.messages == (PreVoteResponse(2, "n2", "n1", granted=True),)
+    assert rd.messages == (PreVoteResponse(2, "n2", "n1", granted=True, commit=1, commit_term=1),)
     assert voter.term == 1 and voter.vote is None and rd.hard_state is None
 
 
@@ -204,6 +206,44 @@ def test_a_vote_request_refused_for_its_stale_log_does_not_push_back_our_electio
         node.tick()
     assert refuser.role is Role.CANDIDATE and refuser.term == 6, "its timeout ran on"
     assert granter.role is Role.FOLLOWER and granter.term == 5, "a granted vote restarts the timer"
+
+
+def with_removal(commit: int) -> PersistedState:
+    """Voters n1-n4, then entry 2 (term 1) demotes n4; committed up to ``commit``."""
+    boot = bootstrap_state(("n1", "n2", "n3", "n4"), "core")
+    demote = Entry(2, 1, EntryKind.CONF, encode_conf_change(RemoveVoter("n4")))
+    return PersistedState(HardState(term=1, commit=commit), (*boot.entries, demote))
+
+
+def test_a_candidate_that_missed_a_committed_voter_change_learns_it_from_the_answers_and_wins() -> None:
+    """A leader that commits its own demotion tells the others and steps down; a voter that missed
+    that message counted the old voter set, and if the nodes ahead of it could not campaign, no one
+    was ever elected again (simulator seed 7350362806). Vote answers now carry the commit index."""
+    node = RaftNode("n1", CFG, with_removal(commit=1), 1)
+    take(node)
+    assert node.voters == ("n1", "n2", "n3", "n4")
+    time_out(node)
+    assert node.role is Role.PRE_CANDIDATE
+    take(node)
+    # n3 is ahead (it holds a longer log) and refuses, but it knows entry 2 committed.
+    node.step(PreVoteResponse(1, "n3", "n1", granted=False, commit=2, commit_term=1))
+    assert node.commit == 2 and node.voters == ("n1", "n2", "n3")
+    assert node.role is Role.PRE_CANDIDATE
+    node.step(PreVoteResponse(2, "n2", "n1", granted=True, commit=1, commit_term=1))
+    assert node.role is Role.CANDIDATE and node.term == 2, "2 of the 3 voters it now counts"
+    asked = {m.dst for m in take(node).messages if isinstance(m, VoteRequest)}
+    assert asked == {"n2", "n3"}
+    assert take(node).hard_state is None  # the commit went out with the previous Ready
+
+
+def test_a_commit_index_whose_entry_differs_from_ours_teaches_nothing() -> None:
+    node = RaftNode("n1", CFG, with_removal(commit=1), 1)
+    take(node)
+    time_out(node)
+    take(node)
+    node.step(PreVoteResponse(1, "n3", "n1", granted=False, commit=2, commit_term=3))  # another entry 2
+    node.step(PreVoteResponse(1, "n4", "n1", granted=False, commit=5, commit_term=1))  # past our log
+    assert node.commit == 1 and node.voters == ("n1", "n2", "n3", "n4")
 
 
 # -- check-quorum and the leader lease -------------------------------------------------------------------
@@ -444,9 +484,9 @@ def test_a_leader_pipelines_appends_to_a_follower_that_is_far_behind() -> None:
 ENTRY = Entry(7, 3, EntryKind.CONF, b"\x00\xff")
 ALL_MESSAGES: list[Message] = [
     PreVoteRequest(4, "a", "b", 7, 3),
-    PreVoteResponse(4, "b", "a", True),
+    PreVoteResponse(4, "b", "a", True, commit=6, commit_term=3),
     VoteRequest(4, "a", "b", 7, 3),
-    VoteResponse(4, "b", "a", False),
+    VoteResponse(4, "b", "a", False, commit=6, commit_term=3),
     AppendEntries(4, "a", "b", 6, 3, (ENTRY,), 5),
     AppendResponse(4, "b", "a", False, 6, reject_hint=2, hint_term=1),
     Heartbeat(4, "a", "b", 5),

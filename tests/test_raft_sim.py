@@ -52,9 +52,11 @@ SHARE = {3: 4, 5: 2, 7: 1}
 # 820848566: repeated real vote requests (without pre-vote) kept a 2-voter cluster electing.
 # 7650841230: without pre-vote, two voters with stale logs kept standing, and each higher-term request
 # restarted the timers of the two that could win: no leader for 220 ticks after healing.
+# 7350362806: a leader committed its own demotion and stepped down; the only voter that could win had
+# missed the commit, counted the old voters, and the nodes ahead of it were a worker and learners.
 REGRESSION: dict[int, tuple[int, ...]] = {
     3: (3798006136, 820848566),
-    5: (2124265727, 2124266496, 2241651534),
+    5: (2124265727, 2124266496, 2241651534, 7350362806),
     7: (7650841230,),
 }
 

@@ -506,16 +506,17 @@ class RaftNode:
                 # raised our term while cut off, pre-vote and the lease keep our vote requests from
                 # spreading it, so this reply is how that leader learns it and steps down.
                 self._send(AppendResponse(self._term, self._id, m.src, success=False, index=0))
-            elif isinstance(m, PreVoteRequest):
-                self._send(PreVoteResponse(self._term, self._id, m.src, granted=False))
-            elif isinstance(m, VoteRequest):
+            elif isinstance(m, PreVoteRequest | VoteRequest):
                 # "Reply false if term < currentTerm" (Figure 2): the stale candidate learns our term.
-                self._send(VoteResponse(self._term, self._id, m.src, granted=False))
+                self._answer_vote(m, self._term, granted=False)
             return
 
         if isinstance(m, PreVoteRequest | VoteRequest):
             self._handle_vote_request(m)
-        elif self._role is Role.LEADER:
+            return
+        if isinstance(m, PreVoteResponse | VoteResponse):
+            self._learn_commit(m.commit, m.commit_term)
+        if self._role is Role.LEADER:
             self._step_leader(m)
         elif self._role is Role.FOLLOWER:
             self._step_follower(m)
@@ -615,8 +616,13 @@ class RaftNode:
         if voter not in self._voters:
             return False
         self._votes.setdefault(voter, granted)
-        yes = sum(1 for v in self._votes.values() if v)
-        no = len(self._votes) - yes
+        return self._tally()
+
+    def _tally(self) -> bool:
+        """Act on a decided election; True once decided. Only current voters count: the voter set can
+        change under a campaign (see :meth:`_learn_commit`)."""
+        yes = sum(1 for v, granted in self._votes.items() if granted and v in self._voters)
+        no = sum(1 for v, granted in self._votes.items() if not granted and v in self._voters)
         if yes >= self._quorum():
             if self._role is Role.PRE_CANDIDATE:
                 self._campaign(pre=False)
@@ -641,23 +647,38 @@ class RaftNode:
             theirs = (m.last_log_term, m.last_log_index)
             fresh = self._election_elapsed <= 2 * self._cfg.heartbeat_ticks
             if fresh and (ours > theirs or (ours == theirs and self._id < m.src)):
-                self._send(PreVoteResponse(self._term, self._id, m.src, granted=False))
+                self._answer_vote(m, self._term, granted=False)
                 return
             if self._may_grant_vote(m):
                 self._become_follower(self._term, None)
-                self._send(PreVoteResponse(m.term, self._id, m.src, granted=True))
+                self._answer_vote(m, m.term, granted=True)
                 return
         if self._may_grant_vote(m):
-            if pre:
-                self._send(PreVoteResponse(m.term, self._id, m.src, granted=True))
-            else:
+            if not pre:
                 self._election_elapsed = 0
                 self._vote = m.src
-                self._send(VoteResponse(m.term, self._id, m.src, granted=True))
-        elif pre:
-            self._send(PreVoteResponse(self._term, self._id, m.src, granted=False))
+            self._answer_vote(m, m.term, granted=True)
         else:
-            self._send(VoteResponse(self._term, self._id, m.src, granted=False))
+            self._answer_vote(m, self._term, granted=False)
+
+    def _answer_vote(self, m: PreVoteRequest | VoteRequest, term: int, *, granted: bool) -> None:
+        answer = PreVoteResponse if isinstance(m, PreVoteRequest) else VoteResponse
+        commit_term = self._term_at(self._commit)
+        self._send(answer(term, self._id, m.src, granted, commit=self._commit, commit_term=commit_term))
+
+    def _learn_commit(self, commit: int, commit_term: int) -> None:
+        """A peer knows ``commit`` is committed, its entry there of ``commit_term``. If ours there has
+        that term, our log up to there is the same (log matching), so it is committed too. A leader
+        learns its commit index from its followers only. Without this, a leader that committed its own
+        demotion, told the others and stepped down, left any voter that missed that message counting
+        the old voter set; if the nodes ahead of it in the log then were the ones that may not
+        campaign (workers, learners), no one could win an election again."""
+        if self._role is Role.LEADER or commit <= self._commit or self._term_at(commit) != commit_term:
+            return
+        voters = self._voters
+        self._commit_to(commit)
+        if self._voters != voters and self._role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+            self._tally()
 
     def _may_grant_vote(self, m: PreVoteRequest | VoteRequest) -> bool:
         """At most one candidate per term (§5.2), and only one whose log is at least as up-to-date as

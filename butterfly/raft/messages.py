@@ -116,12 +116,15 @@ class PreVoteRequest(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
 
 
 class PreVoteResponse(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
-    """A grant echoes the request's term; a refusal carries the responder's own term."""
+    """A grant echoes the request's term; a refusal carries the responder's own term. ``commit`` and
+    ``commit_term`` (as in :class:`VoteResponse`) name the responder's commit index."""
 
     term: int
     src: NodeId
     dst: NodeId
     granted: bool
+    commit: int = 0
+    commit_term: int = 0
 
 
 class VoteRequest(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
@@ -133,10 +136,17 @@ class VoteRequest(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
 
 
 class VoteResponse(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
+    """``commit`` is the responder's commit index and ``commit_term`` the term of its entry there: a
+    candidate whose log holds that entry holds the same prefix (log matching), all of it committed, so
+    it may commit up to there. That is how a candidate that missed a committed voter change learns
+    the voter set it must win. (Defaults: a peer that sends neither tells nothing.)"""
+
     term: int
     src: NodeId
     dst: NodeId
     granted: bool
+    commit: int = 0
+    commit_term: int = 0
 
 
 class AppendEntries(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
