@@ -668,17 +668,15 @@ class RaftNode:
 
     def _learn_commit(self, commit: int, commit_term: int) -> None:
         """A peer knows ``commit`` is committed, its entry there of ``commit_term``. If ours there has
-        that term, our log up to there is the same (log matching), so it is committed too. A leader
-        learns its commit index from its followers only. Without this, a leader that committed its own
-        demotion, told the others and stepped down, left any voter that missed that message counting
-        the old voter set; if the nodes ahead of it in the log then were the ones that may not
-        campaign (workers, learners), no one could win an election again."""
+        that term, our log up to there is the same (log matching), so it is committed too, voter
+        changes included: a candidate that missed a leader's last commit (a leader that committed its
+        own demotion steps down) learns the voter set it must win. A leader learns its commit index
+        from its followers only."""
         if self._role is Role.LEADER or commit <= self._commit or self._term_at(commit) != commit_term:
             return
-        voters = self._voters
         self._commit_to(commit)
-        if self._voters != voters and self._role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
-            self._tally()
+        if self._role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+            self._tally()  # undecided still, unless the voter set changed
 
     def _may_grant_vote(self, m: PreVoteRequest | VoteRequest) -> bool:
         """At most one candidate per term (§5.2), and only one whose log is at least as up-to-date as
