@@ -300,6 +300,7 @@ class NodeGate:
 
 
 _LEADER = Role.LEADER
+_LEADING = (Role.LEADER, Role.CARETAKER)  # Raft leaders both; only the first coordinates
 
 
 class Simulation:
@@ -722,11 +723,11 @@ class Simulation:
             self._send(m)
         self._apply(n, rd.committed_entries)
         node.advance(rd)
-        if rd.role_changes and node.role is _LEADER:
+        if rd.role_changes and node.role in _LEADING:
             self._check_leader_completeness(n, node)
 
     def _check_node(self, n: NodeId, node: RaftNode) -> None:
-        if node.role is _LEADER:
+        if node.role in _LEADING:
             holder = self.leaders.setdefault(node.term, n)
             if holder != n:
                 raise self._violation(f"election safety: {holder} and {n} both leaders in term {node.term}")

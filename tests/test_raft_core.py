@@ -371,6 +371,97 @@ def test_a_worker_never_stands_for_election_but_still_votes() -> None:
     net.elect("n1")  # only possible with the worker's vote
 
 
+WORKER = RaftConfig(election_ticks=T, heartbeat_ticks=1, can_campaign=False)
+
+
+def test_a_worker_ahead_of_the_only_candidate_caretakes_hands_over_and_is_never_named_leader() -> None:
+    """Voters n1, n2 (coordinators) and the worker n3. n1 commits an entry that only n3 acknowledged,
+    then dies: n2 lacks the entry, so n3 refuses it, and n3 could not stand, so no one was ever
+    elected again (simulator seed 2500007721). n3 now leads as a caretaker just long enough to give
+    n2 its log; n2 then wins. Nobody names n3 leader, and it accepts no proposal."""
+    net = Lockstep(THREE, config=CFG, configs={"n3": WORKER})
+    net.elect("n1")
+    net.cut |= {("n1", "n2"), ("n2", "n1")}
+    index = net.propose("n1", b"only n3 has it")
+    net.stabilize()
+    assert index is not None and net.nodes["n1"].commit == index and net.nodes["n2"].last_index < index
+    net.crash("n1")
+    roles: set[Role] = set()
+    named: set[str | None] = set()
+    for _ in range(20 * T):
+        net.tick_all()
+        n2, n3 = net.nodes["n2"], net.nodes["n3"]
+        roles.add(n3.role)
+        named |= {n2.leader, n3.leader}
+        if n3.role is Role.CARETAKER:
+            assert n3.propose(b"x") is None and n3.propose_add_learner("l9") is None
+        if n2.role is Role.LEADER and n2.commit > index:
+            break
+    assert net.nodes["n2"].role is Role.LEADER, "n2 won once it held the worker's log"
+    assert Role.CARETAKER in roles and Role.LEADER not in roles
+    assert "n3" not in named, f"named leaders: {named}"
+    assert [e.data for e in net.applied["n2"] if e.kind is EntryKind.NORMAL] == [b"only n3 has it"]
+
+
+def caretaker(voters: tuple[str, ...] = ("n2", "n3")) -> RaftNode:
+    """The worker n3, elected caretaker after refusing n2, whose log is behind."""
+    node = fresh("n3", WORKER, voters=voters)
+    node.step(PreVoteRequest(2, "n2", "n3", last_log_index=0, last_log_term=0))
+    [refusal] = take(node).messages
+    assert isinstance(refusal, PreVoteResponse) and not refusal.granted
+    for _ in range(2 * T - 1):
+        node.tick()
+    assert node.role is Role.FOLLOWER, "a would-be caretaker lets coordinators go first for a period"
+    for _ in range(T):
+        node.tick()
+    assert node.role is Role.PRE_CANDIDATE
+    node.step(PreVoteResponse(2, "n2", "n3", granted=True))
+    node.step(VoteResponse(2, "n2", "n3", granted=True))
+    assert node.role is Role.CARETAKER and node.term == 2 and node.leader is None
+    appends = [m for m in take(node).messages if isinstance(m, AppendEntries)]
+    assert appends and all(m.caretaker for m in appends)
+    return node
+
+
+def test_a_caretaker_stands_down_once_the_candidate_it_refused_holds_its_log() -> None:
+    node = caretaker()
+    node.step(AppendResponse(2, "n2", "n3", success=True, index=node.last_index))
+    node.tick()
+    assert node.role is Role.FOLLOWER and node.term == 2
+    take(node)
+    node.step(PreVoteRequest(3, "n2", "n3", last_log_index=node.last_index, last_log_term=2))
+    [grant] = take(node).messages
+    assert isinstance(grant, PreVoteResponse) and grant.granted
+
+
+def test_a_caretaker_whose_candidate_never_catches_up_stands_down_after_a_period_and_stays_down() -> None:
+    node = caretaker()
+    beats = []
+    for _ in range(T - 1):
+        node.tick()
+        beats += [m for m in take(node).messages if isinstance(m, Heartbeat)]
+    assert node.role is Role.CARETAKER and beats and all(m.caretaker for m in beats)
+    node.tick()
+    assert node.role is Role.FOLLOWER
+    for _ in range(10 * T):
+        node.tick()
+    assert node.role is Role.FOLLOWER, "it refused no one since: it does not stand again"
+
+
+def test_a_follower_of_a_caretaker_names_no_leader_and_a_real_leader_clears_its_refusals() -> None:
+    follower = fresh("n2")
+    follower.step(Heartbeat(2, "n3", "n2", 1, caretaker=True))
+    assert follower.leader is None and follower.term == 2
+    follower.step(Heartbeat(3, "n1", "n2", 1))
+    assert follower.leader == "n1"
+    worker = fresh("n3", WORKER)
+    worker.step(PreVoteRequest(2, "n2", "n3", last_log_index=0, last_log_term=0))
+    worker.step(Heartbeat(1, "n1", "n3", 1))  # the leader is back: nothing to take care of
+    for _ in range(10 * T):
+        worker.tick()
+    assert worker.role is Role.FOLLOWER, "the refusal was forgotten when the leader was heard"
+
+
 # -- restart and the Ready contract --------------------------------------------------------------------
 
 
@@ -490,6 +581,7 @@ ALL_MESSAGES: list[Message] = [
     AppendEntries(4, "a", "b", 6, 3, (ENTRY,), 5),
     AppendResponse(4, "b", "a", False, 6, reject_hint=2, hint_term=1),
     Heartbeat(4, "a", "b", 5),
+    Heartbeat(4, "a", "b", 5, caretaker=True),
     HeartbeatResponse(4, "b", "a"),
 ]
 

@@ -9,7 +9,7 @@ Founding (the rule in butterfly.raft's docstring): exactly one node, the founder
 by default the lowest address of the seed list), may write a first voter set. Once it sees quorum_size
 nodes, at least one of them coordinator-eligible, with a view stable for SETTLE_S (WORKERS_SETTLE_S when
 workers must make up the number) and no bootstrapped peer, it picks quorum_size of them
-(``first_voters``: coordinator-eligible ones first, workers, which vote but never stand, only to make up
+(``first_voters``: coordinator-eligible ones first, workers, which vote but never coordinate, only to make up
 the number), saves entry 1 durably, and sends it (``Founding``) to them; every member that holds entry 1
 resends it to founding voters that have no state yet. Every other node waits for entry 1 or to be added
 as a learner by the leader.
@@ -130,7 +130,7 @@ WORKERS_SETTLE_S = 2.0
 def first_voters(roles: dict[str, str], quorum_size: int) -> tuple[str, ...]:
     """The founding voter set from the nodes seen (node id -> role): quorum_size of them, the
     coordinator-eligible ones first (lowest ids first), workers only to make up the number. A worker
-    voter votes and stores the log but never stands for election (RaftConfig.can_campaign), so the
+    voter votes and stores the log but never coordinates (RaftConfig.can_campaign), so the
     seed's cluster of one coordinator and workers with quorum_size 3 forms, and rides out a lost
     worker, while only the coordinator may lead."""
     ordered = sorted(roles, key=lambda n: (roles[n] != "coordinator", n))

@@ -28,7 +28,8 @@ and deadlocked when views differed while pledging.
 computes from the same configuration (``cluster.founder``, or the lowest address of ``seed_nodes`` plus
 a coordinator's own, which must then list the same set on every coordinator; workers never found unless
 named). Once it sees quorum_size nodes (one at least coordinator-eligible) with no bootstrapped peer, it
-picks quorum_size of them (coordinator-eligible ones first; a worker voter never stands for election),
+picks quorum_size of them (coordinator-eligible ones first; a worker voter never coordinates: see
+``Role.CARETAKER`` for the one case where it leads Raft for a moment),
 saves entry 1 (fsync'd) and sends it; a chosen voter with no state saves the entry it receives, and any
 member resends it to chosen voters still without state. Since only one node writes an entry 1, any
 number of nodes may start at once: one cluster forms as soon as the founder and quorum_size nodes are

@@ -11,7 +11,8 @@ never the global one; pre-candidates re-ask silent voters every heartbeat interv
 pre-candidates for one term the better log, then the lower id, runs first, so two nodes timing out
 together do not split the vote), pre-vote, check-quorum with the follower-side leader lease, heartbeats, log
 replication with the consistency check and fast back-off, commitment by counting only entries of the
-current term (Raft §5.4.2), a no-op entry when a leader takes office, learners and ``can_campaign``.
+current term (Raft §5.4.2), a no-op entry when a leader takes office, learners and ``can_campaign``
+(with its caretaker exception, see :attr:`Role.CARETAKER`).
 It must not touch a socket, the disk, a clock or global randomness, and must not block: that is what
 lets the same code run inside thousands of seeded simulations (``tests/raftsim.py``).
 
@@ -67,6 +68,18 @@ class Role(enum.Enum):
     PRE_CANDIDATE = "pre-candidate"
     CANDIDATE = "candidate"
     LEADER = "leader"
+    CARETAKER = "caretaker"
+    """A Raft leader that is no coordinator: a voter with ``can_campaign=False`` (a worker) stands when
+    it has refused a candidate whose log is behind its own and no leader has been heard since. Without
+    it, a committed voter set such as {coordinator, worker} deadlocks once the leader that committed an
+    entry with only the worker's acknowledgement dies: the coordinator lacks the entry, the worker may
+    not stand, and refuses it (simulator seed 2500007721). The caretaker proposes nothing and grants no
+    lease; it replicates its log, and stands down once a candidate it refused holds all of it, or after
+    one election period, whichever comes first. Its followers, and it, name no leader (``leader`` is
+    None), so no one mistakes it for the coordinator. Every Raft rule holds for it as for a leader."""
+
+
+_LEADING = (Role.LEADER, Role.CARETAKER)
 
 
 class RaftConfigError(ValueError):
@@ -99,7 +112,8 @@ class RaftConfig:
     """A leader that has not heard from a majority within ``election_ticks`` steps down, and followers
     ignore vote requests while they have a live leader (the lease that makes pre-vote effective)."""
     can_campaign: bool = True
-    """False for ``role = "worker"`` nodes: they may vote (if voters) but never stand for election."""
+    """False for ``role = "worker"`` nodes: they may vote (if voters) but never lead, except as a
+    caretaker (:attr:`Role.CARETAKER`) that hands its log to a candidate it had to refuse."""
     max_append_entries: int = 64
     """Most entries carried by one AppendEntries message."""
     max_inflight_appends: int = 8
@@ -306,6 +320,10 @@ class RaftNode:
         self._cluster_id: str | None = None
         self._role = Role.FOLLOWER
         self._lead: NodeId | None = None
+        self._lead_caretaker = False  # the leader we follow said it is a caretaker
+        # Voters whose (pre-)vote requests we refused for a log behind ours since we last heard a leader
+        # or granted a vote: only kept with can_campaign off, where it makes us a caretaker candidate.
+        self._behind: set[NodeId] = set()
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._timeout = self._draw_timeout()
@@ -338,7 +356,9 @@ class RaftNode:
 
     @property
     def leader(self) -> NodeId | None:
-        return self._lead
+        """The leader this node follows or is, unless that is a caretaker (:attr:`Role.CARETAKER`): a
+        caretaker is no coordinator, so the driver sees an election still going on."""
+        return None if self._role is Role.CARETAKER or self._lead_caretaker else self._lead
 
     @property
     def commit(self) -> int:
@@ -382,9 +402,9 @@ class RaftNode:
     def tick(self) -> None:
         """Advance abstract time by one tick."""
         self._election_elapsed += 1
-        if self._role is Role.LEADER:
+        if self._role in _LEADING:
             self._tick_leader()
-        elif self._promotable() and self._election_elapsed >= self._timeout:
+        elif self._promotable() and self._election_elapsed >= self._timeout + self._caretaker_delay():
             self._election_elapsed = 0
             self._start_campaign()
         elif self._role is Role.PRE_CANDIDATE:
@@ -406,7 +426,7 @@ class RaftNode:
     def campaign(self) -> bool:
         """Start an election now (with pre-vote if configured); False if this node may not campaign
         or already leads."""
-        if self._role is Role.LEADER or not self._promotable():
+        if self._role in _LEADING or not self._promotable():
             return False
         self._start_campaign()
         return True
@@ -449,7 +469,7 @@ class RaftNode:
     def match_index(self, node_id: NodeId) -> int:
         """On the leader: the highest index ``node_id`` is known to hold (0 when unknown or not leader).
         A learner is worth promoting once this reaches the commit index."""
-        pr = self._progress.get(node_id) if self._role is Role.LEADER else None
+        pr = self._progress.get(node_id) if self._role in _LEADING else None
         return pr.match if pr is not None else 0
 
     def _pending_conf_index(self) -> int:
@@ -516,7 +536,7 @@ class RaftNode:
             return
         if isinstance(m, PreVoteResponse | VoteResponse):
             self._learn_commit(m.commit, m.commit_term)
-        if self._role is Role.LEADER:
+        if self._role in _LEADING:
             self._step_leader(m)
         elif self._role is Role.FOLLOWER:
             self._step_follower(m)
@@ -536,7 +556,7 @@ class RaftNode:
             or self._term != hard.term
             or self._vote != hard.vote
             or self._commit != hard.commit
-            or self._lead != soft.leader
+            or self.leader != soft.leader
             or self._role is not soft.role
         )
 
@@ -579,7 +599,12 @@ class RaftNode:
     # -- elections -----------------------------------------------------------------------------------
 
     def _promotable(self) -> bool:
-        return self._cfg.can_campaign and self._id in self._voters
+        return self._id in self._voters and (self._cfg.can_campaign or bool(self._behind))
+
+    def _caretaker_delay(self) -> int:
+        """A would-be caretaker waits one election period more than a coordinator-eligible node, so a
+        candidate that can win without it goes first."""
+        return 0 if self._cfg.can_campaign else self._cfg.election_ticks
 
     def _in_lease(self) -> bool:
         return self._election_elapsed < self._cfg.election_ticks
@@ -657,8 +682,16 @@ class RaftNode:
             if not pre:
                 self._election_elapsed = 0
                 self._vote = m.src
+                self._behind.clear()
             self._answer_vote(m, m.term, granted=True)
         else:
+            if (
+                not self._cfg.can_campaign
+                and self._id in self._voters
+                and m.src in self._voters
+                and not self._log_up_to_date(m.last_log_index, m.last_log_term)
+            ):
+                self._behind.add(m.src)
             self._answer_vote(m, self._term, granted=False)
 
     def _answer_vote(self, m: PreVoteRequest | VoteRequest, term: int, *, granted: bool) -> None:
@@ -672,7 +705,7 @@ class RaftNode:
         changes included: a candidate that missed a leader's last commit (a leader that committed its
         own demotion steps down) learns the voter set it must win. A leader learns its commit index
         from its followers only."""
-        if self._role is Role.LEADER or commit <= self._commit or self._term_at(commit) != commit_term:
+        if self._role in _LEADING or commit <= self._commit or self._term_at(commit) != commit_term:
             return
         self._commit_to(commit)
         if self._role in (Role.PRE_CANDIDATE, Role.CANDIDATE):
@@ -711,6 +744,7 @@ class RaftNode:
             self._vote = None
         self._role = role
         self._lead = lead
+        self._lead_caretaker = False
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._timeout = self._draw_timeout()
@@ -724,7 +758,7 @@ class RaftNode:
         self._become(Role.FOLLOWER, term, lead)
 
     def _become_leader(self) -> None:
-        self._become(Role.LEADER, self._term, self._id)
+        self._become(Role.LEADER if self._cfg.can_campaign else Role.CARETAKER, self._term, self._id)
         next_index = len(self._log) + 1
         for peer in (*self._voters, *self._learners):
             self._progress[peer] = _Progress(next_index)
@@ -737,6 +771,15 @@ class RaftNode:
     # -- leader --------------------------------------------------------------------------------------
 
     def _tick_leader(self) -> None:
+        if self._role is Role.CARETAKER and (
+            self._election_elapsed >= self._cfg.election_ticks
+            or any(p in self._progress and self._progress[p].match >= len(self._log) for p in self._behind)
+        ):
+            # A candidate it refused now holds its whole log, no-op included (the newest term there
+            # is), so that candidate can win; or one period is over: stand down either way.
+            self._behind.clear()
+            self._become_follower(self._term, None)
+            return
         self._heartbeat_elapsed += 1
         if self._election_elapsed >= self._cfg.election_ticks:
             self._election_elapsed = 0
@@ -756,7 +799,8 @@ class RaftNode:
             self._heartbeat_elapsed = 0
             for peer, pr in self._progress.items():
                 if peer != self._id:
-                    self._send(Heartbeat(self._term, self._id, peer, min(pr.match, self._commit)))
+                    commit = min(pr.match, self._commit)
+                    self._send(Heartbeat(self._term, self._id, peer, commit, self._role is Role.CARETAKER))
 
     def _append_as_leader(self, kind: EntryKind, data: bytes) -> int:
         index = len(self._log) + 1
@@ -774,14 +818,17 @@ class RaftNode:
 
     def _send_append(self, peer: NodeId) -> None:
         pr = self._progress.get(peer)
-        if pr is None or self._role is not Role.LEADER:
+        if pr is None or self._role not in _LEADING:
             return  # stepped down while committing (its own demotion)
         if pr.probe and pr.probe_sent:
             return  # a probe is in flight; a heartbeat response or refusal resumes us
         prev = pr.next - 1
         entries = tuple(self._log[prev : prev + self._cfg.max_append_entries])
+        caretaker = self._role is Role.CARETAKER
         self._send(
-            AppendEntries(self._term, self._id, peer, prev, self._term_at(prev), entries, self._commit)
+            AppendEntries(
+                self._term, self._id, peer, prev, self._term_at(prev), entries, self._commit, caretaker
+            )
         )
         if pr.probe:
             pr.probe_sent = True
@@ -849,7 +896,7 @@ class RaftNode:
         term: an older entry on a majority can still be overwritten (Raft §5.4.2, Figure 8). A voter
         change that commits changes the majority, so look again until nothing moves."""
         committed = False
-        while self._role is Role.LEADER:
+        while self._role in _LEADING:
             matches = sorted(
                 (self._progress[v].match for v in self._voters if v in self._progress), reverse=True
             )
@@ -876,13 +923,13 @@ class RaftNode:
     # -- follower ------------------------------------------------------------------------------------
 
     def _step_follower(self, m: Message) -> None:
-        if isinstance(m, AppendEntries):
+        if isinstance(m, AppendEntries | Heartbeat):
             self._election_elapsed = 0
-            self._lead = m.src
+            self._lead, self._lead_caretaker = m.src, m.caretaker
+            self._behind.clear()
+        if isinstance(m, AppendEntries):
             self._handle_append(m)
         elif isinstance(m, Heartbeat):
-            self._election_elapsed = 0
-            self._lead = m.src
             # The leader caps ``commit`` at what it knows we hold; the clamp only matters if this
             # node lost acknowledged entries, which the fsync contract rules out.
             self._commit_to(min(m.commit, len(self._log)))
@@ -987,7 +1034,7 @@ class RaftNode:
         self._after_membership_change(added=change.node_id)
 
     def _after_membership_change(self, added: NodeId | None = None) -> None:
-        if self._role is not Role.LEADER:
+        if self._role not in _LEADING:
             if self._role is not Role.FOLLOWER and not self._promotable():
                 self._become_follower(self._term, None)  # a candidate that stopped being a voter
             return
@@ -1006,4 +1053,4 @@ class RaftNode:
         return HardState(term=self._term, vote=self._vote, commit=self._commit)
 
     def _soft_state(self) -> SoftState:
-        return SoftState(leader=self._lead, role=self._role)
+        return SoftState(leader=self.leader, role=self._role)

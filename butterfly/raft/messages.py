@@ -150,7 +150,8 @@ class VoteResponse(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
 
 
 class AppendEntries(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
-    """Entries following ``(prev_log_index, prev_log_term)``, and the leader's commit index."""
+    """Entries following ``(prev_log_index, prev_log_term)``, and the leader's commit index.
+    ``caretaker`` (as in :class:`Heartbeat`): the sender leads only as a caretaker."""
 
     term: int
     src: NodeId
@@ -159,6 +160,7 @@ class AppendEntries(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
     prev_log_term: int
     entries: tuple[Entry, ...]
     commit: int
+    caretaker: bool = False
 
 
 class AppendResponse(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
@@ -177,12 +179,14 @@ class AppendResponse(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
 
 class Heartbeat(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
     """``commit`` is capped at what the leader knows this follower holds, so it never points past a
-    follower's matching prefix."""
+    follower's matching prefix. ``caretaker``: the sender is a worker leading only until a candidate
+    has its log (``Role.CARETAKER``); its followers name no coordinator meanwhile."""
 
     term: int
     src: NodeId
     dst: NodeId
     commit: int
+    caretaker: bool = False
 
 
 class HeartbeatResponse(msgspec.Struct, frozen=True, tag=True, tag_field="type"):
