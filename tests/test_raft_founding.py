@@ -24,6 +24,7 @@ class Hub:
     def __init__(self) -> None:
         self.queues: dict[str, asyncio.Queue[tuple[str, str, bytes]]] = {}
         self.dead: set[str] = set()
+        self.cut: set[tuple[str, str]] = set()  # (src, dst) links that drop everything
 
     def net(self, node_id: str) -> MemNet:
         self.queues[node_id] = asyncio.Queue()
@@ -35,7 +36,13 @@ class MemNet:
         self.hub, self.node_id = hub, node_id
 
     def send(self, peer: str, channel: str, payload: bytes) -> None:
-        if self.node_id not in self.hub.dead and peer not in self.hub.dead and peer in self.hub.queues:
+        hub = self.hub
+        if (
+            self.node_id not in hub.dead
+            and peer not in hub.dead
+            and peer in hub.queues
+            and (self.node_id, peer) not in hub.cut
+        ):
             self.hub.queues[peer].put_nowait((self.node_id, channel, payload))
 
     def peers(self) -> set[str]:
@@ -446,6 +453,55 @@ def test_workers_name_the_coordinator_that_went_silent_before_its_plan(tmp_path:
                 d.raft is not None and d.raft.leader == "n0" for d in drivers[1:]
             )  # nobody else may lead
         finally:
+            await stop(tasks, drivers)
+
+    asyncio.run(main())
+
+
+def test_a_worker_holding_an_entry_the_last_coordinator_lacks_hands_it_over_without_coordinating(
+    tmp_path: Path,
+) -> None:
+    """Voters: two coordinators and a worker. The leader commits an entry that only the worker
+    acknowledged (the coordinators cannot hear each other), then dies. The other coordinator lacks
+    the entry, so the worker refuses it, and a worker never stood: no coordinator ever again. The
+    worker now leads Raft as a caretaker just long enough to hand the entry over; no node, the worker
+    included, ever names it coordinator."""
+
+    async def main() -> None:
+        hub = Hub()
+        drivers = make_drivers(tmp_path, hub, 3, 3, roles=["coordinator", "coordinator", "worker"])
+        tasks = await run_cluster(drivers, 11)
+        named: set[str] = set()
+        worker_roles: set[Role] = set()
+
+        async def watch() -> None:
+            while True:
+                named.update(d.raft.leader for d in drivers if d.raft is not None and d.raft.leader)
+                if drivers[2].raft is not None:
+                    worker_roles.add(drivers[2].raft.role)
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await wait_for(lambda: len(leaders(drivers, hub)) == 1, 20.0, "a coordinator leading")
+            first = leaders(drivers, hub)[0]
+            other = drivers[1] if first is drivers[0] else drivers[0]
+            hub.cut |= {(first.node_id, other.node_id), (other.node_id, first.node_id)}
+            assert first.raft is not None and other.raft is not None
+            index = first.raft.propose_add_learner("x9")
+            assert index is not None
+            await wait_for(lambda: first.raft is not None and first.raft.commit >= index, 5.0, "the commit")
+            assert other.raft.last_index < index, "the other coordinator lacks the entry"
+            hub.dead.add(first.node_id)
+            hub.cut.clear()
+            await wait_for(
+                lambda: other.raft is not None and other.raft.role is Role.LEADER, 20.0, "a new leader"
+            )
+            assert other.raft.commit >= index and "x9" in other.raft.learners
+            assert Role.CARETAKER in worker_roles and Role.LEADER not in worker_roles
+            assert "n2" not in named, f"the worker was named coordinator: {named}"
+        finally:
+            watcher.cancel()
             await stop(tasks, drivers)
 
     asyncio.run(main())
