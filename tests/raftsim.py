@@ -529,6 +529,15 @@ class Simulation:
         change: AddVoter | RemoveVoter
         if others and (len(leader.voters) <= 2 or self.rng.random() < 0.5):
             change = AddVoter(self.rng.choice(others))
+            if not self._caught_up(leader, change.node_id):
+                # As the driver, which promotes only a learner holding the committed log: a voter
+                # with no log ignores vote requests (it is in no cluster yet), and once the voters
+                # came down to it and one other, no one could be elected (seed 2600004330). Drawn
+                # again only here, so the runs that never drew such a node stay what they were.
+                ready = [n for n in others if self._caught_up(leader, n)]
+                if not ready:
+                    return
+                change = AddVoter(self.rng.choice(ready))
         elif demotable and len(leader.voters) > 2:
             change = RemoveVoter(self.rng.choice(demotable))
         else:
@@ -536,6 +545,10 @@ class Simulation:
         if leader.propose_conf_change(change) is not None:
             self.stats.voter_changes += 1
             self._process(leader.id)
+
+    @staticmethod
+    def _caught_up(leader: RaftNode, n: NodeId) -> bool:
+        return n in leader.learners and leader.match_index(n) >= leader.commit
 
     def _apply_command(self, n: NodeId, e: Entry) -> None:
         """The driver's apply rule, with the plan and epoch invariants."""
