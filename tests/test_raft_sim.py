@@ -65,6 +65,13 @@ REGRESSION: dict[int, tuple[int, ...]] = {
 }
 
 
+# Two coordinators and a worker as voters: the shape founding takes when only two coordinators are up.
+TWO_AND_A_WORKER = SimParams(voters=3, workers=1)
+# Seeds that left that shape without a leader after healing, before a worker could caretake
+# (Role.CARETAKER): each time, the worker held committed entries the coordinator left lacked.
+TWO_AND_A_WORKER_REGRESSION = (4000000530, 4000001829, 4000001949, 4000002521)
+
+
 def share(total: int, nodes: int) -> int:
     return total * SHARE[nodes] // sum(SHARE.values())
 
@@ -100,6 +107,12 @@ def test_raft_stays_safe_under_chaos_and_converges_once_healed(nodes: int, block
     drawn from the seed: loss, duplication, delay/reordering, partitions, crashes, lost unsynced writes,
     pre-vote and check-quorum on or off, batch sizes, voter changes, plans and the serving gate)."""
     run_block(nodes, block)
+
+
+def test_two_coordinators_and_a_worker_elect_a_coordinator_again_once_healed() -> None:
+    for seed in (*TWO_AND_A_WORKER_REGRESSION, *range(3_500_000, 3_500_060)):
+        stats = run_simulation(seed, TWO_AND_A_WORKER)  # raises, naming the seed, on any failure
+        assert stats.ticks_to_converge <= TWO_AND_A_WORKER.liveness_bound
 
 
 def test_simulations_replay_exactly_from_their_seed() -> None:
