@@ -403,9 +403,9 @@ def test_a_worker_ahead_of_the_only_candidate_caretakes_hands_over_and_is_never_
     assert [e.data for e in net.applied["n2"] if e.kind is EntryKind.NORMAL] == [b"only n3 has it"]
 
 
-def caretaker(voters: tuple[str, ...] = ("n2", "n3")) -> RaftNode:
-    """The worker n3, elected caretaker after refusing n2, whose log is behind."""
-    node = fresh("n3", WORKER, voters=voters)
+def caretaker() -> RaftNode:
+    """The worker n3 of voters n2 and n3, elected caretaker after refusing n2, whose log is behind."""
+    node = fresh("n3", WORKER, voters=("n2", "n3"))
     node.step(PreVoteRequest(2, "n2", "n3", last_log_index=0, last_log_term=0))
     [refusal] = take(node).messages
     assert isinstance(refusal, PreVoteResponse) and not refusal.granted
