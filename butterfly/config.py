@@ -575,7 +575,8 @@ class SupervisorConfig:
     stop_timeout_s: float = _setting(_number(0, inclusive=False), 10.0)
     """Seconds a child gets to exit after SIGTERM before SIGKILL."""
     restart_limit: int = _setting(_integer(0), 3)
-    """Restarts of one child within ``restart_window_s`` before the node fails."""
+    """Restarts of one child within ``restart_window_s`` before the node fails; the engine's stage that
+    cannot be started (its port taken, say) is retried as often before the node fails."""
     restart_window_s: float = _setting(_number(0, inclusive=False), 60.0)
     """Window over which ``restart_limit`` counts."""
     restart_backoff_s: float = _setting(_number(0, inclusive=True), 0.5)

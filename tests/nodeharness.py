@@ -204,6 +204,15 @@ class Node:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; last status {last}\n{self.log()[-4000:]}")
 
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until /ready answers 200; on timeout, fail naming its last answer (why it waits) and the log."""
+        deadline = time.monotonic() + timeout
+        code, body = self.get("/ready")
+        while code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            code, body = self.get("/ready")
+        assert code == 200, f"/ready still {code} after {timeout}s: {body!r}\n{self.log()[-6000:]}"
+
     def wait_state(self, state: str, timeout: float = 30.0) -> dict[str, Any]:
         return self.wait_for(lambda s: s["state"] == state, timeout, f"state {state}")
 

@@ -172,10 +172,7 @@ def test_child_sigkilled_in_any_phase_is_restarted_and_node_recovers(
     # adopt what may be the arena an engine still serves from.
     assert node.log().count("(begun by the supervisor)") <= 1
     # The state may stay OPERATIONAL while a killed engine restarts; /ready says 503 until it serves.
-    deadline = time.monotonic() + 30
-    while node.get("/ready")[0] != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert node.get("/ready")[0] == 200
+    node.wait_ready()
     assert node.stop() == 0
     assert segments_of(node.node_id) == []
 

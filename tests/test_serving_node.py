@@ -8,9 +8,11 @@ request with a 503 (never a hang) and the node serves again once the supervisor 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,3 +226,90 @@ def test_a_restarted_cluster_child_waits_for_its_peers_engine_addresses_and_serv
         assert all(s["state"] == "OPERATIONAL" for s in c.wait_operational(60).values())
     finally:
         c.stop_all()
+
+
+def _hold_port(port: int, within_s: float = 10.0) -> socket.socket:
+    """Listen on 127.0.0.1:``port`` as soon as it is free (its engine was just killed)."""
+    end = time.monotonic() + within_s
+    while True:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            return s
+        except OSError:
+            s.close()
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.005)
+
+
+@contextlib.contextmanager
+def _engine_port_taken(
+    tmp_path: Path, model_dir: Path, extra: str = ""
+) -> Iterator[tuple[Node, socket.socket]]:
+    """An operational node whose engine was SIGKILLed and whose engine port another process took before
+    the engine could start again (a test hold keeps the engine from starting until then)."""
+    port = free_port()
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    cfg = write_config(tmp_path / "node.toml", model_dir, node_id=f"s{port}", api_port=port, extra=extra)
+    node = Node(cfg, port, env={"BUTTERFLY_TEST_HOLD_DIR": str(holds)})
+    taken: socket.socket | None = None
+    try:
+        st = node.wait_state("OPERATIONAL", 90)
+        (holds / "spawn-engine").touch()
+        os.kill(engine_pid(st), signal.SIGKILL)
+        taken = _hold_port(int(tomllib.loads(cfg.read_text())["engine"]["port"]))
+        (holds / "spawn-engine").unlink()
+        yield node, taken
+    finally:
+        if taken is not None:
+            taken.close()
+        node.stop(signal.SIGKILL)
+        for seg in segments_of(f"s{port}"):
+            Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+def test_an_engine_port_taken_for_a_moment_is_waited_out_without_reloading_the_weights(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Regression: one failed start of the stage (its port in use) reloaded the validated weights from
+    the source, and a second one within the same plan failed the node for good, in under a second."""
+    with _engine_port_taken(tmp_path, model_dir, extra="restart_limit = 10") as (node, taken):
+        st = node.wait_for(
+            lambda s: "address already in use" in (s["last_error"] or ""), what="a failed start"
+        )
+        assert st["phase"] == "ready" and node.get("/ready")[0] == 503
+        taken.close()
+        node.wait_ready()
+        log = node.log()
+        assert "starting the engine's stage again" in log
+        assert "phase ready -> loading_weights" not in log  # the validated weights stayed in place
+        assert log.count("load step download") == 1
+        assert "still has views after the stage stopped" not in log  # the failed stage let go of the arena
+
+
+def test_an_engine_port_taken_for_good_fails_the_node_naming_it_after_the_restart_budget(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    with _engine_port_taken(tmp_path, model_dir, extra="restart_limit = 2") as (node, _):
+        st = node.wait_state("FAILED")
+        assert "address already in use" in st["last_error"] and "3 times within 60s" in st["last_error"]
+        log = node.log()
+        assert log.count("starting the engine's stage again") == 2
+        assert "phase ready -> loading_weights" not in log
+
+
+def test_a_model_the_engine_cannot_run_fails_the_stage_for_good_not_for_a_retry() -> None:
+    from butterfly.ipc import Loaded, StartEngine, TensorSpec
+    from butterfly.serving.process import EngineError, build_stage
+
+    loaded = Loaded(
+        1, 0, 1, "arena", 0, [], [], {}, specs=[TensorSpec("w", "F16", [1])], model_config="[]",
+        model_config_where="m/config.json",
+    )  # fmt: skip
+    with pytest.raises(EngineError) as e:
+        build_stage(None, StartEngine(1, loaded, []))  # type: ignore[arg-type]  # never reached
+    assert e.value.fatal and "m/config.json" in str(e.value) and "JSON object" in str(e.value)

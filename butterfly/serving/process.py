@@ -47,7 +47,12 @@ REPORT_S = 1.0
 
 
 class EngineError(Exception):
-    """The stage cannot be built: unsupported config, weights that do not fit, a missing arena."""
+    """The stage cannot be built: unsupported config, weights that do not fit, a missing arena.
+    ``fatal``: trying again cannot help (the model itself is what the engine cannot run)."""
+
+    def __init__(self, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal
 
 
 def stage_addresses(cmd: StartEngine) -> tuple[int, list[StageAddress]]:
@@ -79,7 +84,7 @@ def build_stage(seg: Segment, cmd: StartEngine) -> StageModel:
     try:
         cfg = ModelConfig.from_json(json.loads(loaded.model_config), where)
     except (ConfigUnsupported, ValueError) as e:
-        raise EngineError(f"the engine cannot run this model: {e}") from None
+        raise EngineError(f"the engine cannot run this model: {e}", fatal=True) from None
     specs = {s.name: s for s in loaded.specs}
     weights = {}
     for p in loaded.tensors:
@@ -92,7 +97,7 @@ def build_stage(seg: Segment, cmd: StartEngine) -> StageModel:
     try:
         return StageModel(cfg, weights, loaded.start, loaded.stop, cfg.num_layers)
     except (WeightError, ValueError) as e:
-        raise EngineError(f"weights do not fit the model: {e}") from None
+        raise EngineError(f"weights do not fit the model: {e}", fatal=True) from None
 
 
 class Engine:
@@ -111,6 +116,8 @@ class Engine:
 
     async def start(self, cmd: StartEngine) -> None:
         await self.stop()
+        server: StageServer | None = None
+        failed: Failed | None = None
         try:
             secret = load_secret(self.ctx.config.security.secret_file)
             index, stages = stage_addresses(cmd)
@@ -136,10 +143,19 @@ class Engine:
             del model
             await server.listen()
         except (EngineError, SecretError, ValueError, OSError) as e:
-            self._unmap()
             log.error("engine cannot serve blocks %d-%d: %s", cmd.loaded.start, cmd.loaded.stop - 1, e)
-            await self.chan.send(Failed("engine", f"the engine cannot serve this node's blocks: {e}"))
+            fatal = isinstance(e, EngineError) and e.fatal
+            failed = Failed("engine", f"the engine cannot serve this node's blocks: {e}", fatal=fatal)
+        if failed is not None:
+            # Out of the except block: its traceback holds the frames that hold the stage's views of
+            # the arena, which must all be gone before it is unmapped.
+            if server is not None:
+                await server.close()
+            server = None
+            self._unmap()
+            await self.chan.send(failed)
             return
+        assert server is not None
         server.start(stages)
         self.server = server
         self.epoch = cmd.epoch

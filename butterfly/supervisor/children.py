@@ -53,6 +53,21 @@ class ChildExited:
 Event = ChildReport | ChildExited
 
 
+class RecentCount:
+    """How many times something happened within the last ``window_s`` seconds (a restart budget)."""
+
+    def __init__(self) -> None:
+        self._times: collections.deque[float] = collections.deque()
+
+    def record(self, window_s: float) -> int:
+        """Count one more now; returns how many fall inside the window (this one included)."""
+        now = time.monotonic()
+        self._times.append(now)
+        while self._times and now - self._times[0] > window_s:
+            self._times.popleft()
+        return len(self._times)
+
+
 class ChildHandle:
     def __init__(self, kind: str, events: asyncio.Queue[Event], launcher: Launcher) -> None:
         self.kind = kind
@@ -66,7 +81,7 @@ class ChildHandle:
         self.spawned_mono_ns = 0
         self.restarts = 0
         self.last_exit = ""
-        self._deaths: collections.deque[float] = collections.deque()
+        self._deaths = RecentCount()
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -128,11 +143,7 @@ class ChildHandle:
 
     def record_death(self, window_s: float) -> int:
         """Count this death; returns how many deaths fall inside the window (this one included)."""
-        now = time.monotonic()
-        self._deaths.append(now)
-        while self._deaths and now - self._deaths[0] > window_s:
-            self._deaths.popleft()
-        return len(self._deaths)
+        return self._deaths.record(window_s)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.returncode is None:

@@ -42,7 +42,7 @@ import msgspec
 
 from butterfly.api.http import ApiServer, make_app, start_api
 from butterfly.api.served import ServedModel, load_served_model
-from butterfly.board import Board, LoaderSection, NodeSection
+from butterfly.board import Board, EngineSection, LoaderSection, NodeSection
 from butterfly.board.shm import remove_orphaned_segments, remove_stale_segments, unlink_segment
 from butterfly.config import Config
 from butterfly.gate import may_serve
@@ -89,7 +89,7 @@ from butterfly.serving.metrics import ServingCollector, ServingStats
 from butterfly.states import IllegalTransition, NodeState, Phase, phase_transition_allowed, state_for
 from butterfly.status import ChildStatus, NodeStatus, Notes
 from butterfly.supervisor.childproc import HEARTBEAT_S, held
-from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event
+from butterfly.supervisor.children import KINDS, ChildExited, ChildHandle, ChildReport, Event, RecentCount
 from butterfly.supervisor.launcher import Launcher
 from butterfly.supervisor.statusview import build_status, progress_line, status_line
 from butterfly.supervisor.waitlog import WaitLog
@@ -160,6 +160,10 @@ class Supervisor:
         self._secret_bytes: bytes | None = None
         self.serving_stats = ServingStats()
         self.engine_reason = ""
+        # The engine's failed starts of its stage (a port taken, say): retried, and counted against
+        # the child restart budget; ``engine_fault``: peers were told, and are told again once it serves.
+        self.engine_failures = RecentCount()
+        self.engine_fault = False
         self.backend = RemoteBackend(self._secret, self._entry_target)
         self.stop_requested = asyncio.Event()
         self.reopen_logs_requested = False
@@ -635,6 +639,9 @@ class Supervisor:
         stats.observe_hops(r.hop_seconds)
         if r.step_failures:
             stats.observe_step_failures(r.step_failures)
+        if r.serving and self.engine_fault:
+            self.engine_fault = False
+            self._in_background(self.children["cluster"].send(self._fault("")))
         if r.reason != self.engine_reason:
             self.engine_reason = r.reason
             if r.reason:
@@ -710,6 +717,9 @@ class Supervisor:
         )
         self.notes.last_error = r.reason
         self._board().update(NodeSection, error_source=r.what)
+        if kind == "engine" and not r.fatal:
+            await self._engine_failed(r)
+            return
         self.phase_failures += 1
         if r.fatal or self.phase_failures > PHASE_RETRIES or self.plan is None:
             self.fail(r.what, r.reason)
@@ -721,6 +731,31 @@ class Supervisor:
         self.advance_to(Phase.LOADING_WEIGHTS, f"retrying after: {r.reason}")
         await asyncio.sleep(self.config.supervisor.restart_backoff_s)
         await self._load(self.plan, refetch=True)
+
+    async def _engine_failed(self, r: Failed) -> None:
+        """The engine could not build or open its stage over the validated arena (its port taken, a
+        secret it cannot read). The weights are not at fault and stay: the stage is started again after
+        the child restart backoff, and the node fails only when that keeps happening (more than
+        ``restart_limit`` times within ``restart_window_s``, as for a child's deaths)."""
+        sup = self.config.supervisor
+        failures = self.engine_failures.record(sup.restart_window_s)
+        if failures > sup.restart_limit:
+            self.fail("engine", f"{r.reason} ({failures} times within {sup.restart_window_s:.0f}s)")
+            return
+        self.engine_fault = True
+        await self.children["cluster"].send(self._fault(r.reason))
+        delay = min(sup.restart_backoff_s * (2 ** (failures - 1)), RESPAWN_BACKOFF_CAP_S)
+        log.warning("starting the engine's stage again in %.1fs", delay)
+        self._in_background(self._restart_stage(delay))
+
+    async def _restart_stage(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        engine = self._board().read(EngineSection)
+        # A new plan meanwhile starts the engine itself once its range is validated.
+        if self.phase is not Phase.READY or self.plan is None:
+            return
+        if not (engine.serving and engine.epoch == self.plan.epoch):
+            await self._start_engine()
 
     # ---- health, watchdog, systemd ------------------------------------------------------------
 
