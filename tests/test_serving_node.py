@@ -259,10 +259,10 @@ def _engine_port_taken(
     taken: socket.socket | None = None
     try:
         st = node.wait_state("OPERATIONAL", 90)
-        (holds / "spawn-engine").touch()
+        (holds / "hold-spawn-engine").touch()
         os.kill(engine_pid(st), signal.SIGKILL)
         taken = _hold_port(int(tomllib.loads(cfg.read_text())["engine"]["port"]))
-        (holds / "spawn-engine").unlink()
+        (holds / "hold-spawn-engine").unlink()
         yield node, taken
     finally:
         if taken is not None:
@@ -313,3 +313,34 @@ def test_a_model_the_engine_cannot_run_fails_the_stage_for_good_not_for_a_retry(
     with pytest.raises(EngineError) as e:
         build_stage(None, StartEngine(1, loaded, []))  # type: ignore[arg-type]  # never reached
     assert e.value.fatal and "m/config.json" in str(e.value) and "JSON object" in str(e.value)
+
+
+def test_ready_never_says_200_between_an_engine_death_and_its_successor_serving(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    """Regression: once the supervisor had started the new engine it resumed serving_epoch, and the
+    gate read the dead engine's board section (serving, its last beat under a second old) until the new
+    engine's first write: /ready said 200 with no engine for up to a second."""
+    port = free_port()
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    cfg = write_config(tmp_path / "node.toml", model_dir, node_id=f"s{port}", api_port=port)
+    node = Node(cfg, port, env={"BUTTERFLY_TEST_HOLD_DIR": str(holds)})
+    try:
+        st = node.wait_state("OPERATIONAL", 90)
+        (holds / "hold-engine-boot").touch()  # the new engine starts, but slowly
+        victim = engine_pid(st)
+        os.kill(victim, signal.SIGKILL)
+        node.wait_for(lambda s: engine_pid(s) not in (None, victim), what="a new engine child")
+        end = time.monotonic() + 2.0  # well past the dead engine's last beat going stale
+        while time.monotonic() < end:
+            code, body = node.get("/ready")
+            assert code == 503, body
+            time.sleep(0.01)
+        assert b"engine child has not started" in body, body
+        (holds / "hold-engine-boot").unlink()
+        node.wait_ready()
+    finally:
+        node.stop(signal.SIGKILL)
+        for seg in segments_of(f"s{port}"):
+            Path("/dev/shm", seg).unlink(missing_ok=True)

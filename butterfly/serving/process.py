@@ -39,7 +39,13 @@ from butterfly.net.auth import SecretError, load_secret
 from butterfly.serving.link import split_address
 from butterfly.serving.metrics import ServingStats
 from butterfly.serving.stage import StageAddress, StageServer
-from butterfly.supervisor.childproc import HEARTBEAT_S, ChildContext, bootstrap, child_socket
+from butterfly.supervisor.childproc import (
+    HEARTBEAT_S,
+    ChildContext,
+    bootstrap,
+    child_socket,
+    hold_if_requested,
+)
 
 log = logging.getLogger("butterfly.engine")
 
@@ -261,6 +267,7 @@ async def run(ctx: ChildContext, chan: AsyncChannel) -> None:
 
 def main() -> None:
     ctx, sync_chan = bootstrap("engine", child_socket())
+    hold_if_requested("engine-boot", lambda: None)  # test hook: an engine slow to start (a loaded host)
     # No heartbeat yet: the supervisor gives a child until its serve loop's first beat to start.
     ctx.board.update(EngineSection, pid=os.getpid(), serving=0, epoch=0)
     # One thread per stage's forward pass keeps the event loop (links, pings) free; torch may use the

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -42,7 +43,15 @@ import msgspec
 
 from butterfly.api.http import ApiServer, make_app, start_api
 from butterfly.api.served import ServedModel, load_served_model
-from butterfly.board import Board, EngineSection, LoaderSection, NodeSection
+from butterfly.board import (
+    Board,
+    ClusterSection,
+    EngineSection,
+    LoaderSection,
+    NodeSection,
+    Section,
+    ValidatorSection,
+)
 from butterfly.board.shm import remove_orphaned_segments, remove_stale_segments, unlink_segment
 from butterfly.config import Config
 from butterfly.gate import may_serve
@@ -117,6 +126,15 @@ RESPAWN_BACKOFF_CAP_S = 30.0
 # Another node id's shared memory whose creator is gone is reclaimed once it is this old (seconds
 # since last written): a node starting at this moment on the same host is never touched.
 ORPHAN_SEGMENT_AGE_S = 60.0
+
+
+# The board section each child writes.
+CHILD_SECTIONS: dict[str, type[Section]] = {
+    "cluster": ClusterSection,
+    "loader": LoaderSection,
+    "validator": ValidatorSection,
+    "engine": EngineSection,
+}
 
 
 def segment_names(node_id: str) -> tuple[str, str]:
@@ -418,6 +436,7 @@ class Supervisor:
         # Serving stops now, not when the dead child's heartbeat goes stale.
         resume_epoch = self._node().serving_epoch
         self._board().update(NodeSection, serving_epoch=0)
+        self._clear_dead_section(ev.kind)
         await asyncio.sleep(self.config.supervisor.restart_backoff_s * (2 ** (deaths - 1)))
         if not await self._respawn(handle):
             return
@@ -430,6 +449,17 @@ class Supervisor:
         # /status never shows a restart whose child (pid) and phase are still the dead one's.
         handle.restarts += 1
         self._board().update(NodeSection, child_restarts=sum(h.restarts for h in self.children.values()))
+
+    def _clear_dead_section(self, kind: str) -> None:
+        """Write the dead child's board section on its behalf (nobody else writes it until the next
+        child does): no heartbeat, and an engine serves nothing. Left as the dead child wrote them, the
+        gate would let the node serve again, once ``serving_epoch`` is back, on a dead engine's last
+        beat (fresh for up to a second) until the new engine's first write."""
+        changes = {"heartbeat_mono_ns": 0}
+        if kind == "engine":
+            changes.update(serving=0, epoch=0, running=0, waiting=0, kv_bytes_in_use=0)
+        board = self._board()
+        board.write(dataclasses.replace(board.read_unwritten(CHILD_SECTIONS[kind]), **changes))
 
     async def _respawn(self, handle: ChildHandle) -> bool:
         """Start ``handle``'s child again, retrying a failed start forever with capped backoff;
