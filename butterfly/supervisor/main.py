@@ -412,6 +412,7 @@ class Supervisor:
             # next loader goes on from there, so the counter never falls back.
             left = self._board().read_unwritten(LoaderSection).bytes_downloaded_total
             self.loader_downloaded = max(self.loader_downloaded, left)
+        self._clear_dead_section(ev.kind)
         if self.stop_requested.is_set():
             return
         deaths = handle.record_death(self.config.supervisor.restart_window_s)
@@ -436,7 +437,6 @@ class Supervisor:
         # Serving stops now, not when the dead child's heartbeat goes stale.
         resume_epoch = self._node().serving_epoch
         self._board().update(NodeSection, serving_epoch=0)
-        self._clear_dead_section(ev.kind)
         await asyncio.sleep(self.config.supervisor.restart_backoff_s * (2 ** (deaths - 1)))
         if not await self._respawn(handle):
             return
