@@ -246,30 +246,35 @@ def _hold_port(port: int, within_s: float = 10.0) -> socket.socket:
 
 
 @contextlib.contextmanager
-def _engine_port_taken(
-    tmp_path: Path, model_dir: Path, extra: str = ""
-) -> Iterator[tuple[Node, socket.socket]]:
-    """An operational node whose engine was SIGKILLed and whose engine port another process took before
-    the engine could start again (a test hold keeps the engine from starting until then)."""
+def _node_with_holds(tmp_path: Path, model_dir: Path, extra: str = "") -> Iterator[tuple[Node, Path, Path]]:
+    """A node that test holds (files in the holds folder) can stop at its hooks; (node, config, holds)."""
     port = free_port()
     holds = tmp_path / "holds"
     holds.mkdir()
     cfg = write_config(tmp_path / "node.toml", model_dir, node_id=f"s{port}", api_port=port, extra=extra)
     node = Node(cfg, port, env={"BUTTERFLY_TEST_HOLD_DIR": str(holds)})
-    taken: socket.socket | None = None
     try:
+        yield node, cfg, holds
+    finally:
+        node.stop(signal.SIGKILL)
+        for seg in segments_of(f"s{port}"):
+            Path("/dev/shm", seg).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _engine_port_taken(
+    tmp_path: Path, model_dir: Path, extra: str = ""
+) -> Iterator[tuple[Node, socket.socket]]:
+    """An operational node whose engine was SIGKILLed and whose engine port another process took before
+    the engine could start again (a test hold keeps the engine from starting until then)."""
+    with _node_with_holds(tmp_path, model_dir, extra) as (node, cfg, holds):
         st = node.wait_state("OPERATIONAL", 90)
         (holds / "hold-spawn-engine").touch()
         os.kill(engine_pid(st), signal.SIGKILL)
         taken = _hold_port(int(tomllib.loads(cfg.read_text())["engine"]["port"]))
         (holds / "hold-spawn-engine").unlink()
-        yield node, taken
-    finally:
-        if taken is not None:
-            taken.close()
-        node.stop(signal.SIGKILL)
-        for seg in segments_of(f"s{port}"):
-            Path("/dev/shm", seg).unlink(missing_ok=True)
+        with taken:
+            yield node, taken
 
 
 def test_an_engine_port_taken_for_a_moment_is_waited_out_without_reloading_the_weights(
@@ -321,12 +326,7 @@ def test_ready_never_says_200_between_an_engine_death_and_its_successor_serving(
     """Regression: once the supervisor had started the new engine it resumed serving_epoch, and the
     gate read the dead engine's board section (serving, its last beat under a second old) until the new
     engine's first write: /ready said 200 with no engine for up to a second."""
-    port = free_port()
-    holds = tmp_path / "holds"
-    holds.mkdir()
-    cfg = write_config(tmp_path / "node.toml", model_dir, node_id=f"s{port}", api_port=port)
-    node = Node(cfg, port, env={"BUTTERFLY_TEST_HOLD_DIR": str(holds)})
-    try:
+    with _node_with_holds(tmp_path, model_dir) as (node, _, holds):
         st = node.wait_state("OPERATIONAL", 90)
         (holds / "hold-engine-boot").touch()  # the new engine starts, but slowly
         victim = engine_pid(st)
@@ -340,7 +340,3 @@ def test_ready_never_says_200_between_an_engine_death_and_its_successor_serving(
         assert b"engine child has not started" in body, body
         (holds / "hold-engine-boot").unlink()
         node.wait_ready()
-    finally:
-        node.stop(signal.SIGKILL)
-        for seg in segments_of(f"s{port}"):
-            Path("/dev/shm", seg).unlink(missing_ok=True)
