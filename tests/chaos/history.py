@@ -41,7 +41,7 @@ from typing import Any
 # Faults after which the target must stop serving, and every node must stop serving the epoch in force.
 NODE_FAULTS = frozenset({"kill", "crash", "stop_node", "stop_cluster_child", "isolate"})
 # Faults after which only the target must stop (a hung child stops the node's gate, not the cluster).
-CHILD_FAULTS = frozenset({"stop_loader_child", "stop_validator_child"})
+CHILD_FAULTS = frozenset({"stop_loader_child", "stop_validator_child", "stop_engine_child"})
 
 
 @dataclass(frozen=True)

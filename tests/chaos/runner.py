@@ -17,7 +17,8 @@ Faults: ``kill`` (SIGKILL the node's supervisor, whose children die with it; res
 ``crash`` (the same, never restarted: the rest must carry on without it, or, when it was the only
 coordinator-eligible node, serve nothing and say why),
 ``stop_node`` (SIGSTOP the supervisor and every child; SIGCONT on heal), ``stop_cluster_child`` /
-``stop_loader_child`` (SIGSTOP one child), ``isolate`` (its link to the bridge down), ``drop_in`` (the
+``stop_loader_child`` / ``stop_engine_child`` (SIGSTOP one child; the supervisor kills it as hung after
+``heartbeat_timeout_s`` and starts another), ``isolate`` (its link to the bridge down), ``drop_in`` (the
 target stops receiving from one peer, nft, one way: the coordinator's packets for a worker, a
 worker's for the coordinator).
 """
@@ -40,7 +41,17 @@ from tests.chaos.history import Bounds, Fault, History, check, load, recovery_ti
 from tests.chaos.netns import Topology
 from tests.nodeharness import REPO, segments_of, write_config
 
-FAULTS = ("kill", "crash", "stop_node", "stop_cluster_child", "stop_loader_child", "isolate", "drop_in")
+FAULTS = (
+    "kill",
+    "crash",
+    "stop_node",
+    "stop_cluster_child",
+    "stop_loader_child",
+    "stop_engine_child",
+    "isolate",
+    "drop_in",
+)
+CHILD_STOPS = ("stop_cluster_child", "stop_loader_child", "stop_engine_child")
 PHASES = ("formation", "loading", "operational")
 TARGETS = ("coordinator", "worker")
 TOPOLOGIES = ("mesh", "1coord", "2coord")
@@ -281,7 +292,7 @@ def run(
             os.kill(node.pid, signal.SIGKILL)
         elif scenario.fault == "stop_node":
             node.signal_tree(signal.SIGSTOP)
-        elif scenario.fault in ("stop_cluster_child", "stop_loader_child"):
+        elif scenario.fault in CHILD_STOPS:
             kind = scenario.fault.split("_")[1]
             # At a node's start the cluster child comes first: the loader may still be starting.
             watch.wait(lambda w: _child_pid(w, target, kind) is not None, 15)

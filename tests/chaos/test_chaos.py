@@ -34,6 +34,8 @@ CI_SEED = int(os.environ.get("BUTTERFLY_CHAOS_SEED", random.randrange(1 << 30)))
 CI_PROFILE = [
     Scenario("kill", "coordinator", "loading"),
     Scenario("stop_cluster_child", "coordinator", "operational"),
+    # A worker's stage of the pipeline frozen: it stops serving, is killed as hung and replaced.
+    Scenario("stop_engine_child", "worker", "operational"),
     Scenario("isolate", "worker", "operational"),
     Scenario("drop_in", "worker", "operational"),
     # The spec's start (one coordinator, workers seeded with it, quorum_size 3) losing its coordinator

@@ -224,38 +224,39 @@ def test_a_request_served_through_a_fault_is_a_violation() -> None:
     assert any("n2 served a request for epoch 1" in v and "whose layers epoch 1 needs" in v for v in check(h))
 
 
-def test_a_frozen_child_replaced_by_the_supervisor_ends_its_fault() -> None:
+@pytest.mark.parametrize("child", ["loader", "engine"])
+def test_a_frozen_child_replaced_by_the_supervisor_ends_its_fault(child: str) -> None:
     def history(replaced: bool) -> History:
         h = History(nodes=list(NODES), healed_at=8.0, ended_at=12.0)
         for t in range(0, 12):
             for n in NODES:
-                pid = 200 if replaced and n == "n3" and t >= 5 else 100  # a fresh loader from t=5
+                pid = 200 if replaced and n == "n3" and t >= 5 else 100  # a fresh child from t=5
                 a = status(t, n)
-                body = {**(a.body or {}), "children": [{"name": "loader", "pid": pid, "alive": True}]}
+                body = {**(a.body or {}), "children": [{"name": child, "pid": pid, "alive": True}]}
                 h.answers += [Answer(a.t, a.node, a.kind, a.code, body), ready(t + 0.5, n)]
         h.answers = [x for x in h.answers if not (x.node == "n3" and x.kind == "ready" and 2.5 < x.t < 5)]
         h.answers.sort(key=lambda x: x.t)
-        h.faults.append(Fault("stop_loader_child", "n3", 1.0, 8.0, pid=100))
+        h.faults.append(Fault(f"stop_{child}_child", "n3", 1.0, 8.0, pid=100))
         return h
 
-    assert check(history(replaced=True)) == []  # serving again from t=5.5 with a fresh loader: fine
-    killed = history(replaced=False)  # the status at t=5 sees the frozen loader dead (killed)
+    assert check(history(replaced=True)) == []  # serving again from t=5.5 with a fresh child: fine
+    killed = history(replaced=False)  # the status at t=5 sees the frozen child dead (killed)
     killed.answers = [
         Answer(
             x.t,
             x.node,
             x.kind,
             x.code,
-            {**(x.body or {}), "children": [{"name": "loader", "pid": 100, "alive": False}]},
+            {**(x.body or {}), "children": [{"name": child, "pid": 100, "alive": False}]},
         )
         if x.node == "n3" and x.kind == "status" and x.t == 5
         else x
         for x in killed.answers
     ]
     assert check(killed) == []
-    violations = check(history(replaced=False))  # the frozen loader is still the one: 5.5 s is too late
+    violations = check(history(replaced=False))  # the frozen child is still the one: 5.5 s is too late
     assert any(
-        "n3 answered /ready 200 at 5.500, 4.50 s into its own stop_loader_child" in v for v in violations
+        f"n3 answered /ready 200 at 5.500, 4.50 s into its own stop_{child}_child" in v for v in violations
     )
 
 
