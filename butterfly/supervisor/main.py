@@ -780,10 +780,10 @@ class Supervisor:
 
     async def _restart_stage(self, delay: float) -> None:
         await asyncio.sleep(delay)
-        engine = self._board().read(EngineSection)
         # A new plan meanwhile starts the engine itself once its range is validated.
         if self.phase is not Phase.READY or self.plan is None:
             return
+        engine = self._board().read(EngineSection)
         if not (engine.serving and engine.epoch == self.plan.epoch):
             await self._start_engine()
 
