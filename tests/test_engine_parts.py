@@ -168,6 +168,12 @@ def test_arena_weights_are_views_of_shared_memory() -> None:
 # ---- linear: long prompt chunks of a half-precision weight in float32 tiles -------------------------
 
 
+def _widen_from(monkeypatch: pytest.MonkeyPatch, per_thread: int) -> None:
+    """Chunks of ``per_thread`` rows per thread or more are widened, whichever kernel is in use."""
+    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", per_thread)
+    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD_NATIVE", per_thread)
+
+
 def _rows(*sizes: int) -> tuple[list[SeqChunk], model._Rows]:
     chunks = [SeqChunk(i, 0, n) for i, n in enumerate(sizes)]
     return chunks, model._Rows.of(chunks, torch.bfloat16, torch.device("cpu"))
@@ -178,7 +184,7 @@ def _rows(*sizes: int) -> tuple[list[SeqChunk], model._Rows]:
 def test_linear_agrees_with_torch_and_a_float64_reference(
     dtype: torch.dtype, bias: bool, monkeypatch: pytest.MonkeyPatch, half_kernel: str
 ) -> None:
-    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 1)
+    _widen_from(monkeypatch, 1)
     monkeypatch.setattr(model, "_WIDEN_TILE_ELEMS", 131 * 1000)  # 131 rows a tile: 700 end in a part
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)  # chunks of 4 rows or more widen
     gen = torch.Generator().manual_seed(1)
@@ -202,7 +208,7 @@ def test_linear_agrees_with_torch_and_a_float64_reference(
 def test_a_widened_chunk_comes_out_the_same_whatever_shares_its_step(
     monkeypatch: pytest.MonkeyPatch, half_kernel: str
 ) -> None:
-    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 1)
+    _widen_from(monkeypatch, 1)
     gen = torch.Generator().manual_seed(2)
     w = (torch.randn(2048, 768, generator=gen) / 30).to(torch.bfloat16)
     x = torch.randn(70, 768, generator=gen).to(torch.bfloat16)
@@ -215,7 +221,7 @@ def test_a_widened_chunk_comes_out_the_same_whatever_shares_its_step(
 
 
 def test_linear_widens_a_tile_never_the_weight_and_only_long_chunks_of_half_weights() -> None:
-    least = model._WIDEN_ROWS_PER_THREAD * torch.get_num_threads()
+    least = model.widen_least()
     cpu = torch.device("cpu")
     assert model._Rows.of([SeqChunk(0, 0, least - 1)], torch.bfloat16, cpu).wide == ()
     assert model._Rows.of([SeqChunk(0, 0, least)], torch.float32, cpu).wide == ()
@@ -231,7 +237,7 @@ def test_linear_widens_a_tile_never_the_weight_and_only_long_chunks_of_half_weig
 
 
 def test_linear_scratch_is_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(model, "_WIDEN_ROWS_PER_THREAD", 0)
+    _widen_from(monkeypatch, 0)
     gen = torch.Generator().manual_seed(5)
     ws = [(torch.randn(512, 256 + 64 * i, generator=gen) / 16).to(torch.bfloat16) for i in range(4)]
     xs = [torch.randn(6, 256 + 64 * i, generator=gen).to(torch.bfloat16) for i in range(4)]
@@ -249,7 +255,7 @@ def test_linear_scratch_is_per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("k", [64, 777, 1000])  # tails of 8 and of 1 after the steps of 32
+@pytest.mark.parametrize("k", [5, 64, 777, 1000])  # all tail, no tail, a tail of 1 after the steps of 8
 @pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
 def test_rows_linear_agrees_with_torch_and_a_float64_reference(
     dtype: torch.dtype, k: int, bias: bool, half_kernel: str
@@ -268,9 +274,12 @@ def test_rows_linear_agrees_with_torch_and_a_float64_reference(
 
 def test_rows_linear_gives_a_row_the_same_bits_in_any_batch_and_on_any_thread_count(half_kernel: str) -> None:
     gen = torch.Generator().manual_seed(3)
-    w = (torch.randn(2048, 768, generator=gen) / 30).to(torch.bfloat16)
-    b = torch.randn(2048, generator=gen).to(torch.bfloat16)
+    # 2045 outputs: panels of 8 columns end in a part panel, and each thread's range starts mid-panel.
+    w = (torch.randn(2045, 768, generator=gen) / 30).to(torch.bfloat16)
+    b = torch.randn(2045, generator=gen).to(torch.bfloat16)
     x = torch.randn(16, 768, generator=gen).to(torch.bfloat16)
+    # Every block height 1-8 (each its own tile shape), alone and after a full block of 8.
+    slices = [(5, 5 + n) for n in range(1, 9)] + [(0, 8 + n) for n in range(1, 9)]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -278,7 +287,7 @@ def test_rows_linear_gives_a_row_the_same_bits_in_any_batch_and_on_any_thread_co
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             assert torch.equal(model.rows_linear(x, w, b), whole), t
-            for lo, hi in [(0, 1), (5, 6), (3, 11), (15, 16)]:
+            for lo, hi in slices:
                 assert torch.equal(model.rows_linear(x[lo:hi], w, b), whole[lo:hi]), (t, lo, hi)
     finally:
         torch.set_num_threads(threads)

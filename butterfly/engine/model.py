@@ -118,8 +118,10 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 # elements, 2 MiB) into a per-thread scratch buffer: never a float32 copy of the weight.
 # Accumulation is float32 either way and the result is rounded once to the stored dtype, as torch's
 # kernel does; only the summation order differs. Widening costs a read and a write of each weight
-# element, which torch's kernel spreads over its threads better: it pays from about 4 rows per
-# thread (1.1-1.5x there, 2-5x for 32 rows, at 1 and 2 threads here).
+# element. Against torch's kernel it pays from about 4 rows per thread (1.1-1.5x there, 2-5x for 32
+# rows, at 1 and 2 threads here); against the native kernel below, which widens in registers, only
+# from about 32 (a 32-row chunk costs the same either way at 1 thread; at 2 threads the native kernel
+# is 1.6x faster at 32 rows and 1.25x at 64, even at 128).
 #
 # A request must get the same tokens alone as beside others (the tests hold the engine to it), so a
 # row's arithmetic may not depend on its neighbours: torch's kernel treats rows independently, but a
@@ -128,15 +130,17 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 # (serving/stage.py): a chunk is widened, or not, and multiplied exactly the same way alone or not.
 # Decode steps are never widened, whatever their batch: their rows go to ``rows_linear`` (below).
 _WIDEN_ROWS_PER_THREAD = 4
+_WIDEN_ROWS_PER_THREAD_NATIVE = 32
 _WIDEN_TILE_ELEMS = 1 << 19
 _scratch = threading.local()
 
 # The other rows (decode steps, short chunks, the LM head's one row per sequence) go through
-# csrc/halfmm.h where this CPU has AVX2, FMA and F16C: it widens each weight row once for all the
-# rows of a step and sums every output in one fixed order, so a batch reads the weight once and a row
-# comes out the same in any batch. It runs on torch's own OpenMP team (the output columns split over
-# torch's thread count, which changes no sum). torch's kernel, its plain twin, does the same rows a
-# row at a time (the tests run the engine on both; BUTTERFLY_PURE=1 makes it the one used).
+# csrc/halfmm.h where this CPU has AVX2, FMA and F16C: it widens the weight in registers, a tile of
+# up to 8 rows of the step at a time, and sums every output in one fixed order, so a batch reads the
+# weight once and a row comes out the same in any batch. It runs on torch's own OpenMP team (the
+# output columns split over torch's thread count, which changes no sum). torch's kernel, its plain
+# twin, does the same rows a row at a time (the tests run the engine on both; BUTTERFLY_PURE=1 makes
+# it the one used).
 NATIVE_KERNEL: Any = None
 """``butterfly._native.halfmm`` where it is built and this CPU runs it, else None."""
 try:
@@ -150,6 +154,12 @@ else:
         _halfmm.bind_threads()
 NATIVE: Any = None if os.environ.get("BUTTERFLY_PURE") == "1" else NATIVE_KERNEL
 """The kernel ``rows_linear`` uses (None: torch's)."""
+
+
+def widen_least() -> int:
+    """The fewest tokens a chunk must have to be multiplied in float32 tiles (see above)."""
+    per_thread = _WIDEN_ROWS_PER_THREAD if NATIVE is None else _WIDEN_ROWS_PER_THREAD_NATIVE
+    return per_thread * torch.get_num_threads()
 
 
 def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,7 +208,7 @@ class _Rows:
     def of(chunks: Sequence[SeqChunk], dtype: torch.dtype, device: torch.device) -> _Rows:
         if dtype is torch.float32 or device.type != "cpu":
             return _Rows((), None)
-        least = _WIDEN_ROWS_PER_THREAD * torch.get_num_threads()
+        least = widen_least()
         wide: list[tuple[int, int]] = []
         narrow: list[int] = []
         off = 0
