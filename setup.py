@@ -41,7 +41,7 @@ if not os.environ.get("BUTTERFLY_NO_EXT"):
                 # No contraction of the C sums into FMAs the compiler chooses: every output is summed in
                 # the one order csrc/halfmm.h states, wherever it is inlined.
                 extra_compile_args=["-O3", "-ffp-contract=off"],
-                libraries=["dl"],  # dlopen of torch's libgomp (in libc itself from glibc 2.34)
+                libraries=["dl", "m"],  # dlopen of torch's libgomp (in libc itself from glibc 2.34); expf
             ),
         ],
         compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},

@@ -92,7 +92,7 @@ HK_TILE(1, 8) HK_TILE(2, 4) HK_TILE(3, 2) HK_TILE(4, 2) HK_TILE(5, 1) HK_TILE(6,
 HK_TILE(8, 1) HK_TILE(1, 1) HK_TILE(2, 1) HK_TILE(3, 1) HK_TILE(4, 1)
 
 /* The tile shape for a block of R rows (the most columns with R * J <= 8; measured on an AVX2 EPYC,
- * 8 rows by 1 column beats 4 by 2 by 1.3x: one widening per weight vector, the loads in the FMAs), and
+ * 8 rows by 1 column beats 4 by 2 by 1.25x: one widening per weight vector, the loads in the FMAs), and
  * its one-column twin for the panel's last columns. */
 static const hk_tile_fn hk_tiles[9] = {NULL, hk_tile_1x8, hk_tile_2x4, hk_tile_3x2, hk_tile_4x2,
                                       hk_tile_5x1, hk_tile_6x1, hk_tile_7x1, hk_tile_8x1};

@@ -1,15 +1,16 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Native products of float32 rows with a bf16/fp16 weight (csrc/halfmm.h), for the CPU engine.
+"""The CPU engine's native kernels: products of float32 rows with a bf16/fp16 weight (csrc/halfmm.h)
+and the attention of decode steps (csrc/attention.h).
 
 ``butterfly.engine.model`` owns the tensors, checks their shapes, dtypes and contiguity, and passes
-their addresses; this module only runs the kernel on them without the GIL, on torch's OpenMP team
-when ``bind_threads`` found it. Its plain twin is torch's own kernel (``F.linear``): the engine's tests
-run on both.
+their addresses; this module only runs the kernels on them without the GIL, on torch's OpenMP team
+when ``bind_threads`` found it. Their plain twins are torch's own operators (``F.linear``,
+``F.scaled_dot_product_attention``): the engine's tests run on both.
 
 Must not: keep a pointer past a call, or allocate anything.
 """
 
-from libc.stdint cimport uint16_t, uintptr_t
+from libc.stdint cimport int64_t, uint16_t, uintptr_t
 
 
 cdef extern from "halfmm.h" nogil:
@@ -22,6 +23,20 @@ cdef extern from "halfmm.h" nogil:
     int hk_available()
     int hk_bind_openmp()
     void hk_run(const hk_job *job, int threads)
+
+
+cdef extern from "attention.h" nogil:
+    ctypedef struct ha_job:
+        int n, heads, kv_heads, head_dim, dtype, layer, window
+        float scale
+        const void *q
+        const void *k
+        const void *v
+        const int64_t *caches
+        const int64_t *capacity
+        const int64_t *pos
+        float *out
+    void ha_run(const ha_job *job, int threads)
 
 
 def available():
@@ -41,6 +56,8 @@ def matmul(uintptr_t x, int m, int k, uintptr_t w, uintptr_t b, uintptr_t y, int
     of the sums, which no split changes."""
     if m < 1 or k < 1 or n < 1 or threads < 1:
         raise ValueError(f"bad shape: m={m} k={k} n={n} threads={threads}")
+    if not hk_available():
+        raise RuntimeError("this CPU lacks AVX2, FMA or F16C: the half-precision kernel cannot run here")
     cdef hk_job job
     job.x = <const float *>x
     job.w = <const uint16_t *>w
@@ -52,3 +69,37 @@ def matmul(uintptr_t x, int m, int k, uintptr_t w, uintptr_t b, uintptr_t y, int
     job.fp16 = fp16
     with nogil:
         hk_run(&job, threads)
+
+
+def decode_attention(
+    uintptr_t q, uintptr_t k, uintptr_t v, int n, int heads, int kv_heads, int head_dim, int dtype,
+    uintptr_t caches, uintptr_t capacity, uintptr_t pos, int layer, int window, float scale,
+    uintptr_t out, int threads,
+):
+    """One layer's attention for ``n`` sequences of one new token each: writes each one's key and
+    value into its cache at ``pos[i]``, then ``out`` (float32 [n][heads][head_dim]). ``caches``,
+    ``capacity`` and ``pos``: addresses of int64 arrays of n (each cache tensor's address, its
+    capacity, the new token's position); dtype 0 float32, 1 bf16, 2 fp16; window <= 0: none. See
+    csrc/attention.h for the order of the sums."""
+    if n < 1 or heads < 1 or kv_heads < 1 or head_dim < 1 or heads % kv_heads or not 0 <= dtype <= 2:
+        raise ValueError(f"bad shape: n={n} heads={heads} kv_heads={kv_heads} head_dim={head_dim} dtype={dtype}")
+    if not hk_available():
+        raise RuntimeError("this CPU lacks AVX2, FMA or F16C: the attention kernel cannot run here")
+    cdef ha_job job
+    job.n = n
+    job.heads = heads
+    job.kv_heads = kv_heads
+    job.head_dim = head_dim
+    job.dtype = dtype
+    job.layer = layer
+    job.window = window
+    job.scale = scale
+    job.q = <const void *>q
+    job.k = <const void *>k
+    job.v = <const void *>v
+    job.caches = <const int64_t *>caches
+    job.capacity = <const int64_t *>capacity
+    job.pos = <const int64_t *>pos
+    job.out = <float *>out
+    with nogil:
+        ha_run(&job, threads)

@@ -25,8 +25,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(params=["native", "torch"])
 def half_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The engine's kernel for half-precision rows: the native one (csrc/halfmm.h), or its plain twin,
-    torch's own. A test taking this fixture runs on both."""
+    """The engine's native kernels (half-precision rows, csrc/halfmm.h; decode attention,
+    csrc/attention.h), or their plain twins, torch's own operators. A test taking this fixture runs
+    on both."""
     from butterfly.engine import model
 
     if request.param == "native" and platform.machine().lower() in ("x86_64", "amd64"):

@@ -79,7 +79,7 @@ def test_logits_match_transformers(ckpt: Ckpt, cuts: tuple[int, ...]) -> None:
         torch.testing.assert_close(got[0], ref_last_logits(ckpt.ref, ids), rtol=0, atol=FP32_ATOL)
 
 
-def test_every_position_matches_while_decoding(ckpt: Ckpt) -> None:
+def test_every_position_matches_while_decoding(ckpt: Ckpt, half_kernel: str) -> None:
     """Token by token through the KV cache (past every sliding window) equals the full-prefix logits."""
     pipe = pipeline(ckpt.opened, (0, 2, 4))
     ids = prompt(14, seed=7)
@@ -91,7 +91,7 @@ def test_every_position_matches_while_decoding(ckpt: Ckpt) -> None:
         torch.testing.assert_close(got[0], want[pos], rtol=0, atol=FP32_ATOL)
 
 
-def test_greedy_generation_matches_transformers(ckpt: Ckpt) -> None:
+def test_greedy_generation_matches_transformers(ckpt: Ckpt, half_kernel: str) -> None:
     eos = ckpt.opened.config.eos_token_ids
     for cuts in [(0, 4), (0, 1, 2, 4)]:
         pipe = pipeline(ckpt.opened, cuts)
@@ -104,7 +104,7 @@ def test_greedy_generation_matches_transformers(ckpt: Ckpt) -> None:
             assert got == want, (cuts, n)
 
 
-def test_mixed_batches_equal_each_sequence_alone(ckpt: Ckpt) -> None:
+def test_mixed_batches_equal_each_sequence_alone(ckpt: Ckpt, half_kernel: str) -> None:
     """Continuous batching: sequences join (prefill) while others decode; each gets its solo logits."""
     md = ckpt.opened
     prompts = {10: prompt(6, 1), 11: prompt(13, 2), 12: prompt(1, 3), 13: prompt(8, 4)}
@@ -182,11 +182,15 @@ def test_half_precision_runs_in_stored_dtype(
     ref = make_hf_model(variant).to(dtype)
     pipe = Pipeline([stage], KV_BYTES)
     for i, n in enumerate([3, 12]):
-        ids = prompt(n, seed=40 + i)
-        pipe.reserve(i, n)
-        got = pipe.step(ids, [SeqChunk(i, 0, n)])[0]
+        ids = prompt(n + 2, seed=40 + i)
+        pipe.reserve(i, n + 2)
+        got = pipe.step(ids[:n], [SeqChunk(i, 0, n)])[0]
+        # Then two decode steps, which read the cache in the stored dtype.
+        for p in (n, n + 1):
+            torch.testing.assert_close(got, ref_last_logits(ref, ids[:p]), rtol=0, atol=HALF_ATOL[dtype])
+            torch.testing.assert_close(got, ref_last_logits(ref32, ids[:p]), rtol=0, atol=HALF_ATOL[dtype])
+            got = pipe.step(ids[p : p + 1], [SeqChunk(i, p, 1)])[0]
         torch.testing.assert_close(got, ref_last_logits(ref, ids), rtol=0, atol=HALF_ATOL[dtype])
-        torch.testing.assert_close(got, ref_last_logits(ref32, ids), rtol=0, atol=HALF_ATOL[dtype])
     # The files cannot be unmapped under a stage that still uses them...
     with pytest.raises(BufferError):
         md.close()

@@ -306,3 +306,107 @@ def test_rows_linear_leaves_what_the_kernel_does_not_take_to_torch(half_kernel: 
         model.rows_linear(xb[:, :60], w32.to(torch.bfloat16))
     with pytest.raises(RuntimeError):
         model.rows_linear(xb, w32.to(torch.bfloat16), torch.zeros(39, dtype=torch.bfloat16))
+
+
+# ---- decode attention: the native kernel for one-token chunks (csrc/attention.h) --------------------
+
+_LAYERS, _CAP = 2, 32
+
+
+def _decode_case(
+    dtype: torch.dtype, heads: int, kv_heads: int, hd: int, positions: list[int], seed: int
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Caches [layers, 2, kv_heads, capacity, hd] holding random earlier keys and values, and a step's
+    q [n, heads, hd], k and v [n, kv_heads, hd]."""
+    gen = torch.Generator().manual_seed(seed)
+    caches = [torch.randn(_LAYERS, 2, kv_heads, _CAP, hd, generator=gen).to(dtype) for _ in positions]
+    n = len(positions)
+    q, k, v = (torch.randn(n, h, hd, generator=gen).to(dtype) for h in (heads, kv_heads, kv_heads))
+    return caches, q, k, v
+
+
+def _native_attend(
+    caches: list[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: list[int],
+    layer: int,
+    window: int | None,
+) -> torch.Tensor:
+    chunks = [SeqChunk(i, p, 1) for i, p in enumerate(positions)]
+    decode = model._Decode.of(chunks, caches)
+    assert decode is not None and decode.rows is None
+    out = torch.empty(q.shape, dtype=q.dtype)
+    decode.attend(q, k, v, layer, window, out)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("heads", "kv_heads", "hd"), [(4, 4, 64), (6, 2, 12), (8, 1, 20)])
+@pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
+def test_decode_attention_agrees_with_sdpa_and_a_float64_reference(
+    dtype: torch.dtype, heads: int, kv_heads: int, hd: int, window: int | None
+) -> None:
+    assert model.NATIVE_KERNEL is not None
+    positions, layer = [0, 7, 31], 1
+    caches, q, k, v = _decode_case(dtype, heads, kv_heads, hd, positions, seed=hd + heads)
+    want_caches = [c.clone() for c in caches]
+    got = _native_attend(caches, q, k, v, positions, layer, window)
+    for i, (c, p) in enumerate(zip(want_caches, positions, strict=True)):
+        c[layer, 0, :, p] = k[i]
+        c[layer, 1, :, p] = v[i]
+    # The new keys and values are in place, nothing else moved.
+    assert all(torch.equal(a, b) for a, b in zip(caches, want_caches, strict=True))
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for i, (c, p) in enumerate(zip(caches, positions, strict=True)):
+        lo = 0 if window is None else max(0, p - window + 1)
+        keys, vals = c[layer, 0, :, lo : p + 1], c[layer, 1, :, lo : p + 1]
+        sdpa = F.scaled_dot_product_attention(
+            q[i][:, None][None], keys[None], vals[None], scale=hd**-0.5, enable_gqa=True
+        )[0, :, 0]
+        torch.testing.assert_close(got[i], sdpa, rtol=0, atol=tol)
+        rep = heads // kv_heads
+        kd, vd = keys.double().repeat_interleave(rep, 0), vals.double().repeat_interleave(rep, 0)
+        weights = torch.softmax((q[i].double()[:, None] * kd).sum(-1) * hd**-0.5, -1)
+        exact = (weights[..., None] * vd).sum(1)
+        torch.testing.assert_close(got[i].double(), exact, rtol=0, atol=tol)
+
+
+def test_decode_attention_gives_a_sequence_the_same_bits_beside_any_others_and_on_any_thread_count() -> None:
+    assert model.NATIVE_KERNEL is not None
+    positions = [9, 30, 0, 17, 5]
+    caches, q, k, v = _decode_case(torch.bfloat16, 12, 4, 64, positions, seed=9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = _native_attend([caches[0].clone()], q[:1], k[:1], v[:1], positions[:1], 1, None)
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            step = _native_attend([c.clone() for c in caches], q, k, v, positions, 1, None)
+            assert torch.equal(step[:1], alone), t
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_mixed_step_attends_its_one_token_chunks_natively_and_the_rest_as_before(half_kernel: str) -> None:
+    chunks = [SeqChunk(0, 0, 3), SeqChunk(1, 4, 1), SeqChunk(2, 0, 2), SeqChunk(3, 9, 1)]
+    kvs = [torch.zeros(_LAYERS, 2, 2, _CAP, 8) for _ in chunks]
+    decode = model._Decode.of(chunks, kvs)
+    if half_kernel == "torch":
+        assert decode is None  # the plain twin: torch's attention, a sequence at a time
+        return
+    assert decode is not None and decode.rows is not None
+    assert decode.rows.tolist() == [3, 6]  # the rows of the one-token chunks in the step
+    assert decode.pos.tolist() == [4, 9] and decode.capacity.tolist() == [_CAP, _CAP]
+    assert decode.caches.tolist() == [kvs[1].data_ptr(), kvs[3].data_ptr()]
+    # Caches the kernel does not read (another dtype) leave the whole step to torch.
+    assert model._Decode.of(chunks, [kv.double() for kv in kvs]) is None
+
+
+def test_decode_attention_refuses_a_cache_of_another_shape() -> None:
+    assert model.NATIVE_KERNEL is not None
+    caches, q, k, v = _decode_case(torch.float32, 4, 2, 16, [3], seed=1)
+    for bad, layer in [(caches[0][:, :, :1].contiguous(), 1), (caches[0], _LAYERS), (caches[0].half(), 1)]:
+        with pytest.raises(ValueError, match="does not fit"):
+            _native_attend([bad], q, k, v, [3], layer, None)

@@ -153,7 +153,7 @@ else:
         NATIVE_KERNEL = _halfmm
         _halfmm.bind_threads()
 NATIVE: Any = None if os.environ.get("BUTTERFLY_PURE") == "1" else NATIVE_KERNEL
-"""The kernel ``rows_linear`` uses (None: torch's)."""
+"""The native kernels ``rows_linear`` and ``_Decode`` use (None: torch's operators, their twins)."""
 
 
 def widen_least() -> int:
@@ -244,6 +244,90 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows
     if rows.narrow is not None:
         out[rows.narrow] = rows_linear(x[rows.narrow], w, b)
     return out
+
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """A step's one-token chunks, whose attention the native kernel computes in one call per layer
+    (csrc/attention.h: each sequence's new key and value written into its cache, then its heads
+    attended, in one fixed order per sequence and head; torch's ``scaled_dot_product_attention``, a
+    sequence at a time, is its plain twin). ``rows``: their rows in the step, None when all are."""
+
+    rows: torch.Tensor | None
+    caches: torch.Tensor
+    capacity: torch.Tensor
+    pos: torch.Tensor
+    kvs: tuple[torch.Tensor, ...]  # the caches whose addresses ``caches`` holds, alive meanwhile
+
+    @staticmethod
+    def of(chunks: Sequence[SeqChunk], kvs: Sequence[torch.Tensor]) -> _Decode | None:
+        """None when the kernel is not in use, the caches are not ones it reads (another device or
+        dtype), or no chunk is one token."""
+        if NATIVE is None or not all(
+            kv.device.type == "cpu" and kv.dtype in _KERNEL_DTYPES and kv.is_contiguous() for kv in kvs
+        ):
+            return None
+        picked = [i for i, c in enumerate(chunks) if c.n_tokens == 1]
+        if not picked:
+            return None
+        starts = torch.cumsum(torch.tensor([0] + [c.n_tokens for c in chunks[:-1]]), 0)
+        return _Decode(
+            # Row r of the step is chunk r's token when every chunk is one token.
+            rows=None if len(picked) == len(chunks) else starts[picked],
+            caches=torch.tensor([kvs[i].data_ptr() for i in picked], dtype=torch.int64),
+            capacity=torch.tensor([kvs[i].shape[3] for i in picked], dtype=torch.int64),
+            pos=torch.tensor([chunks[i].start_pos for i in picked], dtype=torch.int64),
+            kvs=tuple(kvs[i] for i in picked),
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: int,
+        window: int | None,
+        out: torch.Tensor,
+    ) -> None:
+        """Their attention in ``layer`` into their rows of ``out`` ([T, heads, head_dim])."""
+        if self.rows is not None:
+            q, k, v = q[self.rows], k[self.rows], v[self.rows]
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        n, heads, hd = q.shape
+        # The kernel reads and writes the caches by address: never past one of another shape.
+        for kv in self.kvs:
+            layers, _, kv_heads, _, kv_hd = kv.shape
+            if kv.dtype != q.dtype or (kv_heads, kv_hd) != (k.shape[1], hd) or not 0 <= layer < layers:
+                raise ValueError(
+                    f"a KV cache {kv.dtype} {list(kv.shape)} does not fit layer {layer} of a step "
+                    f"{q.dtype} with {k.shape[1]} KV heads of {hd}"
+                )
+        got = torch.empty((n, heads, hd), dtype=torch.float32)
+        NATIVE.decode_attention(
+            q.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            n,
+            heads,
+            k.shape[1],
+            hd,
+            _KERNEL_DTYPES[q.dtype],
+            self.caches.data_ptr(),
+            self.capacity.data_ptr(),
+            self.pos.data_ptr(),
+            layer,
+            window or 0,
+            hd**-0.5,
+            got.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if self.rows is None:
+            out.copy_(got)
+        else:
+            out[self.rows] = got.to(out.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -367,8 +451,9 @@ class StageModel:
         else:
             h = x.to(self.device, self.dtype)
         rows = _Rows.of(chunks, self.dtype, self.device)
+        decode = _Decode.of(chunks, kvs)
         for i, blk in enumerate(self.blocks):
-            h = self._block_forward(h, blk, i, chunks, kvs, cos, sin, total, rows)
+            h = self._block_forward(h, blk, i, chunks, kvs, cos, sin, total, rows, decode)
         for c in chunks:
             cache.advance(c.seq_id, c.start_pos + c.n_tokens)
         if not self.last:
@@ -414,6 +499,7 @@ class StageModel:
         sin: torch.Tensor,
         total: int,
         rows: _Rows,
+        decode: _Decode | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -425,8 +511,13 @@ class StageModel:
         k = k * cos + _rotate_half(k) * sin
         out = torch.empty((total, heads, hd), dtype=h.dtype, device=h.device)
         off = 0
+        if decode is not None:
+            decode.attend(q, k, v, layer, blk.window, out)
         for c, kv in zip(chunks, kvs, strict=True):
             s, n = c.start_pos, c.n_tokens
+            if decode is not None and n == 1:
+                off += 1  # attended above
+                continue
             end = s + n
             kv[layer, 0, :, s:end] = k[off : off + n].transpose(0, 1)
             kv[layer, 1, :, s:end] = v[off : off + n].transpose(0, 1)
