@@ -191,6 +191,7 @@ def test_half_precision_runs_in_stored_dtype(
             torch.testing.assert_close(got, ref_last_logits(ref32, ids[:p]), rtol=0, atol=HALF_ATOL[dtype])
             got = pipe.step(ids[p : p + 1], [SeqChunk(i, p, 1)])[0]
         torch.testing.assert_close(got, ref_last_logits(ref, ids), rtol=0, atol=HALF_ATOL[dtype])
+        torch.testing.assert_close(got, ref_last_logits(ref32, ids), rtol=0, atol=HALF_ATOL[dtype])
     # The files cannot be unmapped under a stage that still uses them...
     with pytest.raises(BufferError):
         md.close()

@@ -273,10 +273,11 @@ class _Decode:
         picked = [i for i, c in enumerate(chunks) if c.n_tokens == 1]
         if not picked:
             return None
-        starts = torch.cumsum(torch.tensor([0] + [c.n_tokens for c in chunks[:-1]]), 0)
+        rows = None  # every chunk is one token: row r of the step is chunk r's
+        if len(picked) < len(chunks):
+            rows = torch.cumsum(torch.tensor([0] + [c.n_tokens for c in chunks[:-1]]), 0)[picked]
         return _Decode(
-            # Row r of the step is chunk r's token when every chunk is one token.
-            rows=None if len(picked) == len(chunks) else starts[picked],
+            rows=rows,
             caches=torch.tensor([kvs[i].data_ptr() for i in picked], dtype=torch.int64),
             capacity=torch.tensor([kvs[i].shape[3] for i in picked], dtype=torch.int64),
             pos=torch.tensor([chunks[i].start_pos for i in picked], dtype=torch.int64),
