@@ -335,7 +335,7 @@ def _native_attend(
     window: int | None,
 ) -> torch.Tensor:
     chunks = [SeqChunk(i, p, 1) for i, p in enumerate(positions)]
-    decode = model._Decode.of(chunks, caches)
+    decode = model._Decode.of(chunks, caches, q.dtype, k.shape[1], q.shape[2])
     assert decode is not None and decode.rows is None
     out = torch.empty(q.shape, dtype=q.dtype)
     decode.attend(q, k, v, layer, window, out)
@@ -392,7 +392,7 @@ def test_decode_attention_gives_a_sequence_the_same_bits_beside_any_others_and_o
 def test_a_mixed_step_attends_its_one_token_chunks_natively_and_the_rest_as_before(half_kernel: str) -> None:
     chunks = [SeqChunk(0, 0, 3), SeqChunk(1, 4, 1), SeqChunk(2, 0, 2), SeqChunk(3, 9, 1)]
     kvs = [torch.zeros(_LAYERS, 2, 2, _CAP, 8) for _ in chunks]
-    decode = model._Decode.of(chunks, kvs)
+    decode = model._Decode.of(chunks, kvs, torch.float32, 2, 8)
     if half_kernel == "torch":
         assert decode is None  # the plain twin: torch's attention, a sequence at a time
         return
@@ -400,8 +400,8 @@ def test_a_mixed_step_attends_its_one_token_chunks_natively_and_the_rest_as_befo
     assert decode.rows.tolist() == [3, 6]  # the rows of the one-token chunks in the step
     assert decode.pos.tolist() == [4, 9] and decode.capacity.tolist() == [_CAP, _CAP]
     assert decode.caches.tolist() == [kvs[1].data_ptr(), kvs[3].data_ptr()]
-    # Caches the kernel does not read (another dtype) leave the whole step to torch.
-    assert model._Decode.of(chunks, [kv.double() for kv in kvs]) is None
+    # A step of a dtype the kernel does not compute is left whole to torch.
+    assert model._Decode.of(chunks, [kv.double() for kv in kvs], torch.float64, 2, 8) is None
 
 
 def test_decode_attention_refuses_a_cache_of_another_shape() -> None:

@@ -254,25 +254,46 @@ class _Decode:
     """A step's one-token chunks, whose attention the native kernel computes in one call per layer
     (csrc/attention.h: each sequence's new key and value written into its cache, then its heads
     attended, in one fixed order per sequence and head; torch's ``scaled_dot_product_attention``, a
-    sequence at a time, is its plain twin). ``rows``: their rows in the step, None when all are."""
+    sequence at a time, is its plain twin). ``rows``: their rows in the step, None when all are;
+    ``layers``: how many layers their caches hold."""
 
     rows: torch.Tensor | None
     caches: torch.Tensor
     capacity: torch.Tensor
     pos: torch.Tensor
-    kvs: tuple[torch.Tensor, ...]  # the caches whose addresses ``caches`` holds, alive meanwhile
+    layers: int
 
     @staticmethod
-    def of(chunks: Sequence[SeqChunk], kvs: Sequence[torch.Tensor]) -> _Decode | None:
-        """None when the kernel is not in use, the caches are not ones it reads (another device or
-        dtype), or no chunk is one token."""
-        if NATIVE is None or not all(
-            kv.device.type == "cpu" and kv.dtype in _KERNEL_DTYPES and kv.is_contiguous() for kv in kvs
+    def of(
+        chunks: Sequence[SeqChunk],
+        kvs: Sequence[torch.Tensor],
+        dtype: torch.dtype,
+        kv_heads: int,
+        head_dim: int,
+    ) -> _Decode | None:
+        """None when the kernel is not in use, the step is not one it computes (another device or
+        dtype), or no chunk is one token. The kernel reads and writes the caches by address, so one
+        of another dtype or shape than the step's is refused here, never read past."""
+        if (
+            NATIVE is None
+            or dtype not in _KERNEL_DTYPES
+            or not all(kv.device.type == "cpu" and kv.is_contiguous() for kv in kvs)
         ):
             return None
         picked = [i for i, c in enumerate(chunks) if c.n_tokens == 1]
         if not picked:
             return None
+        for i in picked:
+            kv = kvs[i]
+            if (
+                kv.dtype != dtype
+                or kv.dim() != 5
+                or (kv.shape[1], kv.shape[2], kv.shape[4]) != (2, kv_heads, head_dim)
+            ):
+                raise ValueError(
+                    f"a KV cache {kv.dtype} {list(kv.shape)} does not fit a step {dtype} with {kv_heads} KV "
+                    f"heads of {head_dim}"
+                )
         rows = None  # every chunk is one token: row r of the step is chunk r's
         if len(picked) < len(chunks):
             rows = torch.cumsum(torch.tensor([0] + [c.n_tokens for c in chunks[:-1]]), 0)[picked]
@@ -281,7 +302,7 @@ class _Decode:
             caches=torch.tensor([kvs[i].data_ptr() for i in picked], dtype=torch.int64),
             capacity=torch.tensor([kvs[i].shape[3] for i in picked], dtype=torch.int64),
             pos=torch.tensor([chunks[i].start_pos for i in picked], dtype=torch.int64),
-            kvs=tuple(kvs[i] for i in picked),
+            layers=min(kvs[i].shape[0] for i in picked),
         )
 
     def attend(
@@ -293,19 +314,14 @@ class _Decode:
         window: int | None,
         out: torch.Tensor,
     ) -> None:
-        """Their attention in ``layer`` into their rows of ``out`` ([T, heads, head_dim])."""
+        """Their attention in ``layer`` into their rows of ``out`` ([T, heads, head_dim]); q, k and v
+        of the dtype and shape ``of`` was given."""
+        if not 0 <= layer < self.layers:
+            raise ValueError(f"layer {layer} does not fit KV caches of {self.layers} layers")
         if self.rows is not None:
             q, k, v = q[self.rows], k[self.rows], v[self.rows]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         n, heads, hd = q.shape
-        # The kernel reads and writes the caches by address: never past one of another shape.
-        for kv in self.kvs:
-            layers, _, kv_heads, _, kv_hd = kv.shape
-            if kv.dtype != q.dtype or (kv_heads, kv_hd) != (k.shape[1], hd) or not 0 <= layer < layers:
-                raise ValueError(
-                    f"a KV cache {kv.dtype} {list(kv.shape)} does not fit layer {layer} of a step "
-                    f"{q.dtype} with {k.shape[1]} KV heads of {hd}"
-                )
         got = torch.empty((n, heads, hd), dtype=torch.float32)
         NATIVE.decode_attention(
             q.data_ptr(),
@@ -452,7 +468,7 @@ class StageModel:
         else:
             h = x.to(self.device, self.dtype)
         rows = _Rows.of(chunks, self.dtype, self.device)
-        decode = _Decode.of(chunks, kvs)
+        decode = _Decode.of(chunks, kvs, self.dtype, self.cfg.num_kv_heads, self.cfg.head_dim)
         for i, blk in enumerate(self.blocks):
             h = self._block_forward(h, blk, i, chunks, kvs, cos, sin, total, rows, decode)
         for c in chunks:
