@@ -1,5 +1,5 @@
 """A node's processes under faults: a child that cannot be started, a node that failed for good, a
-loader that dies while counting what it downloaded."""
+loader that dies while counting what it downloaded, a child or fork server whose supervisor is gone."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import itertools
 import os
 import re
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -164,3 +167,48 @@ def test_downloaded_bytes_counter_goes_on_across_loader_restarts(make_node: Make
     assert not drops, f"the counter went down: {drops[:5]} (of {len(seen)} scrapes)"
     assert seen[-1] == half + 2 * total
     assert node.stop() == 0
+
+
+def _run_with_dead_peer(code: str, fd_env: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter holding one end of a socket pair (its number in ``fd_env``)
+    whose other end, the supervisor's, is already closed."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.close()
+    try:
+        env = {**os.environ, fd_env: str(theirs.fileno())}
+        env.pop("BUTTERFLY_SUPERVISOR_PID", None)
+        return subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            pass_fds=[theirs.fileno()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        theirs.close()
+
+
+@pytest.mark.parametrize("kind", ["cluster", "validator", "loader", "engine"])
+def test_a_child_whose_node_stops_before_its_init_exits_0_and_says_nothing(kind: str) -> None:
+    """SIGTERM while a child is being forked: the supervisor closes the child's channel before the Init
+    frame. The child leaves quietly (regression: each printed a ChannelClosed traceback to the journal)."""
+    r = _run_with_dead_peer(
+        f"from butterfly.supervisor.forkserver import module_name\n"
+        f"import importlib; importlib.import_module(module_name({kind!r})).main()",
+        "BUTTERFLY_CHILD_FD",
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_the_fork_server_whose_supervisor_is_gone_stops_quietly_as_a_child_exits() -> None:
+    """The supervisor closed its end while one of the server's children exited: reporting that exit
+    fails (EPIPE), and the server stops without a traceback (regression: BrokenPipeError on stop)."""
+    r = _run_with_dead_peer(
+        "import os, time\n"
+        "if os.fork() == 0: os._exit(0)\n"
+        "time.sleep(0.2)  # the child is a zombie: the server's first reap reports it\n"
+        "from butterfly.supervisor import forkserver; forkserver.main()",
+        "BUTTERFLY_FORKSERVER_FD",
+    )
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")

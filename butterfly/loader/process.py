@@ -261,11 +261,12 @@ class Fetch:
             self.progress.tick(self.loader.inbox)
 
         if held("loading_weights") and len(names) > 1:
-            # Test hook: stop half-way through this node's tensors until the hold file goes away.
+            # Test hook: stop half-way through this node's tensors until the hold file goes away. The
+            # held load beats and heeds commands (a Shutdown, a new plan) as a slow read does.
             half = len(names) // 2
             self._stream(names[:half], reader, downloaded, live)
             self.progress.tick(self.loader.inbox, force=True)  # the held load shows how far it got
-            hold_if_requested("loading_weights", self.loader._beat)
+            hold_if_requested("loading_weights", tick)
             self._stream(names[half:], reader, downloaded, live)
             return
 

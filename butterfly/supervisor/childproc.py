@@ -78,7 +78,11 @@ def bootstrap(kind: str, sock: socket.socket) -> tuple[ChildContext, SyncChannel
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     chan = SyncChannel(sock)
-    first = chan.recv()
+    try:
+        first = chan.recv()
+    except ChannelClosed:
+        # The node stopped between this child's fork and its Init: nothing was begun, nothing to say.
+        raise SystemExit(0) from None
     if not isinstance(first, Init):
         raise SystemExit(f"{kind}: expected Init as the first frame, got {type(first).__name__}")
     config = parse_config(first.config_toml, source="<supervisor>", base_dir=Path(first.config_base_dir))

@@ -187,6 +187,8 @@ def main() -> None:
     ctl = socket.socket(fileno=fd)
     try:
         serve(ctl)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the supervisor went away mid-message: stop (children follow by PDEATHSIG)
     finally:
         ctl.close()
 
