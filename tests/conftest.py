@@ -23,6 +23,23 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return model
 
 
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _kernels_built() -> Any:
+    """``butterfly._native.halfmm`` on x86-64, where scripts/bootstrap.sh builds it for every CPU with
+    AVX2 (every CPU this project runs on): missing there means the build lost it, which is a failure,
+    not a reason to skip. None elsewhere (only the plain twins exist)."""
+    from butterfly.engine import model
+
+    if _x86():
+        assert model.NATIVE_KERNEL is not None, (
+            "butterfly._native.halfmm is missing or this CPU lacks AVX2/FMA/F16C"
+        )
+    return model.NATIVE_KERNEL
+
+
 @pytest.fixture(params=["native", "torch"])
 def half_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The engine's native kernels (half-precision rows, csrc/halfmm.h; decode attention,
@@ -30,14 +47,20 @@ def half_kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     on both."""
     from butterfly.engine import model
 
-    if request.param == "native" and platform.machine().lower() in ("x86_64", "amd64"):
-        # Built by scripts/bootstrap.sh for every x86-64 with AVX2 (every CPU this project runs on):
-        # missing here means the build lost it, which is a failure, not a reason to skip.
-        assert model.NATIVE_KERNEL is not None, (
-            "butterfly._native.halfmm is missing or this CPU lacks AVX2/FMA/F16C"
-        )
-    monkeypatch.setattr(model, "NATIVE", model.NATIVE_KERNEL if request.param == "native" else None)
+    monkeypatch.setattr(model, "NATIVE", _kernels_built() if request.param == "native" else None)
     return str(request.param)
+
+
+@pytest.fixture
+def native_kernel(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The native kernels, in use, for a test of the kernels themselves (mark it ``x86``); other CPUs
+    have only the plain twins, so there it skips."""
+    from butterfly.engine import model
+
+    if not _x86():
+        pytest.skip(f"the native kernels are x86-64 only; this is {platform.machine()}")
+    monkeypatch.setattr(model, "NATIVE", _kernels_built())
+    return model.NATIVE
 
 
 @pytest.fixture(scope="session")
@@ -50,23 +73,26 @@ def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-# ---- skips are reported, and under CI only GPU tests may skip ------------------------------------
+# ---- skips are reported, and under CI only hardware-bound tests may skip ---------------------------
 # Every skipped test is listed with its reason at the end of the run. With BUTTERFLY_FAIL_ON_SKIP=1
-# (set by .ci/run) a skip of any test not marked ``gpu`` fails the run: a missing tool or privilege
-# must not turn the suite quietly green. Mark a test ``@pytest.mark.gpu`` when it can only run on a
-# CUDA device.
+# (set by .ci/run) a skip of any test not marked ``gpu`` or ``x86`` fails the run: a missing tool or
+# privilege must not turn the suite quietly green. Mark a test ``@pytest.mark.gpu`` when it can only
+# run on a CUDA device, ``@pytest.mark.x86`` when it calls the x86-64 native kernels themselves (other
+# CPUs run their plain twins, which the ``half_kernel`` tests cover).
 
-_GPU_SKIP = "butterfly_gpu_skip"
-_skips: list[tuple[str, str, bool]] = []
+_ALLOWED_SKIP = "butterfly_allowed_skip"
+_ALLOWED = {"gpu": "needs a GPU (allowed)", "x86": "needs an x86-64 CPU (allowed)"}
+_skips: list[tuple[str, str, str]] = []
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
-    if report.skipped and item.get_closest_marker("gpu") is not None:
+    allowed = [m for m in _ALLOWED if item.get_closest_marker(m) is not None]
+    if report.skipped and allowed:
         # user_properties travel with the report from an xdist worker to the controller.
-        report.user_properties.append((_GPU_SKIP, True))
+        report.user_properties.append((_ALLOWED_SKIP, allowed[0]))
 
 
 def _skip_reason(report: pytest.TestReport) -> str:
@@ -78,8 +104,8 @@ def _skip_reason(report: pytest.TestReport) -> str:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped and not hasattr(report, "wasxfail"):
-        gpu = any(name == _GPU_SKIP for name, _ in report.user_properties)
-        _skips.append((report.nodeid, _skip_reason(report), gpu))
+        allowed = next((str(v) for name, v in report.user_properties if name == _ALLOWED_SKIP), "")
+        _skips.append((report.nodeid, _skip_reason(report), allowed))
 
 
 def _failing_on_skip() -> bool:
@@ -90,16 +116,16 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if not _skips:
         return
     others = [s for s in _skips if not s[2]]
-    gpus = [s for s in _skips if s[2]]
+    groups = [(title, [s for s in _skips if s[2] == m]) for m, title in _ALLOWED.items()]
     terminalreporter.section("skipped tests")
-    for title, group in (("needs a GPU (allowed)", gpus), ("NOT RUN", others)):
+    for title, group in [*groups, ("NOT RUN", others)]:
         if group:
             terminalreporter.write_line(f"{title}: {len(group)}")
             for nodeid, reason, _ in group:
                 terminalreporter.write_line(f"  {nodeid}: {reason}")
     if others and _failing_on_skip():
         terminalreporter.write_line(
-            f"BUTTERFLY_FAIL_ON_SKIP: {len(others)} test(s) other than GPU tests did not run; install what "
+            f"BUTTERFLY_FAIL_ON_SKIP: {len(others)} test(s) not bound to hardware did not run; install what "
             "their reasons name (scripts/test.sh does, as root on Debian)",
             red=True,
             bold=True,
@@ -107,5 +133,5 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _failing_on_skip() and any(not gpu for _, _, gpu in _skips) and exitstatus == 0:
+    if _failing_on_skip() and any(not allowed for _, _, allowed in _skips) and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

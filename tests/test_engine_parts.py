@@ -345,10 +345,10 @@ def _native_attend(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(("heads", "kv_heads", "hd"), [(4, 4, 64), (6, 2, 12), (8, 1, 20)])
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
+@pytest.mark.x86
 def test_decode_attention_agrees_with_sdpa_and_a_float64_reference(
-    dtype: torch.dtype, heads: int, kv_heads: int, hd: int, window: int | None
+    dtype: torch.dtype, heads: int, kv_heads: int, hd: int, window: int | None, native_kernel: object
 ) -> None:
-    assert model.NATIVE_KERNEL is not None
     positions, layer = [0, 7, 31], 1
     caches, q, k, v = _decode_case(dtype, heads, kv_heads, hd, positions, seed=hd + heads)
     want_caches = [c.clone() for c in caches]
@@ -373,8 +373,10 @@ def test_decode_attention_agrees_with_sdpa_and_a_float64_reference(
         torch.testing.assert_close(got[i].double(), exact, rtol=0, atol=tol)
 
 
-def test_decode_attention_gives_a_sequence_the_same_bits_beside_any_others_and_on_any_thread_count() -> None:
-    assert model.NATIVE_KERNEL is not None
+@pytest.mark.x86
+def test_decode_attention_gives_a_sequence_the_same_bits_beside_any_others_and_on_any_thread_count(
+    native_kernel: object,
+) -> None:
     positions = [9, 30, 0, 17, 5]
     caches, q, k, v = _decode_case(torch.bfloat16, 12, 4, 64, positions, seed=9)
     threads = torch.get_num_threads()
@@ -393,8 +395,8 @@ def test_a_mixed_step_attends_its_one_token_chunks_natively_and_the_rest_as_befo
     chunks = [SeqChunk(0, 0, 3), SeqChunk(1, 4, 1), SeqChunk(2, 0, 2), SeqChunk(3, 9, 1)]
     kvs = [torch.zeros(_LAYERS, 2, 2, _CAP, 8) for _ in chunks]
     decode = model._Decode.of(chunks, kvs, torch.float32, 2, 8)
-    if half_kernel == "torch":
-        assert decode is None  # the plain twin: torch's attention, a sequence at a time
+    if model.NATIVE is None:  # the plain twin (and all a CPU other than x86-64 has)
+        assert decode is None  # torch's attention, a sequence at a time
         return
     assert decode is not None and decode.rows is not None
     assert decode.rows.tolist() == [3, 6]  # the rows of the one-token chunks in the step
@@ -404,8 +406,8 @@ def test_a_mixed_step_attends_its_one_token_chunks_natively_and_the_rest_as_befo
     assert model._Decode.of(chunks, [kv.double() for kv in kvs], torch.float64, 2, 8) is None
 
 
-def test_decode_attention_refuses_a_cache_of_another_shape() -> None:
-    assert model.NATIVE_KERNEL is not None
+@pytest.mark.x86
+def test_decode_attention_refuses_a_cache_of_another_shape(native_kernel: object) -> None:
     caches, q, k, v = _decode_case(torch.float32, 4, 2, 16, [3], seed=1)
     for bad, layer in [(caches[0][:, :, :1].contiguous(), 1), (caches[0], _LAYERS), (caches[0].half(), 1)]:
         with pytest.raises(ValueError, match="does not fit"):
