@@ -1,11 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The CPU engine's native kernels: products of float32 rows with a bf16/fp16 weight (csrc/halfmm.h)
-and the attention of decode steps (csrc/attention.h).
+"""The CPU engine's native kernels: products of float32 rows with a bf16/fp16 weight (csrc/halfmm.h),
+the attention of decode steps (csrc/attention.h), RMS norm and rotary embedding (csrc/rowops.h).
 
 ``butterfly.engine.model`` owns the tensors, checks their shapes, dtypes and contiguity, and passes
 their addresses; this module only runs the kernels on them without the GIL, on torch's OpenMP team
 when ``bind_threads`` found it. Their plain twins are torch's own operators (``F.linear``,
-``F.scaled_dot_product_attention``): the engine's tests run on both.
+``F.scaled_dot_product_attention``, the norm's and rotary's operator chains): the engine's tests run
+on both.
 
 Must not: keep a pointer past a call, or allocate anything.
 """
@@ -23,6 +24,12 @@ cdef extern from "halfmm.h" nogil:
     int hk_available()
     int hk_bind_openmp()
     void hk_run(const hk_job *job, int threads)
+
+
+cdef extern from "rowops.h" nogil:
+    int HR_MAX_DIM
+    void hr_rms_norm(const void *x, const void *w, void *y, int m, int n, int dtype, float eps)
+    void hr_rope(void *q, const void *cos, const void *sin, int rows, int heads, int d, int dtype)
 
 
 cdef extern from "attention.h" nogil:
@@ -103,3 +110,30 @@ def decode_attention(
     job.out = <float *>out
     with nogil:
         ha_run(&job, threads)
+
+
+def _dtype_ok(int dtype):
+    if not 0 <= dtype <= 2:
+        raise ValueError(f"bad dtype {dtype} (0 float32, 1 bf16, 2 fp16)")
+    if not hk_available():
+        raise RuntimeError("this CPU lacks AVX2, FMA or F16C: the row kernels cannot run here")
+
+
+def rms_norm(uintptr_t x, uintptr_t w, uintptr_t y, int m, int n, int dtype, float eps):
+    """y = w * dtype(x * rsqrt(mean(x^2) + eps)) a row at a time: x and y [m][n] (y may be x), w [n],
+    contiguous, all of ``dtype`` (0 float32, 1 bf16, 2 fp16). See csrc/rowops.h."""
+    if m < 1 or n < 1:
+        raise ValueError(f"bad shape: m={m} n={n}")
+    _dtype_ok(dtype)
+    with nogil:
+        hr_rms_norm(<const void *>x, <const void *>w, <void *>y, m, n, dtype, eps)
+
+
+def rope(uintptr_t q, uintptr_t cos, uintptr_t sin, int rows, int heads, int d, int dtype):
+    """In place: q = q * cos + rotate_half(q) * sin, q [rows][heads][d], cos and sin [rows][d],
+    contiguous, all of ``dtype``. See csrc/rowops.h."""
+    if rows < 1 or heads < 1 or d < 2 or d % 2 or d > HR_MAX_DIM:
+        raise ValueError(f"bad shape: rows={rows} heads={heads} d={d} (even, at most {HR_MAX_DIM})")
+    _dtype_ok(dtype)
+    with nogil:
+        hr_rope(<void *>q, <const void *>cos, <const void *>sin, rows, heads, d, dtype)

@@ -6,6 +6,7 @@ import concurrent.futures
 import os
 import uuid
 from collections import Counter
+from typing import Any
 
 import pytest
 import torch
@@ -306,6 +307,87 @@ def test_rows_linear_leaves_what_the_kernel_does_not_take_to_torch(half_kernel: 
         model.rows_linear(xb[:, :60], w32.to(torch.bfloat16))
     with pytest.raises(RuntimeError):
         model.rows_linear(xb, w32.to(torch.bfloat16), torch.zeros(39, dtype=torch.bfloat16))
+
+
+# ---- RMS norm and rotary embedding: one native call each (csrc/rowops.h) ----------------------------
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.x86
+@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
+@pytest.mark.parametrize(("rows", "heads", "d"), [(1, 12, 64), (5, 3, 6), (16, 2, 128)])
+def test_rope_gives_the_bits_of_torchs_operators(
+    dtype: torch.dtype, rows: int, heads: int, d: int, native_kernel: object
+) -> None:
+    gen = torch.Generator().manual_seed(rows * d + heads)
+    x = (torch.randn(rows, heads, d, generator=gen) * 4).to(dtype)
+    angle = torch.randn(rows, 1, d, generator=gen) * 3
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    want = x * cos + model._rotate_half(x) * sin  # the plain twin, torch's operators
+    given = x.clone()
+    got = model.rope(given, cos, sin)
+    assert got.data_ptr() == given.data_ptr()  # in place: no allocation
+    assert got.dtype == dtype and torch.equal(got, want)
+    # More rows go to torch's operators (faster there), with the same bits.
+    more = torch.cat([x] * 4)
+    assert torch.equal(
+        model.rope(more.clone(), torch.cat([cos] * 4), torch.cat([sin] * 4)), torch.cat([want] * 4)
+    )
+
+
+@pytest.mark.x86
+@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
+def test_rms_norm_agrees_with_torchs_operators_and_gives_a_row_the_same_bits_in_any_batch(
+    dtype: torch.dtype, native_kernel: object
+) -> None:
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(9, 768, generator=gen) * 3).to(dtype)
+    x[4] *= 1e-3  # a small row: eps matters
+    w = (torch.rand(768, generator=gen) + 0.5).to(dtype)
+    eps = 1e-5
+    got = model.rms_norm(x, w, eps)
+    xf = x.float()
+    twin = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    exact = (w.double() * x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    assert got.dtype == dtype and got.shape == x.shape
+    # Only the mean's summation order differs from torch's: an ulp of float32 at most, which the
+    # rounding to a half dtype hides for nearly every element.
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(got, twin, rtol=tol, atol=0)
+    torch.testing.assert_close(got, exact, rtol=2 * tol, atol=0)
+    if dtype is not torch.float32:
+        assert (got != twin).float().mean() < 0.01
+    for i in range(x.shape[0]):
+        assert torch.equal(model.rms_norm(x[i : i + 1], w, eps), got[i : i + 1]), i
+
+
+def test_rms_norm_with_a_weight_of_another_dtype_promotes_as_torch_does(half_kernel: str) -> None:
+    # A checkpoint may store its norms in float32 beside bf16 matrices: the kernel does not take them.
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(3, 64, generator=gen).to(torch.bfloat16)
+    w = torch.rand(64, generator=gen) + 0.5
+    got = model.rms_norm(x, w, 1e-6)
+    xf = x.float()
+    assert got.dtype == torch.float32
+    assert torch.equal(got, w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype))
+
+
+@pytest.mark.x86
+def test_row_kernels_refuse_shapes_and_dtypes_they_do_not_compute(native_kernel: Any) -> None:
+    t = torch.zeros(4, 8)
+    p = t.data_ptr()
+    for bad in [dict(d=7), dict(d=2048), dict(rows=0), dict(dtype=3)]:
+        args = {"rows": 1, "heads": 1, "d": 8, "dtype": 0, **bad}
+        with pytest.raises(ValueError, match="bad"):
+            native_kernel.rope(p, p, p, args["rows"], args["heads"], args["d"], args["dtype"])
+    for m, n, dtype in [(0, 8, 0), (1, 0, 0), (1, 8, -1)]:
+        with pytest.raises(ValueError, match="bad"):
+            native_kernel.rms_norm(p, p, p, m, n, dtype, 1e-5)
+    # A head_dim past the kernel's buffer goes to torch's operators.
+    x = torch.randn(1, 1, 2048)
+    cs = torch.ones(1, 1, 2048)
+    assert torch.equal(model.rope(x.clone(), cs, cs), x * cs + model._rotate_half(x) * cs)
 
 
 # ---- decode attention: the native kernel for one-token chunks (csrc/attention.h) --------------------
