@@ -27,7 +27,6 @@ cdef extern from "halfmm.h" nogil:
 
 
 cdef extern from "rowops.h" nogil:
-    int HR_MAX_DIM
     void hr_rms_norm(const void *x, const void *w, void *y, int m, int n, int dtype, float eps)
     void hr_rope(void *q, const void *cos, const void *sin, int rows, int heads, int d, int dtype)
 
@@ -132,8 +131,8 @@ def rms_norm(uintptr_t x, uintptr_t w, uintptr_t y, int m, int n, int dtype, flo
 def rope(uintptr_t q, uintptr_t cos, uintptr_t sin, int rows, int heads, int d, int dtype):
     """In place: q = q * cos + rotate_half(q) * sin, q [rows][heads][d], cos and sin [rows][d],
     contiguous, all of ``dtype``. See csrc/rowops.h."""
-    if rows < 1 or heads < 1 or d < 2 or d % 2 or d > HR_MAX_DIM:
-        raise ValueError(f"bad shape: rows={rows} heads={heads} d={d} (even, at most {HR_MAX_DIM})")
+    if rows < 1 or heads < 1 or d < 2 or d % 2:
+        raise ValueError(f"bad shape: rows={rows} heads={heads} d={d} (d even)")
     _dtype_ok(dtype)
     with nogil:
         hr_rope(<void *>q, <const void *>cos, <const void *>sin, rows, heads, d, dtype)

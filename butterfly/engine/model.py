@@ -370,22 +370,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-_ROPE_MAX_DIM = 1024  # csrc/rowops.h's HR_MAX_DIM
-# The kernel is scalar: from ~32 rows torch's vectorised operators are faster (256 rows: 0.4 against
-# 1.6 ms here). Both give the same bits, so the rows may go either way.
-_ROPE_NATIVE_ROWS = 16
-
-
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """``x * cos + rotate_half(x) * sin`` for x [T, heads, head_dim] and cos, sin [T, 1, head_dim]:
-    the same bits from one native call for a few rows (csrc/rowops.h), which writes them over ``x`` and
-    returns it, or from torch's operators, its plain twin, into a new tensor. The caller must not use
-    ``x`` after."""
+    the same bits from one native call (csrc/rowops.h), which writes them over ``x`` and returns it, or
+    from torch's operators, its plain twin, into a new tensor. The caller must not use ``x`` after."""
     t, _, d = x.shape
-    fits = (
-        t <= _ROPE_NATIVE_ROWS and cos.shape == sin.shape == (t, 1, d) and d % 2 == 0 and d <= _ROPE_MAX_DIM
-    )
-    if fits and _native_rows(x, cos, sin):
+    if cos.shape == sin.shape == (t, 1, d) and d % 2 == 0 and _native_rows(x, cos, sin):
         NATIVE.rope(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), t, x.shape[1], d, _KERNEL_DTYPES[x.dtype])
         return x
     return x * cos + _rotate_half(x) * sin
