@@ -23,13 +23,14 @@
 #include <stdint.h>
 #include <string.h>
 
-/* One call: x [m][k], w [n][k], b [n] or NULL, y [m][n]. */
+/* One call: x [m][k], w [n][k], b [n] or NULL, y [m][n]. y is float32 (y_dtype 0), or bf16 (1) or
+ * fp16 (2), each output rounded once to nearest even, as torch's .to() rounds. */
 typedef struct {
     const float *x;
     const uint16_t *w;
     const float *b;
-    float *y;
-    int m, k, n, fp16;
+    void *y;
+    int m, k, n, fp16, y_dtype;
 } hk_job;
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -49,6 +50,15 @@ HK_TARGET static HK_INLINE float hk_widen1(uint16_t h, int fp16) {
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
+}
+
+/* f rounded to bf16 (fp16: 0) or fp16 (1), to nearest even as torch rounds (a NaN stays a NaN). */
+HK_TARGET static HK_INLINE uint16_t hk_half1(float f, int fp16) {
+    if (fp16) return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* The one order every output is finished in: the lanes, then t's tail (k8 <= t < k), then the bias. */
@@ -90,9 +100,15 @@ HK_TARGET static HK_INLINE void hk_tile(const hk_job *job, int i0, int j0, const
         }
     }
     for (int r = 0; r < R; r++)
-        for (int j = 0; j < J; j++)
-            job->y[(size_t)(i0 + r) * job->n + j0 + j] = hk_finish(
-                acc[r][j], x + (size_t)r * k, w + (size_t)j * k, k8, k, fp16, job->b ? job->b[j0 + j] : 0.0f);
+        for (int j = 0; j < J; j++) {
+            float out = hk_finish(acc[r][j], x + (size_t)r * k, w + (size_t)j * k, k8, k, fp16,
+                                  job->b ? job->b[j0 + j] : 0.0f);
+            size_t at = (size_t)(i0 + r) * job->n + j0 + j;
+            if (job->y_dtype == 0)
+                ((float *)job->y)[at] = out;
+            else
+                ((uint16_t *)job->y)[at] = hk_half1(out, job->y_dtype == 2);
+        }
 }
 
 typedef void (*hk_tile_fn)(const hk_job *, int, int);

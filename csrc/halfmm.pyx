@@ -19,8 +19,8 @@ cdef extern from "halfmm.h" nogil:
         const float *x
         const uint16_t *w
         const float *b
-        float *y
-        int m, k, n, fp16
+        void *y
+        int m, k, n, fp16, y_dtype
     int hk_available()
     int hk_bind_openmp()
     void hk_run(const hk_job *job, int threads)
@@ -56,19 +56,24 @@ def bind_threads():
     return bool(hk_bind_openmp())
 
 
-def matmul(uintptr_t x, int m, int k, uintptr_t w, uintptr_t b, uintptr_t y, int n, bint fp16, int threads):
-    """y = x @ w.T (+ b), float32 out; addresses of contiguous tensors of the shapes given (b: 0 for
-    none), the output columns split over ``threads`` of torch's team. See csrc/halfmm.h for the order
-    of the sums, which no split changes."""
-    if m < 1 or k < 1 or n < 1 or threads < 1:
-        raise ValueError(f"bad shape: m={m} k={k} n={n} threads={threads}")
+def matmul(
+    uintptr_t x, int m, int k, uintptr_t w, uintptr_t b, uintptr_t y, int n, bint fp16, int threads,
+    int y_dtype=0,
+):
+    """y = x @ w.T (+ b); addresses of contiguous tensors of the shapes given (x and b float32, b: 0 for
+    none; w bf16, or fp16 with ``fp16``; y float32, bf16 or fp16 for ``y_dtype`` 0, 1 or 2), the output
+    columns split over ``threads`` of torch's team. See csrc/halfmm.h for the order of the sums, which
+    no split changes."""
+    if m < 1 or k < 1 or n < 1 or threads < 1 or not 0 <= y_dtype <= 2:
+        raise ValueError(f"bad shape: m={m} k={k} n={n} threads={threads} y_dtype={y_dtype}")
     if not hk_available():
         raise RuntimeError("this CPU lacks AVX2, FMA or F16C: the half-precision kernel cannot run here")
     cdef hk_job job
     job.x = <const float *>x
     job.w = <const uint16_t *>w
     job.b = <const float *>b
-    job.y = <float *>y
+    job.y = <void *>y
+    job.y_dtype = y_dtype
     job.m = m
     job.k = k
     job.n = n

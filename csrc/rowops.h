@@ -29,14 +29,8 @@ HK_TARGET static HK_INLINE float hr_load(const void *p, size_t i, int dtype) {
     return hk_widen1(((const uint16_t *)p)[i], dtype == HR_F16);
 }
 
-/* Round to the dtype, to nearest even, as torch does (a NaN stays a NaN). */
-HK_TARGET static HK_INLINE uint16_t hr_half(float f, int dtype) {
-    if (dtype == HR_F16) return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+/* Round to the (half) dtype, to nearest even, as torch does (a NaN stays a NaN). */
+HK_TARGET static HK_INLINE uint16_t hr_half(float f, int dtype) { return hk_half1(f, dtype == HR_F16); }
 
 /* f rounded to the dtype and back to float32: the value a half-precision tensor would hold. */
 HK_TARGET static HK_INLINE float hr_round(float f, int dtype) {

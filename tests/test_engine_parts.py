@@ -309,6 +309,25 @@ def test_rows_linear_leaves_what_the_kernel_does_not_take_to_torch(half_kernel: 
         model.rows_linear(xb, w32.to(torch.bfloat16), torch.zeros(39, dtype=torch.bfloat16))
 
 
+@pytest.mark.x86
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_the_kernel_rounds_its_output_as_torchs_to_does(dtype: torch.dtype, native_kernel: Any) -> None:
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(5, 100, generator=gen)
+    x[0] *= 3e3  # outputs past fp16's range: inf, as .to() makes them
+    w = torch.randn(70, 100, generator=gen).to(dtype)
+    wide = torch.empty(5, 70)
+    narrow = torch.empty(5, 70, dtype=dtype)
+    for y, code in ((wide, 0), (narrow, model._KERNEL_DTYPES[dtype])):
+        native_kernel.matmul(
+            x.data_ptr(), 5, 100, w.data_ptr(), 0, y.data_ptr(), 70, dtype is torch.float16, 2, code
+        )
+    assert torch.equal(narrow, wide.to(dtype))
+    assert dtype is torch.bfloat16 or narrow[0].isinf().any()
+    with pytest.raises(ValueError, match="y_dtype=3"):
+        native_kernel.matmul(x.data_ptr(), 5, 100, w.data_ptr(), 0, wide.data_ptr(), 70, False, 2, 3)
+
+
 # ---- RMS norm and rotary embedding: one native call each (csrc/rowops.h) ----------------------------
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]

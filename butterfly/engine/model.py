@@ -198,7 +198,8 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     (m, k), n = x.shape, w.shape[0]
     xf = x.float().contiguous()
     bf = None if b is None else b.float().contiguous()
-    y = torch.empty((m, n), dtype=torch.float32)
+    # Rounded to x's dtype by the kernel, as torch's .to() would round a float32 result.
+    y = torch.empty((m, n), dtype=x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32)
     native.matmul(
         xf.data_ptr(),
         m,
@@ -209,8 +210,9 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
         n,
         w.dtype is torch.float16,
         torch.get_num_threads(),
+        _KERNEL_DTYPES.get(y.dtype, 0),
     )
-    return y.to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 @dataclass(frozen=True)
