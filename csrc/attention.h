@@ -22,10 +22,8 @@
 #define BUTTERFLY_ATTENTION_H
 #include <math.h>
 
-enum { HA_F32 = 0, HA_BF16 = 1, HA_F16 = 2 };
-
 typedef struct {
-    int n, heads, kv_heads, head_dim, dtype, layer, window; /* window <= 0: none */
+    int n, heads, kv_heads, head_dim, dtype, layer, window; /* dtype: an HK_ code; window <= 0: none */
     float scale;
     const void *q, *k, *v;  /* [n][heads][head_dim], [n][kv_heads][head_dim] x 2 */
     const int64_t *caches;  /* address of each sequence's cache tensor */
@@ -36,17 +34,7 @@ typedef struct {
 
 #if defined(__x86_64__) && defined(__GNUC__)
 
-static size_t ha_elem(int dtype) { return dtype == HA_F32 ? 4 : 2; }
-
-HK_TARGET static HK_INLINE __m256 ha_load8(const void *p, size_t i, int dtype) {
-    if (dtype == HA_F32) return _mm256_loadu_ps((const float *)p + i);
-    return hk_widen8((const uint16_t *)p + i, dtype == HA_F16);
-}
-
-HK_TARGET static HK_INLINE float ha_load1(const void *p, size_t i, int dtype) {
-    if (dtype == HA_F32) return ((const float *)p)[i];
-    return hk_widen1(((const uint16_t *)p)[i], dtype == HA_F16);
-}
+static size_t ha_elem(int dtype) { return dtype == HK_F32 ? 4 : 2; }
 
 /* Sequence s's cache block (k or v) of kv head g in this layer: [capacity][head_dim]. */
 static const char *ha_block(const ha_job *job, int s, int kv, int g) {
@@ -68,12 +56,12 @@ HK_TARGET static void ha_one(const ha_job *job, int s, int h) {
         const void *kl = keys + (size_t)l * hd * ha_elem(dtype), *vl = vals + (size_t)l * hd * ha_elem(dtype);
         __m256 a = _mm256_setzero_ps();
         for (int d = 0; d < hd8; d += 8)
-            a = _mm256_fmadd_ps(ha_load8(job->q, qoff + d, dtype), ha_load8(kl, d, dtype), a);
+            a = _mm256_fmadd_ps(hk_load8(job->q, qoff + d, dtype), hk_load8(kl, d, dtype), a);
         __m128 t = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
         t = _mm_add_ps(t, _mm_movehl_ps(t, t));
         t = _mm_add_ss(t, _mm_movehdup_ps(t));
         float score = _mm_cvtss_f32(t);
-        for (int d = hd8; d < hd; d++) score += ha_load1(job->q, qoff + d, dtype) * ha_load1(kl, d, dtype);
+        for (int d = hd8; d < hd; d++) score += hk_load1(job->q, qoff + d, dtype) * hk_load1(kl, d, dtype);
         score *= job->scale;
         if (score > m) {
             /* exp(-inf) = 0: the first position rescales nothing. */
@@ -86,8 +74,8 @@ HK_TARGET static void ha_one(const ha_job *job, int s, int h) {
         sum += w;
         __m256 wv = _mm256_set1_ps(w);
         for (int d = 0; d < hd8; d += 8)
-            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(wv, ha_load8(vl, d, dtype), _mm256_loadu_ps(out + d)));
-        for (int d = hd8; d < hd; d++) out[d] += w * ha_load1(vl, d, dtype);
+            _mm256_storeu_ps(out + d, _mm256_fmadd_ps(wv, hk_load8(vl, d, dtype), _mm256_loadu_ps(out + d)));
+        for (int d = hd8; d < hd; d++) out[d] += w * hk_load1(vl, d, dtype);
     }
     for (int d = 0; d < hd; d++) out[d] /= sum;
 }

@@ -23,8 +23,11 @@
 #include <stdint.h>
 #include <string.h>
 
-/* One call: x [m][k], w [n][k], b [n] or NULL, y [m][n]. y is float32 (y_dtype 0), or bf16 (1) or
- * fp16 (2), each output rounded once to nearest even, as torch's .to() rounds. */
+/* The dtype codes every kernel here takes (the engine's _KERNEL_DTYPES). */
+enum { HK_F32 = 0, HK_BF16 = 1, HK_F16 = 2 };
+
+/* One call: x [m][k], w [n][k], b [n] or NULL, y [m][n]. y is float32, bf16 or fp16 (y_dtype, an HK_
+ * code), each output rounded once to nearest even, as torch's .to() rounds. */
 typedef struct {
     const float *x;
     const uint16_t *w;
@@ -59,6 +62,24 @@ HK_TARGET static HK_INLINE uint16_t hk_half1(float f, int fp16) {
     memcpy(&u, &f, sizeof u);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
     return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Element i of p, a tensor of dtype code ``dtype``, as float32 (8 of them); f stored there, rounded. */
+HK_TARGET static HK_INLINE float hk_load1(const void *p, size_t i, int dtype) {
+    if (dtype == HK_F32) return ((const float *)p)[i];
+    return hk_widen1(((const uint16_t *)p)[i], dtype == HK_F16);
+}
+
+HK_TARGET static HK_INLINE __m256 hk_load8(const void *p, size_t i, int dtype) {
+    if (dtype == HK_F32) return _mm256_loadu_ps((const float *)p + i);
+    return hk_widen8((const uint16_t *)p + i, dtype == HK_F16);
+}
+
+HK_TARGET static HK_INLINE void hk_store1(void *p, size_t i, float f, int dtype) {
+    if (dtype == HK_F32)
+        ((float *)p)[i] = f;
+    else
+        ((uint16_t *)p)[i] = hk_half1(f, dtype == HK_F16);
 }
 
 /* The one order every output is finished in: the lanes, then t's tail (k8 <= t < k), then the bias. */
@@ -103,11 +124,7 @@ HK_TARGET static HK_INLINE void hk_tile(const hk_job *job, int i0, int j0, const
         for (int j = 0; j < J; j++) {
             float out = hk_finish(acc[r][j], x + (size_t)r * k, w + (size_t)j * k, k8, k, fp16,
                                   job->b ? job->b[j0 + j] : 0.0f);
-            size_t at = (size_t)(i0 + r) * job->n + j0 + j;
-            if (job->y_dtype == 0)
-                ((float *)job->y)[at] = out;
-            else
-                ((uint16_t *)job->y)[at] = hk_half1(out, job->y_dtype == 2);
+            hk_store1(job->y, (size_t)(i0 + r) * job->n + j0 + j, out, job->y_dtype);
         }
 }
 

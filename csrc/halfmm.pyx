@@ -45,6 +45,11 @@ cdef extern from "attention.h" nogil:
     void ha_run(const ha_job *job, int threads)
 
 
+def _runs_here(what):
+    if not hk_available():
+        raise RuntimeError(f"this CPU lacks AVX2, FMA or F16C: the {what} cannot run here")
+
+
 def available():
     """True when this CPU has AVX2, FMA and F16C (the kernel's instructions)."""
     return bool(hk_available())
@@ -66,8 +71,7 @@ def matmul(
     no split changes."""
     if m < 1 or k < 1 or n < 1 or threads < 1 or not 0 <= y_dtype <= 2:
         raise ValueError(f"bad shape: m={m} k={k} n={n} threads={threads} y_dtype={y_dtype}")
-    if not hk_available():
-        raise RuntimeError("this CPU lacks AVX2, FMA or F16C: the half-precision kernel cannot run here")
+    _runs_here("half-precision kernel")
     cdef hk_job job
     job.x = <const float *>x
     job.w = <const uint16_t *>w
@@ -94,8 +98,7 @@ def decode_attention(
     csrc/attention.h for the order of the sums."""
     if n < 1 or heads < 1 or kv_heads < 1 or head_dim < 1 or heads % kv_heads or not 0 <= dtype <= 2:
         raise ValueError(f"bad shape: n={n} heads={heads} kv_heads={kv_heads} head_dim={head_dim} dtype={dtype}")
-    if not hk_available():
-        raise RuntimeError("this CPU lacks AVX2, FMA or F16C: the attention kernel cannot run here")
+    _runs_here("attention kernel")
     cdef ha_job job
     job.n = n
     job.heads = heads
@@ -119,8 +122,7 @@ def decode_attention(
 def _dtype_ok(int dtype):
     if not 0 <= dtype <= 2:
         raise ValueError(f"bad dtype {dtype} (0 float32, 1 bf16, 2 fp16)")
-    if not hk_available():
-        raise RuntimeError("this CPU lacks AVX2, FMA or F16C: the row kernels cannot run here")
+    _runs_here("row kernels")
 
 
 def rms_norm(uintptr_t x, uintptr_t w, uintptr_t y, int m, int n, int dtype, float eps):

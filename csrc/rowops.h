@@ -20,33 +20,11 @@
 #define BUTTERFLY_ROWOPS_H
 #include <math.h>
 
-enum { HR_F32 = 0, HR_BF16 = 1, HR_F16 = 2 };
-
 #if defined(__x86_64__) && defined(__GNUC__)
-
-HK_TARGET static HK_INLINE float hr_load(const void *p, size_t i, int dtype) {
-    if (dtype == HR_F32) return ((const float *)p)[i];
-    return hk_widen1(((const uint16_t *)p)[i], dtype == HR_F16);
-}
-
-/* Round to the (half) dtype, to nearest even, as torch does (a NaN stays a NaN). */
-HK_TARGET static HK_INLINE uint16_t hr_half(float f, int dtype) { return hk_half1(f, dtype == HR_F16); }
 
 /* f rounded to the dtype and back to float32: the value a half-precision tensor would hold. */
 HK_TARGET static HK_INLINE float hr_round(float f, int dtype) {
-    return dtype == HR_F32 ? f : hk_widen1(hr_half(f, dtype), dtype == HR_F16);
-}
-
-HK_TARGET static HK_INLINE void hr_store(void *p, size_t i, float f, int dtype) {
-    if (dtype == HR_F32)
-        ((float *)p)[i] = f;
-    else
-        ((uint16_t *)p)[i] = hr_half(f, dtype);
-}
-
-HK_TARGET static HK_INLINE __m256 hr_load8(const void *p, size_t i, int dtype) {
-    if (dtype == HR_F32) return _mm256_loadu_ps((const float *)p + i);
-    return hk_widen8((const uint16_t *)p + i, dtype == HR_F16);
+    return dtype == HK_F32 ? f : hk_widen1(hk_half1(f, dtype == HK_F16), dtype == HK_F16);
 }
 
 /* bf16 rounding of 8 lanes, to nearest even, as the bits of float32 values (NaN lanes: garbage). */
@@ -58,20 +36,20 @@ HK_TARGET static HK_INLINE __m256i hr_bf16_bits8(__m256 v) {
 
 /* hr_round for 8 lanes. */
 HK_TARGET static HK_INLINE __m256 hr_round8(__m256 v, int dtype) {
-    if (dtype == HR_F32) return v;
-    if (dtype == HR_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    if (dtype == HK_F32) return v;
+    if (dtype == HK_F16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
     __m256 r = _mm256_castsi256_ps(_mm256_and_si256(hr_bf16_bits8(v), _mm256_set1_epi32((int)0xffff0000u)));
     return _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q)); /* a NaN stays a NaN */
 }
 
-/* hr_store for 8 lanes. */
+/* hk_store1 for 8 lanes. */
 HK_TARGET static HK_INLINE void hr_store8(void *p, size_t i, __m256 v, int dtype) {
-    if (dtype == HR_F32) {
+    if (dtype == HK_F32) {
         _mm256_storeu_ps((float *)p + i, v);
         return;
     }
     __m128i h;
-    if (dtype == HR_F16) {
+    if (dtype == HK_F16) {
         h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
     } else {
         __m256i b = _mm256_srli_epi32(hr_bf16_bits8(v), 16);
@@ -89,7 +67,7 @@ HK_TARGET static void hr_rms_norm(const void *x, const void *w, void *y, int m, 
         const size_t row = (size_t)i * (size_t)n;
         __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
         for (int t = 0; t < n8; t += 8) {
-            __m256 v = hr_load8(x, row + t, dtype);
+            __m256 v = hk_load8(x, row + t, dtype);
             __m256 sq = _mm256_mul_ps(v, v);
             lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(sq)));
             hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(sq, 1)));
@@ -98,19 +76,19 @@ HK_TARGET static void hr_rms_norm(const void *x, const void *w, void *y, int m, 
         _mm256_storeu_pd(l, _mm256_add_pd(lo, hi));
         double sum = (l[0] + l[1]) + (l[2] + l[3]);
         for (int t = n8; t < n; t++) {
-            float v = hr_load(x, row + t, dtype);
+            float v = hk_load1(x, row + t, dtype);
             sum += (double)(v * v);
         }
         const float r = 1.0f / sqrtf((float)sum / (float)n + eps);
         const __m256 rv = _mm256_set1_ps(r);
         /* Elementwise from here: the same operations in 8 lanes or one by one. */
         for (int t = 0; t < n8; t += 8) {
-            __m256 normed = hr_round8(_mm256_mul_ps(hr_load8(x, row + t, dtype), rv), dtype);
-            hr_store8(y, row + t, _mm256_mul_ps(hr_load8(w, (size_t)t, dtype), normed), dtype);
+            __m256 normed = hr_round8(_mm256_mul_ps(hk_load8(x, row + t, dtype), rv), dtype);
+            hr_store8(y, row + t, _mm256_mul_ps(hk_load8(w, (size_t)t, dtype), normed), dtype);
         }
         for (int t = n8; t < n; t++) {
-            float normed = hr_round(hr_load(x, row + t, dtype) * r, dtype);
-            hr_store(y, row + t, hr_load(w, (size_t)t, dtype) * normed, dtype);
+            float normed = hr_round(hk_load1(x, row + t, dtype) * r, dtype);
+            hk_store1(y, row + t, hk_load1(w, (size_t)t, dtype) * normed, dtype);
         }
     }
 }
@@ -127,22 +105,22 @@ HK_TARGET static void hr_rope(void *q, const void *cos, const void *sin, int row
         for (int h = 0; h < heads; h++) {
             const size_t at = ((size_t)i * (size_t)heads + (size_t)h) * (size_t)d;
             for (int t = 0; t < half8; t += 8) {
-                __m256 a = hr_load8(q, at + t, dtype), b = hr_load8(q, at + half + t, dtype);
-                __m256 a_cos = hr_round8(_mm256_mul_ps(a, hr_load8(cos, trig + t, dtype)), dtype);
-                __m256 b_sin = hr_round8(_mm256_mul_ps(b, hr_load8(sin, trig + t, dtype)), dtype);
-                __m256 b_cos = hr_round8(_mm256_mul_ps(b, hr_load8(cos, trig + half + t, dtype)), dtype);
-                __m256 a_sin = hr_round8(_mm256_mul_ps(a, hr_load8(sin, trig + half + t, dtype)), dtype);
+                __m256 a = hk_load8(q, at + t, dtype), b = hk_load8(q, at + half + t, dtype);
+                __m256 a_cos = hr_round8(_mm256_mul_ps(a, hk_load8(cos, trig + t, dtype)), dtype);
+                __m256 b_sin = hr_round8(_mm256_mul_ps(b, hk_load8(sin, trig + t, dtype)), dtype);
+                __m256 b_cos = hr_round8(_mm256_mul_ps(b, hk_load8(cos, trig + half + t, dtype)), dtype);
+                __m256 a_sin = hr_round8(_mm256_mul_ps(a, hk_load8(sin, trig + half + t, dtype)), dtype);
                 hr_store8(q, at + t, _mm256_add_ps(a_cos, _mm256_xor_ps(b_sin, sign)), dtype);
                 hr_store8(q, at + half + t, _mm256_add_ps(b_cos, a_sin), dtype);
             }
             for (int t = half8; t < half; t++) {
-                float a = hr_load(q, at + t, dtype), b = hr_load(q, at + half + t, dtype);
-                float a_cos = hr_round(a * hr_load(cos, trig + t, dtype), dtype);
-                float b_sin = hr_round(b * hr_load(sin, trig + t, dtype), dtype);
-                float b_cos = hr_round(b * hr_load(cos, trig + half + t, dtype), dtype);
-                float a_sin = hr_round(a * hr_load(sin, trig + half + t, dtype), dtype);
-                hr_store(q, at + t, a_cos + -b_sin, dtype);
-                hr_store(q, at + half + t, b_cos + a_sin, dtype);
+                float a = hk_load1(q, at + t, dtype), b = hk_load1(q, at + half + t, dtype);
+                float a_cos = hr_round(a * hk_load1(cos, trig + t, dtype), dtype);
+                float b_sin = hr_round(b * hk_load1(sin, trig + t, dtype), dtype);
+                float b_cos = hr_round(b * hk_load1(cos, trig + half + t, dtype), dtype);
+                float a_sin = hr_round(a * hk_load1(sin, trig + half + t, dtype), dtype);
+                hk_store1(q, at + t, a_cos + -b_sin, dtype);
+                hk_store1(q, at + half + t, b_cos + a_sin, dtype);
             }
         }
     }

@@ -443,7 +443,7 @@ def _native_attend(
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
 @pytest.mark.parametrize(("heads", "kv_heads", "hd"), [(4, 4, 64), (6, 2, 12), (8, 1, 20)])
 @pytest.mark.parametrize("window", [None, 5], ids=["full", "window5"])
 @pytest.mark.x86

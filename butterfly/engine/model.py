@@ -171,7 +171,8 @@ else:
         NATIVE_KERNEL = _halfmm
         _halfmm.bind_threads()
 NATIVE: Any = None if os.environ.get("BUTTERFLY_PURE") == "1" else NATIVE_KERNEL
-"""The native kernels ``rows_linear`` and ``_Decode`` use (None: torch's operators, their twins)."""
+"""The native kernels ``rows_linear``, ``_Decode``, ``rms_norm`` and ``rope`` use (None: torch's
+operators, their twins)."""
 
 
 def widen_least() -> int:
