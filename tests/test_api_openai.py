@@ -655,6 +655,44 @@ def test_a_body_that_never_arrives_is_408(model: Model, monkeypatch: pytest.Monk
     run(_with(ScriptedBackend([5]), model.served, body))
 
 
+def test_requests_the_http_parser_refuses_get_openai_error_bodies(model: Model) -> None:
+    """aiohttp answers what its parser refuses before any handler or middleware runs; it sent those
+    400s as text/plain. Each is OpenAI's error body naming the fault, the connection is closed, and the
+    server goes on answering."""
+    cases = [
+        (b"GARBAGE\r\n\r\n", "Invalid method"),
+        (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", "Content-Length"),
+        (b"GET /v1/models HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", "more than 8190 bytes"),
+        (b"GET /v1/\x00 HTTP/1.1\r\nHost: x\r\n\r\n", "url"),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 3\r\n\r\n",
+            "Transfer-Encoding",
+        ),
+    ]
+
+    async def body(c: Client) -> None:
+        port = int(c.base.rsplit(":", 1)[1])
+        for raw, words in cases:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                w.write(raw)
+                await w.drain()
+                head, _, payload = (await asyncio.wait_for(r.read(), 10)).partition(b"\r\n\r\n")
+            finally:
+                w.close()
+            assert head.split(b"\r\n")[0].endswith(b" 400 Bad Request"), (raw[:40], head)
+            assert b"content-type: application/json" in head.lower(), head
+            err = assert_error(400, json.loads(payload), 400)
+            assert err["code"] == "bad_request" and err["type"] == "invalid_request_error", err
+            assert err["message"].startswith("malformed HTTP request: ") and words in err["message"], err
+            assert "\n" not in err["message"] and len(err["message"]) < 400, err
+        status, _ = await c.get("/v1/models")
+        assert status == 200
+
+    run(_with(ScriptedBackend([5]), model.served, body))
+
+
 def test_prompt_up_to_the_context_is_accepted_and_longer_refused(model: Model) -> None:
     ctx = model.tok.context_length
     ids = model.tok.encode("Pack my box with five dozen liquor jugs. ")

@@ -31,6 +31,7 @@ from typing import cast
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
 
 __all__ = ["ConnectionGuard", "ConnectionLimits", "GuardedSite", "RateLimitedLog", "track_requests"]
 
@@ -273,11 +274,20 @@ async def track_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 class GuardedSite(web.TCPSite):
-    """``web.TCPSite`` whose connections go through a guard with ``limits``."""
+    """``web.TCPSite`` whose connections go through a guard with ``limits``. ``handler_class``, a
+    subclass of aiohttp's ``RequestHandler`` that adds no slots, serves each connection in its place."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: ConnectionLimits) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        limits: ConnectionLimits,
+        handler_class: type[RequestHandler] = RequestHandler,
+    ) -> None:
         super().__init__(runner, host, port)
         self.guard = ConnectionGuard(limits)
+        self._handler_class = handler_class
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -285,9 +295,18 @@ class GuardedSite(web.TCPSite):
         if server is None:
             raise RuntimeError("the runner is not set up")
         guard = self.guard
+        handler_class = self._handler_class
+
+        def protocol() -> ConnectionGuardedProtocol:
+            handler = server()
+            # aiohttp's Server builds its RequestHandler with the runner's settings and takes no class
+            # to build instead; a subclass that adds no slots (``handler_class``) takes it over as is.
+            handler.__class__ = handler_class
+            return ConnectionGuardedProtocol(guard, handler)
+
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: ConnectionGuardedProtocol(guard, server()),
+            protocol,
             self._host,
             self._port,
             backlog=self._backlog,

@@ -2,8 +2,9 @@
 (``butterfly.api.v1``), served by the supervisor.
 
 This module owns the routes, the response bodies and status codes, the error handling (JSON 404,
-405 with Allow, JSON 500 that never stops the server, request size limits: 1 KiB everywhere but
-/v1, whose limit follows the model's context) and starting/stopping the listener.
+405 with Allow, JSON 500 that never stops the server, OpenAI error bodies for what aiohttp's HTTP
+parser refuses, request size limits: 1 KiB everywhere but /v1, whose limit follows the model's
+context) and starting/stopping the listener.
 
 It runs on the supervisor's event loop and must answer while children are busy or restarting, so
 handlers must not block, do I/O or await anything slow: each one calls the synchronous
@@ -21,6 +22,7 @@ from typing import Any
 import msgspec
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -209,6 +211,33 @@ async def _guard_v1(request: web.Request, handler: Handler) -> web.StreamRespons
         return error_response(ApiError(500, "internal error", code="internal_error"))
 
 
+class _JsonProtocolErrors(RequestHandler):
+    """aiohttp answers a request its HTTP parser refuses (a garbage request line, a bad Content-Length,
+    an oversized header) before any middleware runs, in text/plain. This keeps its status, logging and
+    closing of the connection, and sends OpenAI's error body instead, like every other error here."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if a response was begun
+        if status >= 500:
+            err = ApiError(status, "internal error" if status == 500 else "the request timed out")
+        else:
+            # aiohttp's message quotes the offending line, then a line with a caret under the fault.
+            lines = str(message or exc or "").splitlines()
+            detail = " ".join(" ".join(x for x in lines if x.strip(" ^")).split())[:300]
+            err = ApiError(status, f"malformed HTTP request: {detail}", code="bad_request")
+        resp = error_response(err)
+        resp.force_close()
+        return resp
+
+
 def _no_model() -> ServedModel | None:
     return None
 
@@ -295,7 +324,7 @@ async def start_api(
         handler_cancellation=True,
     )
     await runner.setup()
-    site = GuardedSite(runner, host, port, limits)
+    site = GuardedSite(runner, host, port, limits, handler_class=_JsonProtocolErrors)
     try:
         await site.start()
     except OSError as exc:
