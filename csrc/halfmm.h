@@ -26,14 +26,17 @@
 /* The dtype codes every kernel here takes (the engine's _KERNEL_DTYPES). */
 enum { HK_F32 = 0, HK_BF16 = 1, HK_F16 = 2 };
 
-/* One call: x [m][k], w [n][k], b [n] or NULL, y [m][n]. y is float32, bf16 or fp16 (y_dtype, an HK_
- * code), each output rounded once to nearest even, as torch's .to() rounds. */
+/* One call: x [m][k], w [n][k], b [n] or NULL, y [m][n]. x, b and y are each float32, bf16 or fp16
+ * (x_dtype, b_dtype, y_dtype: HK_ codes); each output is rounded once to nearest even, as torch's .to()
+ * rounds. The tiles read float32 rows: an x of half precision is first widened (exactly) into
+ * ``scratch``, m * k floats of the caller's, once per call, before the team starts. */
 typedef struct {
-    const float *x;
+    const void *x;
     const uint16_t *w;
-    const float *b;
+    const void *b;
     void *y;
-    int m, k, n, fp16, y_dtype;
+    float *scratch;
+    int m, k, n, fp16, x_dtype, b_dtype, y_dtype;
 } hk_job;
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -104,7 +107,7 @@ HK_TARGET static HK_INLINE float hk_finish(__m256 v, const float *x, const uint1
  * inlined into hk_tile_RxJ below), so the R*J accumulators live in registers. */
 HK_TARGET static HK_INLINE void hk_tile(const hk_job *job, int i0, int j0, const int R, const int J) {
     const int k = job->k, k8 = k & ~7, fp16 = job->fp16;
-    const float *x = job->x + (size_t)i0 * k;
+    const float *x = (const float *)job->x + (size_t)i0 * k; /* float32 here: see hk_run */
     const uint16_t *w = job->w + (size_t)j0 * k;
     __m256 acc[8][8];
     for (int r = 0; r < R; r++)
@@ -123,7 +126,7 @@ HK_TARGET static HK_INLINE void hk_tile(const hk_job *job, int i0, int j0, const
     for (int r = 0; r < R; r++)
         for (int j = 0; j < J; j++) {
             float out = hk_finish(acc[r][j], x + (size_t)r * k, w + (size_t)j * k, k8, k, fp16,
-                                  job->b ? job->b[j0 + j] : 0.0f);
+                                  job->b ? hk_load1(job->b, (size_t)(j0 + j), job->b_dtype) : 0.0f);
             hk_store1(job->y, (size_t)(i0 + r) * job->n + j0 + j, out, job->y_dtype);
         }
 }
@@ -190,11 +193,24 @@ static void hk_part(const hk_job *job, int part, int parts) {
 
 static void hk_team_part(void *p) { hk_part((const hk_job *)p, hk_omp_thread_num(), hk_omp_num_threads()); }
 
-static void hk_run(const hk_job *job, int threads) {
+/* x's m * k elements, widened into out (a bf16 or fp16 value is exactly a float32 one). */
+HK_TARGET static void hk_widen_rows(const void *x, int dtype, float *out, size_t count) {
+    size_t i = 0;
+    for (; i + 8 <= count; i += 8) _mm256_storeu_ps(out + i, hk_load8(x, i, dtype));
+    for (; i < count; i++) out[i] = hk_load1(x, i, dtype);
+}
+
+static void hk_run(const hk_job *given, int threads) {
+    hk_job job = *given;
+    if (job.x_dtype != HK_F32) {
+        hk_widen_rows(job.x, job.x_dtype, job.scratch, (size_t)job.m * (size_t)job.k);
+        job.x = job.scratch;
+        job.x_dtype = HK_F32;
+    }
     if (threads > 1 && hk_gomp_parallel != NULL)
-        hk_gomp_parallel(hk_team_part, (void *)job, (unsigned)threads, 0);
+        hk_gomp_parallel(hk_team_part, (void *)&job, (unsigned)threads, 0);
     else
-        hk_part(job, 0, 1);
+        hk_part(&job, 0, 1);
 }
 #else
 static int hk_available(void) { return 0; }

@@ -1,12 +1,13 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The CPU engine's native kernels: products of float32 rows with a bf16/fp16 weight (csrc/halfmm.h),
-the attention of decode steps (csrc/attention.h), RMS norm and rotary embedding (csrc/rowops.h).
+"""The CPU engine's native kernels: products of rows with a bf16/fp16 weight (csrc/halfmm.h),
+the attention of decode steps (csrc/attention.h), RMS norm, rotary embedding and the SwiGLU product
+(csrc/rowops.h).
 
 ``butterfly.engine.model`` owns the tensors, checks their shapes, dtypes and contiguity, and passes
 their addresses; this module only runs the kernels on them without the GIL, on torch's OpenMP team
 when ``bind_threads`` found it. Their plain twins are torch's own operators (``F.linear``,
-``F.scaled_dot_product_attention``, the norm's and rotary's operator chains): the engine's tests run
-on both.
+``F.scaled_dot_product_attention``, the norm's, rotary's and SwiGLU's operators): the engine's tests
+run on both.
 
 Must not: keep a pointer past a call, or allocate anything.
 """
@@ -16,11 +17,12 @@ from libc.stdint cimport int64_t, uint16_t, uintptr_t
 
 cdef extern from "halfmm.h" nogil:
     ctypedef struct hk_job:
-        const float *x
+        const void *x
         const uint16_t *w
-        const float *b
+        const void *b
         void *y
-        int m, k, n, fp16, y_dtype
+        float *scratch
+        int m, k, n, fp16, x_dtype, b_dtype, y_dtype
     int hk_available()
     int hk_bind_openmp()
     void hk_run(const hk_job *job, int threads)
@@ -29,6 +31,7 @@ cdef extern from "halfmm.h" nogil:
 cdef extern from "rowops.h" nogil:
     void hr_rms_norm(const void *x, const void *w, void *y, int m, int n, int dtype, float eps)
     void hr_rope(void *q, const void *cos, const void *sin, int rows, int heads, int d, int dtype)
+    void hr_silu_mul(const void *g, const void *u, void *out, size_t count, int dtype)
 
 
 cdef extern from "attention.h" nogil:
@@ -63,20 +66,26 @@ def bind_threads():
 
 def matmul(
     uintptr_t x, int m, int k, uintptr_t w, uintptr_t b, uintptr_t y, int n, bint fp16, int threads,
-    int y_dtype=0,
+    int y_dtype=0, int x_dtype=0, int b_dtype=0, uintptr_t scratch=0,
 ):
-    """y = x @ w.T (+ b); addresses of contiguous tensors of the shapes given (x and b float32, b: 0 for
-    none; w bf16, or fp16 with ``fp16``; y float32, bf16 or fp16 for ``y_dtype`` 0, 1 or 2), the output
-    columns split over ``threads`` of torch's team. See csrc/halfmm.h for the order of the sums, which
-    no split changes."""
+    """y = x @ w.T (+ b); addresses of contiguous tensors of the shapes given (w bf16, or fp16 with
+    ``fp16``; b: 0 for none; x, b and y of dtype codes ``x_dtype``, ``b_dtype`` and ``y_dtype``: 0
+    float32, 1 bf16, 2 fp16), the output columns split over ``threads`` of torch's team. An x of half
+    precision is widened first into ``scratch``, m * k float32 of the caller's. See csrc/halfmm.h for
+    the order of the sums, which no split changes."""
     if m < 1 or k < 1 or n < 1 or threads < 1 or not 0 <= y_dtype <= 2:
         raise ValueError(f"bad shape: m={m} k={k} n={n} threads={threads} y_dtype={y_dtype}")
+    if not (0 <= x_dtype <= 2 and 0 <= b_dtype <= 2) or (x_dtype and not scratch):
+        raise ValueError(f"bad input: x_dtype={x_dtype} b_dtype={b_dtype} scratch={scratch:#x}")
     _runs_here("half-precision kernel")
     cdef hk_job job
-    job.x = <const float *>x
+    job.x = <const void *>x
     job.w = <const uint16_t *>w
-    job.b = <const float *>b
+    job.b = <const void *>b
     job.y = <void *>y
+    job.scratch = <float *>scratch
+    job.x_dtype = x_dtype
+    job.b_dtype = b_dtype
     job.y_dtype = y_dtype
     job.m = m
     job.k = k
@@ -143,3 +152,13 @@ def rope(uintptr_t q, uintptr_t cos, uintptr_t sin, int rows, int heads, int d, 
     _dtype_ok(dtype)
     with nogil:
         hr_rope(<void *>q, <const void *>cos, <const void *>sin, rows, heads, d, dtype)
+
+
+def silu_mul(uintptr_t g, uintptr_t u, uintptr_t out, size_t count, int dtype):
+    """out = silu(g) * u over ``count`` contiguous elements of ``dtype`` each (out may be g). See
+    csrc/rowops.h."""
+    if count < 1:
+        raise ValueError(f"bad count {count}")
+    _dtype_ok(dtype)
+    with nogil:
+        hr_silu_mul(<const void *>g, <const void *>u, <void *>out, count, dtype)

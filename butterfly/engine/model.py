@@ -130,6 +130,15 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The MLP's SwiGLU product ``F.silu(g) * u``: one native call (csrc/rowops.h), written over ``g``,
+    which the caller gives up; else torch's two operators, its plain twin."""
+    if g.shape == u.shape and _native_rows(g, u):
+        NATIVE.silu_mul(g.data_ptr(), u.data_ptr(), g.data_ptr(), g.numel(), _KERNEL_DTYPES[g.dtype])
+        return g
+    return F.silu(g) * u
+
+
 # On the CPU torch multiplies bf16 and fp16 matrices a row at a time (no AVX-512 BF16 or AMX on the
 # machines measured): a prefill of n tokens cost n decode steps. A prompt chunk of enough tokens is
 # multiplied in float32 instead, the weight widened a tile at a time (about _WIDEN_TILE_ELEMS
@@ -171,8 +180,8 @@ else:
         NATIVE_KERNEL = _halfmm
         _halfmm.bind_threads()
 NATIVE: Any = None if os.environ.get("BUTTERFLY_PURE") == "1" else NATIVE_KERNEL
-"""The native kernels ``rows_linear``, ``_Decode``, ``rms_norm`` and ``rope`` use (None: torch's
-operators, their twins)."""
+"""The native kernels ``rows_linear``, ``_Decode``, ``rms_norm``, ``rope`` and ``silu_mul`` use (None:
+torch's operators, their twins)."""
 
 
 def widen_least() -> int:
@@ -197,23 +206,42 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     ):
         return F.linear(x, w, b)
     (m, k), n = x.shape, w.shape[0]
-    xf = x.float().contiguous()
-    bf = None if b is None else b.float().contiguous()
+    # x and b as they are (the kernel widens a half-precision x into this thread's scratch); a dtype
+    # the kernel does not read (float64) is narrowed here, and the result given back in it.
+    given = x.dtype
+    if given not in _KERNEL_DTYPES:
+        x = x.float()
+    if b is not None and b.dtype not in _KERNEL_DTYPES:
+        b = b.float()
+    x, b = x.contiguous(), None if b is None else b.contiguous()
+    x_dtype = _KERNEL_DTYPES[x.dtype]
     # Rounded to x's dtype by the kernel, as torch's .to() would round a float32 result.
-    y = torch.empty((m, n), dtype=x.dtype if x.dtype in _KERNEL_DTYPES else torch.float32)
+    y = torch.empty((m, n), dtype=x.dtype)
     native.matmul(
-        xf.data_ptr(),
+        x.data_ptr(),
         m,
         k,
         w.data_ptr(),
-        0 if bf is None else bf.data_ptr(),
+        0 if b is None else b.data_ptr(),
         y.data_ptr(),
         n,
         w.dtype is torch.float16,
         torch.get_num_threads(),
-        _KERNEL_DTYPES.get(y.dtype, 0),
+        x_dtype,
+        x_dtype,
+        0 if b is None else _KERNEL_DTYPES[b.dtype],
+        _x_scratch(m * k).data_ptr() if x_dtype else 0,
     )
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if y.dtype == given else y.to(given)
+
+
+def _x_scratch(elems: int) -> torch.Tensor:
+    """This thread's float32 buffer of at least ``elems`` for the kernel's widened rows (grown, never
+    shrunk: a step's rows times the widest input)."""
+    buf: torch.Tensor | None = getattr(_scratch, "rows", None)
+    if buf is None or buf.numel() < elems:
+        buf = _scratch.rows = torch.empty(elems, dtype=torch.float32)
+    return buf
 
 
 @dataclass(frozen=True)
@@ -597,5 +625,5 @@ class StageModel:
             off += n
         h = h + linear(out.view(total, heads * hd), blk.wo, blk.bo, rows)
         y = rms_norm(h, blk.ln2, cfg.rms_norm_eps)
-        act = F.silu(linear(y, blk.gate, blk.b_gate, rows)) * linear(y, blk.up, blk.b_up, rows)
+        act = silu_mul(linear(y, blk.gate, blk.b_gate, rows), linear(y, blk.up, blk.b_up, rows))
         return h + linear(act, blk.down, blk.b_down, rows)
