@@ -186,12 +186,26 @@ static int hk_bind_openmp(void) {
     return 1;
 }
 
-static void hk_part(const hk_job *job, int part, int parts) {
-    int j0 = (int)((int64_t)job->n * part / parts), j1 = (int)((int64_t)job->n * (part + 1) / parts);
-    if (j0 < j1) hk_matmul(job, j0, j1);
+/* Several products of one x (q, k and v; gate and up) run as one: their output columns, back to back,
+ * split over the team, so one parallel region serves them all. No split changes a sum. */
+#define HK_MAX_JOBS 4
+typedef struct {
+    hk_job jobs[HK_MAX_JOBS];
+    int count;
+} hk_batch;
+
+static void hk_part(const hk_batch *batch, int part, int parts) {
+    int64_t total = 0, base = 0;
+    for (int i = 0; i < batch->count; i++) total += batch->jobs[i].n;
+    const int64_t c0 = total * part / parts, c1 = total * (part + 1) / parts;
+    for (int i = 0; i < batch->count; i++) {
+        const int64_t n = batch->jobs[i].n, lo = c0 > base ? c0 - base : 0, hi = c1 < base + n ? c1 - base : n;
+        if (lo < hi) hk_matmul(&batch->jobs[i], (int)lo, (int)hi);
+        base += n;
+    }
 }
 
-static void hk_team_part(void *p) { hk_part((const hk_job *)p, hk_omp_thread_num(), hk_omp_num_threads()); }
+static void hk_team_part(void *p) { hk_part((const hk_batch *)p, hk_omp_thread_num(), hk_omp_num_threads()); }
 
 /* x's m * k elements, widened into out (a bf16 or fp16 value is exactly a float32 one). */
 HK_TARGET static void hk_widen_rows(const void *x, int dtype, float *out, size_t count) {
@@ -200,21 +214,29 @@ HK_TARGET static void hk_widen_rows(const void *x, int dtype, float *out, size_t
     for (; i < count; i++) out[i] = hk_load1(x, i, dtype);
 }
 
-static void hk_run(const hk_job *given, int threads) {
-    hk_job job = *given;
-    if (job.x_dtype != HK_F32) {
-        hk_widen_rows(job.x, job.x_dtype, job.scratch, (size_t)job.m * (size_t)job.k);
-        job.x = job.scratch;
-        job.x_dtype = HK_F32;
+/* jobs[0 .. count) (count <= HK_MAX_JOBS), all of one x, m and k (jobs[0]'s x, x_dtype and scratch). */
+static void hk_run(const hk_job *jobs, int count, int threads) {
+    hk_batch batch;
+    batch.count = count;
+    const void *x = jobs[0].x;
+    if (jobs[0].x_dtype != HK_F32) {
+        hk_widen_rows(x, jobs[0].x_dtype, jobs[0].scratch, (size_t)jobs[0].m * (size_t)jobs[0].k);
+        x = jobs[0].scratch;
+    }
+    for (int i = 0; i < count; i++) {
+        batch.jobs[i] = jobs[i];
+        batch.jobs[i].x = x;
+        batch.jobs[i].x_dtype = HK_F32;
     }
     if (threads > 1 && hk_gomp_parallel != NULL)
-        hk_gomp_parallel(hk_team_part, (void *)&job, (unsigned)threads, 0);
+        hk_gomp_parallel(hk_team_part, (void *)&batch, (unsigned)threads, 0);
     else
-        hk_part(&job, 0, 1);
+        hk_part(&batch, 0, 1);
 }
 #else
 static int hk_available(void) { return 0; }
 static int hk_bind_openmp(void) { return 0; }
-static void hk_run(const hk_job *job, int threads) { (void)job; (void)threads; }
+#define HK_MAX_JOBS 4
+static void hk_run(const hk_job *jobs, int count, int threads) { (void)jobs, (void)count, (void)threads; }
 #endif
 #endif

@@ -23,9 +23,10 @@ cdef extern from "halfmm.h" nogil:
         void *y
         float *scratch
         int m, k, n, fp16, x_dtype, b_dtype, y_dtype
+    int HK_MAX_JOBS
     int hk_available()
     int hk_bind_openmp()
-    void hk_run(const hk_job *job, int threads)
+    void hk_run(const hk_job *jobs, int count, int threads)
 
 
 cdef extern from "rowops.h" nogil:
@@ -73,26 +74,37 @@ def matmul(
     float32, 1 bf16, 2 fp16), the output columns split over ``threads`` of torch's team. An x of half
     precision is widened first into ``scratch``, m * k float32 of the caller's. See csrc/halfmm.h for
     the order of the sums, which no split changes."""
-    if m < 1 or k < 1 or n < 1 or threads < 1 or not 0 <= y_dtype <= 2:
-        raise ValueError(f"bad shape: m={m} k={k} n={n} threads={threads} y_dtype={y_dtype}")
-    if not (0 <= x_dtype <= 2 and 0 <= b_dtype <= 2) or (x_dtype and not scratch):
-        raise ValueError(f"bad input: x_dtype={x_dtype} b_dtype={b_dtype} scratch={scratch:#x}")
+    matmuls(x, m, k, x_dtype, scratch, threads, ((w, b, b_dtype, y, y_dtype, n, fp16),))
+
+
+def matmuls(uintptr_t x, int m, int k, int x_dtype, uintptr_t scratch, int threads, products):
+    """``matmul`` of one x by up to four weights in one parallel region (their output columns split
+    over the team together): ``products`` holds (w, b, b_dtype, y, y_dtype, n, fp16) for each."""
+    cdef hk_job jobs[4]
+    cdef int count = len(products), i = 0
+    if not 1 <= count <= HK_MAX_JOBS or HK_MAX_JOBS > 4:
+        raise ValueError(f"bad count: {count} products (1 to {HK_MAX_JOBS})")
+    if m < 1 or k < 1 or threads < 1 or not 0 <= x_dtype <= 2 or (x_dtype and not scratch):
+        raise ValueError(f"bad input: m={m} k={k} threads={threads} x_dtype={x_dtype} scratch={scratch:#x}")
+    for w, b, b_dtype, y, y_dtype, n, fp16 in products:
+        if n < 1 or not (0 <= b_dtype <= 2 and 0 <= y_dtype <= 2):
+            raise ValueError(f"bad product {i}: n={n} b_dtype={b_dtype} y_dtype={y_dtype}")
+        jobs[i].x = <const void *><uintptr_t>x
+        jobs[i].w = <const uint16_t *><uintptr_t>w
+        jobs[i].b = <const void *><uintptr_t>b
+        jobs[i].y = <void *><uintptr_t>y
+        jobs[i].scratch = <float *>scratch
+        jobs[i].m = m
+        jobs[i].k = k
+        jobs[i].n = n
+        jobs[i].fp16 = fp16
+        jobs[i].x_dtype = x_dtype
+        jobs[i].b_dtype = b_dtype
+        jobs[i].y_dtype = y_dtype
+        i += 1
     _runs_here("half-precision kernel")
-    cdef hk_job job
-    job.x = <const void *>x
-    job.w = <const uint16_t *>w
-    job.b = <const void *>b
-    job.y = <void *>y
-    job.scratch = <float *>scratch
-    job.x_dtype = x_dtype
-    job.b_dtype = b_dtype
-    job.y_dtype = y_dtype
-    job.m = m
-    job.k = k
-    job.n = n
-    job.fp16 = fp16
     with nogil:
-        hk_run(&job, threads)
+        hk_run(jobs, count, threads)
 
 
 def decode_attention(

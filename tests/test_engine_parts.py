@@ -294,6 +294,40 @@ def test_rows_linear_gives_a_row_the_same_bits_in_any_batch_and_on_any_thread_co
         torch.set_num_threads(threads)
 
 
+def test_rows_linears_gives_each_product_the_bits_of_its_own_call(half_kernel: str) -> None:
+    """q, k and v (gate and up) in one call: their columns share one parallel region, and each comes
+    out as its own call makes it, on any thread count, with a bias or without."""
+    gen = torch.Generator().manual_seed(5)
+    # Outputs that are not multiples of 8 either: a thread's range starts mid-panel, or mid-weight.
+    shapes = [(77, 200), (19, 200), (19, 200)]
+    ws = [(torch.randn(n, k, generator=gen) / 10).to(torch.bfloat16) for n, k in shapes]
+    bs = [
+        torch.randn(77, generator=gen).to(torch.bfloat16),
+        None,
+        torch.randn(19, generator=gen).to(torch.bfloat16),
+    ]
+    x = torch.randn(6, 200, generator=gen).to(torch.bfloat16)
+    alone = [model.rows_linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3, 5):
+            torch.set_num_threads(t)
+            got = model.rows_linears(x, ws, bs)
+            assert all(torch.equal(g, a) for g, a in zip(got, alone, strict=True)), t
+    finally:
+        torch.set_num_threads(threads)
+    # More weights than one call takes: each its own call, the same products.
+    many = [ws[0]] * 5
+    assert all(torch.equal(g, alone[0]) for g in model.rows_linears(x, many, [bs[0]] * 5))
+    if half_kernel != "native":
+        return  # torch multiplies no float32 rows by a bf16 weight
+    # A weight the kernel does not take (float32): each weight its own call, torch's for that one.
+    xf = x.float()
+    mixed = model.rows_linears(xf, [ws[0].float(), ws[1]], [None, None])
+    assert torch.equal(mixed[0], F.linear(xf, ws[0].float()))
+    assert torch.equal(mixed[1], model.rows_linear(xf, ws[1]))
+
+
 def test_rows_linear_leaves_what_the_kernel_does_not_take_to_torch(half_kernel: str) -> None:
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 64, generator=gen)

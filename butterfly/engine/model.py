@@ -193,46 +193,64 @@ def widen_least() -> int:
 def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` for a 2-D ``x`` whose rows must not depend on each other: the native
     kernel for a contiguous half-precision weight on the CPU (see above), else torch's."""
+    return rows_linears(x, (w,), (b,))[0]
+
+
+def _kernel_takes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return (
+        w.dtype in (torch.bfloat16, torch.float16)
+        and w.device.type == "cpu"
+        and w.is_contiguous()
+        and x.dim() == 2
+        and x.shape[0] > 0
+        and x.shape[1] == w.shape[1]  # F.linear says what is wrong; the kernel would read past w
+        and (b is None or b.shape == (w.shape[0],))
+    )
+
+
+def rows_linears(
+    x: torch.Tensor, ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``rows_linear`` of one ``x`` by each weight (q, k and v; gate and up): one native call for all
+    of them (their output columns split over one parallel region, the same bits as one call each)
+    where the kernel takes them all, else one ``rows_linear`` each."""
     native = NATIVE
     if (
         native is None
-        or w.dtype not in (torch.bfloat16, torch.float16)
-        or w.device.type != "cpu"
-        or not w.is_contiguous()
-        or x.dim() != 2
-        or x.shape[0] == 0
-        or x.shape[1] != w.shape[1]  # F.linear says what is wrong; the kernel would read past w
-        or (b is not None and b.shape != (w.shape[0],))
+        or len(ws) > _MAX_PRODUCTS
+        or not all(_kernel_takes(x, w, b) for w, b in zip(ws, bs, strict=True))
     ):
-        return F.linear(x, w, b)
-    (m, k), n = x.shape, w.shape[0]
-    # x and b as they are (the kernel widens a half-precision x into this thread's scratch); a dtype
-    # the kernel does not read (float64) is narrowed here, and the result given back in it.
+        if len(ws) == 1:
+            return [F.linear(x, ws[0], bs[0])]
+        return [rows_linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
+    m, k = x.shape
+    # x and the biases as they are (the kernel widens a half-precision x into this thread's scratch);
+    # a dtype the kernel does not read (float64) is narrowed here, and the results given back in it.
     given = x.dtype
-    if given not in _KERNEL_DTYPES:
-        x = x.float()
-    if b is not None and b.dtype not in _KERNEL_DTYPES:
-        b = b.float()
-    x, b = x.contiguous(), None if b is None else b.contiguous()
+    x = (x if given in _KERNEL_DTYPES else x.float()).contiguous()
     x_dtype = _KERNEL_DTYPES[x.dtype]
-    # Rounded to x's dtype by the kernel, as torch's .to() would round a float32 result.
-    y = torch.empty((m, n), dtype=x.dtype)
-    native.matmul(
-        x.data_ptr(),
-        m,
-        k,
-        w.data_ptr(),
-        0 if b is None else b.data_ptr(),
-        y.data_ptr(),
-        n,
-        w.dtype is torch.float16,
-        torch.get_num_threads(),
-        x_dtype,
-        x_dtype,
-        0 if b is None else _KERNEL_DTYPES[b.dtype],
-        _x_scratch(m * k).data_ptr() if x_dtype else 0,
-    )
-    return y if y.dtype == given else y.to(given)
+    products = []
+    ys = []
+    for w, b in zip(ws, bs, strict=True):
+        if b is not None:
+            b = (b if b.dtype in _KERNEL_DTYPES else b.float()).contiguous()
+        # Rounded to x's dtype by the kernel, as torch's .to() would round a float32 result.
+        y = torch.empty((m, w.shape[0]), dtype=x.dtype)
+        products.append(
+            (
+                w.data_ptr(),
+                0 if b is None else b.data_ptr(),
+                0 if b is None else _KERNEL_DTYPES[b.dtype],
+                y.data_ptr(),
+                x_dtype,
+                w.shape[0],
+                w.dtype is torch.float16,
+            )
+        )
+        ys.append(y)
+    scratch = _x_scratch(m * k).data_ptr() if x_dtype else 0
+    native.matmuls(x.data_ptr(), m, k, x_dtype, scratch, torch.get_num_threads(), products)
+    return ys if given == x.dtype else [y.to(given) for y in ys]
 
 
 def _x_scratch(elems: int) -> torch.Tensor:
@@ -270,6 +288,15 @@ class _Rows:
         return _Rows(tuple(wide), torch.tensor(narrow, dtype=torch.long) if wide and narrow else None)
 
 
+def linears(
+    x: torch.Tensor, ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor | None], rows: _Rows
+) -> list[torch.Tensor]:
+    """``linear`` of one ``x`` by each weight: without wide chunks, one call of the native kernel."""
+    if not rows.wide:
+        return rows_linears(x, ws, bs)
+    return [linear(x, w, b, rows) for w, b in zip(ws, bs, strict=True)]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows) -> torch.Tensor:
     """``F.linear(x, w, b)``, with ``rows.wide`` chunks of ``x`` multiplied in float32 tiles."""
     if not rows.wide:
@@ -296,6 +323,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows
 
 
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_MAX_PRODUCTS = 4
+"""The most weights ``native.matmuls`` takes in one call (csrc/halfmm.h's HK_MAX_JOBS)."""
 
 
 @dataclass(frozen=True)
@@ -581,9 +610,8 @@ class StageModel:
         cfg = self.cfg
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         y = rms_norm(h, blk.ln1, cfg.rms_norm_eps)
-        q = linear(y, blk.wq, blk.bq, rows).view(total, heads, hd)
-        k = linear(y, blk.wk, blk.bk, rows).view(total, kv_heads, hd)
-        v = linear(y, blk.wv, blk.bv, rows).view(total, kv_heads, hd)
+        q, k, v = linears(y, (blk.wq, blk.wk, blk.wv), (blk.bq, blk.bk, blk.bv), rows)
+        q, k, v = q.view(total, heads, hd), k.view(total, kv_heads, hd), v.view(total, kv_heads, hd)
         q = rope(q, cos, sin)
         k = rope(k, cos, sin)
         out = torch.empty((total, heads, hd), dtype=h.dtype, device=h.device)
@@ -625,5 +653,6 @@ class StageModel:
             off += n
         h = h + linear(out.view(total, heads * hd), blk.wo, blk.bo, rows)
         y = rms_norm(h, blk.ln2, cfg.rms_norm_eps)
-        act = silu_mul(linear(y, blk.gate, blk.b_gate, rows), linear(y, blk.up, blk.b_up, rows))
+        gate, up = linears(y, (blk.gate, blk.up), (blk.b_gate, blk.b_up), rows)
+        act = silu_mul(gate, up)
         return h + linear(act, blk.down, blk.b_down, rows)
