@@ -8,8 +8,9 @@
  * slicing and copies around it: ~20 operators per sequence and layer); here the whole step is one call.
  *
  * The cache of a sequence is its KVCache tensor [layers][2][kv_heads][capacity][head_dim] (contiguous,
- * the model's dtype); q, k and v of the step are [n][heads or kv_heads][head_dim] in that dtype; out
- * is float32 [n][heads][head_dim] (the caller rounds it to the dtype, as torch rounds its own).
+ * the model's dtype); q, k, v and out of the step are [n][heads or kv_heads][head_dim] in that dtype,
+ * each output summed in float32 and rounded once to the dtype (to nearest even, as torch rounds its
+ * own). head_dim is at most HA_MAX_HEAD_DIM (a head's sums live on the stack).
  *
  * Every (sequence, head) is computed by one thread in one fixed order, whatever the other sequences
  * of the step or the thread count: scores in float32 (the head_dim products in 8 lanes, the lanes
@@ -22,6 +23,8 @@
 #define BUTTERFLY_ATTENTION_H
 #include <math.h>
 
+#define HA_MAX_HEAD_DIM 1024
+
 typedef struct {
     int n, heads, kv_heads, head_dim, dtype, layer, window; /* dtype: an HK_ code; window <= 0: none */
     float scale;
@@ -29,7 +32,7 @@ typedef struct {
     const int64_t *caches;  /* address of each sequence's cache tensor */
     const int64_t *capacity;
     const int64_t *pos;     /* the position of each sequence's new token */
-    float *out;             /* [n][heads][head_dim] */
+    void *out;              /* [n][heads][head_dim] */
 } ha_job;
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -49,7 +52,7 @@ HK_TARGET static void ha_one(const ha_job *job, int s, int h) {
     const size_t qoff = ((size_t)s * job->heads + h) * hd;
     const char *keys = ha_block(job, s, 0, g), *vals = ha_block(job, s, 1, g);
     int64_t p = job->pos[s], from = job->window > 0 && p - job->window + 1 > 0 ? p - job->window + 1 : 0;
-    float *out = job->out + qoff;
+    float out[HA_MAX_HEAD_DIM];
     float m = -INFINITY, sum = 0.0f;
     for (int d = 0; d < hd; d++) out[d] = 0.0f;
     for (int64_t l = from; l <= p; l++) {
@@ -77,7 +80,7 @@ HK_TARGET static void ha_one(const ha_job *job, int s, int h) {
             _mm256_storeu_ps(out + d, _mm256_fmadd_ps(wv, hk_load8(vl, d, dtype), _mm256_loadu_ps(out + d)));
         for (int d = hd8; d < hd; d++) out[d] += w * hk_load1(vl, d, dtype);
     }
-    for (int d = 0; d < hd; d++) out[d] /= sum;
+    for (int d = 0; d < hd; d++) hk_store1(job->out, qoff + d, out[d] / sum, dtype);
 }
 
 static void ha_part(const ha_job *job, int part, int parts) {

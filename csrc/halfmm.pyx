@@ -36,6 +36,7 @@ cdef extern from "rowops.h" nogil:
 
 
 cdef extern from "attention.h" nogil:
+    int HA_MAX_HEAD_DIM
     ctypedef struct ha_job:
         int n, heads, kv_heads, head_dim, dtype, layer, window
         float scale
@@ -45,13 +46,17 @@ cdef extern from "attention.h" nogil:
         const int64_t *caches
         const int64_t *capacity
         const int64_t *pos
-        float *out
+        void *out
     void ha_run(const ha_job *job, int threads)
 
 
 def _runs_here(what):
     if not hk_available():
         raise RuntimeError(f"this CPU lacks AVX2, FMA or F16C: the {what} cannot run here")
+
+
+MAX_HEAD_DIM = HA_MAX_HEAD_DIM
+"""The widest head ``decode_attention`` computes."""
 
 
 def available():
@@ -113,11 +118,15 @@ def decode_attention(
     uintptr_t out, int threads,
 ):
     """One layer's attention for ``n`` sequences of one new token each: writes each one's key and
-    value into its cache at ``pos[i]``, then ``out`` (float32 [n][heads][head_dim]). ``caches``,
-    ``capacity`` and ``pos``: addresses of int64 arrays of n (each cache tensor's address, its
-    capacity, the new token's position); dtype 0 float32, 1 bf16, 2 fp16; window <= 0: none. See
+    value into its cache at ``pos[i]``, then ``out`` ([n][heads][head_dim] of the dtype; head_dim at
+    most ``MAX_HEAD_DIM``). ``caches``, ``capacity`` and ``pos``: addresses of int64 arrays of n (each
+    cache tensor's address, its capacity, the new token's position); dtype 0 float32, 1 bf16, 2 fp16;
+    window <= 0: none. See
     csrc/attention.h for the order of the sums."""
-    if n < 1 or heads < 1 or kv_heads < 1 or head_dim < 1 or heads % kv_heads or not 0 <= dtype <= 2:
+    if (
+        n < 1 or heads < 1 or kv_heads < 1 or not 1 <= head_dim <= HA_MAX_HEAD_DIM or heads % kv_heads
+        or not 0 <= dtype <= 2
+    ):
         raise ValueError(f"bad shape: n={n} heads={heads} kv_heads={kv_heads} head_dim={head_dim} dtype={dtype}")
     _runs_here("attention kernel")
     cdef ha_job job
@@ -135,7 +144,7 @@ def decode_attention(
     job.caches = <const int64_t *>caches
     job.capacity = <const int64_t *>capacity
     job.pos = <const int64_t *>pos
-    job.out = <float *>out
+    job.out = <void *>out
     with nogil:
         ha_run(&job, threads)
 

@@ -591,6 +591,29 @@ def test_decode_attention_agrees_with_sdpa_and_a_float64_reference(
 
 
 @pytest.mark.x86
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_decode_attention_rounds_its_float32_sums_once_into_the_dtype(
+    dtype: torch.dtype, native_kernel: Any
+) -> None:
+    """The kernel sums in float32 and stores each output rounded to the step's dtype: the bits of the
+    same step in float32 (its inputs are the half values, widened exactly), then .to(dtype)."""
+    positions = [3, 30, 11]
+    caches, q, k, v = _decode_case(dtype, 6, 2, 40, positions, seed=31)
+    wide = _native_attend([c.float() for c in caches], q.float(), k.float(), v.float(), positions, 1, 4)
+    got = _native_attend(caches, q, k, v, positions, 1, 4)
+    assert got.dtype == dtype and torch.equal(got, wide.to(dtype))
+    # A head wider than the kernel's stack buffer is left to torch; the kernel refuses it.
+    widest = native_kernel.MAX_HEAD_DIM
+    chunks = [SeqChunk(0, 3, 1)]
+    assert (
+        model._Decode.of(chunks, [torch.zeros(1, 2, 1, 4, widest + 8)], torch.float32, 1, widest + 8) is None
+    )
+    p = q.data_ptr()
+    with pytest.raises(ValueError, match="bad shape"):
+        native_kernel.decode_attention(p, p, p, 1, 1, 1, widest + 1, 0, p, p, p, 0, 0, 1.0, p, 1)
+
+
+@pytest.mark.x86
 def test_decode_attention_gives_a_sequence_the_same_bits_beside_any_others_and_on_any_thread_count(
     native_kernel: object,
 ) -> None:

@@ -355,6 +355,7 @@ class _Decode:
         if (
             NATIVE is None
             or dtype not in _KERNEL_DTYPES
+            or head_dim > NATIVE.MAX_HEAD_DIM
             or not all(kv.device.type == "cpu" and kv.is_contiguous() for kv in kvs)
         ):
             return None
@@ -400,7 +401,9 @@ class _Decode:
             q, k, v = q[self.rows], k[self.rows], v[self.rows]
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         n, heads, hd = q.shape
-        got = torch.empty((n, heads, hd), dtype=torch.float32)
+        # Every row of the step is this call's: the kernel writes out itself, else rows of its own.
+        whole = self.rows is None and out.is_contiguous() and out.dtype == q.dtype
+        got = out if whole else torch.empty((n, heads, hd), dtype=q.dtype)
         NATIVE.decode_attention(
             q.data_ptr(),
             k.data_ptr(),
@@ -419,10 +422,8 @@ class _Decode:
             got.data_ptr(),
             torch.get_num_threads(),
         )
-        if self.rows is None:
-            out.copy_(got)
-        else:
-            out[self.rows] = got.to(out.dtype)
+        if got is not out:
+            out[self.rows if self.rows is not None else slice(None)] = got
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
