@@ -177,7 +177,7 @@ def test_half_precision_runs_in_stored_dtype(
     assert stage.dtype == dtype
     # The weights are the mmap'd bytes themselves: not copied, not widened.
     w = md.weights["model.layers.0.mlp.down_proj.weight"]
-    assert stage.blocks[0].down.data_ptr() == w.data_ptr() and w.dtype == dtype
+    assert stage.blocks[0].down.ws[0].data_ptr() == w.data_ptr() and w.dtype == dtype
     ref32 = make_hf_model(variant)
     ref = make_hf_model(variant).to(dtype)
     pipe = Pipeline([stage], KV_BYTES)
@@ -200,13 +200,41 @@ def test_half_precision_runs_in_stored_dtype(
     md.close()
 
 
+@pytest.mark.x86
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_decode_step_multiplies_each_layer_in_four_kernel_calls(
+    variant: str, tmp_path: Path, native_kernel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """q, k and v in one call and gate and up in one (then o and down): the weights are checked once,
+    when the stage is built, and a step passes them to the kernel together."""
+    md = open_model_dir(save_hf_model(variant, tmp_path / "m", dtype=torch.bfloat16))
+    stage = StageModel(md.config, md.weights, 0, 4, 4)
+    calls: list[int] = []
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            f = getattr(native_kernel, name)
+            if name != "matmuls":
+                return f
+            return lambda *a: (calls.append(len(a[-1])), f(*a))[1]
+
+    pipe = Pipeline([stage], KV_BYTES)
+    pipe.reserve(0, 8)
+    ids = prompt(6, seed=3)
+    want = pipe.step(ids[:5], [SeqChunk(0, 0, 5)])
+    monkeypatch.setattr("butterfly.engine.model.NATIVE", Counting())
+    got = pipe.step(ids[5:6], [SeqChunk(0, 5, 1)])
+    assert calls == [3, 1, 2, 1] * 4 + [1]  # and the LM head
+    assert got.shape == want.shape and torch.isfinite(got).all()
+
+
 def test_stage_weights_are_views_of_the_mapped_files(ckpt: Ckpt) -> None:
     md = ckpt.opened
     stage = StageModel(md.config, md.weights, 1, 3, 4)
     assert not stage.first and not stage.last and stage.embed is None and stage.head is None
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.2.mlp.up_proj.weight"):
         assert md.weights[name].data_ptr() in {
-            getattr(b, attr).data_ptr() for b in stage.blocks for attr in ("wq", "up")
+            w.data_ptr() for b in stage.blocks for w in (b.qkv.ws[0], b.gate_up.ws[1])
         }
 
 

@@ -52,20 +52,10 @@ class _Block:
     index: int
     ln1: torch.Tensor
     ln2: torch.Tensor
-    wq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
-    bq: torch.Tensor | None
-    bk: torch.Tensor | None
-    bv: torch.Tensor | None
-    bo: torch.Tensor | None
-    gate: torch.Tensor
-    up: torch.Tensor
-    down: torch.Tensor
-    b_gate: torch.Tensor | None
-    b_up: torch.Tensor | None
-    b_down: torch.Tensor | None
+    qkv: _Products
+    o: _Products
+    gate_up: _Products
+    down: _Products
     window: int | None
 
 
@@ -108,12 +98,13 @@ class _Weights:
 def _native_rows(*ts: torch.Tensor) -> bool:
     """The row kernels (csrc/rowops.h) take these: in use, on the CPU, contiguous, not empty, all of one
     dtype they compute."""
-    return (
-        NATIVE is not None
-        and ts[0].dtype in _KERNEL_DTYPES
-        and all(t.device.type == "cpu" and t.is_contiguous() and t.numel() for t in ts)
-        and all(t.dtype == ts[0].dtype for t in ts)
-    )
+    if NATIVE is None:
+        return False
+    dtype = ts[0].dtype
+    if dtype not in _KERNEL_DTYPES:
+        return False
+    # is_cpu, not device.type: a step makes ~100 of these checks, and device.type costs ~1 us.
+    return all(t.is_cpu and t.is_contiguous() and t.numel() and t.dtype == dtype for t in ts)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -193,64 +184,90 @@ def widen_least() -> int:
 def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, b)`` for a 2-D ``x`` whose rows must not depend on each other: the native
     kernel for a contiguous half-precision weight on the CPU (see above), else torch's."""
-    return rows_linears(x, (w,), (b,))[0]
-
-
-def _kernel_takes(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> bool:
-    return (
-        w.dtype in (torch.bfloat16, torch.float16)
-        and w.device.type == "cpu"
-        and w.is_contiguous()
-        and x.dim() == 2
-        and x.shape[0] > 0
-        and x.shape[1] == w.shape[1]  # F.linear says what is wrong; the kernel would read past w
-        and (b is None or b.shape == (w.shape[0],))
-    )
+    return _Products.of((w, b)).rows(x)[0]
 
 
 def rows_linears(
     x: torch.Tensor, ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor | None]
 ) -> list[torch.Tensor]:
-    """``rows_linear`` of one ``x`` by each weight (q, k and v; gate and up): one native call for all
-    of them (their output columns split over one parallel region, the same bits as one call each)
-    where the kernel takes them all, else one ``rows_linear`` each."""
-    native = NATIVE
-    if (
-        native is None
-        or len(ws) > _MAX_PRODUCTS
-        or not all(_kernel_takes(x, w, b) for w, b in zip(ws, bs, strict=True))
-    ):
-        if len(ws) == 1:
-            return [F.linear(x, ws[0], bs[0])]
-        return [rows_linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
-    m, k = x.shape
-    # x and the biases as they are (the kernel widens a half-precision x into this thread's scratch);
-    # a dtype the kernel does not read (float64) is narrowed here, and the results given back in it.
-    given = x.dtype
-    x = (x if given in _KERNEL_DTYPES else x.float()).contiguous()
-    x_dtype = _KERNEL_DTYPES[x.dtype]
-    products = []
-    ys = []
-    for w, b in zip(ws, bs, strict=True):
-        if b is not None:
-            b = (b if b.dtype in _KERNEL_DTYPES else b.float()).contiguous()
-        # Rounded to x's dtype by the kernel, as torch's .to() would round a float32 result.
-        y = torch.empty((m, w.shape[0]), dtype=x.dtype)
-        products.append(
-            (
-                w.data_ptr(),
-                0 if b is None else b.data_ptr(),
-                0 if b is None else _KERNEL_DTYPES[b.dtype],
-                y.data_ptr(),
-                x_dtype,
-                w.shape[0],
-                w.dtype is torch.float16,
-            )
+    """``rows_linear`` of one ``x`` by each weight (see ``_Products``)."""
+    return _Products.of(*zip(ws, bs, strict=True)).rows(x)
+
+
+@dataclass(frozen=True)
+class _Products:
+    """Weights that multiply the same rows (q, k and v; gate and up; or one alone), with what the native
+    kernel needs of them, checked once, when the model is built. The kernel takes them all in one call:
+    their output columns split over one parallel region, each with the bits of a call of its own."""
+
+    ws: tuple[torch.Tensor, ...]
+    bs: tuple[torch.Tensor | None, ...]
+    k: int
+    native: tuple[tuple[int, int, int, int, bool], ...] | None
+    """(weight, bias (0: none), the bias's dtype code, outputs, fp16) of each; None when the kernel does
+    not take them all: contiguous half-precision weights of one input width on the CPU, at most
+    ``_MAX_PRODUCTS``."""
+    kept: tuple[torch.Tensor, ...]
+    """The biases the kernel reads (a float64 one narrowed to float32), kept alive for their addresses."""
+
+    @staticmethod
+    def of(*products: tuple[torch.Tensor, torch.Tensor | None]) -> _Products:
+        ws = tuple(w for w, _ in products)
+        bs = tuple(b for _, b in products)
+        k = ws[0].shape[-1]
+        takes = len(ws) <= _MAX_PRODUCTS and all(
+            w.dtype in _HALF
+            and w.is_cpu
+            and w.is_contiguous()
+            and w.dim() == 2
+            and w.shape[1] == k
+            # F.linear says what is wrong with a bias of another shape; the kernel would read past it.
+            and (b is None or (b.is_cpu and b.shape == (w.shape[0],)))
+            for w, b in products
         )
-        ys.append(y)
-    scratch = _x_scratch(m * k).data_ptr() if x_dtype else 0
-    native.matmuls(x.data_ptr(), m, k, x_dtype, scratch, torch.get_num_threads(), products)
-    return ys if given == x.dtype else [y.to(given) for y in ys]
+        if not takes:
+            return _Products(ws, bs, k, None, ())
+        native = []
+        kept = []
+        for w, b in products:
+            if b is not None:
+                b = (b if b.dtype in _KERNEL_DTYPES else b.float()).contiguous()
+                kept.append(b)
+            native.append(
+                (
+                    w.data_ptr(),
+                    0 if b is None else b.data_ptr(),
+                    0 if b is None else _KERNEL_DTYPES[b.dtype],
+                    w.shape[0],
+                    w.dtype is torch.float16,
+                )
+            )
+        return _Products(ws, bs, k, tuple(native), tuple(kept))
+
+    def rows(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each ``F.linear(x, w, b)``: one native call for all where the kernel takes them and ``x`` (2-D,
+        of their input width, not empty), else one ``rows_linear`` each (torch's for a weight the
+        kernel does not take)."""
+        native = NATIVE
+        if native is None or self.native is None or x.dim() != 2 or x.shape[1] != self.k or not x.shape[0]:
+            if len(self.ws) == 1:
+                return [F.linear(x, self.ws[0], self.bs[0])]
+            return [rows_linear(x, w, b) for w, b in zip(self.ws, self.bs, strict=True)]
+        m, k = x.shape
+        # x as it is (the kernel widens a half-precision x into this thread's scratch); a dtype the
+        # kernel does not read (float64) is narrowed here, and the results given back in it.
+        given = x.dtype
+        x = (x if given in _KERNEL_DTYPES else x.float()).contiguous()
+        x_dtype = _KERNEL_DTYPES[x.dtype]
+        # Each output rounded to x's dtype by the kernel, as torch's .to() would round a float32 result.
+        ys = [torch.empty((m, spec[3]), dtype=x.dtype) for spec in self.native]
+        products = [
+            (w, b, b_dtype, y.data_ptr(), x_dtype, n, fp16)
+            for (w, b, b_dtype, n, fp16), y in zip(self.native, ys, strict=True)
+        ]
+        scratch = _x_scratch(m * k).data_ptr() if x_dtype else 0
+        native.matmuls(x.data_ptr(), m, k, x_dtype, scratch, torch.get_num_threads(), products)
+        return ys if given == x.dtype else [y.to(given) for y in ys]
 
 
 def _x_scratch(elems: int) -> torch.Tensor:
@@ -288,13 +305,11 @@ class _Rows:
         return _Rows(tuple(wide), torch.tensor(narrow, dtype=torch.long) if wide and narrow else None)
 
 
-def linears(
-    x: torch.Tensor, ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor | None], rows: _Rows
-) -> list[torch.Tensor]:
-    """``linear`` of one ``x`` by each weight: without wide chunks, one call of the native kernel."""
+def linears(x: torch.Tensor, products: _Products, rows: _Rows) -> list[torch.Tensor]:
+    """``linear`` of one ``x`` by each of ``products``: without wide chunks, one native call."""
     if not rows.wide:
-        return rows_linears(x, ws, bs)
-    return [linear(x, w, b, rows) for w, b in zip(ws, bs, strict=True)]
+        return products.rows(x)
+    return [linear(x, w, b, rows) for w, b in zip(products.ws, products.bs, strict=True)]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows) -> torch.Tensor:
@@ -323,6 +338,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: _Rows
 
 
 _KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_HALF = (torch.bfloat16, torch.float16)
 _MAX_PRODUCTS = 4
 """The most weights ``native.matmuls`` takes in one call (csrc/halfmm.h's HK_MAX_JOBS)."""
 
@@ -356,7 +372,7 @@ class _Decode:
             NATIVE is None
             or dtype not in _KERNEL_DTYPES
             or head_dim > NATIVE.MAX_HEAD_DIM
-            or not all(kv.device.type == "cpu" and kv.is_contiguous() for kv in kvs)
+            or not all(kv.is_cpu and kv.is_contiguous() for kv in kvs)
         ):
             return None
         picked = [i for i, c in enumerate(chunks) if c.n_tokens == 1]
@@ -505,24 +521,26 @@ class StageModel:
         hidden, inter = cfg.hidden_size, cfg.intermediate_size
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         p = f"model.layers.{b}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+
+        def product(prefix: str, out: int, into: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return w.take(prefix + ".weight", (out, into)), w.maybe(prefix + ".bias", (out,), bias)
+
         return _Block(
             index=b,
             ln1=w.take(p + "input_layernorm.weight", (hidden,), matrix=False),
             ln2=w.take(p + "post_attention_layernorm.weight", (hidden,), matrix=False),
-            wq=w.take(p + "self_attn.q_proj.weight", (q_dim, hidden)),
-            wk=w.take(p + "self_attn.k_proj.weight", (kv_dim, hidden)),
-            wv=w.take(p + "self_attn.v_proj.weight", (kv_dim, hidden)),
-            wo=w.take(p + "self_attn.o_proj.weight", (hidden, q_dim)),
-            bq=w.maybe(p + "self_attn.q_proj.bias", (q_dim,), cfg.qkv_bias),
-            bk=w.maybe(p + "self_attn.k_proj.bias", (kv_dim,), cfg.qkv_bias),
-            bv=w.maybe(p + "self_attn.v_proj.bias", (kv_dim,), cfg.qkv_bias),
-            bo=w.maybe(p + "self_attn.o_proj.bias", (hidden,), cfg.o_bias),
-            gate=w.take(p + "mlp.gate_proj.weight", (inter, hidden)),
-            up=w.take(p + "mlp.up_proj.weight", (inter, hidden)),
-            down=w.take(p + "mlp.down_proj.weight", (hidden, inter)),
-            b_gate=w.maybe(p + "mlp.gate_proj.bias", (inter,), cfg.mlp_bias),
-            b_up=w.maybe(p + "mlp.up_proj.bias", (inter,), cfg.mlp_bias),
-            b_down=w.maybe(p + "mlp.down_proj.bias", (hidden,), cfg.mlp_bias),
+            qkv=_Products.of(
+                product(attn + "q_proj", q_dim, hidden, cfg.qkv_bias),
+                product(attn + "k_proj", kv_dim, hidden, cfg.qkv_bias),
+                product(attn + "v_proj", kv_dim, hidden, cfg.qkv_bias),
+            ),
+            o=_Products.of(product(attn + "o_proj", hidden, q_dim, cfg.o_bias)),
+            gate_up=_Products.of(
+                product(mlp + "gate_proj", inter, hidden, cfg.mlp_bias),
+                product(mlp + "up_proj", inter, hidden, cfg.mlp_bias),
+            ),
+            down=_Products.of(product(mlp + "down_proj", hidden, inter, cfg.mlp_bias)),
             window=cfg.sliding_window[b],
         )
 
@@ -611,7 +629,7 @@ class StageModel:
         cfg = self.cfg
         heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         y = rms_norm(h, blk.ln1, cfg.rms_norm_eps)
-        q, k, v = linears(y, (blk.wq, blk.wk, blk.wv), (blk.bq, blk.bk, blk.bv), rows)
+        q, k, v = linears(y, blk.qkv, rows)
         q, k, v = q.view(total, heads, hd), k.view(total, kv_heads, hd), v.view(total, kv_heads, hd)
         q = rope(q, cos, sin)
         k = rope(k, cos, sin)
@@ -652,8 +670,8 @@ class StageModel:
             )
             out[off : off + n] = o[0].transpose(0, 1)
             off += n
-        h = h + linear(out.view(total, heads * hd), blk.wo, blk.bo, rows)
+        h = h + linears(out.view(total, heads * hd), blk.o, rows)[0]
         y = rms_norm(h, blk.ln2, cfg.rms_norm_eps)
-        gate, up = linears(y, (blk.gate, blk.up), (blk.b_gate, blk.b_up), rows)
+        gate, up = linears(y, blk.gate_up, rows)
         act = silu_mul(gate, up)
-        return h + linear(act, blk.down, blk.b_down, rows)
+        return h + linears(act, blk.down, rows)[0]
