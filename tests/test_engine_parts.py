@@ -460,7 +460,6 @@ def test_rms_norm_with_a_weight_of_another_dtype_promotes_as_torch_does(half_ker
 
 
 @pytest.mark.x86
-@pytest.mark.x86
 @pytest.mark.parametrize("dtype", _DTYPES, ids=str)
 @pytest.mark.parametrize("n", [2112, 1003, 5])  # steps of 8 only, and a tail, and a tail only
 def test_silu_mul_agrees_with_torchs_operators_and_gives_a_row_the_same_bits_in_any_batch(
@@ -498,6 +497,7 @@ def test_silu_mul_of_extreme_values_is_torchs(dtype: torch.dtype, native_kernel:
     assert torch.equal(got.signbit(), F.silu(x).signbit())
 
 
+@pytest.mark.x86
 def test_row_kernels_refuse_shapes_and_dtypes_they_do_not_compute(native_kernel: Any) -> None:
     t = torch.zeros(4, 8)
     p = t.data_ptr()
