@@ -212,3 +212,44 @@ def test_the_fork_server_whose_supervisor_is_gone_stops_quietly_as_a_child_exits
         "BUTTERFLY_FORKSERVER_FD",
     )
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def _children_running(module: str) -> list[int]:
+    """Pids of this process's children whose command line names ``module``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and module.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_node_stop_does_not_wait_for_a_fork_server_busy_importing() -> None:
+    """The fork server notices its closed socket only between preloads, and torch's import takes
+    seconds on a loaded machine: a node's stop waited up to 5 s for it (regression: CI's stop during
+    start-up took 8.7 s). A server that cannot answer (here frozen) is killed after a moment."""
+    import asyncio
+
+    from butterfly.supervisor.launcher import CLOSE_GRACE_S, Launcher
+
+    async def main() -> tuple[list[int], float]:
+        launcher = Launcher()
+        await launcher.start()
+        servers = _children_running("butterfly.supervisor.forkserver")
+        assert len(servers) == 1, servers
+        os.kill(servers[0], signal.SIGSTOP)  # as if deep in an import: it reads nothing
+        t0 = time.monotonic()
+        await launcher.close()
+        return servers, time.monotonic() - t0
+
+    servers, took = asyncio.run(main())
+    assert took < CLOSE_GRACE_S + 1.5, took
+    assert _children_running("butterfly.supervisor.forkserver") == []
+    with pytest.raises(ProcessLookupError):
+        os.kill(servers[0], 0)

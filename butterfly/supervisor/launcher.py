@@ -38,6 +38,8 @@ NO_FORKSERVER_ENV = "BUTTERFLY_NO_FORKSERVER"
 SPAWN_TIMEOUT_S = 120.0
 # A fork server lost this many times (crashing on a seccomp filter, say) is given up for good.
 MAX_SERVER_LOSSES = 3
+# How long a node's stop lets the fork server return by itself before it is killed (``close``).
+CLOSE_GRACE_S = 0.5
 
 
 class ChildProcess(Protocol):
@@ -244,8 +246,12 @@ class Launcher:
             self._ctl = None
         self._server = None
         if server is not None:
+            # Idle, it reads the EOF and returns at once. Busy preloading (torch's import takes seconds
+            # on a loaded machine) it would read it only after, and a node's stop waited for that. It
+            # holds nothing worth waiting for, its children stopped first: it is killed after a moment.
             try:
-                await asyncio.wait_for(server.wait(), 5)
+                await asyncio.wait_for(server.wait(), CLOSE_GRACE_S)
             except asyncio.TimeoutError:
-                server.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    server.kill()
                 await server.wait()
