@@ -1,13 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """The CPU engine's native kernels: products of rows with a bf16/fp16 weight (csrc/halfmm.h),
-the attention of decode steps (csrc/attention.h), RMS norm, rotary embedding and the SwiGLU product
-(csrc/rowops.h).
+the attention of decode steps (csrc/attention.h), RMS norm and rotary embedding (csrc/rowops.h).
 
 ``butterfly.engine.model`` owns the tensors, checks their shapes, dtypes and contiguity, and passes
 their addresses; this module only runs the kernels on them without the GIL, on torch's OpenMP team
 when ``bind_threads`` found it. Their plain twins are torch's own operators (``F.linear``,
-``F.scaled_dot_product_attention``, the norm's, rotary's and SwiGLU's operators): the engine's tests
-run on both.
+``F.scaled_dot_product_attention``, the norm's and rotary's operator chains): the engine's tests run
+on both.
 
 Must not: keep a pointer past a call, or allocate anything.
 """
@@ -32,7 +31,6 @@ cdef extern from "halfmm.h" nogil:
 cdef extern from "rowops.h" nogil:
     void hr_rms_norm(const void *x, const void *w, void *y, int m, int n, int dtype, float eps)
     void hr_rope(void *q, const void *cos, const void *sin, int rows, int heads, int d, int dtype)
-    void hr_silu_mul(const void *g, const void *u, void *out, size_t count, int dtype)
 
 
 cdef extern from "attention.h" nogil:
@@ -174,12 +172,3 @@ def rope(uintptr_t q, uintptr_t cos, uintptr_t sin, int rows, int heads, int d, 
     with nogil:
         hr_rope(<void *>q, <const void *>cos, <const void *>sin, rows, heads, d, dtype)
 
-
-def silu_mul(uintptr_t g, uintptr_t u, uintptr_t out, size_t count, int dtype):
-    """out = silu(g) * u over ``count`` contiguous elements of ``dtype`` each (out may be g). See
-    csrc/rowops.h."""
-    if count < 1:
-        raise ValueError(f"bad count {count}")
-    _dtype_ok(dtype)
-    with nogil:
-        hr_silu_mul(<const void *>g, <const void *>u, <void *>out, count, dtype)

@@ -1,5 +1,4 @@
-/* The small per-row operators of a decoder layer, for the CPU engine: RMS norm, rotary embedding and
- * the MLP's SwiGLU product.
+/* The small per-row operators of a decoder layer, for the CPU engine: RMS norm and rotary embedding.
  *
  * In torch each is a chain of eager operators (RMS norm: widen, square, mean, add, rsqrt, multiply,
  * round, scale; rotary: two slices, a negation, a concatenation, two products and a sum), each with its
@@ -14,9 +13,6 @@
  * - rms_norm: y = w * dtype(x * rsqrt(mean(x^2) + eps)), x widened to float32 as transformers'
  *   LlamaRMSNorm does. The mean's sum is taken in double in index order (torch sums float32 in its
  *   own vector order): the same result to within an ulp of float32 before the rounding to the dtype.
- * - silu_mul: the SwiGLU product silu(g) * u, rounded where torch's two operators round; silu's exp is
- *   Cephes' (about an ulp of float32), not torch's Sleef one: the same result to within an ulp of
- *   float32 before each rounding to the dtype.
  * Each row is computed alone, in one order, so a row's bits do not depend on the rows beside it.
  *
  * Needs halfmm.h first (its target and widening). */
@@ -129,53 +125,7 @@ HK_TARGET static void hr_rope(void *q, const void *cos, const void *sin, int row
         }
     }
 }
-/* exp(x) in 8 lanes, to about an ulp of float32 (Cephes' expf: x = n ln2 + r with |r| <= ln2/2, a
- * degree-5 polynomial in r, then the exponent); +inf above 88.7228, 0 (through the subnormals) below
- * -103.97, a NaN stays a NaN. 2^n is applied in two halves, so n may reach 128 and -150. */
-HK_TARGET static HK_INLINE __m256 hr_exp8(__m256 x) {
-    const __m256 c = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-103.97f)), _mm256_set1_ps(88.7228f));
-    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(1.44269504088896341f)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_sub_ps(c, _mm256_mul_ps(fx, _mm256_set1_ps(0.693359375f)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(fx, _mm256_set1_ps(-2.12194440e-4f)));
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(p, r), r), r), _mm256_set1_ps(1.0f));
-    const __m256i n = _mm256_cvtps_epi32(fx), n1 = _mm256_srai_epi32(n, 1), n2 = _mm256_sub_epi32(n, n1);
-    const __m256i bias = _mm256_set1_epi32(127);
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23)));
-    p = _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23)));
-    p = _mm256_blendv_ps(p, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(88.7228f), _CMP_GT_OQ));
-    return _mm256_blendv_ps(p, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-}
-
-/* The SwiGLU product of 8 lanes: dtype(dtype(g / (1 + exp(-g))) * u), rounded where torch's
- * F.silu(g) * u rounds (its silu is the same formula in float32 with its own exp). */
-HK_TARGET static HK_INLINE __m256 hr_silu_mul8(__m256 g, __m256 u, int dtype) {
-    const __m256 e = hr_exp8(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));
-    return _mm256_mul_ps(hr_round8(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), dtype), u);
-}
-
-/* out = silu(g) * u over count elements of the dtype (out may be g). The last count % 8 go through the
- * same 8-lane code, so an element's bits do not depend on where it lies. */
-HK_TARGET static void hr_silu_mul(const void *g, const void *u, void *out, size_t count, int dtype) {
-    size_t i = 0;
-    for (; i + 8 <= count; i += 8)
-        hr_store8(out, i, hr_silu_mul8(hk_load8(g, i, dtype), hk_load8(u, i, dtype), dtype), dtype);
-    if (i == count) return;
-    float gt[8] = {0}, ut[8] = {0}, ot[8];
-    for (size_t t = i; t < count; t++) gt[t - i] = hk_load1(g, t, dtype), ut[t - i] = hk_load1(u, t, dtype);
-    _mm256_storeu_ps(ot, hr_silu_mul8(_mm256_loadu_ps(gt), _mm256_loadu_ps(ut), dtype));
-    for (size_t t = i; t < count; t++) hk_store1(out, t, ot[t - i], dtype);
-}
 #else
-static void hr_silu_mul(const void *g, const void *u, void *out, size_t count, int dtype) {
-    (void)g, (void)u, (void)out, (void)count, (void)dtype;
-}
 static void hr_rms_norm(const void *x, const void *w, void *y, int m, int n, int dtype, float eps) {
     (void)x, (void)w, (void)y, (void)m, (void)n, (void)dtype, (void)eps;
 }

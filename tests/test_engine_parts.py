@@ -460,44 +460,6 @@ def test_rms_norm_with_a_weight_of_another_dtype_promotes_as_torch_does(half_ker
 
 
 @pytest.mark.x86
-@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
-@pytest.mark.parametrize("n", [2112, 1003, 5])  # steps of 8 only, and a tail, and a tail only
-def test_silu_mul_agrees_with_torchs_operators_and_gives_a_row_the_same_bits_in_any_batch(
-    dtype: torch.dtype, n: int, native_kernel: object
-) -> None:
-    gen = torch.Generator().manual_seed(n)
-    g = (torch.randn(9, n, generator=gen) * 4).to(dtype)
-    u = torch.randn(9, n, generator=gen).to(dtype)
-    twin = F.silu(g) * u
-    given = g.clone()
-    got = model.silu_mul(given, u)
-    assert got.data_ptr() == given.data_ptr() and got.dtype == dtype  # over g: no allocation
-    # Only silu's exp differs from torch's (Cephes' against Sleef's, each about an ulp of float32),
-    # which the roundings to a half dtype hide for nearly every element.
-    tol = {torch.float32: 4e-7, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
-    torch.testing.assert_close(got, twin, rtol=tol, atol=0)
-    assert (got != twin).float().mean() < 0.01
-    gd = g.double()
-    exact = (gd / (1 + torch.exp(-gd))).to(dtype).double() * u.double()
-    torch.testing.assert_close(
-        got.double(), exact, rtol=2 * tol, atol=2e-38 if dtype is torch.float32 else 2**-24
-    )
-    for i in range(g.shape[0]):
-        assert torch.equal(model.silu_mul(g[i : i + 1].clone(), u[i : i + 1]), got[i : i + 1]), i
-
-
-@pytest.mark.x86
-@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
-def test_silu_mul_of_extreme_values_is_torchs(dtype: torch.dtype, native_kernel: object) -> None:
-    """Past exp's range (either side, at the edges too), zeros, infinities and NaN: torch's values."""
-    edges = [0.0, -0.0, 1e-30, -1e-30, 20.0, -20.0, 88.7, -88.7, 88.8, -88.8, 104.0, -104.0, 1e4, -1e4]
-    x = torch.tensor([*edges, float("inf"), float("-inf"), float("nan")]).to(dtype)
-    got = model.silu_mul(x.clone(), torch.ones_like(x))
-    torch.testing.assert_close(got, F.silu(x), rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(got.signbit(), F.silu(x).signbit())
-
-
-@pytest.mark.x86
 def test_row_kernels_refuse_shapes_and_dtypes_they_do_not_compute(native_kernel: Any) -> None:
     t = torch.zeros(4, 8)
     p = t.data_ptr()
@@ -508,9 +470,6 @@ def test_row_kernels_refuse_shapes_and_dtypes_they_do_not_compute(native_kernel:
     for m, n, dtype in [(0, 8, 0), (1, 0, 0), (1, 8, -1)]:
         with pytest.raises(ValueError, match="bad"):
             native_kernel.rms_norm(p, p, p, m, n, dtype, 1e-5)
-    for count, dtype in [(0, 0), (8, 3)]:
-        with pytest.raises(ValueError, match="bad"):
-            native_kernel.silu_mul(p, p, p, count, dtype)
     # What the kernel does not take goes to torch's operators: angles broadcast over the rows, a
     # strided x.
     x = torch.randn(3, 2, 8)
@@ -519,10 +478,6 @@ def test_row_kernels_refuse_shapes_and_dtypes_they_do_not_compute(native_kernel:
     wide = torch.randn(3, 2, 16)[..., :8]
     cs = torch.randn(3, 1, 8)
     assert torch.equal(model.rope(wide, cs, cs), wide * cs + model._rotate_half(wide) * cs)
-    # silu_mul: operands of two dtypes, or of shapes that broadcast.
-    g, u = torch.randn(3, 8), torch.randn(3, 8)
-    assert torch.equal(model.silu_mul(g, u.double()), F.silu(g) * u.double())
-    assert torch.equal(model.silu_mul(g, u[:1]), F.silu(g) * u[:1])
 
 
 # ---- decode attention: the native kernel for one-token chunks (csrc/attention.h) --------------------

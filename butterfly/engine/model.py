@@ -121,15 +121,6 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """The MLP's SwiGLU product ``F.silu(g) * u``: one native call (csrc/rowops.h), written over ``g``,
-    which the caller gives up; else torch's two operators, its plain twin."""
-    if g.shape == u.shape and _native_rows(g, u):
-        NATIVE.silu_mul(g.data_ptr(), u.data_ptr(), g.data_ptr(), g.numel(), _KERNEL_DTYPES[g.dtype])
-        return g
-    return F.silu(g) * u
-
-
 # On the CPU torch multiplies bf16 and fp16 matrices a row at a time (no AVX-512 BF16 or AMX on the
 # machines measured): a prefill of n tokens cost n decode steps. A prompt chunk of enough tokens is
 # multiplied in float32 instead, the weight widened a tile at a time (about _WIDEN_TILE_ELEMS
@@ -171,8 +162,8 @@ else:
         NATIVE_KERNEL = _halfmm
         _halfmm.bind_threads()
 NATIVE: Any = None if os.environ.get("BUTTERFLY_PURE") == "1" else NATIVE_KERNEL
-"""The native kernels ``rows_linear``, ``_Decode``, ``rms_norm``, ``rope`` and ``silu_mul`` use (None:
-torch's operators, their twins)."""
+"""The native kernels ``rows_linear``, ``_Decode``, ``rms_norm`` and ``rope`` use (None: torch's
+operators, their twins)."""
 
 
 def widen_least() -> int:
@@ -673,5 +664,5 @@ class StageModel:
         h = h + linears(out.view(total, heads * hd), blk.o, rows)[0]
         y = rms_norm(h, blk.ln2, cfg.rms_norm_eps)
         gate, up = linears(y, blk.gate_up, rows)
-        act = silu_mul(gate, up)
+        act = F.silu(gate) * up
         return h + linears(act, blk.down, rows)[0]
