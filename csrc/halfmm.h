@@ -39,6 +39,9 @@ typedef struct {
     int m, k, n, fp16, x_dtype, b_dtype, y_dtype;
 } hk_job;
 
+/* The most products of one x that hk_run takes in one call (q, k and v; gate and up). */
+#define HK_MAX_JOBS 4
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HK_TARGET __attribute__((target("avx2,fma,f16c")))
@@ -188,7 +191,6 @@ static int hk_bind_openmp(void) {
 
 /* Several products of one x (q, k and v; gate and up) run as one: their output columns, back to back,
  * split over the team, so one parallel region serves them all. No split changes a sum. */
-#define HK_MAX_JOBS 4
 typedef struct {
     hk_job jobs[HK_MAX_JOBS];
     int count;
@@ -236,7 +238,6 @@ static void hk_run(const hk_job *jobs, int count, int threads) {
 #else
 static int hk_available(void) { return 0; }
 static int hk_bind_openmp(void) { return 0; }
-#define HK_MAX_JOBS 4
 static void hk_run(const hk_job *jobs, int count, int threads) { (void)jobs, (void)count, (void)threads; }
 #endif
 #endif

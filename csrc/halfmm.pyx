@@ -22,7 +22,7 @@ cdef extern from "halfmm.h" nogil:
         void *y
         float *scratch
         int m, k, n, fp16, x_dtype, b_dtype, y_dtype
-    int HK_MAX_JOBS
+    enum: HK_MAX_JOBS
     int hk_available()
     int hk_bind_openmp()
     void hk_run(const hk_job *jobs, int count, int threads)
@@ -83,9 +83,9 @@ def matmul(
 def matmuls(uintptr_t x, int m, int k, int x_dtype, uintptr_t scratch, int threads, products):
     """``matmul`` of one x by up to four weights in one parallel region (their output columns split
     over the team together): ``products`` holds (w, b, b_dtype, y, y_dtype, n, fp16) for each."""
-    cdef hk_job jobs[4]
+    cdef hk_job jobs[HK_MAX_JOBS]
     cdef int count = len(products), i = 0
-    if not 1 <= count <= HK_MAX_JOBS or HK_MAX_JOBS > 4:
+    if not 1 <= count <= HK_MAX_JOBS:
         raise ValueError(f"bad count: {count} products (1 to {HK_MAX_JOBS})")
     if m < 1 or k < 1 or threads < 1 or not 0 <= x_dtype <= 2 or (x_dtype and not scratch):
         raise ValueError(f"bad input: m={m} k={k} threads={threads} x_dtype={x_dtype} scratch={scratch:#x}")
@@ -119,8 +119,7 @@ def decode_attention(
     value into its cache at ``pos[i]``, then ``out`` ([n][heads][head_dim] of the dtype; head_dim at
     most ``MAX_HEAD_DIM``). ``caches``, ``capacity`` and ``pos``: addresses of int64 arrays of n (each
     cache tensor's address, its capacity, the new token's position); dtype 0 float32, 1 bf16, 2 fp16;
-    window <= 0: none. See
-    csrc/attention.h for the order of the sums."""
+    window <= 0: none. See csrc/attention.h for the order of the sums."""
     if (
         n < 1 or heads < 1 or kv_heads < 1 or not 1 <= head_dim <= HA_MAX_HEAD_DIM or heads % kv_heads
         or not 0 <= dtype <= 2
@@ -171,4 +170,3 @@ def rope(uintptr_t q, uintptr_t cos, uintptr_t sin, int rows, int heads, int d, 
     _dtype_ok(dtype)
     with nogil:
         hr_rope(<void *>q, <const void *>cos, <const void *>sin, rows, heads, d, dtype)
-

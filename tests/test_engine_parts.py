@@ -294,7 +294,7 @@ def test_rows_linear_gives_a_row_the_same_bits_in_any_batch_and_on_any_thread_co
         torch.set_num_threads(threads)
 
 
-def test_rows_linears_gives_each_product_the_bits_of_its_own_call(half_kernel: str) -> None:
+def test_products_of_one_x_give_each_the_bits_of_its_own_call(half_kernel: str) -> None:
     """q, k and v (gate and up) in one call: their columns share one parallel region, and each comes
     out as its own call makes it, on any thread count, with a bias or without."""
     gen = torch.Generator().manual_seed(5)
@@ -312,18 +312,17 @@ def test_rows_linears_gives_each_product_the_bits_of_its_own_call(half_kernel: s
     try:
         for t in (1, 2, 3, 5):
             torch.set_num_threads(t)
-            got = model.rows_linears(x, ws, bs)
+            got = model._Products.of(*zip(ws, bs, strict=True)).rows(x)
             assert all(torch.equal(g, a) for g, a in zip(got, alone, strict=True)), t
     finally:
         torch.set_num_threads(threads)
     # More weights than one call takes: each its own call, the same products.
-    many = [ws[0]] * 5
-    assert all(torch.equal(g, alone[0]) for g in model.rows_linears(x, many, [bs[0]] * 5))
+    assert all(torch.equal(g, alone[0]) for g in model._Products.of(*[(ws[0], bs[0])] * 5).rows(x))
     if half_kernel != "native":
         return  # torch multiplies no float32 rows by a bf16 weight
     # A weight the kernel does not take (float32): each weight its own call, torch's for that one.
     xf = x.float()
-    mixed = model.rows_linears(xf, [ws[0].float(), ws[1]], [None, None])
+    mixed = model._Products.of((ws[0].float(), None), (ws[1], None)).rows(xf)
     assert torch.equal(mixed[0], F.linear(xf, ws[0].float()))
     assert torch.equal(mixed[1], model.rows_linear(xf, ws[1]))
 

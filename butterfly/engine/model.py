@@ -178,13 +178,6 @@ def rows_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None)
     return _Products.of((w, b)).rows(x)[0]
 
 
-def rows_linears(
-    x: torch.Tensor, ws: Sequence[torch.Tensor], bs: Sequence[torch.Tensor | None]
-) -> list[torch.Tensor]:
-    """``rows_linear`` of one ``x`` by each weight (see ``_Products``)."""
-    return _Products.of(*zip(ws, bs, strict=True)).rows(x)
-
-
 @dataclass(frozen=True)
 class _Products:
     """Weights that multiply the same rows (q, k and v; gate and up; or one alone), with what the native
